@@ -1,0 +1,118 @@
+"""Shared base of the variable-time-step networks: tau storage and the horizon constraint."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models._stack import hidden_stack
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class TauNetwork(nn.Module):
+    """A network of ``depth`` tau-blocks of width ``width`` and a bias-free linear output layer.
+
+    Every block ``l`` owns a step size ``tau_l``; all start at ``T / depth``. Subclasses define how
+    a block advances the hidden state. Contract shared by every subclass:
+
+    * ``taus`` is a 1-D tensor of the step sizes of the active blocks, in forward order.
+    * Every weight layer is a :class:`torch.nn.Linear`, registered in forward order: the blocks'
+      layers (``blocks``), then the output layer (``output``).
+    * ``tau_free`` holds the trained step sizes. With ``dependent_last_tau`` the last tau is not a
+      parameter but ``T - sum(other taus)``, computed in the forward pass so that the gradient of
+      the other taus sees the constraint ``sum(tau) = T``.
+    * ``project_taus_()`` restores the admissible set after an optimiser step.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        width: int,
+        depth: int,
+        num_classes: int,
+        *,
+        T: float,
+        trainable_tau: bool,
+        dependent_last_tau: bool,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("in_features", in_features),
+            ("width", width),
+            ("depth", depth),
+            ("num_classes", num_classes),
+        ):
+            _check_positive_int(name, value)
+        if not math.isfinite(T) or T <= 0:
+            raise ValueError(f"T must be a positive finite time horizon, got {T!r}")
+        if dependent_last_tau and depth < 2:
+            raise ValueError(
+                "dependent_last_tau needs depth >= 2 (the last tau is T minus the others), "
+                f"got depth={depth}"
+            )
+        self.T = float(T)
+        self.dependent_last_tau = dependent_last_tau
+        n_free = depth - 1 if dependent_last_tau else depth
+        self.tau_free = nn.Parameter(
+            torch.full((n_free,), self.T / depth), requires_grad=trainable_tau
+        )
+        self.blocks = nn.ModuleList(
+            [nn.Linear(in_features, width)] + [nn.Linear(width, width) for _ in range(depth - 1)]
+        )
+        self.output = nn.Linear(width, num_classes, bias=False)
+        # Original position of every active block, so a pruned network can be rebuilt and its
+        # history reported in the numbering the user configured.
+        self.block_ids: list[int] = list(range(depth))
+
+    @property
+    def depth(self) -> int:
+        """Number of active tau-blocks."""
+        return len(self.blocks)
+
+    @property
+    def taus(self) -> torch.Tensor:
+        """Step sizes of the active blocks, in order (differentiable)."""
+        if not self.dependent_last_tau:
+            return self.tau_free
+        last = (self.T - self.tau_free.sum()).reshape(1)
+        return torch.cat([self.tau_free, last])
+
+    def _hidden(self, x: torch.Tensor, forcing: torch.Tensor, coeff: torch.Tensor | None) -> torch.Tensor:
+        """Run the blocks (see :mod:`models._stack`) and the output layer."""
+        weights = [block.weight for block in self.blocks]
+        biases = [block.bias for block in self.blocks]
+        out: torch.Tensor = self.output(hidden_stack(x, forcing, coeff, weights, biases))
+        return out
+
+    def project_taus_(self) -> None:
+        """Project the taus onto the admissible set after an optimiser step (default: no-op)."""
+
+    def num_active_params(self) -> int:
+        """Parameters of the active network: weights and biases of active blocks, output, taus."""
+        return sum(p.numel() for p in self.parameters())
+
+    def keep_blocks(self, positions: list[int]) -> None:
+        """Keep only the active blocks at ``positions`` (indices into ``taus``), dropping the rest.
+
+        Used by pruning and to rebuild a pruned network from a checkpoint. The input block
+        (position 0) and, with ``dependent_last_tau``, the last block must be kept.
+        """
+        n = self.depth
+        if sorted(set(positions)) != list(positions) or not positions:
+            raise ValueError(f"positions must be strictly increasing and non-empty: {positions}")
+        if positions[0] != 0 or positions[-1] >= n:
+            raise ValueError(f"positions must start at the input block 0 and be < {n}: {positions}")
+        if self.dependent_last_tau and positions[-1] != n - 1:
+            raise ValueError("the dependent last block carries sum(tau) = T and cannot be removed")
+        n_free = self.tau_free.numel()
+        free = [p for p in positions if p < n_free]
+        kept = self.tau_free.detach()[free].clone()
+        self.tau_free = nn.Parameter(kept, requires_grad=self.tau_free.requires_grad)
+        self.blocks = nn.ModuleList([self.blocks[p] for p in positions])
+        self.block_ids = [self.block_ids[p] for p in positions]
