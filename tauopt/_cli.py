@@ -1,0 +1,115 @@
+"""The ``tauopt`` command line. :func:`main` is the only place errors become messages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tauopt._config import ARCHS, TrainConfig
+from tauopt._data import DATASETS, default_data_dir, load_dataset
+from tauopt.errors import TauoptError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_train_parser(sub: Any) -> None:
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train one network and report its metrics",
+        description="Train one variable-time-step network; progress goes to stderr.",
+    )
+    p.add_argument("--arch", choices=ARCHS, default=defaults.arch)
+    p.add_argument("--dataset", choices=tuple(DATASETS), default=defaults.dataset)
+    p.add_argument("--data-dir", type=Path, default=None, help="root in torchvision's layout (default: $TAUOPT_DATA or ./data)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--T", dest="T", type=float, default=defaults.T, help="time horizon; every tau starts at T/depth")
+    p.add_argument("--l1", type=float, default=defaults.l1, help="weight of the l1 penalty sum|tau|")
+    p.add_argument("--horizon-weight", type=float, default=defaults.horizon_weight, help="weight of (sum(tau) - T)^2")
+    p.add_argument("--dependent-last-tau", action="store_true", help="set the last tau to T - sum(other taus)")
+    p.add_argument("--prune-eps", type=float, default=None, help="remove ResNet blocks with |tau_l|/sum|tau| below this")
+    p.add_argument("--prune-every", type=int, default=defaults.prune_every, help="check pruning every N epochs")
+    p.add_argument("--gamma", type=float, default=defaults.gamma, help="fractional order (fracdnn)")
+    p.add_argument("--tau-min", type=float, default=defaults.tau_min, help="lower bound of the taus (fracdnn)")
+    p.add_argument("--detach-memory", action="store_true", help="no gradient through the memory coefficients (fracdnn)")
+    p.add_argument("--width", type=int, default=defaults.width)
+    p.add_argument("--depth", type=int, default=defaults.depth)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--fixed-tau", action="store_true", help="do not train the taus (the baseline)")
+    p.add_argument("--train-size", type=int, default=None, help="train on the first N images of the training split")
+    p.add_argument("--val-size", type=int, default=defaults.val_size, help="validation images held out of training")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every metric to stdout")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tauopt._engine import train  # deferred: torch import is slow for `--help`
+
+    config = TrainConfig(
+        arch=args.arch,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        T=args.T,
+        l1=args.l1,
+        horizon_weight=args.horizon_weight,
+        dependent_last_tau=args.dependent_last_tau,
+        prune_eps=args.prune_eps,
+        prune_every=args.prune_every,
+        gamma=args.gamma,
+        width=args.width,
+        depth=args.depth,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        fixed_tau=args.fixed_tau,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        tau_min=args.tau_min,
+        detach_memory=args.detach_memory,
+    )
+    dataset = load_dataset(config.dataset, args.data_dir or default_data_dir())
+    result = train(config, dataset, device=args.device, progress=True)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        taus = ", ".join(f"{t:.4f}" for t in result.taus)
+        print(f"test accuracy {result.test_accuracy:.4f}, validation {result.val_accuracy[-1]:.4f}")
+        print(f"{result.active_blocks} active blocks, {result.active_params} parameters, taus [{taus}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tauopt",
+        description="Hyperparameter studies for networks with learnable time steps.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    from tauopt._study_cli import add_study_commands  # the study commands live beside
+
+    add_study_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except TauoptError as e:
+        print(f"tauopt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"tauopt {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code

@@ -1,0 +1,111 @@
+"""The frozen configuration of one training run, validated where it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tauopt._data import DATASETS
+from tauopt.errors import ConfigError
+
+Arch = Literal["resnet", "fracdnn"]
+ARCHS: tuple[str, ...] = ("resnet", "fracdnn")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that determines one training run. Defaults are the papers' reference setting.
+
+    ``prune_eps=None`` disables adaptive layer pruning; otherwise a ResNet block whose
+    ``|tau_l| / sum|tau|`` falls below ``prune_eps`` is removed every ``prune_every`` epochs.
+    ``train_size`` takes a subset of the training split (after the validation hold-out).
+    """
+
+    arch: Arch = "resnet"
+    dataset: str = "mnist"
+    epochs: int = 10
+    T: float = 1.0
+    l1: float = 0.0
+    horizon_weight: float = 0.0
+    dependent_last_tau: bool = False
+    prune_eps: float | None = None
+    prune_every: int = 1
+    gamma: float = 0.5
+    width: int = 100
+    depth: int = 6
+    lr: float = 0.01
+    batch_size: int = 100
+    seed: int = 0
+    fixed_tau: bool = False
+    train_size: int | None = None
+    val_size: int = 10_000
+    tau_min: float = 1e-4
+    detach_memory: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}")
+        _require(
+            self.dataset in DATASETS,
+            f"dataset must be one of {tuple(DATASETS)}, got {self.dataset!r}",
+        )
+        for name in ("epochs", "width", "depth", "batch_size", "prune_every", "val_size"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        _require(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.train_size is not None:
+            _require(
+                _is_int(self.train_size) and self.train_size >= 1,
+                f"train_size must be an integer >= 1 (or unset for all), got {self.train_size!r}",
+            )
+        for name in ("T", "lr", "tau_min"):
+            value = getattr(self, name)
+            _require(_is_real(value) and value > 0, f"{name} must be a positive number, got {value!r}")
+        for name in ("l1", "horizon_weight"):
+            value = getattr(self, name)
+            _require(_is_real(value) and value >= 0, f"{name} must be a number >= 0, got {value!r}")
+        _require(
+            _is_real(self.gamma) and 0 < self.gamma < 1,
+            f"gamma (fractional order) must lie in (0, 1), got {self.gamma!r}",
+        )
+        _require(
+            not self.dependent_last_tau or self.depth >= 2,
+            "dependent_last_tau needs depth >= 2: the last tau is T minus the others",
+        )
+        if self.prune_eps is not None:
+            _require(
+                _is_real(self.prune_eps) and 0 < self.prune_eps < 1,
+                f"prune_eps must lie in (0, 1) (or unset to disable pruning), got {self.prune_eps!r}",
+            )
+            _require(
+                self.arch == "resnet",
+                "prune_eps applies to arch 'resnet' only: a fractional block is not an identity "
+                "map at tau = 0 (its memory term remains); unset prune_eps",
+            )
+        if self.arch == "fracdnn":
+            _require(
+                self.tau_min <= self.T / self.depth,
+                f"tau_min ({self.tau_min}) must not exceed the initial step T/depth "
+                f"({self.T / self.depth:g}); lower tau_min or raise T",
+            )
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,178 @@
+"""MNIST and Fashion-MNIST from IDX files in torchvision's folder layout, held as tensors."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tauopt.errors import DataError
+
+#: Dataset names accepted everywhere (CLI, config files), mapped to torchvision's folder names.
+DATASETS: dict[str, str] = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_UBYTE = 0x08
+#: The validation split is drawn with this seed whatever the training seed, so every trial of
+#: a study selects models on the same held-out images.
+SPLIT_SEED = 20230628
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images as a uint8 tensor ``(n, pixels)`` and labels as int64 ``(n,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """One dataset as loaded from disk: the 60,000 training and 10,000 test images."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    num_classes: int = 10
+
+    @property
+    def in_features(self) -> int:
+        return int(self.train.images.shape[1])
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Float tensors on the training device, pixels in [0, 1]."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def default_data_dir() -> Path:
+    """``$TAUOPT_DATA`` if set, else ``./data``."""
+    return Path(os.environ.get("TAUOPT_DATA", "data"))
+
+
+def check_dataset_name(name: str) -> str:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    return name
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file of unsigned bytes (plain or gzip) into a uint8 tensor."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}; delete it so it is fetched again") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; replace it")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated (no complete IDX header); replace it")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    count = 1
+    for dim in dims:
+        count *= dim
+    if len(raw) != header + count:
+        raise DataError(
+            f"{path} is truncated or corrupt: header says {dims}, so {header + count} bytes, "
+            f"found {len(raw)}; delete it and fetch it again"
+        )
+    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
+    return data.reshape(dims)
+
+
+def _find(raw_dir: Path, stem: str) -> Path | None:
+    for candidate in (raw_dir / stem, raw_dir / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download(name: str, root: Path) -> None:
+    """Let torchvision fetch the files into ``root/<Name>/raw`` (needs a network)."""
+    from torchvision import datasets as tv_datasets  # deferred: only needed when online
+
+    cls = tv_datasets.MNIST if name == "mnist" else tv_datasets.FashionMNIST
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as e:  # torchvision raises bare RuntimeError/URLError/OSError
+        raise DataError(
+            f"the {name} files are not under {root / DATASETS[name] / 'raw'} and downloading "
+            f"them failed ({e}); copy the four IDX files (.gz or plain) there, or point "
+            "--data-dir / $TAUOPT_DATA at a folder that has them"
+        ) from e
+
+
+def load_dataset(name: str, root: Path | str | None = None, *, download: bool = True) -> RawDataset:
+    """Load a dataset from ``root/<Name>/raw`` (torchvision's layout), downloading if absent."""
+    check_dataset_name(name)
+    root = Path(root) if root is not None else default_data_dir()
+    raw_dir = root / DATASETS[name] / "raw"
+    stems = [stem for pair in _FILES.values() for stem in pair]
+    if any(_find(raw_dir, stem) is None for stem in stems):
+        if not download:
+            raise DataError(f"the {name} IDX files are missing under {raw_dir}")
+        _download(name, root)
+    parts = {}
+    for split, (image_stem, label_stem) in _FILES.items():
+        images = read_idx(_find(raw_dir, image_stem) or raw_dir / image_stem)
+        labels = read_idx(_find(raw_dir, label_stem) or raw_dir / label_stem)
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"{raw_dir}: {split} images {tuple(images.shape)} do not match labels "
+                f"{tuple(labels.shape)}; replace the files"
+            )
+        parts[split] = ImageSet(images.reshape(images.shape[0], -1), labels.long())
+    return RawDataset(name=name, train=parts["train"], test=parts["test"])
+
+
+def make_splits(
+    dataset: RawDataset,
+    *,
+    val_size: int,
+    train_size: int | None,
+    device: torch.device,
+) -> Splits:
+    """Hold out a fixed validation split, optionally subsample training, move to ``device``."""
+    n = len(dataset.train)
+    if not 0 < val_size < n:
+        raise DataError(f"val_size must lie in (0, {n}), got {val_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    if train_size is not None:
+        if not 0 < train_size <= train_idx.numel():
+            raise DataError(
+                f"train_size must lie in [1, {train_idx.numel()}] "
+                f"({n} training images minus {val_size} for validation), got {train_size}"
+            )
+        train_idx = train_idx[:train_size]
+
+    def to_device(images: torch.Tensor) -> torch.Tensor:
+        return images.to(device).float().div_(255.0)
+
+    return Splits(
+        train_x=to_device(dataset.train.images[train_idx]),
+        train_y=dataset.train.labels[train_idx].to(device),
+        val_x=to_device(dataset.train.images[val_idx]),
+        val_y=dataset.train.labels[val_idx].to(device),
+        test_x=to_device(dataset.test.images),
+        test_y=dataset.test.labels.to(device),
+    )

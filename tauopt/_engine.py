@@ -1,0 +1,271 @@
+"""The training engine: whole dataset on the device, batches by index, no per-sample work.
+
+Nothing here is global: a call of :func:`train` owns its model, optimiser and generator, so a
+worker process can run many trials one after another on the dataset it loaded once.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from models import FractionalDNN, TauNetwork, TauResNet
+from tauopt._config import TrainConfig
+from tauopt._data import RawDataset, Splits, make_splits
+from tauopt.errors import ConfigError, DivergedError
+
+_EVAL_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class PruneEvent:
+    """Block ``block`` (original numbering) was removed after ``epoch`` from ``position``."""
+
+    epoch: int
+    position: int
+    block: int
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What a caller sees after each epoch (for example to report to an Optuna trial)."""
+
+    epoch: int
+    val_accuracy: float
+    train_loss: float
+    active_blocks: int
+    active_params: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Metrics of one finished run and the trained (possibly pruned) network."""
+
+    config: TrainConfig
+    device: str
+    val_accuracy: list[float]
+    test_accuracy: float
+    train_loss: list[float]
+    taus: list[float]
+    tau_history: list[list[float]]
+    active_blocks: int
+    active_block_ids: list[int]
+    active_params: int
+    pruned: list[PruneEvent]
+    epoch_seconds: list[float]
+    model: TauNetwork = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready metrics (the network itself is left out)."""
+        return {
+            "config": self.config.to_dict(),
+            "device": self.device,
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "train_loss": self.train_loss,
+            "taus": self.taus,
+            "tau_sum": sum(self.taus),
+            "tau_history": self.tau_history,
+            "active_blocks": self.active_blocks,
+            "active_block_ids": self.active_block_ids,
+            "active_params": self.active_params,
+            "pruned": [vars(event) for event in self.pruned],
+            "epoch_seconds": self.epoch_seconds,
+        }
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """CUDA when present, else CPU; an explicit choice is checked."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    return resolved
+
+
+def build_model(config: TrainConfig, in_features: int, num_classes: int) -> TauNetwork:
+    """The network of ``config``, initialised from ``config.seed`` without touching global RNG."""
+    common: dict[str, Any] = {
+        "T": config.T,
+        "trainable_tau": not config.fixed_tau,
+        "dependent_last_tau": config.dependent_last_tau,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.arch == "resnet":
+            return TauResNet(in_features, config.width, config.depth, num_classes, **common)
+        return FractionalDNN(
+            in_features,
+            config.width,
+            config.depth,
+            num_classes,
+            gamma=config.gamma,
+            tau_min=config.tau_min,
+            detach_memory=config.detach_memory,
+            **common,
+        )
+
+
+def make_optimizer(model: TauNetwork, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=config.lr, foreach=True)
+
+
+def _rebuild_optimizer(
+    old: torch.optim.Optimizer, model: TauNetwork, config: TrainConfig
+) -> torch.optim.Optimizer:
+    """A new optimiser over the remaining parameters, keeping the state of those it had."""
+    new = make_optimizer(model, config)
+    for group in new.param_groups:
+        for param in group["params"]:
+            if param in old.state:
+                new.state[param] = old.state[param]
+    return new
+
+
+def regularised_loss(logits: torch.Tensor, target: torch.Tensor, model: TauNetwork, config: TrainConfig) -> torch.Tensor:
+    """Cross-entropy + ``l1 * sum|tau|`` + ``horizon_weight * (sum(tau) - T)^2``."""
+    loss = F.cross_entropy(logits, target)
+    if config.l1 > 0 or config.horizon_weight > 0:
+        taus = model.taus
+        if config.l1 > 0:
+            loss = loss + config.l1 * taus.abs().sum()
+        if config.horizon_weight > 0:
+            loss = loss + config.horizon_weight * (taus.sum() - config.T).square()
+    return loss
+
+
+@torch.inference_mode()
+def accuracy(model: TauNetwork, x: torch.Tensor, y: torch.Tensor) -> float:
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], _EVAL_CHUNK):
+        logits = model(x[start : start + _EVAL_CHUNK])
+        correct += (logits.argmax(1) == y[start : start + _EVAL_CHUNK]).sum()
+    return float(correct) / x.shape[0]
+
+
+def _train_epoch(
+    model: TauNetwork,
+    optimizer: torch.optim.Optimizer,
+    splits: Splits,
+    config: TrainConfig,
+    generator: torch.Generator,
+    bar: tqdm[Any],
+) -> float:
+    """One pass over the shuffled training split; returns the mean training loss."""
+    n = splits.train_x.shape[0]
+    order = torch.randperm(n, generator=generator).to(splits.train_x.device)
+    # One gather per epoch, then every batch is a view: nothing is copied per step.
+    xs, ys = splits.train_x[order], splits.train_y[order]
+    total = torch.zeros((), device=xs.device)
+    batches = 0
+    for start in range(0, n, config.batch_size):
+        optimizer.zero_grad(set_to_none=True)
+        xb, yb = xs[start : start + config.batch_size], ys[start : start + config.batch_size]
+        loss = regularised_loss(model(xb), yb, model, config)
+        loss.backward()
+        optimizer.step()
+        model.project_taus_()
+        total += loss.detach()
+        batches += 1
+        if batches % 50 == 0:
+            bar.update(50)
+    bar.update(batches % 50)
+    return float(total) / batches
+
+
+def _check_finite(epoch: int, loss: float, taus: list[float]) -> None:
+    if not math.isfinite(loss):
+        raise DivergedError(epoch, f"training loss is {loss}; lower the learning rate or T")
+    if not all(math.isfinite(t) for t in taus):
+        raise DivergedError(epoch, f"step sizes became non-finite: {taus}")
+
+
+def train(
+    config: TrainConfig,
+    dataset: RawDataset,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """Train the network of ``config`` on ``dataset``; see :class:`TrainResult`.
+
+    ``on_epoch`` is called after every epoch (after pruning); it may raise to stop the run,
+    which is how a study prunes an unpromising trial. Raises :class:`DivergedError` when the
+    loss or a step size stops being finite.
+    """
+    if dataset.name != config.dataset:
+        raise ConfigError(f"config asks for {config.dataset!r} but {dataset.name!r} was loaded")
+    dev = resolve_device(device)
+    splits = make_splits(dataset, val_size=config.val_size, train_size=config.train_size, device=dev)
+    model = build_model(config, dataset.in_features, dataset.num_classes).to(dev)
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    depth = config.depth
+    n_batches = math.ceil(splits.train_x.shape[0] / config.batch_size)
+    val_acc: list[float] = []
+    losses: list[float] = []
+    seconds: list[float] = []
+    history: list[list[float]] = []
+    pruned: list[PruneEvent] = []
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        with tqdm(
+            total=n_batches,
+            desc=f"epoch {epoch}/{config.epochs}",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        ) as bar:
+            loss = _train_epoch(model, optimizer, splits, config, generator, bar)
+        val_acc.append(accuracy(model, splits.val_x, splits.val_y))
+        taus = model.taus.detach().cpu().tolist()
+        _check_finite(epoch, loss, taus)
+        full = [0.0] * depth
+        for block, tau in zip(model.block_ids, taus):
+            full[block] = tau
+        history.append(full)
+        if config.prune_eps is not None and isinstance(model, TauResNet) and epoch % config.prune_every == 0:
+            ids = list(model.block_ids)
+            removed = model.prune(config.prune_eps)
+            if removed:
+                pruned += [PruneEvent(epoch, pos, ids[pos]) for pos in removed]
+                optimizer = _rebuild_optimizer(optimizer, model, config)
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss)
+        if progress:
+            print(
+                f"epoch {epoch}/{config.epochs}: loss {loss:.4f}, val accuracy {val_acc[-1]:.4f}, "
+                f"{model.depth} blocks, {seconds[-1]:.2f}s",
+                file=sys.stderr,
+            )
+        if on_epoch is not None:
+            on_epoch(EpochStats(epoch, val_acc[-1], loss, model.depth, model.num_active_params()))
+    return TrainResult(
+        config=config,
+        device=str(dev),
+        val_accuracy=val_acc,
+        test_accuracy=accuracy(model, splits.test_x, splits.test_y),
+        train_loss=losses,
+        taus=model.taus.detach().cpu().tolist(),
+        tau_history=history,
+        active_blocks=model.depth,
+        active_block_ids=list(model.block_ids),
+        active_params=model.num_active_params(),
+        pruned=pruned,
+        epoch_seconds=seconds,
+        model=model,
+    )

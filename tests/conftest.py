@@ -1,0 +1,35 @@
+"""Shared fixtures. Real data comes from ``$TAUOPT_TEST_DATA`` or the checkout's ``../shared/data``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tauopt import RawDataset, load_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("TAUOPT_TEST_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if not (path / "MNIST" / "raw").is_dir():
+        pytest.fail(f"test data missing: {path}/MNIST/raw; set TAUOPT_TEST_DATA to a torchvision-layout root")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir: Path) -> RawDataset:
+    return load_dataset("mnist", data_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def fashion(data_dir: Path) -> RawDataset:
+    return load_dataset("fashion-mnist", data_dir, download=False)

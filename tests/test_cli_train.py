@@ -1,0 +1,65 @@
+"""``tauopt train`` called as a user would, through main(argv)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tauopt._cli import main
+
+
+def test_train_json_has_every_metric(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main([
+        "train", "--data-dir", str(data_dir), "--epochs", "2", "--train-size", "500",
+        "--val-size", "1000", "--prune-eps", "0.2", "--l1", "0.5", "--lr", "0.1", "--device", "cpu", "--json",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0
+    out = json.loads(captured.out)
+    for key in ("val_accuracy", "test_accuracy", "taus", "tau_history", "active_blocks", "pruned", "epoch_seconds"):
+        assert key in out
+    assert len(out["val_accuracy"]) == 2 and len(out["epoch_seconds"]) == 2
+    assert out["active_blocks"] == len(out["taus"])
+    assert "epoch 2/2" in captured.err  # progress on stderr, JSON alone on stdout
+
+
+def test_train_fracdnn_fashion_human_output(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main([
+        "train", "--arch", "fracdnn", "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
+        "--epochs", "1", "--train-size", "300", "--val-size", "500", "--gamma", "0.7", "--device", "cpu",
+    ])
+    assert code == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arch", "fracdnn", "--prune-eps", "0.1"], "prune_eps applies to arch 'resnet' only"),
+        (["--epochs", "0"], "epochs must be an integer >= 1"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code = main(["train", "--data-dir", str(data_dir), "--train-size", "100", *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_data_dir_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Offline: torchvision's download fails, and the error says where to put the files.
+    monkeypatch.setattr("tauopt._data._download", _offline)
+    code = main(["train", "--data-dir", str(tmp_path), "--epochs", "1"])
+    assert code == 2
+    assert str(tmp_path / "MNIST" / "raw") in capsys.readouterr().err
+
+
+def _offline(name: str, root: Path) -> None:
+    from tauopt.errors import DataError
+
+    raise DataError(f"the {name} files are not under {root / 'MNIST' / 'raw'} and downloading them failed")

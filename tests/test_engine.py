@@ -1,0 +1,156 @@
+"""The training engine on real data subsets: constraints, pruning, determinism, failures."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tauopt import (
+    ConfigError,
+    DataError,
+    DivergedError,
+    RawDataset,
+    TrainConfig,
+    load_dataset,
+    train,
+)
+
+SMALL = {"train_size": 2000, "val_size": 2000, "lr": 0.3, "device": "cpu"}
+
+
+def _config(**changes: object) -> TrainConfig:
+    base = {k: v for k, v in SMALL.items() if k != "device"}
+    base.update(changes)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_resnet_learns_mnist_subset(mnist: RawDataset) -> None:
+    result = train(_config(epochs=3), mnist, device="cpu")
+    assert result.val_accuracy[-1] > 0.75
+    assert result.test_accuracy > 0.75
+    assert len(result.tau_history) == 3 and len(result.epoch_seconds) == 3
+
+
+def test_fracdnn_learns_fashion_subset(fashion: RawDataset) -> None:
+    result = train(_config(arch="fracdnn", dataset="fashion-mnist", epochs=3, T=2.0), fashion, device="cpu")
+    assert result.test_accuracy > 0.5
+    assert min(result.taus) >= 1e-4 - 1e-9
+
+
+def test_same_seed_same_result(mnist: RawDataset) -> None:
+    a = train(_config(epochs=1, train_size=500, arch="fracdnn"), mnist, device="cpu")
+    b = train(_config(epochs=1, train_size=500, arch="fracdnn"), mnist, device="cpu")
+    assert a.taus == b.taus and a.val_accuracy == b.val_accuracy
+    c = train(_config(epochs=1, train_size=500, arch="fracdnn", seed=1), mnist, device="cpu")
+    assert c.taus != a.taus
+
+
+@pytest.mark.parametrize("arch", ["resnet", "fracdnn"])
+def test_dependent_last_tau_keeps_the_horizon(mnist: RawDataset, arch: str) -> None:
+    result = train(_config(arch=arch, epochs=3, T=3.0, dependent_last_tau=True, l1=0.05), mnist, device="cpu")
+    for taus in result.tau_history:
+        assert sum(taus) == pytest.approx(3.0, abs=1e-6)
+    assert result.taus != pytest.approx([0.5] * 6)  # the taus did move
+
+
+def test_horizon_penalty_pulls_the_sum_towards_T(mnist: RawDataset) -> None:
+    # lr * 12 * horizon_weight < 2 keeps the penalty's gradient step stable for 6 taus.
+    free = train(_config(epochs=2, l1=0.5, lr=0.1), mnist, device="cpu")
+    held = train(_config(epochs=2, l1=0.5, lr=0.1, horizon_weight=1.0), mnist, device="cpu")
+    assert abs(sum(free.taus) - 1.0) > 0.05
+    assert abs(sum(held.taus) - 1.0) < abs(sum(free.taus) - 1.0) / 3
+
+
+def test_l1_penalty_shrinks_taus(mnist: RawDataset) -> None:
+    plain = train(_config(epochs=2), mnist, device="cpu")
+    sparse = train(_config(epochs=2, l1=0.5), mnist, device="cpu")
+    assert sum(abs(t) for t in sparse.taus) < sum(abs(t) for t in plain.taus)
+
+
+def test_pruning_shrinks_the_network_and_training_goes_on(mnist: RawDataset) -> None:
+    result = train(_config(epochs=4, l1=0.3, prune_eps=0.12), mnist, device="cpu")
+    assert result.pruned, "expected the l1 penalty to drive some taus below eps"
+    assert result.active_blocks == 6 - len(result.pruned) == len(result.taus)
+    assert 0 in result.active_block_ids
+    last_epoch = max(e.epoch for e in result.pruned)
+    for event in result.pruned:
+        assert result.tau_history[-1][event.block] == 0.0 or event.epoch == result.config.epochs
+    assert result.active_params < 784 * 100 + 100 + 5 * (100 * 100 + 100) + 1000 + 6
+    assert result.model.depth == result.active_blocks
+    if last_epoch < result.config.epochs:
+        assert all(loss == loss for loss in result.train_loss)
+
+
+def test_fixed_tau_keeps_taus(mnist: RawDataset) -> None:
+    result = train(_config(epochs=1, fixed_tau=True, l1=1.0), mnist, device="cpu")
+    assert result.taus == pytest.approx([1 / 6] * 6)
+
+
+def test_divergence_is_reported(mnist: RawDataset) -> None:
+    with pytest.raises(DivergedError, match="diverged in epoch 1"):
+        train(_config(epochs=2, lr=1e6, T=50.0), mnist, device="cpu")
+
+
+def test_on_epoch_sees_every_epoch(mnist: RawDataset) -> None:
+    seen: list[int] = []
+    train(_config(epochs=2, train_size=300), mnist, device="cpu", on_epoch=lambda s: seen.append(s.epoch))
+    assert seen == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"arch": "vgg"}, "arch must be one of"),
+        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"prune_eps": 0.1, "arch": "fracdnn"}, "prune_eps applies to arch 'resnet' only"),
+        ({"l1": -1.0}, "l1 must be a number >= 0"),
+        ({"dataset": "cifar"}, "dataset must be one of"),
+        ({"gamma": 0.0}, "gamma"),
+    ],
+)
+def test_config_rejects_bad_values(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_unavailable_cuda_is_a_clear_error(mnist: RawDataset) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        train(_config(epochs=1), mnist, device="cuda")
+
+
+def test_train_size_beyond_split_is_rejected(mnist: RawDataset) -> None:
+    with pytest.raises(DataError, match="train_size must lie in"):
+        train(_config(train_size=59_000), mnist, device="cpu")
+
+
+# --- data files ------------------------------------------------------------------------------
+
+def test_plain_and_gzip_idx_read_alike(tmp_path: Path, data_dir: Path, mnist: RawDataset) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (data_dir / "MNIST" / "raw").glob("*.gz"):
+        with gzip.open(gz, "rb") as src, open(raw / gz.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    plain = load_dataset("mnist", tmp_path, download=False)
+    assert torch.equal(plain.train.images, mnist.train.images)
+    assert torch.equal(plain.test.labels, mnist.test.labels)
+    assert mnist.train.images.shape == (60_000, 784) and len(mnist.test) == 10_000
+
+
+def test_missing_files_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=str(tmp_path / "FashionMNIST" / "raw")):
+        load_dataset("fashion-mnist", tmp_path, download=False)
+
+
+def test_corrupt_file_is_named(tmp_path: Path, data_dir: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    shutil.copytree(data_dir / "MNIST" / "raw", raw)
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x27\x10abc"))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is truncated or corrupt"):
+        load_dataset("mnist", tmp_path, download=False)

@@ -1,0 +1,240 @@
+"""Networks against hand-computed cases, a plain-autograd reference and float64 gradchecks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from models import FractionalDNN, TauNetwork, TauResNet, l1_memory_coefficients
+from models._stack import hidden_stack
+
+torch.set_default_dtype(torch.float32)
+
+
+def reference_forward(model: TauNetwork, x: torch.Tensor) -> torch.Tensor:
+    """The papers' formulas written out with plain autograd, pair by pair."""
+    taus = model.taus
+    blocks = list(model.blocks)
+    if isinstance(model, FractionalDNN):
+        g = model.gamma
+        if model.dependent_last_tau:
+            taus = taus.clamp(min=model.tau_min)
+        ct = taus.detach() if model.detach_memory else taus
+        u = [torch.zeros(x.shape[0], blocks[0].out_features, dtype=x.dtype)]
+        for l in range(len(blocks)):
+            inp = x if l == 0 else u[l]
+            memory = torch.zeros_like(u[0])
+            for j in range(l):
+                a = ct[l] ** g / ct[j] * (ct[j : l + 1].sum() ** (1 - g) - ct[j + 1 : l + 1].sum() ** (1 - g))
+                memory = memory + a * (u[j + 1] - u[j])
+            u.append(u[l] - memory + taus[l] ** g * math.gamma(2 - g) * F.relu(blocks[l](inp)))
+        return model.output(u[-1])
+    y = taus[0] * F.relu(blocks[0](x))
+    for l in range(1, len(blocks)):
+        y = y + taus[l] * F.relu(blocks[l](y))
+    return model.output(y)
+
+
+def _scalar_net(cls: type[TauNetwork], depth: int, a: float, **kw: object) -> TauNetwork:
+    """Width-1 network with W_0 = 1, W_l = a, no biases, output 1: relu is the identity for x > 0."""
+    model = cls(1, 1, depth, 1, **kw).double()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.weight.fill_(1.0 if i == 0 else a)
+            block.bias.zero_()
+        model.output.weight.fill_(1.0)
+    return model
+
+
+def _randomise_taus(model: TauNetwork, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.tau_free.mul_(0.5 + torch.rand(model.tau_free.shape, generator=gen, dtype=model.tau_free.dtype))
+
+
+# --- hand-computed cases -------------------------------------------------------------------
+
+def test_linear_resnet_is_a_product_of_euler_factors() -> None:
+    model = _scalar_net(TauResNet, 4, a=0.7, T=2.0)
+    with torch.no_grad():
+        model.tau_free.copy_(torch.tensor([0.5, 0.25, 1.0, 0.125], dtype=torch.float64))
+    x = torch.tensor([[3.0]], dtype=torch.float64)
+    expected = 3.0 * 0.5 * (1 + 0.25 * 0.7) * (1 + 1.0 * 0.7) * (1 + 0.125 * 0.7)
+    assert model(x).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_equal_steps_give_the_classic_l1_weights() -> None:
+    gamma, h, n = 0.3, 0.2, 6
+    coeff = l1_memory_coefficients(torch.full((n,), h, dtype=torch.float64), gamma)
+    for l in range(n):
+        for j in range(n):
+            k = l - j
+            expected = (k + 1) ** (1 - gamma) - k ** (1 - gamma) if j < l else 0.0
+            assert coeff[l, j].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_variable_step_coefficient_by_hand() -> None:
+    taus = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    gamma = 0.5
+    coeff = l1_memory_coefficients(taus, gamma)
+    # a_{2,0} = tau_2^g / tau_0 * ((tau_0+tau_1+tau_2)^(1-g) - (tau_1+tau_2)^(1-g))
+    expected = 0.3**0.5 / 0.5 * (1.0**0.5 - 0.5**0.5)
+    assert coeff[2, 0].item() == pytest.approx(expected, rel=1e-12)
+    assert coeff[2, 1].item() == pytest.approx(0.3**0.5 / 0.2 * (0.5**0.5 - 0.3**0.5), rel=1e-12)
+
+
+def test_linear_fractional_network_by_hand() -> None:
+    gamma, a = 0.5, 0.4
+    model = _scalar_net(FractionalDNN, 3, a=a, gamma=gamma, T=1.0)
+    taus = [0.5, 0.2, 0.3]
+    with torch.no_grad():
+        model.tau_free.copy_(torch.tensor(taus, dtype=torch.float64))
+    x = 2.0
+    s = math.gamma(2 - gamma)
+    u1 = taus[0] ** gamma * s * x
+    u2 = u1 + taus[1] ** gamma * s * a * u1 - (0.2**0.5 / 0.5 * (0.7**0.5 - 0.2**0.5)) * u1
+    a20 = 0.3**0.5 / 0.5 * (1.0**0.5 - 0.5**0.5)
+    a21 = 0.3**0.5 / 0.2 * (0.5**0.5 - 0.3**0.5)
+    u3 = u2 + taus[2] ** gamma * s * a * u2 - a20 * u1 - a21 * (u2 - u1)
+    assert model(torch.tensor([[x]], dtype=torch.float64)).item() == pytest.approx(u3, rel=1e-12)
+
+
+# --- fused stack against the plain formulas ------------------------------------------------
+
+NETWORKS = [
+    (TauResNet, {}),
+    (TauResNet, {"dependent_last_tau": True}),
+    (FractionalDNN, {}),
+    (FractionalDNN, {"gamma": 0.3, "dependent_last_tau": True}),
+    (FractionalDNN, {"detach_memory": True}),
+]
+
+
+@pytest.mark.parametrize(("cls", "kw"), NETWORKS)
+def test_fused_forward_and_gradients_match_reference(cls: type[TauNetwork], kw: dict[str, object]) -> None:
+    torch.manual_seed(1)
+    model = cls(7, 5, 4, 3, T=2.0, **kw).double()  # type: ignore[arg-type]
+    _randomise_taus(model)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    out, ref = model(x), reference_forward(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+# detach_memory deliberately drops part of the derivative, so only the exact variants are checked
+# against finite differences (the detached one is checked against the reference above).
+@pytest.mark.parametrize(("cls", "kw"), NETWORKS[:4])
+def test_gradcheck_with_respect_to_taus(cls: type[TauNetwork], kw: dict[str, object]) -> None:
+    torch.manual_seed(2)
+    model = cls(5, 4, 4, 3, T=1.5, **kw).double()  # type: ignore[arg-type]
+    _randomise_taus(model, seed=3)
+    x = torch.rand(3, 5, dtype=torch.float64)
+    tau = model.tau_free.detach().clone().requires_grad_()
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = functional_call(model, {"tau_free": t}, (x,))
+        return out
+
+    assert gradcheck(f, (tau,))
+
+
+@pytest.mark.parametrize("memory", [False, True])
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_gradcheck_hidden_stack_all_inputs(memory: bool, depth: int) -> None:
+    gen = torch.Generator().manual_seed(depth)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x = rand(4, 5)
+    weights = [rand(3, 5)] + [rand(3, 3) for _ in range(depth - 1)]
+    biases = [rand(3) for _ in range(depth)]
+    forcing = (torch.rand(depth, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
+    coeff = torch.randn(depth, depth, generator=gen, dtype=torch.float64).tril(-1).requires_grad_()
+
+    def f(x: torch.Tensor, forcing: torch.Tensor, coeff: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
+        return hidden_stack(x, forcing, coeff if memory else None, list(p[0::2]), list(p[1::2]))
+
+    params = [t for pair in zip(weights, biases) for t in pair]
+    assert gradcheck(f, (x, forcing, coeff, *params))
+
+
+def test_gradcheck_memory_coefficients() -> None:
+    taus = (torch.rand(6, dtype=torch.float64) + 0.05).requires_grad_()
+    assert gradcheck(lambda t: l1_memory_coefficients(t, 0.35), (taus,))
+
+
+# --- pruning, constraints, validation ------------------------------------------------------
+
+def test_pruning_a_zero_tau_block_leaves_the_output_unchanged() -> None:
+    torch.manual_seed(4)
+    model = TauResNet(8, 6, 5, 3)
+    with torch.no_grad():
+        model.tau_free[2] = 0.0
+    x = torch.rand(10, 8)
+    before = model(x)
+    params_before = model.num_active_params()
+    removed = model.prune(0.01)
+    assert removed == [2]
+    assert model.depth == 4 and len(model.taus) == 4
+    assert model.block_ids == [0, 1, 3, 4]
+    assert model.num_active_params() == params_before - (6 * 6 + 6 + 1)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_pruning_never_removes_the_input_block_or_the_dependent_last() -> None:
+    model = TauResNet(4, 3, 4, 2, dependent_last_tau=True, T=1.0)
+    with torch.no_grad():
+        model.tau_free.copy_(torch.tensor([1e-6, 0.5, 1e-6]))
+    # taus = [1e-6, 0.5, 1e-6, 0.5 - 2e-6]: only the middle tiny block may go.
+    assert model.prune(0.1) == [2]
+    assert model.block_ids == [0, 1, 3]
+    assert model.taus.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_linear_layers_in_forward_order() -> None:
+    model = FractionalDNN(784, 100, 6, 10)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(100, 784)] + [(100, 100)] * 5 + [(10, 100)]
+    assert linears[-1].bias is None
+    assert torch.allclose(model.taus, torch.full((6,), 1 / 6))
+
+
+def test_fractional_projection_keeps_tau_min() -> None:
+    model = FractionalDNN(3, 2, 3, 2, tau_min=1e-3)
+    with torch.no_grad():
+        model.tau_free.copy_(torch.tensor([-1.0, 0.0, 0.2]))
+    model.project_taus_()
+    assert model.taus.tolist() == pytest.approx([1e-3, 1e-3, 0.2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"depth": 0}, "depth must be a positive integer"),
+        ({"T": -1.0}, "T must be a positive"),
+        ({"dependent_last_tau": True, "depth": 1}, "dependent_last_tau needs depth >= 2"),
+        ({"gamma": 1.0}, "gamma"),
+        ({"tau_min": 1.0}, "tau_min"),
+    ],
+)
+def test_constructor_rejects_bad_input(kwargs: dict[str, object], message: str) -> None:
+    args = {"in_features": 4, "width": 3, "depth": 3, "num_classes": 2}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        FractionalDNN(**args)  # type: ignore[arg-type]
+
+
+def test_fixed_tau_mode_has_no_tau_gradient() -> None:
+    model = TauResNet(4, 3, 3, 2, trainable_tau=False)
+    model(torch.rand(2, 4)).sum().backward()
+    assert model.tau_free.grad is None
+    assert model.blocks[1].weight.grad is not None
