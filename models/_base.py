@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -83,10 +84,13 @@ class TauNetwork(nn.Module):
         last = (self.T - self.tau_free.sum()).reshape(1)
         return torch.cat([self.tau_free, last])
 
-    def _hidden(self, x: torch.Tensor, forcing: torch.Tensor, coeff: torch.Tensor | None) -> torch.Tensor:
+    def _hidden(
+        self, x: torch.Tensor, forcing: torch.Tensor, coeff: torch.Tensor | None
+    ) -> torch.Tensor:
         """Run the blocks (see :mod:`models._stack`) and the output layer."""
-        weights = [block.weight for block in self.blocks]
-        biases = [block.bias for block in self.blocks]
+        linears = [cast(nn.Linear, block) for block in self.blocks]
+        weights = [layer.weight for layer in linears]
+        biases = [layer.bias for layer in linears]
         out: torch.Tensor = self.output(hidden_stack(x, forcing, coeff, weights, biases))
         return out
 

@@ -3,64 +3,63 @@
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from models._base import TauNetwork
 
 
-def _l1_terms(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _spans(taus: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Strictly-lower mask and the spans ``t_{l+1} - t_j`` (far) and ``t_{l+1} - t_{j+1}`` (near).
 
-    Masked entries get a harmless 1: ``pow`` at 0 has an infinite derivative.
+    Masked entries get a harmless 1 (``pow`` at 0 has an infinite derivative).
     """
     n = taus.shape[0]
-    t = torch.cat([taus.new_zeros(1), taus.cumsum(0)])
-    rows = torch.arange(n, device=taus.device)
-    mask = rows[None, :] < rows[:, None]
-    one = taus.new_ones(())
-    far = torch.where(mask, t[1:, None] - t[None, :-1], one)
-    near = torch.where(mask, t[1:, None] - t[None, 1:], one)
+    t = np.concatenate(([0.0], np.cumsum(taus)))
+    mask = np.tri(n, k=-1, dtype=bool)
+    far = np.where(mask, t[1:, None] - t[None, :-1], 1.0)
+    near = np.where(mask, t[1:, None] - t[None, 1:], 1.0)
     return mask, far, near
 
 
 class _L1Coefficients(torch.autograd.Function):
-    """The L1 memory coefficients with an analytic gradient in the taus.
+    """The L1 memory coefficients with a closed-form gradient in the taus.
 
-    Autograd through the ~15 tiny L x L operations costs more per training step than the
-    arithmetic; the closed-form backward below needs a few reductions instead.
+    The matrix is L x L (36 numbers at the reference depth): as ~40 device ops with autograd it
+    cost a quarter of a training step, so it is computed on the host in float64 NumPy, which
+    takes microseconds. On a GPU that is one tiny copy each way per step.
     """
 
     @staticmethod
     def forward(ctx: Any, taus: torch.Tensor, gamma: float) -> torch.Tensor:
-        mask, far, near = _l1_terms(taus)
+        t = taus.detach().to("cpu", torch.float64).numpy()
+        mask, far, near = _spans(t)
         power = 1.0 - gamma
-        coeff = (taus[:, None].pow(gamma) / taus[None, :] * (far.pow(power) - near.pow(power)))
-        coeff = coeff.masked_fill_(~mask, 0.0)
-        ctx.save_for_backward(taus, coeff, mask, far, near)
+        ratio = t[:, None] ** gamma / t[None, :]
+        coeff = np.where(mask, ratio * (far**power - near**power), 0.0)
+        ctx.host = (t, coeff, mask, far, near, ratio)
         ctx.gamma = gamma
-        return coeff
+        return torch.from_numpy(coeff).to(device=taus.device, dtype=taus.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        taus, coeff, mask, far, near = ctx.saved_tensors
+        t, coeff, mask, far, near, ratio = ctx.host
         gamma = ctx.gamma
-        power = 1.0 - gamma
-        grad = grad * mask
-        weighted = grad * coeff
-        # c = tau_l^gamma / tau_j * (far^p - near^p): product rule over the three factors.
-        result = gamma * weighted.sum(1) / taus - weighted.sum(0) / taus
-        scale = grad * (power * taus[:, None].pow(gamma) / taus[None, :])
-        # far spans tau_j..tau_l, near spans tau_{j+1}..tau_l: sum over rows l >= k (reverse
-        # cumulative sum), then over the columns j <= k (far) or j < k (near).
-        d_far = (scale * far.pow(-gamma)).flip(0).cumsum(0).flip(0)
-        d_near = (scale * near.pow(-gamma)).flip(0).cumsum(0).flip(0)
-        result = result + d_far.tril().sum(1) - d_near.tril(-1).sum(1)
-        return result, None
+        g = np.where(mask, grad.detach().to("cpu", torch.float64).numpy(), 0.0)
+        weighted = g * coeff
+        # Product rule over tau_l^gamma, 1/tau_j and the spans. A span far[l, j] contains
+        # tau_k for j <= k <= l, near[l, j] for j < k <= l: sum rows l >= k with a reverse
+        # cumulative sum, then columns j <= k (far) or j < k (near).
+        result = gamma * weighted.sum(1) / t - weighted.sum(0) / t
+        scale = g * (1.0 - gamma) * ratio
+        d_far = np.cumsum((scale * far**-gamma)[::-1], axis=0)[::-1]
+        d_near = np.cumsum((scale * near**-gamma)[::-1], axis=0)[::-1]
+        result += np.tril(d_far).sum(1) - np.tril(d_near, -1).sum(1)
+        return torch.from_numpy(result).to(device=grad.device, dtype=grad.dtype), None
 
 
 def l1_memory_coefficients(taus: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -74,7 +73,10 @@ def l1_memory_coefficients(taus: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 class FractionalDNN(TauNetwork):
-    """``u_{l+1} = u_l - sum_{j<l} a_{l,j} (u_{j+1} - u_j) + tau_l^g Gamma(2-g) relu(W_l u_l + b_l)``.
+    """Fractional DNN of depth L (the variable-step L1 scheme)::
+
+        u_{l+1} = u_l - sum_{j<l} a_{l,j} (u_{j+1} - u_j) + tau_l^g Gamma(2-g) relu(W_l u_l + b_l)
+
 
     ``u_0 = 0`` in the hidden space; the input block reads the input ``x`` instead of ``u_0``.
     ``detach_memory=True`` stops gradients through the memory coefficients ``a`` (as the

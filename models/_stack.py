@@ -56,7 +56,8 @@ class _StackFunction(torch.autograd.Function):
             else:
                 s_views[0].copy_(d)
             inp = s_views[layer]
-        ctx.save_for_backward(x, forcing, coeff, increments, states, activations, *weights)
+        saved: list[Any] = [x, forcing, coeff, increments, states, activations, *weights]
+        ctx.save_for_backward(*saved)  # coeff may be None, which autograd allows
         return s_views[depth - 1].clone()
 
     @staticmethod
@@ -67,29 +68,35 @@ class _StackFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_incr = torch.empty_like(increments)
         grad_z = torch.empty_like(increments)
-        gd_views, gz_views, a_views = grad_incr.unbind(), grad_z.unbind(), activations.unbind()
-        f_views = forcing.unbind()
+        # d(relu(z) * f)/dz for all layers at once: f where the unit is active, else 0. sign() of
+        # the (non-negative) activations gives that 0/1 pattern ~10x faster than a comparison.
+        gate = activations.sign().mul_(forcing[:, None, None])
+        gd_views, gz_views, gate_views = grad_incr.unbind(), grad_z.unbind(), gate.unbind()
         gd_flat = grad_incr.view(depth, -1)
-        grad_u = grad_out.contiguous()
+        grad_d = gd_views[depth - 1]
+        grad_d.copy_(grad_out)
+        grad_u = grad_d  # gradient w.r.t. the state u_{layer+1}, without memory terms
         grad_x = None
         for layer in reversed(range(depth)):
-            grad_d = gd_views[layer]
-            later = depth - 1 - layer
-            if coeff is not None and later > 0:
-                # d_layer enters the memory of every later block k with weight -c[k, layer].
-                torch.addmv(
-                    grad_u.view(-1), gd_flat[layer + 1 :].t(), coeff[layer + 1 :, layer],
-                    alpha=-1.0, out=grad_d.view(-1),
-                )
+            gz = torch.mul(grad_d, gate_views[layer], out=gz_views[layer])
+            if layer == 0:
+                if need[0]:
+                    grad_x = gz.mm(weights[0])
+                break
+            # u_layer feeds u_{layer+1} directly and z_layer through W_layer; d_{layer-1} feeds
+            # u_layer and, with weight -c[k, layer-1], the memory of every later block k.
+            if coeff is None:
+                grad_u = torch.addmm(grad_u, gz, weights[layer], out=gd_views[layer - 1])
             else:
-                grad_d.copy_(grad_u)
-            torch.mul(grad_d, f_views[layer], out=gz_views[layer])
-            gz = torch.ops.aten.threshold_backward(gz_views[layer], a_views[layer], 0)
-            gz_views[layer].copy_(gz)
-            if layer > 0:
                 grad_u = torch.addmm(grad_u, gz, weights[layer])
-            elif need[0]:
-                grad_x = gz.mm(weights[0])
+                torch.addmv(
+                    grad_u.view(-1),
+                    gd_flat[layer:].t(),
+                    coeff[layer:, layer - 1],
+                    alpha=-1.0,
+                    out=gd_flat[layer - 1],
+                )
+            grad_d = gd_views[layer - 1]
         grads: list[torch.Tensor | None] = [None] * (2 * depth)
         if any(need[3::2]):
             grads[0] = grad_z[0].t().mm(x)
@@ -113,6 +120,6 @@ def hidden_stack(
     biases: list[torch.Tensor],
 ) -> torch.Tensor:
     """Final hidden state ``u_L`` of the recursion above, differentiable in every argument."""
-    params = [t for pair in zip(weights, biases) for t in pair]
+    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     out: torch.Tensor = _StackFunction.apply(x, forcing, coeff, *params)
     return out

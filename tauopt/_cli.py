@@ -26,27 +26,72 @@ def _add_train_parser(sub: Any) -> None:
     )
     p.add_argument("--arch", choices=ARCHS, default=defaults.arch)
     p.add_argument("--dataset", choices=tuple(DATASETS), default=defaults.dataset)
-    p.add_argument("--data-dir", type=Path, default=None, help="root in torchvision's layout (default: $TAUOPT_DATA or ./data)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="root in torchvision's layout (default: $TAUOPT_DATA or ./data)",
+    )
     p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--T", dest="T", type=float, default=defaults.T, help="time horizon; every tau starts at T/depth")
-    p.add_argument("--l1", type=float, default=defaults.l1, help="weight of the l1 penalty sum|tau|")
-    p.add_argument("--horizon-weight", type=float, default=defaults.horizon_weight, help="weight of (sum(tau) - T)^2")
-    p.add_argument("--dependent-last-tau", action="store_true", help="set the last tau to T - sum(other taus)")
-    p.add_argument("--prune-eps", type=float, default=None, help="remove ResNet blocks with |tau_l|/sum|tau| below this")
-    p.add_argument("--prune-every", type=int, default=defaults.prune_every, help="check pruning every N epochs")
+    p.add_argument(
+        "--T",
+        dest="T",
+        type=float,
+        default=defaults.T,
+        help="time horizon; every tau starts at T/depth",
+    )
+    p.add_argument(
+        "--l1", type=float, default=defaults.l1, help="weight of the l1 penalty sum|tau|"
+    )
+    p.add_argument(
+        "--horizon-weight",
+        type=float,
+        default=defaults.horizon_weight,
+        help="weight of (sum(tau) - T)^2",
+    )
+    p.add_argument(
+        "--dependent-last-tau", action="store_true", help="set the last tau to T - sum(other taus)"
+    )
+    p.add_argument(
+        "--prune-eps",
+        type=float,
+        default=None,
+        help="remove ResNet blocks with |tau_l|/sum|tau| below this",
+    )
+    p.add_argument(
+        "--prune-every", type=int, default=defaults.prune_every, help="check pruning every N epochs"
+    )
     p.add_argument("--gamma", type=float, default=defaults.gamma, help="fractional order (fracdnn)")
-    p.add_argument("--tau-min", type=float, default=defaults.tau_min, help="lower bound of the taus (fracdnn)")
-    p.add_argument("--detach-memory", action="store_true", help="no gradient through the memory coefficients (fracdnn)")
+    p.add_argument(
+        "--tau-min", type=float, default=defaults.tau_min, help="lower bound of the taus (fracdnn)"
+    )
+    p.add_argument(
+        "--detach-memory",
+        action="store_true",
+        help="no gradient through the memory coefficients (fracdnn)",
+    )
     p.add_argument("--width", type=int, default=defaults.width)
     p.add_argument("--depth", type=int, default=defaults.depth)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--fixed-tau", action="store_true", help="do not train the taus (the baseline)")
-    p.add_argument("--train-size", type=int, default=None, help="train on the first N images of the training split")
-    p.add_argument("--val-size", type=int, default=defaults.val_size, help="validation images held out of training")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on the first N images of the training split",
+    )
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=defaults.val_size,
+        help="validation images held out of training",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON object with every metric to stdout")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object with every metric to stdout"
+    )
     p.set_defaults(handler=_cmd_train)
 
 
@@ -83,7 +128,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         taus = ", ".join(f"{t:.4f}" for t in result.taus)
         print(f"test accuracy {result.test_accuracy:.4f}, validation {result.val_accuracy[-1]:.4f}")
-        print(f"{result.active_blocks} active blocks, {result.active_params} parameters, taus [{taus}]")
+        print(
+            f"{result.active_blocks} active blocks, {result.active_params} parameters, "
+            f"taus [{taus}]"
+        )
     return 0
 
 

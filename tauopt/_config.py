@@ -65,8 +65,13 @@ class TrainConfig:
         )
         for name in ("epochs", "width", "depth", "batch_size", "prune_every", "val_size"):
             value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
-        _require(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+            _require(
+                _is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}"
+            )
+        _require(
+            _is_int(self.seed) and self.seed >= 0,
+            f"seed must be an integer >= 0, got {self.seed!r}",
+        )
         if self.train_size is not None:
             _require(
                 _is_int(self.train_size) and self.train_size >= 1,
@@ -74,7 +79,9 @@ class TrainConfig:
             )
         for name in ("T", "lr", "tau_min"):
             value = getattr(self, name)
-            _require(_is_real(value) and value > 0, f"{name} must be a positive number, got {value!r}")
+            _require(
+                _is_real(value) and value > 0, f"{name} must be a positive number, got {value!r}"
+            )
         for name in ("l1", "horizon_weight"):
             value = getattr(self, name)
             _require(_is_real(value) and value >= 0, f"{name} must be a number >= 0, got {value!r}")
@@ -89,7 +96,8 @@ class TrainConfig:
         if self.prune_eps is not None:
             _require(
                 _is_real(self.prune_eps) and 0 < self.prune_eps < 1,
-                f"prune_eps must lie in (0, 1) (or unset to disable pruning), got {self.prune_eps!r}",
+                "prune_eps must lie in (0, 1) (or unset to disable pruning), "
+                f"got {self.prune_eps!r}",
             )
             _require(
                 self.arch == "resnet",

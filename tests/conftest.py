@@ -1,4 +1,7 @@
-"""Shared fixtures. Real data comes from ``$TAUOPT_TEST_DATA`` or the checkout's ``../shared/data``."""
+"""Shared fixtures.
+
+Real data comes from ``$TAUOPT_TEST_DATA`` or the checkout's ``../shared/data``.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ def _data_dir() -> Path:
 def data_dir() -> Path:
     path = _data_dir()
     if not (path / "MNIST" / "raw").is_dir():
-        pytest.fail(f"test data missing: {path}/MNIST/raw; set TAUOPT_TEST_DATA to a torchvision-layout root")
+        pytest.fail(
+            f"test data missing: {path}/MNIST/raw; "
+            "set TAUOPT_TEST_DATA to a root in torchvision's layout"
+        )
     return path
 
 

@@ -11,25 +11,70 @@ from tauopt._cli import main
 
 
 def test_train_json_has_every_metric(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main([
-        "train", "--data-dir", str(data_dir), "--epochs", "2", "--train-size", "500",
-        "--val-size", "1000", "--prune-eps", "0.2", "--l1", "0.5", "--lr", "0.1", "--device", "cpu", "--json",
-    ])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            "2",
+            "--train-size",
+            "500",
+            "--val-size",
+            "1000",
+            "--prune-eps",
+            "0.2",
+            "--l1",
+            "0.5",
+            "--lr",
+            "0.1",
+            "--device",
+            "cpu",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     out = json.loads(captured.out)
-    for key in ("val_accuracy", "test_accuracy", "taus", "tau_history", "active_blocks", "pruned", "epoch_seconds"):
+    for key in (
+        "val_accuracy",
+        "test_accuracy",
+        "taus",
+        "tau_history",
+        "active_blocks",
+        "pruned",
+        "epoch_seconds",
+    ):
         assert key in out
     assert len(out["val_accuracy"]) == 2 and len(out["epoch_seconds"]) == 2
     assert out["active_blocks"] == len(out["taus"])
     assert "epoch 2/2" in captured.err  # progress on stderr, JSON alone on stdout
 
 
-def test_train_fracdnn_fashion_human_output(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main([
-        "train", "--arch", "fracdnn", "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
-        "--epochs", "1", "--train-size", "300", "--val-size", "500", "--gamma", "0.7", "--device", "cpu",
-    ])
+def test_train_fracdnn_fashion_human_output(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "train",
+            "--arch",
+            "fracdnn",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(data_dir),
+            "--epochs",
+            "1",
+            "--train-size",
+            "300",
+            "--val-size",
+            "500",
+            "--gamma",
+            "0.7",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     assert "test accuracy" in capsys.readouterr().out
 
@@ -51,7 +96,9 @@ def test_bad_input_is_one_clear_line(
     assert message in err and "Traceback" not in err
 
 
-def test_missing_data_dir_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_data_dir_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Offline: torchvision's download fails, and the error says where to put the files.
     monkeypatch.setattr("tauopt._data._download", _offline)
     code = main(["train", "--data-dir", str(tmp_path), "--epochs", "1"])
@@ -62,4 +109,6 @@ def test_missing_data_dir_is_reported(tmp_path: Path, capsys: pytest.CaptureFixt
 def _offline(name: str, root: Path) -> None:
     from tauopt.errors import DataError
 
-    raise DataError(f"the {name} files are not under {root / 'MNIST' / 'raw'} and downloading them failed")
+    raise DataError(
+        f"the {name} files are not under {root / 'MNIST' / 'raw'} and downloading them failed"
+    )

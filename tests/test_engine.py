@@ -36,7 +36,9 @@ def test_resnet_learns_mnist_subset(mnist: RawDataset) -> None:
 
 
 def test_fracdnn_learns_fashion_subset(fashion: RawDataset) -> None:
-    result = train(_config(arch="fracdnn", dataset="fashion-mnist", epochs=3, T=2.0), fashion, device="cpu")
+    result = train(
+        _config(arch="fracdnn", dataset="fashion-mnist", epochs=3, T=2.0), fashion, device="cpu"
+    )
     assert result.test_accuracy > 0.5
     assert min(result.taus) >= 1e-4 - 1e-9
 
@@ -51,7 +53,9 @@ def test_same_seed_same_result(mnist: RawDataset) -> None:
 
 @pytest.mark.parametrize("arch", ["resnet", "fracdnn"])
 def test_dependent_last_tau_keeps_the_horizon(mnist: RawDataset, arch: str) -> None:
-    result = train(_config(arch=arch, epochs=3, T=3.0, dependent_last_tau=True, l1=0.05), mnist, device="cpu")
+    result = train(
+        _config(arch=arch, epochs=3, T=3.0, dependent_last_tau=True, l1=0.05), mnist, device="cpu"
+    )
     for taus in result.tau_history:
         assert sum(taus) == pytest.approx(3.0, abs=1e-6)
     assert result.taus != pytest.approx([0.5] * 6)  # the taus did move
@@ -97,7 +101,12 @@ def test_divergence_is_reported(mnist: RawDataset) -> None:
 
 def test_on_epoch_sees_every_epoch(mnist: RawDataset) -> None:
     seen: list[int] = []
-    train(_config(epochs=2, train_size=300), mnist, device="cpu", on_epoch=lambda s: seen.append(s.epoch))
+    train(
+        _config(epochs=2, train_size=300),
+        mnist,
+        device="cpu",
+        on_epoch=lambda s: seen.append(s.epoch),
+    )
     assert seen == [1, 2]
 
 
@@ -131,6 +140,7 @@ def test_train_size_beyond_split_is_rejected(mnist: RawDataset) -> None:
 
 # --- data files ------------------------------------------------------------------------------
 
+
 def test_plain_and_gzip_idx_read_alike(tmp_path: Path, data_dir: Path, mnist: RawDataset) -> None:
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -151,6 +161,8 @@ def test_missing_files_name_the_path(tmp_path: Path) -> None:
 def test_corrupt_file_is_named(tmp_path: Path, data_dir: Path) -> None:
     raw = tmp_path / "MNIST" / "raw"
     shutil.copytree(data_dir / "MNIST" / "raw", raw)
-    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x27\x10abc"))
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is truncated or corrupt"):
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(b"\x00\x00\x08\x01\x00\x00\x27\x10abc")
+    )
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz is truncated or corrupt"):
         load_dataset("mnist", tmp_path, download=False)

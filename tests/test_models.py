@@ -8,40 +8,15 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 from torch.func import functional_call
-from torch.nn import functional as F
 
-from models import FractionalDNN, TauNetwork, TauResNet, l1_memory_coefficients
+from models import FractionalDNN, TauNetwork, TauResNet, l1_memory_coefficients, reference_forward
 from models._stack import hidden_stack
 
 torch.set_default_dtype(torch.float32)
 
 
-def reference_forward(model: TauNetwork, x: torch.Tensor) -> torch.Tensor:
-    """The papers' formulas written out with plain autograd, pair by pair."""
-    taus = model.taus
-    blocks = list(model.blocks)
-    if isinstance(model, FractionalDNN):
-        g = model.gamma
-        if model.dependent_last_tau:
-            taus = taus.clamp(min=model.tau_min)
-        ct = taus.detach() if model.detach_memory else taus
-        u = [torch.zeros(x.shape[0], blocks[0].out_features, dtype=x.dtype)]
-        for l in range(len(blocks)):
-            inp = x if l == 0 else u[l]
-            memory = torch.zeros_like(u[0])
-            for j in range(l):
-                a = ct[l] ** g / ct[j] * (ct[j : l + 1].sum() ** (1 - g) - ct[j + 1 : l + 1].sum() ** (1 - g))
-                memory = memory + a * (u[j + 1] - u[j])
-            u.append(u[l] - memory + taus[l] ** g * math.gamma(2 - g) * F.relu(blocks[l](inp)))
-        return model.output(u[-1])
-    y = taus[0] * F.relu(blocks[0](x))
-    for l in range(1, len(blocks)):
-        y = y + taus[l] * F.relu(blocks[l](y))
-    return model.output(y)
-
-
 def _scalar_net(cls: type[TauNetwork], depth: int, a: float, **kw: object) -> TauNetwork:
-    """Width-1 network with W_0 = 1, W_l = a, no biases, output 1: relu is the identity for x > 0."""
+    """Width-1 net: W_0 = 1, W_l = a, no biases, output 1; relu is the identity for x > 0."""
     model = cls(1, 1, depth, 1, **kw).double()  # type: ignore[arg-type]
     with torch.no_grad():
         for i, block in enumerate(model.blocks):
@@ -54,10 +29,13 @@ def _scalar_net(cls: type[TauNetwork], depth: int, a: float, **kw: object) -> Ta
 def _randomise_taus(model: TauNetwork, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.tau_free.mul_(0.5 + torch.rand(model.tau_free.shape, generator=gen, dtype=model.tau_free.dtype))
+        model.tau_free.mul_(
+            0.5 + torch.rand(model.tau_free.shape, generator=gen, dtype=model.tau_free.dtype)
+        )
 
 
 # --- hand-computed cases -------------------------------------------------------------------
+
 
 def test_linear_resnet_is_a_product_of_euler_factors() -> None:
     model = _scalar_net(TauResNet, 4, a=0.7, T=2.0)
@@ -116,7 +94,9 @@ NETWORKS = [
 
 
 @pytest.mark.parametrize(("cls", "kw"), NETWORKS)
-def test_fused_forward_and_gradients_match_reference(cls: type[TauNetwork], kw: dict[str, object]) -> None:
+def test_fused_forward_and_gradients_match_reference(
+    cls: type[TauNetwork], kw: dict[str, object]
+) -> None:
     torch.manual_seed(1)
     model = cls(7, 5, 4, 3, T=2.0, **kw).double()  # type: ignore[arg-type]
     _randomise_taus(model)
@@ -125,7 +105,7 @@ def test_fused_forward_and_gradients_match_reference(cls: type[TauNetwork], kw: 
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
     ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
@@ -160,10 +140,12 @@ def test_gradcheck_hidden_stack_all_inputs(memory: bool, depth: int) -> None:
     forcing = (torch.rand(depth, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
     coeff = torch.randn(depth, depth, generator=gen, dtype=torch.float64).tril(-1).requires_grad_()
 
-    def f(x: torch.Tensor, forcing: torch.Tensor, coeff: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
+    def f(
+        x: torch.Tensor, forcing: torch.Tensor, coeff: torch.Tensor, *p: torch.Tensor
+    ) -> torch.Tensor:
         return hidden_stack(x, forcing, coeff if memory else None, list(p[0::2]), list(p[1::2]))
 
-    params = [t for pair in zip(weights, biases) for t in pair]
+    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     assert gradcheck(f, (x, forcing, coeff, *params))
 
 
@@ -173,6 +155,7 @@ def test_gradcheck_memory_coefficients() -> None:
 
 
 # --- pruning, constraints, validation ------------------------------------------------------
+
 
 def test_pruning_a_zero_tau_block_leaves_the_output_unchanged() -> None:
     torch.manual_seed(4)

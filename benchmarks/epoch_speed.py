@@ -1,0 +1,136 @@
+"""Time one MNIST training epoch: tauopt's engine against a loop like the authors' code.
+
+Both train the same network (same seed, so the same initial weights) on the same 50,000
+training images with SGD, lr 0.01, batch 100. The straightforward loop reads the torchvision
+dataset through ``ToTensor`` and ``DataLoader(batch_size=100, shuffle=True)`` and computes the
+forward pass formula by formula (:func:`models.reference_forward`). A third variant runs the
+same DataLoader loop with tauopt's fused network, to show what the data pipeline alone costs.
+Runs are interleaved so that drifting machine speed hits every variant alike; medians are
+reported. Usage::
+
+    python benchmarks/epoch_speed.py --data-dir ../shared/data [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from models import TauNetwork, reference_forward
+from tauopt import TrainConfig, accuracy, build_model, load_dataset, make_splits, train
+from tauopt._data import SPLIT_SEED
+
+
+def torchvision_root(data_dir: Path, into: Path) -> Path:
+    """torchvision's MNIST wants the uncompressed IDX files: write them to a scratch root."""
+    raw = into / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for src in (data_dir / "MNIST" / "raw").iterdir():
+        target = raw / src.name.removesuffix(".gz")
+        if src.suffix == ".gz":
+            with gzip.open(src, "rb") as fin, open(target, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        else:
+            shutil.copyfile(src, target)
+    return into
+
+
+def loop_epoch(
+    model: TauNetwork,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loader: DataLoader[Any],
+    lr: float,
+) -> float:
+    """One epoch the straightforward way; returns its seconds."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    start = time.perf_counter()
+    for images, labels in loader:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(forward(images.view(images.shape[0], -1)), labels)
+        loss.backward()
+        optimizer.step()
+        model.project_taus_()
+    return time.perf_counter() - start
+
+
+def run(data_dir: Path, repeats: int, scratch: Path) -> dict[str, Any]:
+    dataset = load_dataset("mnist", data_dir, download=False)
+    tv = datasets.MNIST(
+        str(torchvision_root(data_dir, scratch)), train=True, transform=transforms.ToTensor()
+    )
+    order = torch.randperm(len(tv), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train_idx = order[10_000:].tolist()  # the engine's training split: same images, both sides
+    splits = make_splits(dataset, val_size=10_000, train_size=None, device=torch.device("cpu"))
+    results: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    for arch in ("resnet", "fracdnn"):
+        config = TrainConfig(arch=arch, epochs=1, seed=0)  # the papers' defaults otherwise
+        times: dict[str, list[float]] = {"engine": [], "loop": [], "loop_fused": []}
+        acc: dict[str, float] = {}
+        for rep in range(repeats):
+            result = train(config, dataset, device="cpu")
+            times["engine"].append(result.epoch_seconds[0])
+            acc["engine"] = result.test_accuracy
+            for variant in ("loop", "loop_fused"):
+                model = build_model(config, 784, 10)
+                forward = (
+                    model
+                    if variant == "loop_fused"
+                    else (lambda x, m=model: reference_forward(m, x))
+                )
+                torch.manual_seed(rep)  # the DataLoader's shuffling
+                loader = DataLoader(Subset(tv, train_idx), batch_size=100, shuffle=True)
+                times[variant].append(loop_epoch(model, forward, loader, config.lr))
+                if variant == "loop":
+                    acc["loop"] = accuracy(model, splits.test_x, splits.test_y)
+            print(
+                f"{arch} repeat {rep + 1}/{repeats}: "
+                + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+                flush=True,
+            )
+        median = {k: statistics.median(v) for k, v in times.items()}
+        results[arch] = {
+            "seconds": times,
+            "median_seconds": median,
+            "engine_fraction_of_loop": median["engine"] / median["loop"],
+            "speedup": median["loop"] / median["engine"],
+            "test_accuracy_after_one_epoch": acc,
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        results = run(args.data_dir, args.repeats, Path(scratch))
+    for arch in ("resnet", "fracdnn"):
+        r = results[arch]
+        m = r["median_seconds"]
+        print(
+            f"{arch}: engine {m['engine']:.2f}s, loop {m['loop']:.2f}s, loop+fused model "
+            f"{m['loop_fused']:.2f}s -> engine = 1/{r['speedup']:.1f} of the loop; test accuracy "
+            f"engine {r['test_accuracy_after_one_epoch']['engine']:.4f} vs loop "
+            f"{r['test_accuracy_after_one_epoch']['loop']:.4f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
