@@ -16,6 +16,7 @@ so the tau-dependence of the coefficients stays with autograd (a handful of ops 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -116,8 +117,8 @@ def hidden_stack(
     x: torch.Tensor,
     forcing: torch.Tensor,
     coeff: torch.Tensor | None,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """Final hidden state ``u_L`` of the recursion above, differentiable in every argument."""
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
