@@ -157,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TauoptError as e:
         print(f"tauopt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `tauopt export | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"tauopt {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,9 +1,223 @@
-"""Study commands of the CLI (create, worker, run, best, export, dashboard)."""
+"""Study commands of the CLI: create, worker, run, best, export, dashboard."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+from tauopt._data import DATASETS
+
+DEFAULT_STUDY = "tauopt"
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="database URL (default: $TAUOPT_STORAGE, else sqlite:///./tauopt.db)",
+    )
+    p.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default: {DEFAULT_STUDY})")
+
+
+def _add_artifacts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--artifact-dir",
+        type=Path,
+        default=None,
+        help="trained models (default: $TAUOPT_ARTIFACTS, else tauopt-artifacts beside the SQLite file)",
+    )
+
+
+def _add_heartbeat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat-interval", type=int, default=None, help="seconds between heartbeats")
+    p.add_argument(
+        "--grace-period", type=int, default=None, help="seconds of silence before a trial is failed"
+    )
+
+
+def _add_create_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="study config (TOML); default: built-in")
+    p.add_argument("--n-trials", type=int, default=None, help="total trials across all workers")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial")
+    p.add_argument("--train-size", type=int, default=None, help="training images per trial")
+    p.add_argument("--dataset", choices=tuple(DATASETS), default=None)
+    p.add_argument("--objective", choices=("pareto", "accuracy"), default=None)
+    _add_heartbeat(p)
+
+
+def _add_worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None, help="dataset root (default: $TAUOPT_DATA or ./data)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--sampler-seed", type=int, default=None, help="this worker's sampler seed (default: random)")
+    p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    _add_artifacts(p)
 
 
 def add_study_commands(sub: Any) -> None:
     """Register the study subcommands on ``sub``."""
+    p = sub.add_parser("create", help="create the schema and a study from a config")
+    _add_storage(p)
+    _add_create_flags(p)
+    p.set_defaults(handler=_cmd_create)
+
+    p = sub.add_parser("worker", help="join a study and run trials until its budget is spent")
+    _add_storage(p)
+    _add_worker_flags(p)
+    _add_heartbeat(p)
+    p.set_defaults(handler=_cmd_worker)
+
+    p = sub.add_parser("run", help="create a study and run one local worker (the main job)")
+    _add_storage(p)
+    _add_create_flags(p)
+    _add_worker_flags(p)
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("best", help="the Pareto-optimal (or best) trials")
+    _add_storage(p)
+    _add_artifacts(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(handler=_cmd_best)
+
+    p = sub.add_parser("export", help="all trials as CSV")
+    _add_storage(p)
+    p.add_argument("--output", "-o", type=Path, default=None, help="CSV file (default: stdout)")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("dashboard", help="optuna-dashboard on the same storage and artifacts")
+    p.add_argument("--storage", default=None, help="database URL (as for the other commands)")
+    _add_artifacts(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(handler=_cmd_dashboard)
+
+
+def _settings(url: str | None, interval: int | None, grace: int | None) -> Any:
+    from storage import StorageSettings, resolve_url
+
+    return StorageSettings(url=resolve_url(url), heartbeat_interval=interval or 10, grace_period=grace)
+
+
+def _create(args: argparse.Namespace) -> Any:
+    from storage import redact
+    from study import create_study, load_config
+
+    config = load_config(args.config).with_overrides(
+        n_trials=args.n_trials,
+        epochs=args.epochs,
+        train_size=args.train_size,
+        dataset=args.dataset,
+        objective=args.objective,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+    )
+    settings = _settings(args.storage, config.heartbeat_interval, config.grace_period)
+    create_study(settings, args.study, config)
+    print(
+        f"study {args.study!r} ready in {redact(settings.url)}: {config.objective} objective, "
+        f"{config.n_trials} trials of {config.trial.epochs} epochs on {config.trial.dataset}",
+        file=sys.stderr,
+    )
+    return config
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    _create(args)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from storage import default_artifact_dir, resolve_url
+    from study import Worker, WorkerOptions, load_study, parse_config
+    from study._worker import CONFIG_ATTR
+
+    url = resolve_url(args.storage)
+    stored = parse_config(load_study(url, args.study).user_attrs.get(CONFIG_ATTR, {}))
+    settings = _settings(
+        url,
+        args.heartbeat_interval or stored.heartbeat_interval,
+        args.grace_period or stored.grace_period,
+    )
+    options = WorkerOptions(
+        data_dir=args.data_dir,
+        device=args.device,
+        artifact_dir=args.artifact_dir or default_artifact_dir(url),
+        sampler_seed=args.sampler_seed,
+        quiet=args.quiet,
+    )
+    summary = Worker(settings, args.study, options).run()
+    print(
+        f"worker finished: {summary.trials_run} trials here ({summary.complete} complete, "
+        f"{summary.pruned} pruned, {summary.failed} failed)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    return _worker(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _create(args)
+    code = _worker(args)
+    if code == 0:
+        print(f"best trials: tauopt best --study {args.study}"
+              + (f" --storage {args.storage}" if args.storage else ""), file=sys.stderr)
+    return code
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    from study import best_trials
+
+    trials = best_trials(args.storage, args.study, artifact_dir=args.artifact_dir)
+    if args.json:
+        json.dump([t.to_dict() for t in trials], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not trials:
+        print(f"study {args.study!r} has no completed trial yet", file=sys.stderr)
+        return 0
+    print(f"{'trial':>5}  {'val acc':>7}  {'test acc':>8}  {'blocks':>6}  {'params':>8}  params")
+    for t in trials:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.params.items()))
+        print(
+            f"{t.number:>5}  {t.val_accuracy:>7.4f}  {t.test_accuracy:>8.4f}  "
+            f"{t.active_blocks:>6}  {t.active_params:>8}  {params}"
+        )
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from study import export_csv
+
+    if args.output is None:
+        rows = export_csv(args.storage, args.study, sys.stdout)
+    else:
+        with open(args.output, "w", newline="") as fh:
+            rows = export_csv(args.storage, args.study, fh)
+    print(f"exported {rows} trials", file=sys.stderr)
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+
+    from storage import StorageSettings, artifact_store, default_artifact_dir, open_storage, redact, resolve_url
+
+    url = resolve_url(args.storage)
+    storage = open_storage(StorageSettings(url=url), create_schema=False)
+    store = artifact_store(args.artifact_dir or default_artifact_dir(url))
+    print(
+        f"optuna-dashboard for {redact(url)} on http://{args.host}:{args.port}/dashboard",
+        file=sys.stderr,
+        flush=True,
+    )
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    return 0

@@ -1,0 +1,31 @@
+"""Where studies live: one place turns a URL into an Optuna storage.
+
+SQLite (``tauopt.db`` in the working directory) is the embedded default; PostgreSQL
+(``postgresql+psycopg2://...``, from ``--storage`` or ``$TAUOPT_STORAGE``) is for many workers.
+"""
+
+from storage._artifacts import artifact_store
+from storage._errors import StorageError
+from storage._rdb import (
+    ARTIFACTS_ENV,
+    STORAGE_ENV,
+    StorageSettings,
+    default_artifact_dir,
+    open_storage,
+    redact,
+    resolve_url,
+    study_lock,
+)
+
+__all__ = [
+    "ARTIFACTS_ENV",
+    "STORAGE_ENV",
+    "StorageError",
+    "StorageSettings",
+    "artifact_store",
+    "default_artifact_dir",
+    "open_storage",
+    "redact",
+    "resolve_url",
+    "study_lock",
+]

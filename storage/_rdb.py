@@ -1,0 +1,165 @@
+"""Turn a URL into an Optuna RDB storage: SQLite embedded by default, PostgreSQL when shared."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import sqlite3
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+
+from storage._errors import StorageError
+
+#: Environment variable that names the storage when ``--storage`` is not given.
+STORAGE_ENV = "TAUOPT_STORAGE"
+#: Environment variable that names the artifact directory when ``--artifact-dir`` is not given.
+ARTIFACTS_ENV = "TAUOPT_ARTIFACTS"
+DEFAULT_DB = "tauopt.db"
+_SQLITE_BUSY_SECONDS = 60
+
+
+def resolve_url(url: str | None = None) -> str:
+    """``url``, else ``$TAUOPT_STORAGE``, else SQLite ``tauopt.db`` in the working directory."""
+    chosen = url or os.environ.get(STORAGE_ENV)
+    if chosen:
+        return chosen
+    return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
+
+
+def redact(url: str) -> str:
+    """The URL with any password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return url
+
+
+def _sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if not parsed.database or parsed.database == ":memory:":
+        raise StorageError(f"{url!r}: use a SQLite file (sqlite:///path/tauopt.db), not memory")
+    return Path(parsed.database)
+
+
+def default_artifact_dir(url: str) -> Path:
+    """``$TAUOPT_ARTIFACTS``, else ``tauopt-artifacts`` beside a SQLite file, else in the cwd."""
+    env = os.environ.get(ARTIFACTS_ENV)
+    if env:
+        return Path(env)
+    db = _sqlite_path(url)
+    base = db.resolve().parent if db is not None else Path.cwd()
+    return base / "tauopt-artifacts"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageSettings:
+    """Where trials live and how dead workers are detected.
+
+    A running trial sends a heartbeat every ``heartbeat_interval`` seconds; one silent for
+    ``grace_period`` seconds (default twice the interval) is marked failed and queued again.
+    """
+
+    url: str
+    heartbeat_interval: int = 10
+    grace_period: int | None = None
+    max_retry: int = 3
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval < 1:
+            raise StorageError(
+                f"heartbeat_interval must be >= 1 second, got {self.heartbeat_interval}"
+            )
+        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
+            raise StorageError(
+                f"grace_period ({self.grace_period}s) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval}s), or a live worker's trial is failed"
+            )
+        if self.max_retry < 0:
+            raise StorageError(f"max_retry must be >= 0, got {self.max_retry}")
+
+
+def _prepare_sqlite(path: Path) -> None:
+    """WAL lets the dashboard read while workers write; the setting persists in the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=_SQLITE_BUSY_SECONDS)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as e:
+        raise StorageError(f"cannot open SQLite file {path}: {e}") from e
+
+
+def open_storage(settings: StorageSettings, *, create_schema: bool = True) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage for ``settings.url``, with heartbeats and stale-trial retries.
+
+    ``create_schema=False`` is for workers: the schema is made once by ``tauopt create``, so
+    several workers starting together do not race to create tables.
+    """
+    url = settings.url
+    try:
+        backend = make_url(url).get_backend_name()
+    except sa_exc.ArgumentError as e:
+        raise StorageError(
+            f"{url!r} is not a database URL: use sqlite:///path.db or "
+            "postgresql+psycopg2://user:password@host/db"
+        ) from e
+    engine_kwargs: dict[str, object] = {}
+    db = _sqlite_path(url)
+    if db is not None:
+        _prepare_sqlite(db)
+        engine_kwargs["connect_args"] = {"timeout": _SQLITE_BUSY_SECONDS}
+    elif backend == "postgresql":
+        engine_kwargs["pool_pre_ping"] = True  # survive server restarts and idle cut-offs
+    # Heartbeats and the retry callback are marked experimental; we rely on them knowingly.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=settings.heartbeat_interval,
+                grace_period=settings.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=settings.max_retry
+                ),
+                skip_table_creation=not create_schema,
+            )
+        except (sa_exc.SQLAlchemyError, ImportError, ValueError, RuntimeError) as e:
+            raise StorageError(f"cannot open storage {redact(url)}: {e}") from e
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """A lock every worker of one study shares, to claim trials against the budget atomically.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite (one machine): ``flock`` on a file
+    beside the database.
+    """
+    engine: sqlalchemy.engine.Engine = storage.engine
+    key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+    if engine.dialect.name == "postgresql":
+        try:
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+                yield
+        except sa_exc.SQLAlchemyError as e:
+            raise StorageError(f"cannot lock study {study_name!r}: {e}") from e
+        return
+    db = _sqlite_path(str(engine.url))
+    lock_path = Path(f"{db}.{key & 0xFFFFFFFF:08x}.lock") if db else Path(f".tauopt-{key}.lock")
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

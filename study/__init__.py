@@ -1,0 +1,45 @@
+"""The Optuna study over variable-time-step networks: config, objective, workers, queries.
+
+>>> from study import best_trials
+>>> for trial in best_trials("sqlite:///tauopt.db", "tauopt"):   # doctest: +SKIP
+...     print(trial.number, trial.val_accuracy, trial.active_params)
+...     model = trial.load_model()
+"""
+
+from study._config import (
+    DEFAULT_SEARCH,
+    OBJECTIVES,
+    PARAMS,
+    SearchParam,
+    StudyConfig,
+    StudyConfigError,
+    TrialBudget,
+    load_config,
+    parse_config,
+)
+from study._objective import objective_values, suggest_config, trial_attributes
+from study._query import TrialResult, best_trials, export_csv, load_study
+from study._worker import Worker, WorkerOptions, WorkerSummary, create_study
+
+__all__ = [
+    "DEFAULT_SEARCH",
+    "OBJECTIVES",
+    "PARAMS",
+    "SearchParam",
+    "StudyConfig",
+    "StudyConfigError",
+    "TrialBudget",
+    "TrialResult",
+    "Worker",
+    "WorkerOptions",
+    "WorkerSummary",
+    "best_trials",
+    "create_study",
+    "export_csv",
+    "load_config",
+    "load_study",
+    "objective_values",
+    "parse_config",
+    "suggest_config",
+    "trial_attributes",
+]

@@ -1,0 +1,292 @@
+"""The study configuration: search space, per-trial budget and study settings, from TOML.
+
+Shape of the file (every table and key optional; unknown ones are errors)::
+
+    [study]
+    objective = "pareto"        # or "accuracy" (single objective, per-epoch trial pruning)
+    n_trials = 30               # total across all workers
+
+    [search]                    # [low, high] = range, a list = choices, a value = fixed
+    arch = ["resnet", "fracdnn"]
+    T = [0.5, 10.0]
+    width = 100
+    depth = [4, 6, 8]           # numeric lists of other than two entries are choices
+
+    [trial]
+    dataset = "mnist"
+    epochs = 3
+    train_size = 10000
+
+    [storage]
+    heartbeat_interval = 10
+    grace_period = 30
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tauopt._config import ARCHS
+from tauopt._data import DATASETS
+from tauopt.errors import TauoptError
+
+Objective = Literal["pareto", "accuracy"]
+OBJECTIVES: tuple[str, ...] = ("pareto", "accuracy")
+#: Time-regularisation modes: none, the quadratic horizon penalty, or the dependent last tau.
+TIME_REGS: tuple[str, ...] = ("none", "penalty", "dependent")
+
+
+class StudyConfigError(TauoptError, ValueError):
+    """A study configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class _ParamSpec:
+    kind: Literal["int", "float", "choice"]
+    low: float | None = None  # smallest admissible value
+    high: float | None = None  # largest admissible value
+    open_low: bool = False  # low itself excluded
+    open_high: bool = False
+    log: bool = False  # ranges sampled on a log scale
+    options: tuple[str, ...] = ()
+
+
+#: Every searchable name. ``layer_prune_eps`` is the threshold for removing ResNet *layers*;
+#: Optuna's own *trial* pruning is a different thing (see ``objective = "accuracy"``).
+PARAMS: dict[str, _ParamSpec] = {
+    "arch": _ParamSpec("choice", options=ARCHS),
+    "T": _ParamSpec("float", low=0.0, open_low=True, log=True),
+    "l1": _ParamSpec("float", low=0.0),
+    "layer_prune_eps": _ParamSpec("float", low=0.0, high=1.0, open_low=True, open_high=True, log=True),
+    "depth": _ParamSpec("int", low=1),
+    "width": _ParamSpec("int", low=1),
+    "gamma": _ParamSpec("float", low=0.0, high=1.0, open_low=True, open_high=True),
+    "time_reg": _ParamSpec("choice", options=TIME_REGS),
+    "horizon_weight": _ParamSpec("float", low=0.0, open_low=True, log=True),
+    "lr": _ParamSpec("float", low=0.0, open_low=True, log=True),
+}
+
+DEFAULT_SEARCH: dict[str, Any] = {
+    "arch": ["resnet", "fracdnn"],
+    "T": [0.5, 10.0],
+    "l1": [0.0, 0.01],
+    "layer_prune_eps": [0.01, 0.2],
+    "depth": [3, 8],
+    "width": [32, 128],
+    "gamma": [0.1, 0.9],
+    "time_reg": ["none", "penalty", "dependent"],
+    "horizon_weight": [0.01, 1.0],
+    "lr": [0.01, 0.3],
+}
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched name: a range (``low``/``high``), categorical ``choices``, or ``fixed``."""
+
+    name: str
+    kind: Literal["int", "float", "choice"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+    fixed: Any = None
+
+    def to_toml_value(self) -> Any:
+        if self.choices is not None:
+            return list(self.choices)
+        if self.low is not None:
+            return [self.low, self.high]
+        return self.fixed
+
+
+@dataclass(frozen=True)
+class TrialBudget:
+    """What every trial trains on and for how long."""
+
+    dataset: str = "mnist"
+    epochs: int = 3
+    train_size: int | None = 10_000
+    batch_size: int = 100
+    val_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A complete, validated study configuration (see the module docstring for the file)."""
+
+    search: Mapping[str, SearchParam]
+    trial: TrialBudget = field(default_factory=TrialBudget)
+    objective: Objective = "pareto"
+    n_trials: int = 30
+    heartbeat_interval: int = 10
+    grace_period: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML-shaped dict, as stored with the study so every worker uses the same."""
+        storage: dict[str, Any] = {"heartbeat_interval": self.heartbeat_interval}
+        if self.grace_period is not None:
+            storage["grace_period"] = self.grace_period
+        trial = {k: v for k, v in dataclasses.asdict(self.trial).items() if v is not None}
+        return {
+            "study": {"objective": self.objective, "n_trials": self.n_trials},
+            "search": {name: p.to_toml_value() for name, p in self.search.items()},
+            "trial": trial,
+            "storage": storage,
+        }
+
+    def with_overrides(self, **changes: Any) -> StudyConfig:
+        """Apply command-line overrides (``None`` means not given) and validate again."""
+        data = self.to_dict()
+        for key, table in (
+            ("n_trials", "study"),
+            ("objective", "study"),
+            ("epochs", "trial"),
+            ("train_size", "trial"),
+            ("dataset", "trial"),
+            ("heartbeat_interval", "storage"),
+            ("grace_period", "storage"),
+        ):
+            if changes.get(key) is not None:
+                data[table][key] = changes[key]
+        return parse_config(data)
+
+
+def _fail(key: str, message: str) -> StudyConfigError:
+    return StudyConfigError(f"{key}: {message}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_value(key: str, spec: _ParamSpec, value: Any) -> Any:
+    if spec.kind == "choice":
+        if value not in spec.options:
+            raise _fail(key, f"{value!r} is not one of {list(spec.options)}")
+        return value
+    if spec.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise _fail(key, f"expected an integer, got {value!r}")
+    if not _is_number(value):
+        raise _fail(key, f"expected a number, got {value!r}")
+    if spec.low is not None and (value < spec.low or (spec.open_low and value == spec.low)):
+        bound = ">" if spec.open_low else ">="
+        raise _fail(key, f"{value!r} must be {bound} {spec.low}")
+    if spec.high is not None and (value > spec.high or (spec.open_high and value == spec.high)):
+        bound = "<" if spec.open_high else "<="
+        raise _fail(key, f"{value!r} must be {bound} {spec.high}")
+    return float(value) if spec.kind == "float" else value
+
+
+def _parse_param(name: str, value: Any) -> SearchParam:
+    key = f"search.{name}"
+    spec = PARAMS.get(name)
+    if spec is None:
+        raise _fail(key, f"unknown search parameter; known: {', '.join(PARAMS)}")
+    if isinstance(value, list):
+        if not value:
+            raise _fail(key, "an empty list; give [low, high], choices, or a single value")
+        if spec.kind != "choice" and len(value) == 2:
+            low, high = (_check_value(key, spec, v) for v in value)
+            if low >= high:
+                raise _fail(key, f"low {low!r} must be below high {high!r} (or give one value)")
+            log = spec.log and low > 0
+            return SearchParam(name, spec.kind, low=low, high=high, log=log)
+        choices = tuple(_check_value(key, spec, v) for v in value)
+        if len(set(choices)) != len(choices):
+            raise _fail(key, f"repeated choices in {list(choices)}")
+        return SearchParam(name, "choice", choices=choices)
+    return SearchParam(name, spec.kind, fixed=_check_value(key, spec, value))
+
+
+def _take(table: Mapping[str, Any], key: str, where: str, kind: type, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise _fail(f"{where}.{key}", f"expected an integer, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise _fail(f"{where}.{key}", f"expected a string, got {value!r}")
+    return value
+
+
+def _only(table: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
+    if not isinstance(table, Mapping):
+        raise _fail(where, f"expected a table, got {table!r}")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise _fail(f"{where}.{unknown[0]}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    return table
+
+
+def _positive(key: str, value: int | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < 1:
+        raise _fail(key, f"must be an integer >= 1, got {value!r}")
+
+
+def parse_config(data: Mapping[str, Any]) -> StudyConfig:
+    """Validate a TOML-shaped dict; defaults fill whatever is missing."""
+    _only(data, "config", {"study", "search", "trial", "storage"})
+    study = _only(data.get("study", {}), "study", {"objective", "n_trials"})
+    trial = _only(
+        data.get("trial", {}), "trial", {"dataset", "epochs", "train_size", "batch_size", "val_size"}
+    )
+    storage = _only(data.get("storage", {}), "storage", {"heartbeat_interval", "grace_period"})
+    search_raw = {**DEFAULT_SEARCH, **_only(data.get("search", {}), "search", set(PARAMS))}
+    search = {name: _parse_param(name, value) for name, value in search_raw.items()}
+
+    objective = _take(study, "objective", "study", str, "pareto")
+    if objective not in OBJECTIVES:
+        raise _fail("study.objective", f"{objective!r} is not one of {list(OBJECTIVES)}")
+    n_trials = _take(study, "n_trials", "study", int, 30)
+    _positive("study.n_trials", n_trials)
+    budget = TrialBudget(
+        dataset=_take(trial, "dataset", "trial", str, "mnist"),
+        epochs=_take(trial, "epochs", "trial", int, 3),
+        train_size=_take(trial, "train_size", "trial", int, 10_000),
+        batch_size=_take(trial, "batch_size", "trial", int, 100),
+        val_size=_take(trial, "val_size", "trial", int, 10_000),
+    )
+    if budget.dataset not in DATASETS:
+        raise _fail("trial.dataset", f"{budget.dataset!r} is not one of {list(DATASETS)}")
+    for key in ("epochs", "batch_size", "val_size"):
+        _positive(f"trial.{key}", getattr(budget, key))
+    _positive("trial.train_size", budget.train_size, optional=True)
+    interval = _take(storage, "heartbeat_interval", "storage", int, 10)
+    _positive("storage.heartbeat_interval", interval)
+    grace = _take(storage, "grace_period", "storage", int, None)
+    if grace is not None and grace <= interval:
+        raise _fail("storage.grace_period", f"{grace} must exceed heartbeat_interval ({interval})")
+    return StudyConfig(
+        search=search,
+        trial=budget,
+        objective=objective,
+        n_trials=n_trials,
+        heartbeat_interval=interval,
+        grace_period=grace,
+    )
+
+
+def load_config(path: Path | None) -> StudyConfig:
+    """Read a TOML study config; ``None`` gives the built-in defaults."""
+    if path is None:
+        return parse_config({})
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as e:
+        raise StudyConfigError(f"cannot read config {path}: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise StudyConfigError(f"{path} is not valid TOML: {e}") from e
+    try:
+        return parse_config(data)
+    except StudyConfigError as e:
+        raise StudyConfigError(f"{path}: {e}") from e

@@ -1,0 +1,254 @@
+"""Create a study, and run a worker that takes trials until the study's budget is spent."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
+
+from storage import StorageError, StorageSettings, artifact_store, open_storage, study_lock
+from study._checkpoint import save_checkpoint
+from study._config import StudyConfig, parse_config
+from study._objective import DIRECTIONS, METRIC_NAMES, objective_values, suggest_config, trial_attributes
+from tauopt import (
+    EpochStats,
+    RawDataset,
+    TauoptError,
+    TrainResult,
+    load_dataset,
+    resolve_device,
+    train,
+)
+
+CONFIG_ATTR = "tauopt_config"
+FAIL_REASON_ATTR = "fail_reason"
+ARTIFACT_ATTR = "model_artifact_id"
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def _quiet_optuna() -> None:
+    # Optuna logs every trial at INFO; the worker prints its own one-line summary instead.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def create_study(settings: StorageSettings, study_name: str, config: StudyConfig) -> optuna.Study:
+    """Create the schema and the study (idempotent for the same config), before workers start."""
+    _quiet_optuna()
+    storage = open_storage(settings, create_schema=True)
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, directions=DIRECTIONS[config.objective]
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        if study.user_attrs.get(CONFIG_ATTR) != config.to_dict():
+            raise StorageError(
+                f"study {study_name!r} already exists with another configuration; "
+                "pick another --study name or reuse its config"
+            ) from None
+        return study
+    study.set_user_attr(CONFIG_ATTR, config.to_dict())
+    study.set_metric_names(METRIC_NAMES[config.objective])
+    return study
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerOptions:
+    """How one worker process runs: where data and artifacts are, which device, how chatty."""
+
+    data_dir: Path | None = None
+    device: str | None = None
+    artifact_dir: Path
+    sampler_seed: int | None = None
+    poll_seconds: float = 2.0
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerSummary:
+    trials_run: int
+    complete: int
+    failed: int
+    pruned: int
+
+
+class _Heartbeat:
+    """Record the trial's heartbeat every interval while it trains (ask/tell has none built in)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float) -> None:
+        self._storage, self._trial_id, self._interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tauopt-heartbeat")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._storage.record_heartbeat(self._trial_id)
+
+    def __enter__(self) -> _Heartbeat:
+        self._storage.record_heartbeat(self._trial_id)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _load_study(
+    storage: optuna.storages.RDBStorage, study_name: str, sampler_seed: int
+) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+    except KeyError:
+        raise StorageError(
+            f"no study named {study_name!r} in this storage; create it first with "
+            f"`tauopt create --study {study_name}`"
+        ) from None
+    if CONFIG_ATTR not in study.user_attrs:
+        raise StorageError(f"study {study_name!r} was not created by tauopt (no stored config)")
+    if len(study.directions) == 1:
+        study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    return study
+
+
+def _counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Trials that use up budget: all but those failed because their worker died."""
+    return trial.state in _COUNTED or (
+        trial.state == TrialState.FAIL and FAIL_REASON_ATTR in trial.user_attrs
+    )
+
+
+class Worker:
+    """Takes trials from one study, trains them, stores metrics and the trained network."""
+
+    def __init__(self, settings: StorageSettings, study_name: str, options: WorkerOptions) -> None:
+        _quiet_optuna()
+        self.options = options
+        self.sampler_seed = (
+            options.sampler_seed if options.sampler_seed is not None else secrets.randbits(31)
+        )
+        self.storage = open_storage(settings, create_schema=False)
+        self.study = _load_study(self.storage, study_name, self.sampler_seed)
+        self.study_name = study_name
+        self.config = parse_config(self.study.user_attrs[CONFIG_ATTR])
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.device = str(resolve_device(options.device))
+        self.store = artifact_store(options.artifact_dir)
+        self._dataset: RawDataset | None = None
+
+    def _log(self, message: str) -> None:
+        if not self.options.quiet:
+            print(f"[worker {self.sampler_seed:x}] {message}", file=sys.stderr, flush=True)
+
+    def dataset(self) -> RawDataset:
+        """Loaded once per process and shared by every trial it runs."""
+        if self._dataset is None:
+            self._dataset = load_dataset(self.config.trial.dataset, self.options.data_dir)
+        return self._dataset
+
+    def _claim(self) -> tuple[optuna.Trial | None, int, bool]:
+        """Under the study lock: fail stale trials, then take a waiting or a new trial if the
+        budget allows. Returns the trial (or None), trials counted, and whether any still run."""
+        with study_lock(self.storage, self.study_name), warnings.catch_warnings():
+            # fail_stale_trials is experimental, and ask() warns that heartbeats are meant for
+            # optimize(): this loop records them itself (see _Heartbeat).
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+            optuna.storages.fail_stale_trials(self.study)
+            trials = self.study.get_trials(deepcopy=False)
+            used = sum(_counted(t) for t in trials)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            running = any(t.state == TrialState.RUNNING for t in trials)
+            if waiting or used < self.config.n_trials:
+                return self.study.ask(), used + (0 if waiting else 1), True
+            return None, used, running
+
+    def run(self) -> WorkerSummary:
+        """Run trials until the study's budget is spent and no other worker's trial can fail."""
+        self.dataset()
+        counts = {"complete": 0, "failed": 0, "pruned": 0}
+        run = 0
+        while True:
+            trial, used, running = self._claim()
+            if trial is None:
+                if not running:
+                    break
+                # Another worker's trial is still running; if its worker died, its trial turns
+                # stale and comes back as a waiting retry that this worker must pick up.
+                time.sleep(self.options.poll_seconds)
+                continue
+            run += 1
+            state = self._run_trial(trial, used)
+            counts[state] += 1
+        self._log(f"done: {run} trials run here; the study's budget of {self.config.n_trials} is spent")
+        return WorkerSummary(run, counts["complete"], counts["failed"], counts["pruned"])
+
+    def _run_trial(self, trial: optuna.Trial, used: int) -> str:
+        # A retried trial keeps the seed of the trial it retries, so the rerun is the same run.
+        system_attrs = self.storage.get_trial_system_attrs(trial._trial_id)
+        seed = int(system_attrs.get("failed_trial", trial.number))
+        start = time.perf_counter()
+        with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
+            try:
+                config = suggest_config(trial, self.config, seed=seed)
+                reporter = self._reporter(trial) if len(self.study.directions) == 1 else None
+                result = train(config, self.dataset(), device=self.device, on_epoch=reporter)
+            except optuna.TrialPruned:
+                self.study.tell(trial, state=TrialState.PRUNED)
+                self._log(f"trial {trial.number} pruned by the median rule [{used}/{self.config.n_trials}]")
+                return "pruned"
+            except TauoptError as e:  # diverged, or an invalid combination of parameters
+                return self._fail(trial, str(e), used)
+            except Exception as e:  # never let one trial take the worker down
+                traceback.print_exc(file=sys.stderr)
+                return self._fail(trial, f"{type(e).__name__}: {e}", used)
+            for key, value in trial_attributes(result).items():
+                trial.set_user_attr(key, value)
+            self._save_model(trial, result)
+            self.study.tell(trial, objective_values(result, self.config.objective))
+        self._log(
+            f"trial {trial.number} complete [{used}/{self.config.n_trials}]: {config.arch} "
+            f"val {result.val_accuracy[-1]:.4f} test {result.test_accuracy:.4f}, "
+            f"{result.active_blocks}/{config.depth} blocks, {result.active_params} params, "
+            f"{time.perf_counter() - start:.1f}s"
+        )
+        return "complete"
+
+    def _reporter(self, trial: optuna.Trial) -> Callable[[EpochStats], None]:
+        def report(stats: EpochStats) -> None:
+            trial.report(stats.val_accuracy, stats.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        return report
+
+    def _fail(self, trial: optuna.Trial, reason: str, used: int) -> str:
+        trial.set_user_attr(FAIL_REASON_ATTR, reason)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self._log(f"trial {trial.number} failed [{used}/{self.config.n_trials}]: {reason}")
+        return "failed"
+
+    def _save_model(self, trial: optuna.Trial, result: TrainResult) -> None:
+        dataset = self.dataset()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.pt"
+            save_checkpoint(result, dataset.in_features, dataset.num_classes, path)
+            artifact_id = upload_artifact(
+                artifact_store=self.store, file_path=str(path), study_or_trial=trial
+            )
+        trial.set_user_attr(ARTIFACT_ATTR, artifact_id)
