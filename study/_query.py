@@ -74,7 +74,10 @@ def load_study(storage: str | optuna.storages.BaseStorage | None, study_name: st
     try:
         return optuna.load_study(study_name=study_name, storage=_open(storage))
     except KeyError:
-        raise StorageError(f"no study named {study_name!r} in this storage") from None
+        raise StorageError(
+            f"no study named {study_name!r} in this storage; create it first with "
+            f"`tauopt create --study {study_name}`"
+        ) from None
 
 
 def _summary(trial: FrozenTrial, artifact_dir: Path) -> TrialResult:

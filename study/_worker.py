@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import sys
 import tempfile
 import threading
@@ -35,6 +37,7 @@ from tauopt import (
 CONFIG_ATTR = "tauopt_config"
 FAIL_REASON_ATTR = "fail_reason"
 ARTIFACT_ATTR = "model_artifact_id"
+WORKER_ATTR = "worker"
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -60,7 +63,9 @@ def create_study(settings: StorageSettings, study_name: str, config: StudyConfig
             ) from None
         return study
     study.set_user_attr(CONFIG_ATTR, config.to_dict())
-    study.set_metric_names(METRIC_NAMES[config.objective])
+    with warnings.catch_warnings():  # experimental, but it is what labels the dashboard's axes
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(METRIC_NAMES[config.objective])
     return study
 
 
@@ -203,6 +208,7 @@ class Worker:
         system_attrs = self.storage.get_trial_system_attrs(trial._trial_id)
         seed = int(system_attrs.get("failed_trial", trial.number))
         start = time.perf_counter()
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
             try:
                 config = suggest_config(trial, self.config, seed=seed)

@@ -1,0 +1,127 @@
+"""Several worker processes sharing one study on the real local PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.artifacts import download_artifact
+from optuna.trial import TrialState
+
+from storage import StorageSettings, artifact_store, open_storage
+from study import load_config
+from study._worker import create_study
+
+pytestmark = pytest.mark.postgres
+
+PG_URL = os.environ.get("TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+CONFIG = """
+[search]
+lr = [0.1, 0.3]
+depth = [3, 6]
+width = [16, 48]
+[trial]
+epochs = {epochs}
+train_size = {train_size}
+val_size = 2000
+[storage]
+heartbeat_interval = 1
+grace_period = 3
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _postgres_is_up() -> None:
+    try:
+        with sqlalchemy.create_engine(PG_URL).connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.OperationalError as e:  # a real failure, not a skip: CI must have it
+        pytest.fail(f"PostgreSQL at {PG_URL} is not reachable ({e}); start it (see .ci/run)")
+
+
+def _create(tmp_path: Path, n_trials: int, *, epochs: int, train_size: int) -> tuple[str, Path]:
+    name = f"pg-{uuid.uuid4().hex[:10]}"
+    path = tmp_path / "study.toml"
+    path.write_text(CONFIG.format(epochs=epochs, train_size=train_size))
+    config = load_config(path).with_overrides(n_trials=n_trials)
+    settings = StorageSettings(url=PG_URL, heartbeat_interval=1, grace_period=3)
+    create_study(settings, name, config)
+    return name, tmp_path / "artifacts"
+
+
+def _worker(name: str, artifacts: Path, data_dir: Path, seed: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tauopt", "worker", "--storage", PG_URL, "--study", name,
+         "--data-dir", str(data_dir), "--artifact-dir", str(artifacts), "--device", "cpu",
+         "--sampler-seed", str(seed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _finish(procs: list[subprocess.Popen[bytes]], timeout: float = 300) -> list[str]:
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        outputs.append(out.decode())
+    return outputs
+
+
+def _study(name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(StorageSettings(url=PG_URL), create_schema=False))
+
+
+def test_three_workers_share_one_budget(tmp_path: Path, data_dir: Path) -> None:
+    name, artifacts = _create(tmp_path, 9, epochs=1, train_size=1000)
+    procs = [_worker(name, artifacts, data_dir, seed) for seed in range(3)]
+    outputs = _finish(procs)
+    assert all(p.returncode == 0 for p in procs), outputs
+    trials = _study(name).get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) == 9
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2, "the workers shared the study"
+    store = artifact_store(artifacts)
+    for t in trials:
+        assert {"test_accuracy", "active_params", "taus", "tau_history", "model_artifact_id"} <= set(t.user_attrs)
+        target = tmp_path / f"model-{t.number}.pt"
+        download_artifact(artifact_store=store, file_path=str(target), artifact_id=t.user_attrs["model_artifact_id"])
+        assert target.stat().st_size > 1000
+
+
+def test_killed_worker_trial_is_failed_and_rerun(tmp_path: Path, data_dir: Path) -> None:
+    name, artifacts = _create(tmp_path, 4, epochs=3, train_size=10000)
+    victim = _worker(name, artifacts, data_dir, seed=11)
+    study = _study(name)
+    deadline = time.monotonic() + 120
+    running: list[optuna.trial.FrozenTrial] = []
+    while not running and time.monotonic() < deadline:
+        time.sleep(0.2)
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                   if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
+    assert running, "the first worker never started a trial"
+    time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = running[0].number
+    others = [_worker(name, artifacts, data_dir, seed) for seed in (12, 13)]
+    outputs = _finish(others)
+    assert all(p.returncode == 0 for p in others), outputs
+
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[killed].state == TrialState.FAIL
+    assert "fail_reason" not in trials[killed].user_attrs  # failed by heartbeat, not by training
+    retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == trials[killed].params
+    assert retries[0].user_attrs["seed"] == killed  # the retry reruns the same training
+    completed = [t for t in trials.values() if t.state == TrialState.COMPLETE]
+    assert len(completed) == 4
