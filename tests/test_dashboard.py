@@ -1,0 +1,99 @@
+"""optuna-dashboard serving a study: its API, and the Pareto-front page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tauopt._cli import main
+
+pytestmark = pytest.mark.browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return bytes(response.read())
+
+
+@pytest.fixture()
+def dashboard(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TAUOPT_STORAGE", raising=False)
+    (tmp_path / "small.toml").write_text("[trial]\nepochs = 1\ntrain_size = 1000\nval_size = 2000\n")
+    assert main(["run", "--data-dir", str(data_dir), "--config", "small.toml", "--n-trials", "6", "--quiet"]) == 0
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tauopt", "dashboard", "--storage", f"sqlite:///{tmp_path / 'tauopt.db'}",
+         "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            _get(f"{base}/api/meta")
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                proc.kill()
+                pytest.fail(f"dashboard did not come up: {out}")
+            time.sleep(0.3)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_api_lists_the_study_and_its_trials(dashboard: str) -> None:
+    studies = json.loads(_get(f"{dashboard}/api/studies"))["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["tauopt"]
+    assert studies[0]["directions"] == ["maximize", "minimize"]
+    detail = json.loads(_get(f"{dashboard}/api/studies/{studies[0]['study_id']}"))
+    assert len(detail["trials"]) == 6
+    assert detail["objective_names"] == ["val_accuracy", "active_params"]
+    assert detail["best_trials"], "the Pareto front is served"
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("Debian's chromium is needed (apt-get install chromium); .ci/run installs it")
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", "--window-size=1400,1800", "--virtual-time-budget=15000",
+    ]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_chromium_shows_the_pareto_front(dashboard: str, tmp_path: Path) -> None:
+    page = f"{dashboard}/dashboard/studies/1"
+    dom = _chromium("--dump-dom", page, profile=tmp_path / "p1").stdout
+    assert "Pareto Front" in dom
+    assert "val_accuracy" in dom and "active_params" in dom
+    assert dom.count("main-svg") >= 2  # plotly rendered the figures
+    shot = tmp_path / "dashboard.png"
+    _chromium(f"--screenshot={shot}", page, profile=tmp_path / "p2")
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1400, 1800)
+    # The Pareto-front card is the first on the page: its markers and colour bars are the only
+    # saturated pixels in that area (the rest is white, grey text and the blue header above).
+    plot = image.crop((400, 150, 1380, 640))
+    saturated = sum(1 for r, g, b in plot.getdata() if max(r, g, b) - min(r, g, b) > 80)
+    assert saturated > 500, f"no plotted points in the Pareto area ({saturated} coloured pixels)"
