@@ -99,7 +99,9 @@ def _prepare_sqlite(path: Path) -> None:
         raise StorageError(f"cannot open SQLite file {path}: {e}") from e
 
 
-def open_storage(settings: StorageSettings, *, create_schema: bool = True) -> optuna.storages.RDBStorage:
+def open_storage(
+    settings: StorageSettings, *, create_schema: bool = True
+) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage for ``settings.url``, with heartbeats and stale-trial retries.
 
     ``create_schema=False`` is for workers: the schema is made once by ``tauopt create``, so

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from tauopt._config import ARCHS
 from tauopt._data import DATASETS
@@ -63,7 +64,9 @@ PARAMS: dict[str, _ParamSpec] = {
     "arch": _ParamSpec("choice", options=ARCHS),
     "T": _ParamSpec("float", low=0.0, open_low=True, log=True),
     "l1": _ParamSpec("float", low=0.0),
-    "layer_prune_eps": _ParamSpec("float", low=0.0, high=1.0, open_low=True, open_high=True, log=True),
+    "layer_prune_eps": _ParamSpec(
+        "float", low=0.0, high=1.0, open_low=True, open_high=True, log=True
+    ),
     "depth": _ParamSpec("int", low=1),
     "width": _ParamSpec("int", low=1),
     "gamma": _ParamSpec("float", low=0.0, high=1.0, open_low=True, open_high=True),
@@ -237,7 +240,9 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
     _only(data, "config", {"study", "search", "trial", "storage"})
     study = _only(data.get("study", {}), "study", {"objective", "n_trials"})
     trial = _only(
-        data.get("trial", {}), "trial", {"dataset", "epochs", "train_size", "batch_size", "val_size"}
+        data.get("trial", {}),
+        "trial",
+        {"dataset", "epochs", "train_size", "batch_size", "val_size"},
     )
     storage = _only(data.get("storage", {}), "storage", {"heartbeat_interval", "grace_period"})
     search_raw = {**DEFAULT_SEARCH, **_only(data.get("search", {}), "search", set(PARAMS))}

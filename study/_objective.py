@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 
@@ -14,7 +14,7 @@ METRIC_NAMES: dict[str, list[str]] = {
     "pareto": ["val_accuracy", "active_params"],
     "accuracy": ["val_accuracy"],
 }
-DIRECTIONS: dict[str, list[str]] = {
+DIRECTIONS: dict[str, list[Literal["minimize", "maximize"]]] = {
     "pareto": ["maximize", "minimize"],
     "accuracy": ["maximize"],
 }

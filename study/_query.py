@@ -14,7 +14,14 @@ from optuna.artifacts import download_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from models import TauNetwork
-from storage import StorageError, StorageSettings, artifact_store, default_artifact_dir, open_storage, resolve_url
+from storage import (
+    StorageError,
+    StorageSettings,
+    artifact_store,
+    default_artifact_dir,
+    open_storage,
+    resolve_url,
+)
 from study._checkpoint import load_checkpoint
 from study._worker import ARTIFACT_ATTR, FAIL_REASON_ATTR
 
@@ -41,7 +48,9 @@ class TrialResult:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
             try:
-                download_artifact(artifact_store=store, file_path=str(path), artifact_id=self.artifact_id)
+                download_artifact(
+                    artifact_store=store, file_path=str(path), artifact_id=self.artifact_id
+                )
             except FileNotFoundError as e:
                 raise StorageError(
                     f"model of trial {self.number} not found in {self.artifact_dir}; pass the "
@@ -119,13 +128,21 @@ def best_trials(
 
 
 _SCALAR_ATTRS = (
-    "val_accuracy", "test_accuracy", "active_blocks", "active_params", "tau_sum", "device", "seed",
+    "val_accuracy",
+    "test_accuracy",
+    "active_blocks",
+    "active_params",
+    "tau_sum",
+    "device",
+    "seed",
     FAIL_REASON_ATTR,
 )
 _LIST_ATTRS = ("taus", "pruned_layers", "epoch_seconds")
 
 
-def export_csv(storage: str | optuna.storages.BaseStorage | None, study_name: str, out: TextIO) -> int:
+def export_csv(
+    storage: str | optuna.storages.BaseStorage | None, study_name: str, out: TextIO
+) -> int:
     """Write every trial as a CSV row to ``out``; returns the number of rows."""
     study = load_study(storage, study_name)
     trials = study.get_trials(deepcopy=False)
@@ -134,16 +151,30 @@ def export_csv(storage: str | optuna.storages.BaseStorage | None, study_name: st
     value_names = [f"value_{name}" for name in study.metric_names or range(n_values)]
     writer = csv.writer(out)
     writer.writerow(
-        ["number", "state", *value_names, *(f"param_{p}" for p in param_names),
-         *_SCALAR_ATTRS, *_LIST_ATTRS, "datetime_start", "duration_seconds"]
+        [
+            "number",
+            "state",
+            *value_names,
+            *(f"param_{p}" for p in param_names),
+            *_SCALAR_ATTRS,
+            *_LIST_ATTRS,
+            "datetime_start",
+            "duration_seconds",
+        ]
     )
     for t in trials:
         values = t.values if t.values is not None else [None] * n_values
         duration = t.duration.total_seconds() if t.duration is not None else None
         writer.writerow(
-            [t.number, t.state.name, *values, *(t.params.get(p) for p in param_names),
-             *(t.user_attrs.get(a) for a in _SCALAR_ATTRS),
-             *(json.dumps(t.user_attrs[a]) if a in t.user_attrs else None for a in _LIST_ATTRS),
-             t.datetime_start.isoformat() if t.datetime_start else None, duration]
+            [
+                t.number,
+                t.state.name,
+                *values,
+                *(t.params.get(p) for p in param_names),
+                *(t.user_attrs.get(a) for a in _SCALAR_ATTRS),
+                *(json.dumps(t.user_attrs[a]) if a in t.user_attrs else None for a in _LIST_ATTRS),
+                t.datetime_start.isoformat() if t.datetime_start else None,
+                duration,
+            ]
         )
     return len(trials)

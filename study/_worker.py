@@ -23,7 +23,13 @@ from optuna.trial import TrialState
 from storage import StorageError, StorageSettings, artifact_store, open_storage, study_lock
 from study._checkpoint import save_checkpoint
 from study._config import StudyConfig, parse_config
-from study._objective import DIRECTIONS, METRIC_NAMES, objective_values, suggest_config, trial_attributes
+from study._objective import (
+    DIRECTIONS,
+    METRIC_NAMES,
+    objective_values,
+    suggest_config,
+    trial_attributes,
+)
 from tauopt import (
     EpochStats,
     RawDataset,
@@ -200,7 +206,9 @@ class Worker:
             run += 1
             state = self._run_trial(trial, used)
             counts[state] += 1
-        self._log(f"done: {run} trials run here; the study's budget of {self.config.n_trials} is spent")
+        self._log(
+            f"done: {run} trials run here; the study's budget of {self.config.n_trials} is spent"
+        )
         return WorkerSummary(run, counts["complete"], counts["failed"], counts["pruned"])
 
     def _run_trial(self, trial: optuna.Trial, used: int) -> str:
@@ -216,7 +224,10 @@ class Worker:
                 result = train(config, self.dataset(), device=self.device, on_epoch=reporter)
             except optuna.TrialPruned:
                 self.study.tell(trial, state=TrialState.PRUNED)
-                self._log(f"trial {trial.number} pruned by the median rule [{used}/{self.config.n_trials}]")
+                self._log(
+                    f"trial {trial.number} pruned by the median rule "
+                    f"[{used}/{self.config.n_trials}]"
+                )
                 return "pruned"
             except TauoptError as e:  # diverged, or an invalid combination of parameters
                 return self._fail(trial, str(e), used)

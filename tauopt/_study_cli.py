@@ -27,19 +27,24 @@ def _add_artifacts(p: argparse.ArgumentParser) -> None:
         "--artifact-dir",
         type=Path,
         default=None,
-        help="trained models (default: $TAUOPT_ARTIFACTS, else tauopt-artifacts beside the SQLite file)",
+        help="trained models (default: $TAUOPT_ARTIFACTS, else tauopt-artifacts beside the "
+        "SQLite file)",
     )
 
 
 def _add_heartbeat(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--heartbeat-interval", type=int, default=None, help="seconds between heartbeats")
+    p.add_argument(
+        "--heartbeat-interval", type=int, default=None, help="seconds between heartbeats"
+    )
     p.add_argument(
         "--grace-period", type=int, default=None, help="seconds of silence before a trial is failed"
     )
 
 
 def _add_create_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="study config (TOML); default: built-in")
+    p.add_argument(
+        "--config", type=Path, default=None, help="study config (TOML); default: built-in"
+    )
     p.add_argument("--n-trials", type=int, default=None, help="total trials across all workers")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial")
     p.add_argument("--train-size", type=int, default=None, help="training images per trial")
@@ -49,9 +54,16 @@ def _add_create_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_worker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", type=Path, default=None, help="dataset root (default: $TAUOPT_DATA or ./data)")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="dataset root (default: $TAUOPT_DATA or ./data)"
+    )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--sampler-seed", type=int, default=None, help="this worker's sampler seed (default: random)")
+    p.add_argument(
+        "--sampler-seed",
+        type=int,
+        default=None,
+        help="this worker's sampler seed (default: random)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     _add_artifacts(p)
 
@@ -97,7 +109,9 @@ def add_study_commands(sub: Any) -> None:
 def _settings(url: str | None, interval: int | None, grace: int | None) -> Any:
     from storage import StorageSettings, resolve_url
 
-    return StorageSettings(url=resolve_url(url), heartbeat_interval=interval or 10, grace_period=grace)
+    return StorageSettings(
+        url=resolve_url(url), heartbeat_interval=interval or 10, grace_period=grace
+    )
 
 
 def _create(args: argparse.Namespace) -> Any:
@@ -164,8 +178,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _create(args)
     code = _worker(args)
     if code == 0:
-        print(f"best trials: tauopt best --study {args.study}"
-              + (f" --storage {args.storage}" if args.storage else ""), file=sys.stderr)
+        print(
+            f"best trials: tauopt best --study {args.study}"
+            + (f" --storage {args.storage}" if args.storage else ""),
+            file=sys.stderr,
+        )
     return code
 
 
@@ -209,7 +226,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from storage import StorageSettings, artifact_store, default_artifact_dir, open_storage, redact, resolve_url
+    from storage import (
+        StorageSettings,
+        artifact_store,
+        default_artifact_dir,
+        open_storage,
+        redact,
+        resolve_url,
+    )
 
     url = resolve_url(args.storage)
     storage = open_storage(StorageSettings(url=url), create_schema=False)

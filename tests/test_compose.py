@@ -34,9 +34,20 @@ def _compose(*args: str, env_file: Path) -> subprocess.CompletedProcess[str]:
         pytest.fail("Debian's docker-compose is needed to validate the file; .ci/run installs it")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "TAUOPT_"))}
     return subprocess.run(
-        [binary, "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"),
-         "--env-file", str(env_file), *args],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            binary,
+            "--project-directory",
+            str(REPO),
+            "-f",
+            str(REPO / "docker-compose.yml"),
+            "--env-file",
+            str(env_file),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 
@@ -59,7 +70,9 @@ def test_file_is_valid_and_complete(resolved: dict[str, Any], tmp_path: Path) ->
     assert {"db", "create", "worker", "worker-gpu", "dashboard"} <= set(services)
     assert "healthcheck" in services["db"] and "pgdata" in resolved["volumes"]
     assert services["create"]["depends_on"]["db"]["condition"] == "service_healthy"
-    assert services["worker"]["depends_on"]["create"]["condition"] == "service_completed_successfully"
+    assert (
+        services["worker"]["depends_on"]["create"]["condition"] == "service_completed_successfully"
+    )
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and services["worker-gpu"]["profiles"] == ["gpu"]
     assert any("8080" in str(p) for p in services["dashboard"]["ports"])
@@ -74,10 +87,14 @@ def test_credentials_come_from_the_env_file(tmp_path: Path) -> None:
     empty.write_text("")
     done = _compose("config", "-q", env_file=empty)
     assert done.returncode != 0
-    assert "set POSTGRES_USER in .env" in done.stderr or "set POSTGRES_PASSWORD in .env" in done.stderr
+    assert (
+        "set POSTGRES_USER in .env" in done.stderr or "set POSTGRES_PASSWORD in .env" in done.stderr
+    )
     text = (REPO / "docker-compose.yml").read_text()
     passwords = re.findall(r"^\s*POSTGRES_PASSWORD:\s*(\S+)", text, flags=re.MULTILINE)
-    assert passwords and all(p.strip('"').startswith("${") for p in passwords), "no baked-in password"
+    assert passwords and all(p.strip('"').startswith("${") for p in passwords), (
+        "no baked-in password"
+    )
 
 
 def _entrypoint() -> list[str]:
@@ -98,12 +115,17 @@ def _process(
     for key, value in service["environment"].items():
         env[key] = str(value).replace("@db:5432", "@127.0.0.1:5432")
     for container, local in volumes.items():
-        args = [str(local) + a[len(container):] if a.startswith(container) else a for a in args]
-        env = {k: (str(local) + v[len(container):] if v.startswith(container) else v) for k, v in env.items()}
+        args = [str(local) + a[len(container) :] if a.startswith(container) else a for a in args]
+        env = {
+            k: (str(local) + v[len(container) :] if v.startswith(container) else v)
+            for k, v in env.items()
+        }
     return subprocess.Popen([sys.executable, "-m", "tauopt", *args], env=env, text=True, **popen)
 
 
-def test_service_commands_run_against_postgres(resolved: dict[str, Any], tmp_path: Path, data_dir: Path) -> None:
+def test_service_commands_run_against_postgres(
+    resolved: dict[str, Any], tmp_path: Path, data_dir: Path
+) -> None:
     services = resolved["services"]
     config_dir = tmp_path / "config"
     config_dir.mkdir()
@@ -112,7 +134,10 @@ def test_service_commands_run_against_postgres(resolved: dict[str, Any], tmp_pat
 
     create = _process(services["create"], volumes)
     assert create.wait(timeout=120) == 0
-    workers = [_process(services["worker"], volumes, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    workers = [
+        _process(services["worker"], volumes, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
 
@@ -120,7 +145,9 @@ def test_service_commands_run_against_postgres(resolved: dict[str, Any], tmp_pat
     study = optuna.load_study(study_name=resolved["study"], storage=url)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
 
-    dashboard = _process(services["dashboard"], volumes, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    dashboard = _process(
+        services["dashboard"], volumes, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -130,7 +157,9 @@ def test_service_commands_run_against_postgres(resolved: dict[str, Any], tmp_pat
                 break
             except OSError:
                 if dashboard.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"dashboard service did not serve on 8080: {dashboard.communicate()[0]}")
+                    pytest.fail(
+                        f"dashboard service did not serve on 8080: {dashboard.communicate()[0]}"
+                    )
                 time.sleep(0.3)
         assert resolved["study"] in names
     finally:

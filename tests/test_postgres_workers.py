@@ -22,7 +22,9 @@ from study._worker import create_study
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = os.environ.get("TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get(
+    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
 CONFIG = """
 [search]
 lr = [0.1, 0.3]
@@ -59,9 +61,24 @@ def _create(tmp_path: Path, n_trials: int, *, epochs: int, train_size: int) -> t
 
 def _worker(name: str, artifacts: Path, data_dir: Path, seed: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tauopt", "worker", "--storage", PG_URL, "--study", name,
-         "--data-dir", str(data_dir), "--artifact-dir", str(artifacts), "--device", "cpu",
-         "--sampler-seed", str(seed)],
+        [
+            sys.executable,
+            "-m",
+            "tauopt",
+            "worker",
+            "--storage",
+            PG_URL,
+            "--study",
+            name,
+            "--data-dir",
+            str(data_dir),
+            "--artifact-dir",
+            str(artifacts),
+            "--device",
+            "cpu",
+            "--sampler-seed",
+            str(seed),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -76,7 +93,9 @@ def _finish(procs: list[subprocess.Popen[bytes]], timeout: float = 300) -> list[
 
 
 def _study(name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(StorageSettings(url=PG_URL), create_schema=False))
+    return optuna.load_study(
+        study_name=name, storage=open_storage(StorageSettings(url=PG_URL), create_schema=False)
+    )
 
 
 def test_three_workers_share_one_budget(tmp_path: Path, data_dir: Path) -> None:
@@ -91,9 +110,19 @@ def test_three_workers_share_one_budget(tmp_path: Path, data_dir: Path) -> None:
     assert len({t.user_attrs["worker"] for t in trials}) >= 2, "the workers shared the study"
     store = artifact_store(artifacts)
     for t in trials:
-        assert {"test_accuracy", "active_params", "taus", "tau_history", "model_artifact_id"} <= set(t.user_attrs)
+        assert {
+            "test_accuracy",
+            "active_params",
+            "taus",
+            "tau_history",
+            "model_artifact_id",
+        } <= set(t.user_attrs)
         target = tmp_path / f"model-{t.number}.pt"
-        download_artifact(artifact_store=store, file_path=str(target), artifact_id=t.user_attrs["model_artifact_id"])
+        download_artifact(
+            artifact_store=store,
+            file_path=str(target),
+            artifact_id=t.user_attrs["model_artifact_id"],
+        )
         assert target.stat().st_size > 1000
 
 
@@ -105,8 +134,11 @@ def test_killed_worker_trial_is_failed_and_rerun(tmp_path: Path, data_dir: Path)
     running: list[optuna.trial.FrozenTrial] = []
     while not running and time.monotonic() < deadline:
         time.sleep(0.2)
-        running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                   if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
+        running = [
+            t
+            for t in study.get_trials(states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+        ]
     assert running, "the first worker never started a trial"
     time.sleep(0.5)
     victim.send_signal(signal.SIGKILL)

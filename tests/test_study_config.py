@@ -44,7 +44,11 @@ grace_period = 5
     )
     config = load_config(path)
     assert config.objective == "accuracy" and config.n_trials == 7
-    assert (config.search["T"].low, config.search["T"].high, config.search["T"].log) == (0.5, 10.0, True)
+    assert (config.search["T"].low, config.search["T"].high, config.search["T"].log) == (
+        0.5,
+        10.0,
+        True,
+    )
     assert config.search["width"].fixed == 100
     assert config.search["depth"].choices == (4, 6, 8)
     assert config.trial.dataset == "fashion-mnist" and config.trial.train_size == 1000
@@ -67,7 +71,10 @@ grace_period = 5
         ({"trial": {"dataset": "cifar10"}}, "trial.dataset: 'cifar10' is not one of"),
         ({"trial": {"batch": 10}}, "trial.batch: unknown key"),
         ({"study": {"objective": "loss"}}, "study.objective: 'loss' is not one of"),
-        ({"storage": {"heartbeat_interval": 5, "grace_period": 5}}, "storage.grace_period: 5 must exceed"),
+        (
+            {"storage": {"heartbeat_interval": 5, "grace_period": 5}},
+            "storage.grace_period: 5 must exceed",
+        ),
         ({"workers": {}}, "config.workers: unknown key"),
     ],
 )
@@ -79,12 +86,12 @@ def test_invalid_values_are_rejected_with_the_key(data: dict[str, object], messa
 def test_bad_toml_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("[search\nT = 1")
-    with pytest.raises(StudyConfigError, match="broken.toml is not valid TOML"):
+    with pytest.raises(StudyConfigError, match=r"broken\.toml is not valid TOML"):
         load_config(path)
 
 
 def test_overrides_are_validated() -> None:
     config = parse_config({}).with_overrides(n_trials=3, epochs=1, train_size=None)
     assert (config.n_trials, config.trial.epochs) == (3, 1)
-    with pytest.raises(StudyConfigError, match="study.n_trials"):
+    with pytest.raises(StudyConfigError, match=r"study\.n_trials"):
         parse_config({}).with_overrides(n_trials=0)
