@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from models._stack import hidden_stack
+from models._stack import hidden_stack, stack_backward, stack_forward
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -93,6 +93,64 @@ class TauNetwork(nn.Module):
         biases = [layer.bias for layer in linears]
         out: torch.Tensor = self.output(hidden_stack(x, forcing, coeff, weights, biases))
         return out
+
+    def _step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """Forcing factors ``f`` and memory coefficients ``c`` of the stack (no autograd), and
+        whatever :meth:`_tau_grad` needs to map their gradients back to the taus."""
+        raise NotImplementedError
+
+    def _tau_grad(
+        self, taus: torch.Tensor, grad_forcing: torch.Tensor, grad_coeff: torch.Tensor | None, saved: Any
+    ) -> torch.Tensor:
+        """``dL/dtaus`` from ``dL/df`` and ``dL/dc``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def loss_and_grad(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        l1: float = 0.0,
+        horizon_weight: float = 0.0,
+    ) -> torch.Tensor:
+        """Cross-entropy + ``l1 sum|tau|`` + ``horizon_weight (sum(tau) - T)^2`` for a batch, with
+        its gradient written to every trainable parameter's ``.grad`` (replacing it).
+
+        The same numbers as autograd through :meth:`forward` (the tests check this), without
+        autograd's per-op bookkeeping: the whole step is the hand-written pass of
+        :mod:`models._stack` plus a softmax and a few L-sized vectors.
+        """
+        linears = [cast(nn.Linear, block) for block in self.blocks]
+        taus = self.taus
+        forcing, coeff, saved = self._step_sizes(taus)
+        hidden, tape = stack_forward(
+            x, forcing, coeff, [m.weight for m in linears], [m.bias for m in linears]
+        )
+        w_out = self.output.weight
+        log_probs = torch.log_softmax(hidden.mm(w_out.t()), dim=1)
+        loss = torch.nn.functional.nll_loss(log_probs, target)
+        # d(mean cross-entropy)/d logits = (softmax - onehot) / batch
+        grad_logits = log_probs.exp_()
+        grad_logits.scatter_add_(1, target[:, None], grad_logits.new_full((target.shape[0], 1), -1.0))
+        grad_logits.div_(target.shape[0])
+        grads = stack_backward(grad_logits.mm(w_out), tape)
+        for layer, grad_w, grad_b in zip(linears, grads.weights, grads.biases, strict=True):
+            layer.weight.grad, layer.bias.grad = grad_w, grad_b
+        w_out.grad = grad_logits.t().mm(hidden)
+        grad_taus = self._tau_grad(taus, grads.forcing, grads.coeff, saved)
+        if l1 > 0:
+            loss += l1 * taus.abs().sum()
+            grad_taus = grad_taus + l1 * taus.sign()
+        if horizon_weight > 0:
+            excess = taus.sum() - self.T
+            loss += horizon_weight * excess.square()
+            grad_taus = grad_taus + 2.0 * horizon_weight * excess
+        if self.tau_free.requires_grad:
+            if self.dependent_last_tau:  # tau_last = T - sum(free): chain rule
+                grad_taus = grad_taus[:-1] - grad_taus[-1]
+            self.tau_free.grad = grad_taus
+        return loss
 
     def project_taus_(self) -> None:
         """Project the taus onto the admissible set after an optimiser step (default: no-op)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,41 +26,55 @@ def _spans(taus: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mask, far, near
 
 
+@dataclass(frozen=True)
+class _L1Tape:
+    t: np.ndarray
+    coeff: np.ndarray
+    mask: np.ndarray
+    far: np.ndarray
+    near: np.ndarray
+    ratio: np.ndarray
+    gamma: float
+
+
+# The matrix is L x L (36 numbers at the reference depth): as ~40 device ops with autograd it
+# cost a quarter of a training step, so it is computed on the host in float64 NumPy, which takes
+# microseconds, with a closed-form gradient. On a GPU that is one tiny copy each way per step.
+def _l1_forward(taus: torch.Tensor, gamma: float) -> tuple[torch.Tensor, _L1Tape]:
+    t = taus.detach().to("cpu", torch.float64).numpy()
+    mask, far, near = _spans(t)
+    power = 1.0 - gamma
+    ratio = t[:, None] ** gamma / t[None, :]
+    coeff = np.where(mask, ratio * (far**power - near**power), 0.0)
+    out = torch.from_numpy(coeff).to(device=taus.device, dtype=taus.dtype)
+    return out, _L1Tape(t, coeff, mask, far, near, ratio, gamma)
+
+
+def _l1_backward(grad: torch.Tensor, tape: _L1Tape) -> torch.Tensor:
+    gamma = tape.gamma
+    g = np.where(tape.mask, grad.detach().to("cpu", torch.float64).numpy(), 0.0)
+    weighted = g * tape.coeff
+    # Product rule over tau_l^gamma, 1/tau_j and the spans. A span far[l, j] contains tau_k for
+    # j <= k <= l, near[l, j] for j < k <= l: sum rows l >= k with a reverse cumulative sum,
+    # then columns j <= k (far) or j < k (near).
+    result = gamma * weighted.sum(1) / tape.t - weighted.sum(0) / tape.t
+    scale = g * (1.0 - gamma) * tape.ratio
+    d_far = np.cumsum((scale * tape.far**-gamma)[::-1], axis=0)[::-1]
+    d_near = np.cumsum((scale * tape.near**-gamma)[::-1], axis=0)[::-1]
+    result += np.tril(d_far).sum(1) - np.tril(d_near, -1).sum(1)
+    return torch.from_numpy(result).to(device=grad.device, dtype=grad.dtype)
+
+
 class _L1Coefficients(torch.autograd.Function):
-    """The L1 memory coefficients with a closed-form gradient in the taus.
-
-    The matrix is L x L (36 numbers at the reference depth): as ~40 device ops with autograd it
-    cost a quarter of a training step, so it is computed on the host in float64 NumPy, which
-    takes microseconds. On a GPU that is one tiny copy each way per step.
-    """
-
     @staticmethod
     def forward(ctx: Any, taus: torch.Tensor, gamma: float) -> torch.Tensor:
-        t = taus.detach().to("cpu", torch.float64).numpy()
-        mask, far, near = _spans(t)
-        power = 1.0 - gamma
-        ratio = t[:, None] ** gamma / t[None, :]
-        coeff = np.where(mask, ratio * (far**power - near**power), 0.0)
-        ctx.host = (t, coeff, mask, far, near, ratio)
-        ctx.gamma = gamma
-        return torch.from_numpy(coeff).to(device=taus.device, dtype=taus.dtype)
+        coeff, ctx.tape = _l1_forward(taus, gamma)
+        return coeff
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        t, coeff, mask, far, near, ratio = ctx.host
-        gamma = ctx.gamma
-        g = np.where(mask, grad.detach().to("cpu", torch.float64).numpy(), 0.0)
-        weighted = g * coeff
-        # Product rule over tau_l^gamma, 1/tau_j and the spans. A span far[l, j] contains
-        # tau_k for j <= k <= l, near[l, j] for j < k <= l: sum rows l >= k with a reverse
-        # cumulative sum, then columns j <= k (far) or j < k (near).
-        result = gamma * weighted.sum(1) / t - weighted.sum(0) / t
-        scale = g * (1.0 - gamma) * ratio
-        d_far = np.cumsum((scale * far**-gamma)[::-1], axis=0)[::-1]
-        d_near = np.cumsum((scale * near**-gamma)[::-1], axis=0)[::-1]
-        result += np.tril(d_far).sum(1) - np.tril(d_near, -1).sum(1)
-        return torch.from_numpy(result).to(device=grad.device, dtype=grad.dtype), None
+        return _l1_backward(grad, ctx.tape), None
 
 
 def l1_memory_coefficients(taus: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -118,13 +133,31 @@ class FractionalDNN(TauNetwork):
         self.detach_memory = detach_memory
         self._forcing_scale = math.gamma(2.0 - self.gamma)
 
+    def _effective_taus(self, taus: torch.Tensor) -> torch.Tensor:
+        # The derived last tau can undershoot when the others grow; tau^gamma needs tau > 0.
+        return taus.clamp(min=self.tau_min) if self.dependent_last_tau else taus
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        taus = self.taus
-        if self.dependent_last_tau:
-            # The derived last tau can undershoot when the others grow; tau^gamma needs tau > 0.
-            taus = taus.clamp(min=self.tau_min)
+        taus = self._effective_taus(self.taus)
         coeff = l1_memory_coefficients(taus.detach() if self.detach_memory else taus, self.gamma)
         return self._hidden(x, taus.pow(self.gamma) * self._forcing_scale, coeff)
+
+    def _step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        effective = self._effective_taus(taus)
+        coeff, tape = _l1_forward(effective, self.gamma)
+        return effective.pow(self.gamma) * self._forcing_scale, coeff, (effective, tape)
+
+    def _tau_grad(
+        self, taus: torch.Tensor, grad_forcing: torch.Tensor, grad_coeff: torch.Tensor | None, saved: Any
+    ) -> torch.Tensor:
+        effective, tape = saved
+        scale = self.gamma * self._forcing_scale
+        grad = grad_forcing * effective.pow(self.gamma - 1.0) * scale
+        if grad_coeff is not None and not self.detach_memory:
+            grad = grad + _l1_backward(grad_coeff, tape)
+        if self.dependent_last_tau:
+            grad = grad * (taus >= self.tau_min).to(grad.dtype)  # clamp(min) lets nothing through below
+        return grad
 
     def project_taus_(self) -> None:
         with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from models._base import TauNetwork
@@ -37,6 +39,14 @@ class TauResNet(TauNetwork):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._hidden(x, self.taus, None)
+
+    def _step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        return taus, None, None
+
+    def _tau_grad(
+        self, taus: torch.Tensor, grad_forcing: torch.Tensor, grad_coeff: torch.Tensor | None, saved: Any
+    ) -> torch.Tensor:
+        return grad_forcing
 
     def prune(self, eps: float) -> list[int]:
         """Remove every block but the input one with ``|tau_l| / sum|tau| < eps``.

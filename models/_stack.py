@@ -17,100 +17,153 @@ so the tau-dependence of the coefficients stays with autograd (a handful of ops 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
+
+
+@dataclass(frozen=True)
+class StackTape:
+    """What the backward pass needs from a forward pass (one tensor of all layers each)."""
+
+    x: torch.Tensor
+    forcing: torch.Tensor
+    coeff: torch.Tensor | None
+    weights: tuple[torch.Tensor, ...]
+    increments: torch.Tensor
+    states: torch.Tensor
+    activations: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StackGrads:
+    x: torch.Tensor | None
+    forcing: torch.Tensor
+    coeff: torch.Tensor | None
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+
+
+# Per-layer work is kept to the unavoidable sequential ops; everything that can be done for all
+# layers at once (weight, bias, forcing and memory gradients) is one batched op after the loop.
+# Buffers are unbound once: indexing a tensor in the loop costs an op each time.
+def stack_forward(
+    x: torch.Tensor,
+    forcing: torch.Tensor,
+    coeff: torch.Tensor | None,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, StackTape]:
+    """The final state ``u_L`` (a view into the tape) and the tape for :func:`stack_backward`.
+
+    Plain tensor arithmetic: call it without autograd (under ``torch.no_grad``) or through
+    :func:`hidden_stack`.
+    """
+    depth = len(weights)
+    batch, width = x.shape[0], weights[0].shape[0]
+    increments = x.new_empty((depth, batch, width))
+    states = x.new_empty((depth, batch, width))
+    activations = x.new_empty((depth, batch, width))
+    d_views, s_views, a_views = increments.unbind(), states.unbind(), activations.unbind()
+    f_views = forcing.unbind()
+    flat = increments.view(depth, -1)
+    inp = x
+    for layer in range(depth):
+        # mm + add_ rather than addmm: the CPU addmm with a broadcast bias is ~40% slower.
+        act = torch.mm(inp, weights[layer].t(), out=a_views[layer])
+        act.add_(biases[layer]).relu_()
+        d = torch.mul(act, f_views[layer], out=d_views[layer])
+        if coeff is not None and layer > 0:
+            d.view(-1).addmv_(flat[:layer].t(), coeff[layer, :layer], alpha=-1.0)
+        if layer > 0:
+            torch.add(s_views[layer - 1], d, out=s_views[layer])
+        else:
+            s_views[0].copy_(d)
+        inp = s_views[layer]
+    tape = StackTape(x, forcing, coeff, tuple(weights), increments, states, activations)
+    return s_views[depth - 1], tape
+
+
+def stack_backward(
+    grad_out: torch.Tensor, tape: StackTape, *, need_x: bool = False, need_params: bool = True
+) -> StackGrads:
+    """Gradients of every input of :func:`stack_forward` given ``dL/du_L``."""
+    increments, states, activations, weights = tape.increments, tape.states, tape.activations, tape.weights
+    coeff = tape.coeff
+    depth = len(weights)
+    grad_incr = torch.empty_like(increments)
+    grad_z = torch.empty_like(increments)
+    # d(relu(z) * f)/dz for all layers at once: f where the unit is active, else 0. sign() of
+    # the (non-negative) activations gives that 0/1 pattern ~10x faster than a comparison.
+    gate = activations.sign().mul_(tape.forcing[:, None, None])
+    gd_views, gz_views, gate_views = grad_incr.unbind(), grad_z.unbind(), gate.unbind()
+    gd_flat = grad_incr.view(depth, -1)
+    grad_d = gd_views[depth - 1]
+    grad_d.copy_(grad_out)
+    grad_u = grad_d  # gradient w.r.t. the state u_{layer+1}, without memory terms
+    grad_x = None
+    for layer in reversed(range(depth)):
+        gz = torch.mul(grad_d, gate_views[layer], out=gz_views[layer])
+        if layer == 0:
+            if need_x:
+                grad_x = gz.mm(weights[0])
+            break
+        # u_layer feeds u_{layer+1} directly and z_layer through W_layer; d_{layer-1} feeds
+        # u_layer and, with weight -c[k, layer-1], the memory of every later block k.
+        if coeff is None:
+            grad_u = torch.addmm(grad_u, gz, weights[layer], out=gd_views[layer - 1])
+        else:
+            grad_u = torch.addmm(grad_u, gz, weights[layer])
+            torch.addmv(
+                grad_u.view(-1),
+                gd_flat[layer:].t(),
+                coeff[layer:, layer - 1],
+                alpha=-1.0,
+                out=gd_flat[layer - 1],
+            )
+        grad_d = gd_views[layer - 1]
+    grad_w: list[torch.Tensor] = []
+    grad_b: list[torch.Tensor] = []
+    if need_params:
+        grad_w.append(grad_z[0].t().mm(tape.x))
+        if depth > 1:
+            grad_w += torch.bmm(grad_z[1:].transpose(1, 2), states[:-1]).unbind()
+        grad_b = list(grad_z.sum(1).unbind())
+    grad_coeff = None
+    if coeff is not None:
+        grad_coeff = torch.mm(gd_flat, increments.view(depth, -1).t()).tril_(-1).neg_()
+    return StackGrads(
+        x=grad_x,
+        forcing=(grad_incr * activations).sum((1, 2)),
+        coeff=grad_coeff,
+        weights=grad_w,
+        biases=grad_b,
+    )
 
 
 class _StackFunction(torch.autograd.Function):
-    # Per-layer work is kept to the unavoidable sequential ops; everything that can be done for
-    # all layers at once (weight, bias, forcing and memory gradients) is one batched op after
-    # the loop. Buffers are unbound once: indexing a tensor in the loop costs an op each time.
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: Any,
         x: torch.Tensor,
         forcing: torch.Tensor,
         coeff: torch.Tensor | None,
         *params: torch.Tensor,
     ) -> torch.Tensor:
-        weights, biases = params[0::2], params[1::2]
-        depth = len(weights)
-        batch, width = x.shape[0], weights[0].shape[0]
-        increments = x.new_empty((depth, batch, width))
-        states = x.new_empty((depth, batch, width))
-        activations = x.new_empty((depth, batch, width))
-        d_views, s_views, a_views = increments.unbind(), states.unbind(), activations.unbind()
-        f_views = forcing.unbind()
-        flat = increments.view(depth, -1)
-        inp = x
-        for layer in range(depth):
-            # mm + add_ rather than addmm: the CPU addmm with a broadcast bias is ~40% slower.
-            act = torch.mm(inp, weights[layer].t(), out=a_views[layer])
-            act.add_(biases[layer]).relu_()
-            d = torch.mul(act, f_views[layer], out=d_views[layer])
-            if coeff is not None and layer > 0:
-                d.view(-1).addmv_(flat[:layer].t(), coeff[layer, :layer], alpha=-1.0)
-            if layer > 0:
-                torch.add(s_views[layer - 1], d, out=s_views[layer])
-            else:
-                s_views[0].copy_(d)
-            inp = s_views[layer]
-        saved: list[Any] = [x, forcing, coeff, increments, states, activations, *weights]
-        ctx.save_for_backward(*saved)  # coeff may be None, which autograd allows
-        return s_views[depth - 1].clone()
+        out, ctx.tape = stack_forward(x, forcing, coeff, params[0::2], params[1::2])
+        return out.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, forcing, coeff, increments, states, activations, *weights = ctx.saved_tensors
-        depth = len(weights)
         need = ctx.needs_input_grad
-        grad_incr = torch.empty_like(increments)
-        grad_z = torch.empty_like(increments)
-        # d(relu(z) * f)/dz for all layers at once: f where the unit is active, else 0. sign() of
-        # the (non-negative) activations gives that 0/1 pattern ~10x faster than a comparison.
-        gate = activations.sign().mul_(forcing[:, None, None])
-        gd_views, gz_views, gate_views = grad_incr.unbind(), grad_z.unbind(), gate.unbind()
-        gd_flat = grad_incr.view(depth, -1)
-        grad_d = gd_views[depth - 1]
-        grad_d.copy_(grad_out)
-        grad_u = grad_d  # gradient w.r.t. the state u_{layer+1}, without memory terms
-        grad_x = None
-        for layer in reversed(range(depth)):
-            gz = torch.mul(grad_d, gate_views[layer], out=gz_views[layer])
-            if layer == 0:
-                if need[0]:
-                    grad_x = gz.mm(weights[0])
-                break
-            # u_layer feeds u_{layer+1} directly and z_layer through W_layer; d_{layer-1} feeds
-            # u_layer and, with weight -c[k, layer-1], the memory of every later block k.
-            if coeff is None:
-                grad_u = torch.addmm(grad_u, gz, weights[layer], out=gd_views[layer - 1])
-            else:
-                grad_u = torch.addmm(grad_u, gz, weights[layer])
-                torch.addmv(
-                    grad_u.view(-1),
-                    gd_flat[layer:].t(),
-                    coeff[layer:, layer - 1],
-                    alpha=-1.0,
-                    out=gd_flat[layer - 1],
-                )
-            grad_d = gd_views[layer - 1]
-        grads: list[torch.Tensor | None] = [None] * (2 * depth)
-        if any(need[3::2]):
-            grads[0] = grad_z[0].t().mm(x)
-            if depth > 1:
-                hidden = torch.bmm(grad_z[1:].transpose(1, 2), states[:-1])
-                grads[2::2] = list(hidden.unbind())
-        if any(need[4::2]):
-            grads[1::2] = list(grad_z.sum(1).unbind())
-        grad_forcing = (grad_incr * activations).sum((1, 2)) if need[1] else None
-        grad_coeff = None
-        if coeff is not None and need[2]:
-            grad_coeff = torch.mm(gd_flat, increments.view(depth, -1).t()).tril_(-1).neg_()
-        return (grad_x, grad_forcing, grad_coeff, *grads)
+        grads = stack_backward(grad_out, ctx.tape, need_x=need[0], need_params=any(need[3:]))
+        params: list[torch.Tensor | None] = [None] * (len(need) - 3)
+        if grads.weights:
+            params[0::2], params[1::2] = grads.weights, grads.biases
+        return (grads.x, grads.forcing, grads.coeff, *params)
 
 
 def hidden_stack(

@@ -61,6 +61,7 @@ class TrainResult:
     active_params: int
     pruned: list[PruneEvent]
     epoch_seconds: list[float]
+    train_seconds: list[float]
     model: TauNetwork = field(repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +80,7 @@ class TrainResult:
             "active_params": self.active_params,
             "pruned": [vars(event) for event in self.pruned],
             "epoch_seconds": self.epoch_seconds,
+            "train_seconds": self.train_seconds,
         }
 
 
@@ -186,10 +188,10 @@ def _train_epoch(
     total = torch.zeros((), device=x.device)
     batches = 0
     for idx in order.split(config.batch_size):
-        optimizer.zero_grad()
         xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        loss = regularised_loss(model(xb), yb, model, config)
-        loss.backward()
+        # The hand-written pass: same gradients as autograd through model(xb) (tested), at
+        # about half the cost per step for these small layers.
+        loss = model.loss_and_grad(xb, yb, l1=config.l1, horizon_weight=config.horizon_weight)
         optimizer.step()
         model.project_taus_()
         total += loss.detach()
@@ -235,6 +237,7 @@ def train(
     val_acc: list[float] = []
     losses: list[float] = []
     seconds: list[float] = []
+    train_seconds: list[float] = []
     history: list[list[float]] = []
     pruned: list[PruneEvent] = []
     for epoch in range(1, config.epochs + 1):
@@ -247,6 +250,7 @@ def train(
             leave=False,
         ) as bar:
             loss = _train_epoch(model, optimizer, splits, config, generator, bar)
+        train_seconds.append(time.perf_counter() - start)
         val_acc.append(accuracy(model, splits.val_x, splits.val_y))
         taus = model.taus.detach().cpu().tolist()
         _check_finite(epoch, loss, taus)
@@ -287,5 +291,6 @@ def train(
         active_params=model.num_active_params(),
         pruned=pruned,
         epoch_seconds=seconds,
+        train_seconds=train_seconds,
         model=model,
     )

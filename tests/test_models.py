@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from models import FractionalDNN, TauNetwork, TauResNet, l1_memory_coefficients, reference_forward
 from models._stack import hidden_stack
@@ -221,3 +222,39 @@ def test_fixed_tau_mode_has_no_tau_gradient() -> None:
     model(torch.rand(2, 4)).sum().backward()
     assert model.tau_free.grad is None
     assert model.blocks[1].weight.grad is not None
+
+
+# --- the autograd-free training step ---------------------------------------------------------
+
+STEP_CASES = [
+    (TauResNet, {}, 0.0, 0.0),
+    (TauResNet, {"dependent_last_tau": True}, 0.3, 0.0),
+    (TauResNet, {}, 0.2, 1.5),
+    (TauResNet, {"trainable_tau": False}, 0.0, 0.0),
+    (FractionalDNN, {}, 0.1, 0.7),
+    (FractionalDNN, {"dependent_last_tau": True, "gamma": 0.3}, 0.2, 0.0),
+    (FractionalDNN, {"detach_memory": True}, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("cls", "kw", "l1", "horizon"), STEP_CASES)
+def test_loss_and_grad_matches_autograd(
+    cls: type[TauNetwork], kw: dict[str, object], l1: float, horizon: float
+) -> None:
+    torch.manual_seed(5)
+    model = cls(7, 5, 4, 3, T=2.0, **kw).double()  # type: ignore[arg-type]
+    _randomise_taus(model, seed=6)
+    x = torch.rand(8, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    loss = model.loss_and_grad(x, y, l1=l1, horizon_weight=horizon)
+    manual = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    taus = model.taus
+    ref = F.cross_entropy(reference_forward(model, x), y) + l1 * taus.abs().sum()
+    ref = ref + horizon * (taus.sum() - model.T).square()
+    ref.backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert manual.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(manual[name], grad, rtol=1e-10, atol=1e-12, msg=name)
