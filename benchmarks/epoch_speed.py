@@ -130,7 +130,8 @@ def main() -> None:
         r = results[arch]
         m = r["median_seconds"]
         print(
-            f"{arch}: engine {m['engine']:.2f}s ({m['engine_with_validation']:.2f}s with validation), "
+            f"{arch}: engine {m['engine']:.2f}s "
+            f"({m['engine_with_validation']:.2f}s with validation), "
             f"loop {m['loop']:.2f}s, loop+fused model "
             f"{m['loop_fused']:.2f}s -> engine = 1/{r['speedup']:.1f} of the loop; test accuracy "
             f"engine {r['test_accuracy_after_one_epoch']['engine']:.4f} vs loop "

@@ -100,7 +100,11 @@ class TauNetwork(nn.Module):
         raise NotImplementedError
 
     def _tau_grad(
-        self, taus: torch.Tensor, grad_forcing: torch.Tensor, grad_coeff: torch.Tensor | None, saved: Any
+        self,
+        taus: torch.Tensor,
+        grad_forcing: torch.Tensor,
+        grad_coeff: torch.Tensor | None,
+        saved: Any,
     ) -> torch.Tensor:
         """``dL/dtaus`` from ``dL/df`` and ``dL/dc``."""
         raise NotImplementedError
@@ -132,7 +136,9 @@ class TauNetwork(nn.Module):
         loss = torch.nn.functional.nll_loss(log_probs, target)
         # d(mean cross-entropy)/d logits = (softmax - onehot) / batch
         grad_logits = log_probs.exp_()
-        grad_logits.scatter_add_(1, target[:, None], grad_logits.new_full((target.shape[0], 1), -1.0))
+        grad_logits.scatter_add_(
+            1, target[:, None], grad_logits.new_full((target.shape[0], 1), -1.0)
+        )
         grad_logits.div_(target.shape[0])
         grads = stack_backward(grad_logits.mm(w_out), tape)
         for layer, grad_w, grad_b in zip(linears, grads.weights, grads.biases, strict=True):

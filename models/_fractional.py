@@ -6,63 +6,70 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from models._base import TauNetwork
 
 
-def _spans(taus: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Strictly-lower mask and the spans ``t_{l+1} - t_j`` (far) and ``t_{l+1} - t_{j+1}`` (near).
-
-    Masked entries get a harmless 1 (``pow`` at 0 has an infinite derivative).
-    """
-    n = taus.shape[0]
-    t = np.concatenate(([0.0], np.cumsum(taus)))
-    mask = np.tri(n, k=-1, dtype=bool)
-    far = np.where(mask, t[1:, None] - t[None, :-1], 1.0)
-    near = np.where(mask, t[1:, None] - t[None, 1:], 1.0)
-    return mask, far, near
-
-
 @dataclass(frozen=True)
 class _L1Tape:
-    t: np.ndarray
-    coeff: np.ndarray
-    mask: np.ndarray
-    far: np.ndarray
-    near: np.ndarray
-    ratio: np.ndarray
+    taus: list[float]
+    pairs: list[tuple[int, int, float, float, float, float]]  # l, j, coeff, ratio, far, near
     gamma: float
 
 
-# The matrix is L x L (36 numbers at the reference depth): as ~40 device ops with autograd it
-# cost a quarter of a training step, so it is computed on the host in float64 NumPy, which takes
-# microseconds, with a closed-form gradient. On a GPU that is one tiny copy each way per step.
+# The matrix is L x L with L(L-1)/2 nonzero entries (15 at the reference depth). As device ops
+# with autograd it cost a quarter of a training step; as plain float64 arithmetic on the host,
+# with the closed-form gradient below, it takes tens of microseconds. On a GPU that is one tiny
+# copy each way per step.
 def _l1_forward(taus: torch.Tensor, gamma: float) -> tuple[torch.Tensor, _L1Tape]:
-    t = taus.detach().to("cpu", torch.float64).numpy()
-    mask, far, near = _spans(t)
+    t = taus.detach().tolist()
+    n = len(t)
+    ends = [0.0]
+    for tau in t:
+        ends.append(ends[-1] + tau)
     power = 1.0 - gamma
-    ratio = t[:, None] ** gamma / t[None, :]
-    coeff = np.where(mask, ratio * (far**power - near**power), 0.0)
-    out = torch.from_numpy(coeff).to(device=taus.device, dtype=taus.dtype)
-    return out, _L1Tape(t, coeff, mask, far, near, ratio, gamma)
+    coeff = [[0.0] * n for _ in range(n)]
+    pairs = []
+    for row in range(1, n):
+        scale = t[row] ** gamma
+        for col in range(row):
+            far = ends[row + 1] - ends[col]  # t_{l+1} - t_j
+            near = ends[row + 1] - ends[col + 1]  # t_{l+1} - t_{j+1}
+            ratio = scale / t[col]
+            value = ratio * (far**power - near**power)
+            coeff[row][col] = value
+            pairs.append((row, col, value, ratio, far, near))
+    out = torch.tensor(coeff, dtype=taus.dtype, device=taus.device)
+    return out, _L1Tape(t, pairs, gamma)
 
 
 def _l1_backward(grad: torch.Tensor, tape: _L1Tape) -> torch.Tensor:
-    gamma = tape.gamma
-    g = np.where(tape.mask, grad.detach().to("cpu", torch.float64).numpy(), 0.0)
-    weighted = g * tape.coeff
-    # Product rule over tau_l^gamma, 1/tau_j and the spans. A span far[l, j] contains tau_k for
-    # j <= k <= l, near[l, j] for j < k <= l: sum rows l >= k with a reverse cumulative sum,
-    # then columns j <= k (far) or j < k (near).
-    result = gamma * weighted.sum(1) / tape.t - weighted.sum(0) / tape.t
-    scale = g * (1.0 - gamma) * tape.ratio
-    d_far = np.cumsum((scale * tape.far**-gamma)[::-1], axis=0)[::-1]
-    d_near = np.cumsum((scale * tape.near**-gamma)[::-1], axis=0)[::-1]
-    result += np.tril(d_far).sum(1) - np.tril(d_near, -1).sum(1)
-    return torch.from_numpy(result).to(device=grad.device, dtype=grad.dtype)
+    gamma, t = tape.gamma, tape.taus
+    g = grad.detach().tolist()
+    n = len(t)
+    result = [0.0] * n
+    spans = [0.0] * (n + 1)  # difference array: a span adds to every tau it contains
+    for row, col, value, ratio, far, near in tape.pairs:
+        weight = g[row][col]
+        if weight == 0.0:
+            continue
+        # Product rule over tau_l^gamma, 1/tau_j and the spans: far contains tau_j..tau_l,
+        # near contains tau_{j+1}..tau_l.
+        scaled = weight * value
+        result[row] += gamma * scaled / t[row]
+        result[col] -= scaled / t[col]
+        outer = weight * (1.0 - gamma) * ratio
+        d_far, d_near = outer * far**-gamma, outer * near**-gamma
+        spans[col] += d_far
+        spans[col + 1] -= d_near
+        spans[row + 1] += d_near - d_far
+    running = 0.0
+    for k in range(n):
+        running += spans[k]
+        result[k] += running
+    return torch.tensor(result, dtype=grad.dtype, device=grad.device)
 
 
 class _L1Coefficients(torch.autograd.Function):
@@ -148,15 +155,19 @@ class FractionalDNN(TauNetwork):
         return effective.pow(self.gamma) * self._forcing_scale, coeff, (effective, tape)
 
     def _tau_grad(
-        self, taus: torch.Tensor, grad_forcing: torch.Tensor, grad_coeff: torch.Tensor | None, saved: Any
+        self,
+        taus: torch.Tensor,
+        grad_forcing: torch.Tensor,
+        grad_coeff: torch.Tensor | None,
+        saved: Any,
     ) -> torch.Tensor:
         effective, tape = saved
         scale = self.gamma * self._forcing_scale
-        grad = grad_forcing * effective.pow(self.gamma - 1.0) * scale
+        grad: torch.Tensor = grad_forcing * effective.pow(self.gamma - 1.0) * scale
         if grad_coeff is not None and not self.detach_memory:
             grad = grad + _l1_backward(grad_coeff, tape)
-        if self.dependent_last_tau:
-            grad = grad * (taus >= self.tau_min).to(grad.dtype)  # clamp(min) lets nothing through below
+        if self.dependent_last_tau:  # clamp(min) passes no gradient below tau_min
+            grad = grad * (taus >= self.tau_min).to(grad.dtype)
         return grad
 
     def project_taus_(self) -> None:

@@ -44,7 +44,11 @@ class TauResNet(TauNetwork):
         return taus, None, None
 
     def _tau_grad(
-        self, taus: torch.Tensor, grad_forcing: torch.Tensor, grad_coeff: torch.Tensor | None, saved: Any
+        self,
+        taus: torch.Tensor,
+        grad_forcing: torch.Tensor,
+        grad_coeff: torch.Tensor | None,
+        saved: Any,
     ) -> torch.Tensor:
         return grad_forcing
 

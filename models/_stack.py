@@ -90,7 +90,12 @@ def stack_backward(
     grad_out: torch.Tensor, tape: StackTape, *, need_x: bool = False, need_params: bool = True
 ) -> StackGrads:
     """Gradients of every input of :func:`stack_forward` given ``dL/du_L``."""
-    increments, states, activations, weights = tape.increments, tape.states, tape.activations, tape.weights
+    increments, states, activations, weights = (
+        tape.increments,
+        tape.states,
+        tape.activations,
+        tape.weights,
+    )
     coeff = tape.coeff
     depth = len(weights)
     grad_incr = torch.empty_like(increments)

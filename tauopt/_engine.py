@@ -138,7 +138,7 @@ class PlainSGD:
 
     @torch.no_grad()
     def step(self) -> None:
-        with_grad = [p for p in self.params if p.grad is not None]
+        with_grad: list[torch.Tensor] = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in with_grad if p.grad is not None]
         torch._foreach_add_(with_grad, grads, alpha=-self.lr)
 

@@ -211,3 +211,31 @@ def test_bad_config_key_is_one_line(workdir: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert "search.T: low 3.0 must be below high 1.0" in err and "Traceback" not in err
     assert not (workdir / "tauopt.db").exists()  # nothing was written for a rejected config
+
+
+def test_readme_python_example_runs(
+    workdir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = (
+        readme.split("### Query from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    )
+    assert (
+        main(
+            [
+                "run",
+                "--data-dir",
+                str(data_dir),
+                "--config",
+                "small.toml",
+                "--n-trials",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "tensor(" in printed  # model.taus of a loaded network
