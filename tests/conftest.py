@@ -6,11 +6,13 @@ Real data comes from ``$TAUOPT_TEST_DATA`` or the checkout's ``../shared/data``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tauopt import RawDataset, load_dataset
+from tauopt._cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,3 +41,17 @@ def mnist(data_dir: Path) -> RawDataset:
 @pytest.fixture(scope="session")
 def fashion(data_dir: Path) -> RawDataset:
     return load_dataset("fashion-mnist", data_dir, download=False)
+
+
+RunStudy = Callable[..., int]
+
+
+@pytest.fixture()
+def run_study(data_dir: Path) -> RunStudy:
+    """``tauopt run`` in the current directory on a small config file (default small.toml)."""
+
+    def run(n_trials: int, *extra: str, config: str = "small.toml") -> int:
+        args = ["run", "--data-dir", str(data_dir), "--config", config, "--n-trials", str(n_trials)]
+        return main([*args, *extra])
+
+    return run

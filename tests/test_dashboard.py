@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RunStudy
 from PIL import Image
-
-from tauopt._cli import main
 
 pytestmark = pytest.mark.browser
 
@@ -33,27 +32,15 @@ def _get(url: str) -> bytes:
 
 
 @pytest.fixture()
-def dashboard(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def dashboard(
+    tmp_path: Path, run_study: RunStudy, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TAUOPT_STORAGE", raising=False)
     (tmp_path / "small.toml").write_text(
         "[trial]\nepochs = 1\ntrain_size = 1000\nval_size = 2000\n"
     )
-    assert (
-        main(
-            [
-                "run",
-                "--data-dir",
-                str(data_dir),
-                "--config",
-                "small.toml",
-                "--n-trials",
-                "6",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert run_study(6, "--quiet") == 0
     port = _free_port()
     proc = subprocess.Popen(
         [

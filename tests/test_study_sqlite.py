@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import RunStudy
 from optuna.trial import TrialState
 
 from study import best_trials, load_study
@@ -50,21 +51,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_run_then_best_trials_and_load_model(
-    workdir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    workdir: Path, data_dir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(
-        [
-            "run",
-            "--data-dir",
-            str(data_dir),
-            "--config",
-            "small.toml",
-            "--n-trials",
-            "5",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = run_study(5, "--device", "cpu")
     assert code == 0
     assert (workdir / "tauopt.db").is_file() and (workdir / "tauopt-artifacts").is_dir()
     assert "trial 4 complete" in capsys.readouterr().err  # progress is visible
@@ -100,23 +89,9 @@ def test_run_then_best_trials_and_load_model(
 
 
 def test_best_json_and_export_csv(
-    workdir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert (
-        main(
-            [
-                "run",
-                "--data-dir",
-                str(data_dir),
-                "--config",
-                "small.toml",
-                "--n-trials",
-                "3",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert run_study(3, "--quiet") == 0
     capsys.readouterr()
     assert main(["best", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -139,22 +114,8 @@ def test_best_json_and_export_csv(
     )
 
 
-def test_accuracy_objective_reports_every_epoch(workdir: Path, data_dir: Path) -> None:
-    args = [
-        "run",
-        "--data-dir",
-        str(data_dir),
-        "--config",
-        "small.toml",
-        "--n-trials",
-        "3",
-        "--objective",
-        "accuracy",
-        "--study",
-        "single",
-        "--quiet",
-    ]
-    assert main(args) == 0
+def test_accuracy_objective_reports_every_epoch(workdir: Path, run_study: RunStudy) -> None:
+    assert run_study(3, "--objective", "accuracy", "--study", "single", "--quiet") == 0
     study = load_study(None, "single")
     assert len(study.directions) == 1
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
@@ -163,22 +124,12 @@ def test_accuracy_objective_reports_every_epoch(workdir: Path, data_dir: Path) -
 
 
 def test_diverging_trials_fail_with_a_reason_and_the_worker_goes_on(
-    workdir: Path, data_dir: Path
+    workdir: Path, run_study: RunStudy
 ) -> None:
     (workdir / "diverge.toml").write_text(
         SMALL.replace("lr = [0.1, 0.3]", 'lr = 1e6\nT = 50.0\ntime_reg = "none"')
     )
-    args = [
-        "run",
-        "--data-dir",
-        str(data_dir),
-        "--config",
-        "diverge.toml",
-        "--n-trials",
-        "2",
-        "--quiet",
-    ]
-    assert main(args) == 0
+    assert run_study(2, "--quiet", config="diverge.toml") == 0
     trials = load_study(None, "tauopt").get_trials()
     assert len(trials) == 2
     for t in trials:
@@ -214,27 +165,13 @@ def test_bad_config_key_is_one_line(workdir: Path, capsys: pytest.CaptureFixture
 
 
 def test_readme_python_example_runs(
-    workdir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
 ) -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     example = (
         readme.split("### Query from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     )
-    assert (
-        main(
-            [
-                "run",
-                "--data-dir",
-                str(data_dir),
-                "--config",
-                "small.toml",
-                "--n-trials",
-                "2",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert run_study(2, "--quiet") == 0
     capsys.readouterr()
     exec(compile(example, "README.md", "exec"), {})
     printed = capsys.readouterr().out
