@@ -68,15 +68,19 @@ def stack_forward(
     activations = x.new_empty((depth, batch, width))
     d_views, s_views, a_views = increments.unbind(), states.unbind(), activations.unbind()
     f_views = forcing.unbind()
-    flat = increments.view(depth, -1)
+    # Views made once: every indexing op in the loop below costs a dispatch.
+    history = increments.view(depth, -1).t()  # column j: d_j flattened
+    d_flat = increments.view(depth, -1).unbind()
+    c_rows = coeff.unbind() if coeff is not None else ()
     inp = x
     for layer in range(depth):
         # mm + add_ rather than addmm: the CPU addmm with a broadcast bias is ~40% slower.
         act = torch.mm(inp, weights[layer].t(), out=a_views[layer])
         act.add_(biases[layer]).relu_()
-        d = torch.mul(act, f_views[layer], out=d_views[layer])
-        if coeff is not None and layer > 0:
-            d.view(-1).addmv_(flat[:layer].t(), coeff[layer, :layer], alpha=-1.0)
+        torch.mul(act, f_views[layer], out=d_views[layer])
+        if c_rows and layer > 0:
+            d_flat[layer].addmv_(history[:, :layer], c_rows[layer][:layer], alpha=-1.0)
+        d = d_views[layer]
         if layer > 0:
             torch.add(s_views[layer - 1], d, out=s_views[layer])
         else:
@@ -105,6 +109,8 @@ def stack_backward(
     gate = activations.sign().mul_(tape.forcing[:, None, None])
     gd_views, gz_views, gate_views = grad_incr.unbind(), grad_z.unbind(), gate.unbind()
     gd_flat = grad_incr.view(depth, -1)
+    gd_rows, gd_cols = gd_flat.unbind(), gd_flat.t()
+    c_cols = coeff.t().unbind() if coeff is not None else ()
     grad_d = gd_views[depth - 1]
     grad_d.copy_(grad_out)
     grad_u = grad_d  # gradient w.r.t. the state u_{layer+1}, without memory terms
@@ -123,10 +129,10 @@ def stack_backward(
             grad_u = torch.addmm(grad_u, gz, weights[layer])
             torch.addmv(
                 grad_u.view(-1),
-                gd_flat[layer:].t(),
-                coeff[layer:, layer - 1],
+                gd_cols[:, layer:],
+                c_cols[layer - 1][layer:],
                 alpha=-1.0,
-                out=gd_flat[layer - 1],
+                out=gd_rows[layer - 1],
             )
         grad_d = gd_views[layer - 1]
     grad_w: list[torch.Tensor] = []
