@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from models import FractionalDNN, TauNetwork, TauResNet
@@ -146,20 +145,6 @@ class PlainSGD:
 def make_optimizer(model: TauNetwork, config: TrainConfig) -> PlainSGD:
     """The optimiser over the parameters the model trains now (call again after pruning)."""
     return PlainSGD([p for p in model.parameters() if p.requires_grad], config.lr)
-
-
-def regularised_loss(
-    logits: torch.Tensor, target: torch.Tensor, model: TauNetwork, config: TrainConfig
-) -> torch.Tensor:
-    """Cross-entropy + ``l1 * sum|tau|`` + ``horizon_weight * (sum(tau) - T)^2``."""
-    loss = F.cross_entropy(logits, target)
-    if config.l1 > 0 or config.horizon_weight > 0:
-        taus = model.taus
-        if config.l1 > 0:
-            loss = loss + config.l1 * taus.abs().sum()
-        if config.horizon_weight > 0:
-            loss = loss + config.horizon_weight * (taus.sum() - config.T).square()
-    return loss
 
 
 @torch.inference_mode()

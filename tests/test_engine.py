@@ -166,3 +166,23 @@ def test_corrupt_file_is_named(tmp_path: Path, data_dir: Path) -> None:
     )
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz is truncated or corrupt"):
         load_dataset("mnist", tmp_path, download=False)
+
+
+def test_plain_sgd_is_torch_sgd() -> None:
+    from models import TauResNet
+    from tauopt._engine import make_optimizer
+
+    torch.manual_seed(0)
+    ours, theirs = TauResNet(6, 4, 3, 2), TauResNet(6, 4, 3, 2)
+    theirs.load_state_dict(ours.state_dict())
+    x, y = torch.rand(5, 6), torch.randint(0, 2, (5,))
+    sgd = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    for _ in range(3):
+        ours.loss_and_grad(x, y, l1=0.1)
+        make_optimizer(ours, TrainConfig(lr=0.1)).step()
+        sgd.zero_grad()
+        loss = torch.nn.functional.cross_entropy(theirs(x), y) + 0.1 * theirs.taus.abs().sum()
+        loss.backward()
+        sgd.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
