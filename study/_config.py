@@ -75,6 +75,8 @@ PARAMS: dict[str, _ParamSpec] = {
     "lr": _ParamSpec("float", low=0.0, open_low=True, log=True),
 }
 
+# Ranges chosen so that plain SGD stays stable: the horizon penalty's curvature is
+# 2 * horizon_weight * depth, so lr * that must stay well below 2 (0.3 * 0.2 * 8 = 0.48).
 DEFAULT_SEARCH: dict[str, Any] = {
     "arch": ["resnet", "fracdnn"],
     "T": [0.5, 10.0],
@@ -84,7 +86,7 @@ DEFAULT_SEARCH: dict[str, Any] = {
     "width": [32, 128],
     "gamma": [0.1, 0.9],
     "time_reg": ["none", "penalty", "dependent"],
-    "horizon_weight": [0.01, 1.0],
+    "horizon_weight": [0.001, 0.1],
     "lr": [0.01, 0.3],
 }
 
