@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tauopt._data import DATASETS
+
+if TYPE_CHECKING:  # imported lazily at run time: `tauopt --help` should not load torch
+    from storage import StorageSettings
+    from study import StudyConfig
 
 DEFAULT_STUDY = "tauopt"
 
@@ -79,7 +83,7 @@ def add_study_commands(sub: Any) -> None:
     _add_storage(p)
     _add_worker_flags(p)
     _add_heartbeat(p)
-    p.set_defaults(handler=_cmd_worker)
+    p.set_defaults(handler=_worker)
 
     p = sub.add_parser("run", help="create a study and run one local worker (the main job)")
     _add_storage(p)
@@ -106,7 +110,7 @@ def add_study_commands(sub: Any) -> None:
     p.set_defaults(handler=_cmd_dashboard)
 
 
-def _settings(url: str | None, interval: int | None, grace: int | None) -> Any:
+def _settings(url: str | None, interval: int | None, grace: int | None) -> StorageSettings:
     from storage import StorageSettings, resolve_url
 
     return StorageSettings(
@@ -114,7 +118,7 @@ def _settings(url: str | None, interval: int | None, grace: int | None) -> Any:
     )
 
 
-def _create(args: argparse.Namespace) -> Any:
+def _create(args: argparse.Namespace) -> StudyConfig:
     from storage import redact
     from study import create_study, load_config
 
@@ -168,10 +172,6 @@ def _worker(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _cmd_worker(args: argparse.Namespace) -> int:
-    return _worker(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
