@@ -127,7 +127,7 @@ def test_three_workers_share_one_budget(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_killed_worker_trial_is_failed_and_rerun(tmp_path: Path, data_dir: Path) -> None:
-    name, artifacts = _create(tmp_path, 4, epochs=3, train_size=10000)
+    name, artifacts = _create(tmp_path, 4, epochs=3, train_size=20000)
     victim = _worker(name, artifacts, data_dir, seed=11)
     study = _study(name)
     deadline = time.monotonic() + 120
@@ -140,10 +140,16 @@ def test_killed_worker_trial_is_failed_and_rerun(tmp_path: Path, data_dir: Path)
             if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
         ]
     assert running, "the first worker never started a trial"
-    time.sleep(0.5)
-    victim.send_signal(signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)  # at once: the trial just started, it cannot be done yet
     victim.wait()
-    killed = running[0].number
+    # whatever the victim was running when it died stays RUNNING until its heartbeat goes stale
+    orphans = [
+        t
+        for t in study.get_trials(states=(TrialState.RUNNING,))
+        if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+    ]
+    assert len(orphans) == 1
+    killed = orphans[0].number
     others = [_worker(name, artifacts, data_dir, seed) for seed in (12, 13)]
     outputs = _finish(others)
     assert all(p.returncode == 0 for p in others), outputs
