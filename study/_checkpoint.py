@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from models import TauNetwork
-from study._config import StudyConfigError
+from storage import StorageError
 from tauopt import TrainConfig, TrainResult, build_model
 
 _FORMAT = 1
@@ -32,7 +32,7 @@ def load_checkpoint(path: Path) -> TauNetwork:
     """The network saved by :func:`save_checkpoint`, on the CPU, in eval mode."""
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
-        raise StudyConfigError(f"{path} is not a tauopt checkpoint (format {_FORMAT})")
+        raise StorageError(f"{path} is not a tauopt checkpoint (format {_FORMAT})")
     config = TrainConfig(**data["config"])
     model = build_model(config, data["in_features"], data["num_classes"])
     ids = data["active_block_ids"]

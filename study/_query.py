@@ -117,8 +117,8 @@ def best_trials(
     """
     study = load_study(storage, study_name)
     if artifact_dir is None:
-        url = storage if isinstance(storage, str) or storage is None else None
-        artifact_dir = default_artifact_dir(resolve_url(url))
+        url = storage.url if isinstance(storage, optuna.storages.RDBStorage) else storage
+        artifact_dir = default_artifact_dir(resolve_url(url if isinstance(url, str) else None))
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -98,28 +99,8 @@ def _add_train_parser(sub: Any) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tauopt._engine import train  # deferred: torch import is slow for `--help`
 
-    config = TrainConfig(
-        arch=args.arch,
-        dataset=args.dataset,
-        epochs=args.epochs,
-        T=args.T,
-        l1=args.l1,
-        horizon_weight=args.horizon_weight,
-        dependent_last_tau=args.dependent_last_tau,
-        prune_eps=args.prune_eps,
-        prune_every=args.prune_every,
-        gamma=args.gamma,
-        width=args.width,
-        depth=args.depth,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        fixed_tau=args.fixed_tau,
-        train_size=args.train_size,
-        val_size=args.val_size,
-        tau_min=args.tau_min,
-        detach_memory=args.detach_memory,
-    )
+    # Every train flag's dest is the TrainConfig field of the same name.
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     dataset = load_dataset(config.dataset, args.data_dir or default_data_dir())
     result = train(config, dataset, device=args.device, progress=True)
     if args.json:

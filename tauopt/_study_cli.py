@@ -110,12 +110,10 @@ def add_study_commands(sub: Any) -> None:
     p.set_defaults(handler=_cmd_dashboard)
 
 
-def _settings(url: str | None, interval: int | None, grace: int | None) -> StorageSettings:
+def _settings(url: str | None, interval: int, grace: int | None) -> StorageSettings:
     from storage import StorageSettings, resolve_url
 
-    return StorageSettings(
-        url=resolve_url(url), heartbeat_interval=interval or 10, grace_period=grace
-    )
+    return StorageSettings(url=resolve_url(url), heartbeat_interval=interval, grace_period=grace)
 
 
 def _create(args: argparse.Namespace) -> StudyConfig:
