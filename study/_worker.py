@@ -216,10 +216,11 @@ class Worker:
         system_attrs = self.storage.get_trial_system_attrs(trial._trial_id)
         seed = int(system_attrs.get("failed_trial", trial.number))
         start = time.perf_counter()
-        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
             try:
                 config = suggest_config(trial, self.config, seed=seed)
+                # Recorded once the parameters are fixed: a retry of this trial reruns them.
+                trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
                 reporter = self._reporter(trial) if len(self.study.directions) == 1 else None
                 result = train(config, self.dataset(), device=self.device, on_epoch=reporter)
             except optuna.TrialPruned:
