@@ -8,7 +8,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from models._stack import hidden_stack, stack_backward, stack_forward
+from models._stack import StackWorkspace, hidden_stack, stack_backward, stack_forward
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -70,6 +70,8 @@ class TauNetwork(nn.Module):
         # Original position of every active block, so a pruned network can be rebuilt and its
         # history reported in the numbering the user configured.
         self.block_ids: list[int] = list(range(depth))
+        # Buffers of loss_and_grad, kept between steps (see models._stack.StackWorkspace).
+        self._workspace: StackWorkspace | None = None
 
     @property
     def depth(self) -> int:
@@ -123,14 +125,21 @@ class TauNetwork(nn.Module):
 
         The same numbers as autograd through :meth:`forward` (the tests check this), without
         autograd's per-op bookkeeping: the whole step is the hand-written pass of
-        :mod:`models._stack` plus a softmax and a few L-sized vectors.
+        :mod:`models._stack` plus a softmax and a few L-sized vectors. The gradients of the
+        blocks live in buffers that the next call overwrites.
         """
         linears = [cast(nn.Linear, block) for block in self.blocks]
         taus = self.taus
         forcing, coeff, saved = self._step_sizes(taus)
         hidden, tape = stack_forward(
-            x, forcing, coeff, [m.weight for m in linears], [m.bias for m in linears]
+            x,
+            forcing,
+            coeff,
+            [m.weight for m in linears],
+            [m.bias for m in linears],
+            self._workspace,
         )
+        self._workspace = tape.workspace
         w_out = self.output.weight
         log_probs = torch.log_softmax(hidden.mm(w_out.t()), dim=1)
         loss = torch.nn.functional.nll_loss(log_probs, target)
@@ -140,7 +149,8 @@ class TauNetwork(nn.Module):
             1, target[:, None], grad_logits.new_full((target.shape[0], 1), -1.0)
         )
         grad_logits.div_(target.shape[0])
-        grads = stack_backward(grad_logits.mm(w_out), tape)
+        grad_hidden = torch.mm(grad_logits, w_out, out=tape.workspace.gd_views[-1])
+        grads = stack_backward(grad_hidden, tape)
         for layer, grad_w, grad_b in zip(linears, grads.weights, grads.biases, strict=True):
             layer.weight.grad, layer.bias.grad = grad_w, grad_b
         w_out.grad = grad_logits.t().mm(hidden)

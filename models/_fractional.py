@@ -23,8 +23,8 @@ class _L1Tape:
 # with autograd it cost a quarter of a training step; as plain float64 arithmetic on the host,
 # with the closed-form gradient below, it takes tens of microseconds. On a GPU that is one tiny
 # copy each way per step.
-def _l1_forward(taus: torch.Tensor, gamma: float) -> tuple[torch.Tensor, _L1Tape]:
-    t = taus.detach().tolist()
+def _l1_values(t: list[float], gamma: float) -> tuple[list[list[float]], _L1Tape]:
+    """The coefficient matrix as nested lists, and the tape of its gradient."""
     n = len(t)
     ends = [0.0]
     for tau in t:
@@ -41,13 +41,17 @@ def _l1_forward(taus: torch.Tensor, gamma: float) -> tuple[torch.Tensor, _L1Tape
             value = ratio * (far**power - near**power)
             coeff[row][col] = value
             pairs.append((row, col, value, ratio, far, near))
-    out = torch.tensor(coeff, dtype=taus.dtype, device=taus.device)
-    return out, _L1Tape(t, pairs, gamma)
+    return coeff, _L1Tape(t, pairs, gamma)
 
 
-def _l1_backward(grad: torch.Tensor, tape: _L1Tape) -> torch.Tensor:
+def _l1_forward(taus: torch.Tensor, gamma: float) -> tuple[torch.Tensor, _L1Tape]:
+    coeff, tape = _l1_values(taus.detach().tolist(), gamma)
+    return torch.tensor(coeff, dtype=taus.dtype, device=taus.device), tape
+
+
+def _l1_grad_values(g: list[list[float]], tape: _L1Tape) -> list[float]:
+    """``dL/dtau`` from ``dL/da`` (nested lists), by the closed form below."""
     gamma, t = tape.gamma, tape.taus
-    g = grad.detach().tolist()
     n = len(t)
     result = [0.0] * n
     spans = [0.0] * (n + 1)  # difference array: a span adds to every tau it contains
@@ -69,6 +73,11 @@ def _l1_backward(grad: torch.Tensor, tape: _L1Tape) -> torch.Tensor:
     for k in range(n):
         running += spans[k]
         result[k] += running
+    return result
+
+
+def _l1_backward(grad: torch.Tensor, tape: _L1Tape) -> torch.Tensor:
+    result = _l1_grad_values(grad.detach().tolist(), tape)
     return torch.tensor(result, dtype=grad.dtype, device=grad.device)
 
 
@@ -149,10 +158,19 @@ class FractionalDNN(TauNetwork):
         coeff = l1_memory_coefficients(taus.detach() if self.detach_memory else taus, self.gamma)
         return self._hidden(x, taus.pow(self.gamma) * self._forcing_scale, coeff)
 
+    # The training step works on a handful of floats per tau: plain Python arithmetic on the
+    # host, one tensor each way, is cheaper than a dozen tiny tensor ops.
     def _step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        effective = self._effective_taus(taus)
-        coeff, tape = _l1_forward(effective, self.gamma)
-        return effective.pow(self.gamma) * self._forcing_scale, coeff, (effective, tape)
+        values = taus.detach().tolist()
+        effective = [max(t, self.tau_min) for t in values] if self.dependent_last_tau else values
+        forcing = [t**self.gamma * self._forcing_scale for t in effective]
+        coeff, tape = _l1_values(effective, self.gamma)
+        saved = (values, effective, tape)
+        return (
+            torch.tensor(forcing, dtype=taus.dtype, device=taus.device),
+            torch.tensor(coeff, dtype=taus.dtype, device=taus.device),
+            saved,
+        )
 
     def _tau_grad(
         self,
@@ -161,14 +179,15 @@ class FractionalDNN(TauNetwork):
         grad_coeff: torch.Tensor | None,
         saved: Any,
     ) -> torch.Tensor:
-        effective, tape = saved
-        scale = self.gamma * self._forcing_scale
-        grad: torch.Tensor = grad_forcing * effective.pow(self.gamma - 1.0) * scale
+        values, effective, tape = saved
+        scale, power = self.gamma * self._forcing_scale, self.gamma - 1.0
+        grad = [g * t**power * scale for g, t in zip(grad_forcing.tolist(), effective, strict=True)]
         if grad_coeff is not None and not self.detach_memory:
-            grad = grad + _l1_backward(grad_coeff, tape)
+            memory = _l1_grad_values(grad_coeff.tolist(), tape)
+            grad = [a + b for a, b in zip(grad, memory, strict=True)]
         if self.dependent_last_tau:  # clamp(min) passes no gradient below tau_min
-            grad = grad * (taus >= self.tau_min).to(grad.dtype)
-        return grad
+            grad = [g if t >= self.tau_min else 0.0 for g, t in zip(grad, values, strict=True)]
+        return torch.tensor(grad, dtype=taus.dtype, device=taus.device)
 
     def project_taus_(self) -> None:
         with torch.no_grad():

@@ -12,6 +12,11 @@ some twenty small operations per block; at the reference size (batch 100, width 
 bookkeeping costs more than the arithmetic. One fused function with preallocated buffers and a
 hand-derived backward halves the time of a training step on a CPU. ``f`` and ``c`` are inputs,
 so the tau-dependence of the coefficients stays with autograd (a handful of ops on L x L).
+
+At this size even making a view (``t[l]``, ``t[:, :l]``) costs about a microsecond, a tenth
+of an elementwise op, and there are some hundred of them per step. :class:`StackWorkspace`
+therefore makes every buffer and every view the loops touch once per shape; a training loop
+keeps one workspace and reuses it, step after step.
 """
 
 from __future__ import annotations
@@ -24,17 +29,114 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+class StackWorkspace:
+    """Buffers and views of one stack shape (batch, input width, width, depth, memory or not).
+
+    Everything a pass writes lives here, the parameter gradients included, so a workspace
+    reused by the next step overwrites what the previous step returned. Make a new one (or
+    let :func:`stack_forward` make one) where results must outlive the next step.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        in_features: int,
+        width: int,
+        depth: int,
+        memory: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.key = (batch, in_features, width, depth, memory, dtype, device)
+        shape = (depth, batch, width)
+
+        def empty(*size: int) -> torch.Tensor:
+            return torch.empty(size, dtype=dtype, device=device)
+
+        self.forcing = empty(depth)
+        self.f_views = self.forcing.unbind()
+        self.gate_scale = self.forcing[:, None, None]
+        self.states, self.activations = empty(*shape), empty(*shape)
+        self.s_views, self.a_views = self.states.unbind(), self.activations.unbind()
+        self.grad_incr, self.grad_z, self.gate = empty(*shape), empty(*shape), empty(*shape)
+        self.gd_views, self.gz_views = self.grad_incr.unbind(), self.grad_z.unbind()
+        self.gate_views = self.gate.unbind()
+        self.gz0_t = self.grad_z[0].t()
+        self.gz_tail_t = self.grad_z[1:].transpose(1, 2)
+        self.states_head = self.states[:-1]
+        self.grad_w0 = empty(width, in_features)
+        self.grad_w_hidden = empty(depth - 1, width, width)
+        self.grad_b = empty(depth, width)
+        self.grad_w = [self.grad_w0, *self.grad_w_hidden.unbind()]
+        self.grad_b_views = list(self.grad_b.unbind())
+        # sum over batch and width of grad_d * relu(z), per layer: one vecdot (a bmm of
+        # (1 x n) by (n x 1) matrices is ten times slower, mul + sum twice as slow)
+        self.grad_forcing = empty(depth)
+        self.gd_flat = self.grad_incr.view(depth, -1)
+        self.act_flat = self.activations.view(depth, -1)
+        self.memory = memory
+        self._weight_ptrs: list[int] = []
+        self._weights_t: list[torch.Tensor] = []
+        if memory:
+            self._init_memory(empty(*shape), empty(depth, depth))
+
+    def _init_memory(self, increments: torch.Tensor, coeff: torch.Tensor) -> None:
+        depth = increments.shape[0]
+        self.increments, self.coeff = increments, coeff
+        self.d_views = increments.unbind()
+        d_flat = increments.view(depth, -1)
+        self.d_rows = d_flat.unbind()
+        history = d_flat.t()  # column j: d_j flattened
+        rows, cols = coeff.unbind(), coeff.t().unbind()
+        # forward: d_l -= d_{<l} @ c[l, <l];  backward: gd_{l-1} -= gd_{>=l} @ c[>=l, l-1]
+        self.history = [history[:, :layer] for layer in range(depth)]
+        self.c_rows = [rows[layer][:layer] for layer in range(depth)]
+        self.gd_rows = self.gd_flat.unbind()
+        gd_cols = self.gd_flat.t()
+        self.gd_later = [gd_cols[:, layer:] for layer in range(depth)]
+        self.c_later = [cols[layer - 1][layer:] if layer else cols[0] for layer in range(depth)]
+        self.grad_u = torch.empty_like(increments[0])
+        self.grad_u_flat = self.grad_u.view(-1)
+        self.d_flat_t = history
+        self.grad_coeff = torch.empty_like(coeff)
+
+    @classmethod
+    def for_inputs(
+        cls, x: torch.Tensor, weights: Sequence[torch.Tensor], memory: bool
+    ) -> StackWorkspace:
+        return cls(
+            batch=x.shape[0],
+            in_features=x.shape[1],
+            width=weights[0].shape[0],
+            depth=len(weights),
+            memory=memory,
+            dtype=x.dtype,
+            device=x.device,
+        )
+
+    def transposed(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``W.t()`` of every weight, made once: the optimiser updates weights in place. A
+        weight whose storage was swapped (``param.data = ...``) gets a new view."""
+        ptrs = [w.data_ptr() for w in weights]
+        if ptrs != self._weight_ptrs:
+            self._weight_ptrs = ptrs
+            self._weights_t = [w.t() for w in weights]
+        return self._weights_t
+
+    def fits(self, x: torch.Tensor, weights: Sequence[torch.Tensor], memory: bool) -> bool:
+        """Whether this workspace has the shape of a pass over ``x`` with ``weights``."""
+        key = (x.shape[0], x.shape[1], weights[0].shape[0], len(weights), memory)
+        return self.key == (*key, x.dtype, x.device)
+
+
 @dataclass(frozen=True)
 class StackTape:
-    """What the backward pass needs from a forward pass (one tensor of all layers each)."""
+    """What the backward pass needs from a forward pass."""
 
     x: torch.Tensor
-    forcing: torch.Tensor
-    coeff: torch.Tensor | None
     weights: tuple[torch.Tensor, ...]
-    increments: torch.Tensor
-    states: torch.Tensor
-    activations: torch.Tensor
+    workspace: StackWorkspace
 
 
 @dataclass(frozen=True)
@@ -46,73 +148,64 @@ class StackGrads:
     biases: list[torch.Tensor]
 
 
-# Per-layer work is kept to the unavoidable sequential ops; everything that can be done for all
-# layers at once (weight, bias, forcing and memory gradients) is one batched op after the loop.
-# Buffers are unbound once: indexing a tensor in the loop costs an op each time.
 def stack_forward(
     x: torch.Tensor,
     forcing: torch.Tensor,
     coeff: torch.Tensor | None,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor],
+    workspace: StackWorkspace | None = None,
 ) -> tuple[torch.Tensor, StackTape]:
-    """The final state ``u_L`` (a view into the tape) and the tape for :func:`stack_backward`.
+    """The final state ``u_L`` (a view into the workspace) and the tape for
+    :func:`stack_backward`.
 
     Plain tensor arithmetic: call it without autograd (under ``torch.no_grad``) or through
-    :func:`hidden_stack`.
+    :func:`hidden_stack`. Without ``workspace`` a fresh one is made.
     """
-    depth = len(weights)
-    batch, width = x.shape[0], weights[0].shape[0]
-    increments = x.new_empty((depth, batch, width))
-    states = x.new_empty((depth, batch, width))
-    activations = x.new_empty((depth, batch, width))
-    d_views, s_views, a_views = increments.unbind(), states.unbind(), activations.unbind()
-    f_views = forcing.unbind()
-    # Views made once: every indexing op in the loop below costs a dispatch.
-    history = increments.view(depth, -1).t()  # column j: d_j flattened
-    d_flat = increments.view(depth, -1).unbind()
-    c_rows = coeff.unbind() if coeff is not None else ()
+    memory = coeff is not None
+    ws = workspace
+    if ws is None or not ws.fits(x, weights, memory):
+        ws = StackWorkspace.for_inputs(x, weights, memory)
+    ws.forcing.copy_(forcing)
+    if coeff is not None:
+        ws.coeff.copy_(coeff)
+    s_views, a_views, f_views = ws.s_views, ws.a_views, ws.f_views
+    weights_t = ws.transposed(weights)
     inp = x
-    for layer in range(depth):
+    for layer in range(len(weights)):
         # mm + add_ rather than addmm: the CPU addmm with a broadcast bias is ~40% slower.
-        act = torch.mm(inp, weights[layer].t(), out=a_views[layer])
+        act = torch.mm(inp, weights_t[layer], out=a_views[layer])
         act.add_(biases[layer]).relu_()
-        torch.mul(act, f_views[layer], out=d_views[layer])
-        if c_rows and layer > 0:
-            d_flat[layer].addmv_(history[:, :layer], c_rows[layer][:layer], alpha=-1.0)
-        d = d_views[layer]
-        if layer > 0:
-            torch.add(s_views[layer - 1], d, out=s_views[layer])
+        if not memory:
+            if layer == 0:
+                torch.mul(act, f_views[0], out=s_views[0])
+            else:
+                torch.addcmul(s_views[layer - 1], act, f_views[layer], out=s_views[layer])
         else:
-            s_views[0].copy_(d)
+            d = torch.mul(act, f_views[layer], out=ws.d_views[layer])
+            if layer == 0:
+                s_views[0].copy_(d)
+            else:
+                ws.d_rows[layer].addmv_(ws.history[layer], ws.c_rows[layer], alpha=-1.0)
+                torch.add(s_views[layer - 1], d, out=s_views[layer])
         inp = s_views[layer]
-    tape = StackTape(x, forcing, coeff, tuple(weights), increments, states, activations)
-    return s_views[depth - 1], tape
+    return inp, StackTape(x, tuple(weights), ws)
 
 
 def stack_backward(
     grad_out: torch.Tensor, tape: StackTape, *, need_x: bool = False, need_params: bool = True
 ) -> StackGrads:
-    """Gradients of every input of :func:`stack_forward` given ``dL/du_L``."""
-    increments, states, activations, weights = (
-        tape.increments,
-        tape.states,
-        tape.activations,
-        tape.weights,
-    )
-    coeff = tape.coeff
+    """Gradients of every input of :func:`stack_forward` given ``dL/du_L`` (views into the
+    workspace; ``grad_out`` may already be its last ``gd_views`` entry, which saves a copy)."""
+    ws, weights = tape.workspace, tape.weights
     depth = len(weights)
-    grad_incr = torch.empty_like(increments)
-    grad_z = torch.empty_like(increments)
     # d(relu(z) * f)/dz for all layers at once: f where the unit is active, else 0. sign() of
     # the (non-negative) activations gives that 0/1 pattern ~10x faster than a comparison.
-    gate = activations.sign().mul_(tape.forcing[:, None, None])
-    gd_views, gz_views, gate_views = grad_incr.unbind(), grad_z.unbind(), gate.unbind()
-    gd_flat = grad_incr.view(depth, -1)
-    gd_rows, gd_cols = gd_flat.unbind(), gd_flat.t()
-    c_cols = coeff.t().unbind() if coeff is not None else ()
+    torch.sign(ws.activations, out=ws.gate).mul_(ws.gate_scale)
+    gd_views, gz_views, gate_views = ws.gd_views, ws.gz_views, ws.gate_views
     grad_d = gd_views[depth - 1]
-    grad_d.copy_(grad_out)
+    if grad_out is not grad_d:
+        grad_d.copy_(grad_out)
     grad_u = grad_d  # gradient w.r.t. the state u_{layer+1}, without memory terms
     grad_x = None
     for layer in reversed(range(depth)):
@@ -123,34 +216,33 @@ def stack_backward(
             break
         # u_layer feeds u_{layer+1} directly and z_layer through W_layer; d_{layer-1} feeds
         # u_layer and, with weight -c[k, layer-1], the memory of every later block k.
-        if coeff is None:
+        if not ws.memory:
             grad_u = torch.addmm(grad_u, gz, weights[layer], out=gd_views[layer - 1])
         else:
-            grad_u = torch.addmm(grad_u, gz, weights[layer])
+            grad_u = torch.addmm(grad_u, gz, weights[layer], out=ws.grad_u)
             torch.addmv(
-                grad_u.view(-1),
-                gd_cols[:, layer:],
-                c_cols[layer - 1][layer:],
+                ws.grad_u_flat,
+                ws.gd_later[layer],
+                ws.c_later[layer],
                 alpha=-1.0,
-                out=gd_rows[layer - 1],
+                out=ws.gd_rows[layer - 1],
             )
         grad_d = gd_views[layer - 1]
-    grad_w: list[torch.Tensor] = []
-    grad_b: list[torch.Tensor] = []
     if need_params:
-        grad_w.append(grad_z[0].t().mm(tape.x))
+        torch.mm(ws.gz0_t, tape.x, out=ws.grad_w0)
         if depth > 1:
-            grad_w += torch.bmm(grad_z[1:].transpose(1, 2), states[:-1]).unbind()
-        grad_b = list(grad_z.sum(1).unbind())
+            torch.bmm(ws.gz_tail_t, ws.states_head, out=ws.grad_w_hidden)
+        torch.sum(ws.grad_z, 1, out=ws.grad_b)
+    torch.linalg.vecdot(ws.gd_flat, ws.act_flat, out=ws.grad_forcing)
     grad_coeff = None
-    if coeff is not None:
-        grad_coeff = torch.mm(gd_flat, increments.view(depth, -1).t()).tril_(-1).neg_()
+    if ws.memory:
+        grad_coeff = torch.mm(ws.gd_flat, ws.d_flat_t, out=ws.grad_coeff).tril_(-1).neg_()
     return StackGrads(
         x=grad_x,
-        forcing=(grad_incr * activations).sum((1, 2)),
+        forcing=ws.grad_forcing,
         coeff=grad_coeff,
-        weights=grad_w,
-        biases=grad_b,
+        weights=ws.grad_w if need_params else [],
+        biases=ws.grad_b_views if need_params else [],
     )
 
 
@@ -163,6 +255,7 @@ class _StackFunction(torch.autograd.Function):
         coeff: torch.Tensor | None,
         *params: torch.Tensor,
     ) -> torch.Tensor:
+        # A fresh workspace per call: the tape must survive until backward.
         out, ctx.tape = stack_forward(x, forcing, coeff, params[0::2], params[1::2])
         return out.clone()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -237,15 +238,9 @@ STEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("cls", "kw", "l1", "horizon"), STEP_CASES)
-def test_loss_and_grad_matches_autograd(
-    cls: type[TauNetwork], kw: dict[str, object], l1: float, horizon: float
+def _assert_step_matches_autograd(
+    model: TauNetwork, x: torch.Tensor, y: torch.Tensor, l1: float = 0.0, horizon: float = 0.0
 ) -> None:
-    torch.manual_seed(5)
-    model = cls(7, 5, 4, 3, T=2.0, **kw).double()  # type: ignore[arg-type]
-    _randomise_taus(model, seed=6)
-    x = torch.rand(8, 7, dtype=torch.float64)
-    y = torch.randint(0, 3, (8,))
     loss = model.loss_and_grad(x, y, l1=l1, horizon_weight=horizon)
     manual = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -258,3 +253,41 @@ def test_loss_and_grad_matches_autograd(
     assert manual.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(manual[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    model.zero_grad()
+
+
+@pytest.mark.parametrize(("cls", "kw", "l1", "horizon"), STEP_CASES)
+def test_loss_and_grad_matches_autograd(
+    cls: type[TauNetwork], kw: dict[str, object], l1: float, horizon: float
+) -> None:
+    torch.manual_seed(5)
+    model = cls(7, 5, 4, 3, T=2.0, **kw).double()  # type: ignore[arg-type]
+    _randomise_taus(model, seed=6)
+    x = torch.rand(8, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    _assert_step_matches_autograd(model, x, y, l1, horizon)
+
+
+@pytest.mark.parametrize("cls", [TauResNet, FractionalDNN])
+def test_loss_and_grad_buffers_follow_the_model(cls: type[TauNetwork]) -> None:
+    """The step keeps its buffers between calls: they must follow a new batch size, weights
+    changed in place or swapped, and (ResNet) a pruned, shallower network."""
+    torch.manual_seed(8)
+    model = cls(7, 5, 4, 3, T=2.0).double()
+    _randomise_taus(model, seed=9)
+    x = torch.rand(8, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    _assert_step_matches_autograd(model, x, y, l1=0.1)
+    _assert_step_matches_autograd(model, x[:5], y[:5])  # a short last batch
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # what the optimiser does
+    _assert_step_matches_autograd(model, x, y)
+    first = cast(torch.nn.Linear, model.blocks[1])
+    first.weight.data = first.weight.data * 1.5  # new storage under the same parameter
+    _assert_step_matches_autograd(model, x, y)
+    if isinstance(model, TauResNet):
+        with torch.no_grad():
+            model.tau_free[2] = 0.0
+        assert model.prune(0.05) == [2]
+        _assert_step_matches_autograd(model, x, y)
