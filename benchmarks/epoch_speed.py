@@ -6,8 +6,10 @@ dataset through ``ToTensor`` and ``DataLoader(batch_size=100, shuffle=True)`` an
 forward pass formula by formula (:func:`models.reference_forward`). A third variant runs the
 same DataLoader loop with tauopt's fused network, to show what the data pipeline alone costs.
 Both sides time the training pass of one epoch (the engine's full epoch, with its validation
-pass and pruning check, is reported too). Runs are interleaved so that drifting machine speed
-hits every variant alike; medians are reported. Usage::
+pass and pruning check, is reported too). Also reported: the engine on one thread, and the
+bare matrix products of an epoch of engine steps (the floor no engine on this CPU can beat).
+Runs are interleaved so that drifting machine speed hits every variant alike; medians are
+reported. Usage::
 
     python benchmarks/epoch_speed.py --data-dir ../shared/data [--repeats 3] [--json out.json]
 """
@@ -67,6 +69,36 @@ def loop_epoch(
     return time.perf_counter() - start
 
 
+def matmul_floor(config: TrainConfig, batches: int, repeats: int = 200) -> float:
+    """Seconds per epoch of the bare matrix products of the engine's step (forward, backward
+    recursion, weight gradients), with nothing else: what no engine on this CPU can beat."""
+    depth, width, batch = config.depth, config.width, config.batch_size
+    x = torch.rand(batch, 784)
+    weights = [torch.randn(width, 784)] + [torch.randn(width, width) for _ in range(depth - 1)]
+    weights_t = [w.t() for w in weights]
+    acts, grads = torch.empty(depth, batch, width), torch.empty(depth, batch, width)
+    act_views, grad_views = acts.unbind(), grads.unbind()
+    grad_w0, grad_hidden = torch.empty(width, 784), torch.empty(depth - 1, width, width)
+
+    def products() -> None:
+        inp = x
+        for layer in range(depth):
+            inp = torch.mm(inp, weights_t[layer], out=act_views[layer])
+        for layer in range(depth - 1, 0, -1):
+            torch.addmm(
+                grad_views[layer], grad_views[layer], weights[layer], out=grad_views[layer - 1]
+            )
+        torch.mm(grads[0].t(), x, out=grad_w0)
+        torch.bmm(grads[1:].transpose(1, 2), acts[:-1], out=grad_hidden)
+
+    for _ in range(20):
+        products()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        products()
+    return (time.perf_counter() - start) / repeats * batches
+
+
 def run(data_dir: Path, repeats: int, scratch: Path) -> dict[str, Any]:
     dataset = load_dataset("mnist", data_dir, download=False)
     tv = datasets.MNIST(
@@ -81,8 +113,10 @@ def run(data_dir: Path, repeats: int, scratch: Path) -> dict[str, Any]:
         times: dict[str, list[float]] = {
             "engine": [],
             "engine_with_validation": [],
+            "engine_one_thread": [],
             "loop": [],
             "loop_fused": [],
+            "matmul_floor": [],
         }
         acc: dict[str, float] = {}
         for rep in range(repeats):
@@ -90,6 +124,15 @@ def run(data_dir: Path, repeats: int, scratch: Path) -> dict[str, Any]:
             times["engine"].append(result.train_seconds[0])  # the training pass, as the loop's
             times["engine_with_validation"].append(result.epoch_seconds[0])
             acc["engine"] = result.test_accuracy
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                times["engine_one_thread"].append(
+                    train(config, dataset, device="cpu").train_seconds[0]
+                )
+            finally:
+                torch.set_num_threads(threads)
+            times["matmul_floor"].append(matmul_floor(config, len(train_idx) // config.batch_size))
             for variant in ("loop", "loop_fused"):
                 model = build_model(config, 784, 10)
                 forward = (
@@ -131,7 +174,9 @@ def main() -> None:
         m = r["median_seconds"]
         print(
             f"{arch}: engine {m['engine']:.2f}s "
-            f"({m['engine_with_validation']:.2f}s with validation), "
+            f"({m['engine_with_validation']:.2f}s with validation, "
+            f"{m['engine_one_thread']:.2f}s on one thread; bare matrix products "
+            f"{m['matmul_floor']:.2f}s), "
             f"loop {m['loop']:.2f}s, loop+fused model "
             f"{m['loop_fused']:.2f}s -> engine = 1/{r['speedup']:.1f} of the loop; test accuracy "
             f"engine {r['test_accuracy_after_one_epoch']['engine']:.4f} vs loop "
