@@ -17,6 +17,15 @@ class _L1Tape:
     taus: list[float]
     pairs: list[tuple[int, int, float, float, float, float]]  # l, j, coeff, ratio, far, near
     gamma: float
+    degenerate: bool = False
+
+
+# Python floats raise where tensor arithmetic gives inf or nan: a zero step, or a span that
+# rounds to zero once the taus have blown up (a diverging run, seen with lr 0.29). Such a step
+# yields nan, as the tensor version did, and the engine's finiteness check reports the
+# divergence with its advice instead of a ZeroDivisionError.
+def _nan_matrix(n: int) -> list[list[float]]:
+    return [[math.nan] * n for _ in range(n)]
 
 
 # The matrix is L x L with L(L-1)/2 nonzero entries (15 at the reference depth). As device ops
@@ -25,6 +34,13 @@ class _L1Tape:
 # copy each way per step.
 def _l1_values(t: list[float], gamma: float) -> tuple[list[list[float]], _L1Tape]:
     """The coefficient matrix as nested lists, and the tape of its gradient."""
+    try:
+        return _l1_values_exact(t, gamma)
+    except ZeroDivisionError:
+        return _nan_matrix(len(t)), _L1Tape(t, [], gamma, degenerate=True)
+
+
+def _l1_values_exact(t: list[float], gamma: float) -> tuple[list[list[float]], _L1Tape]:
     n = len(t)
     ends = [0.0]
     for tau in t:
@@ -51,6 +67,15 @@ def _l1_forward(taus: torch.Tensor, gamma: float) -> tuple[torch.Tensor, _L1Tape
 
 def _l1_grad_values(g: list[list[float]], tape: _L1Tape) -> list[float]:
     """``dL/dtau`` from ``dL/da`` (nested lists), by the closed form below."""
+    if not tape.degenerate:
+        try:
+            return _l1_grad_values_exact(g, tape)
+        except ZeroDivisionError:
+            pass
+    return [math.nan] * len(tape.taus)
+
+
+def _l1_grad_values_exact(g: list[list[float]], tape: _L1Tape) -> list[float]:
     gamma, t = tape.gamma, tape.taus
     n = len(t)
     result = [0.0] * n
@@ -181,7 +206,11 @@ class FractionalDNN(TauNetwork):
     ) -> torch.Tensor:
         values, effective, tape = saved
         scale, power = self.gamma * self._forcing_scale, self.gamma - 1.0
-        grad = [g * t**power * scale for g, t in zip(grad_forcing.tolist(), effective, strict=True)]
+        try:
+            rates = [t**power * scale for t in effective]
+        except ZeroDivisionError:  # a zero step: see _nan_matrix
+            rates = [math.nan] * len(effective)
+        grad = [g * r for g, r in zip(grad_forcing.tolist(), rates, strict=True)]
         if grad_coeff is not None and not self.detach_memory:
             memory = _l1_grad_values(grad_coeff.tolist(), tape)
             grad = [a + b for a, b in zip(grad, memory, strict=True)]

@@ -291,3 +291,21 @@ def test_loss_and_grad_buffers_follow_the_model(cls: type[TauNetwork]) -> None:
             model.tau_free[2] = 0.0
         assert model.prune(0.05) == [2]
         _assert_step_matches_autograd(model, x, y)
+
+
+def test_fractional_step_with_degenerate_taus_gives_nan_not_an_exception() -> None:
+    """A blown-up tau makes a later span round to zero (seen in a diverging study trial):
+    the step must yield nan, which the engine reports as divergence, not raise."""
+    torch.manual_seed(10)
+    model = FractionalDNN(3, 4, 3, 2)
+    with torch.no_grad():
+        model.tau_free.copy_(torch.tensor([1e20, 1e-4, 1e-4]))
+    x, y = torch.rand(5, 3), torch.randint(0, 2, (5,))
+    model.loss_and_grad(x, y)
+    assert model.tau_free.grad is not None
+    assert not torch.isfinite(model.tau_free.grad).all()
+    with torch.no_grad():
+        model.tau_free.zero_()  # a zero step: 1/tau and tau^(gamma-1)
+    model.loss_and_grad(x, y)
+    assert not torch.isfinite(model.tau_free.grad).all()
+    assert not torch.isfinite(model(x)).all()
