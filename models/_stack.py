@@ -95,6 +95,7 @@ class StackWorkspace:
         self.gd_rows = self.gd_flat.unbind()
         gd_cols = self.gd_flat.t()
         self.gd_later = [gd_cols[:, layer:] for layer in range(depth)]
+        # entry 0 is never read (the input block has no predecessor); it only keeps indices
         self.c_later = [cols[layer - 1][layer:] if layer else cols[0] for layer in range(depth)]
         self.grad_u = torch.empty_like(increments[0])
         self.grad_u_flat = self.grad_u.view(-1)
@@ -173,7 +174,8 @@ def stack_forward(
     weights_t = ws.transposed(weights)
     inp = x
     for layer in range(len(weights)):
-        # mm + add_ rather than addmm: the CPU addmm with a broadcast bias is ~40% slower.
+        # mm + add_ rather than addmm with the bias: an earlier machine ran that addmm ~40%
+        # slower; on the current one the two tie (benchmarks/step_ab.py).
         act = torch.mm(inp, weights_t[layer], out=a_views[layer])
         act.add_(biases[layer]).relu_()
         if not memory:
