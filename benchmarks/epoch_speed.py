@@ -12,6 +12,7 @@ Runs are interleaved so that drifting machine speed hits every variant alike; me
 reported. Usage::
 
     python benchmarks/epoch_speed.py --data-dir ../shared/data [--repeats 3] [--json out.json]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from models import TauNetwork, reference_forward
-from tauopt import TrainConfig, accuracy, build_model, load_dataset, make_splits, train
+from tauopt import (
+    RawDataset,
+    TrainConfig,
+    accuracy,
+    build_model,
+    load_dataset,
+    make_splits,
+    resolve_device,
+    train,
+)
 from tauopt._data import SPLIT_SEED
 
 
@@ -51,34 +61,52 @@ def torchvision_root(data_dir: Path, into: Path) -> Path:
     return into
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timer stopped next measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def loop_epoch(
     model: TauNetwork,
     forward: Callable[[torch.Tensor], torch.Tensor],
     loader: DataLoader[Any],
     lr: float,
+    device: torch.device,
 ) -> float:
-    """One epoch the straightforward way; returns its seconds."""
+    """One epoch the straightforward way (each batch moved to ``device``); its seconds."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    synchronize(device)
     start = time.perf_counter()
     for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad()
         loss = F.cross_entropy(forward(images.view(images.shape[0], -1)), labels)
         loss.backward()
         optimizer.step()
         model.project_taus_()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def matmul_floor(config: TrainConfig, batches: int, repeats: int = 200) -> float:
+def matmul_floor(
+    config: TrainConfig, batches: int, device: torch.device, repeats: int = 200
+) -> float:
     """Seconds per epoch of the bare matrix products of the engine's step (forward, backward
-    recursion, weight gradients), with nothing else: what no engine on this CPU can beat."""
+    recursion, weight gradients), with nothing else: what no engine on this device can beat."""
     depth, width, batch = config.depth, config.width, config.batch_size
-    x = torch.rand(batch, 784)
-    weights = [torch.randn(width, 784)] + [torch.randn(width, width) for _ in range(depth - 1)]
+
+    def empty(*size: int) -> torch.Tensor:
+        return torch.empty(size, device=device)
+
+    x = torch.rand(batch, 784, device=device)
+    weights = [torch.randn(width, 784, device=device)] + [
+        torch.randn(width, width, device=device) for _ in range(depth - 1)
+    ]
     weights_t = [w.t() for w in weights]
-    acts, grads = torch.empty(depth, batch, width), torch.empty(depth, batch, width)
+    acts, grads = empty(depth, batch, width), empty(depth, batch, width)
     act_views, grad_views = acts.unbind(), grads.unbind()
-    grad_w0, grad_hidden = torch.empty(width, 784), torch.empty(depth - 1, width, width)
+    grad_w0, grad_hidden = empty(width, 784), empty(depth - 1, width, width)
 
     def products() -> None:
         inp = x
@@ -93,48 +121,69 @@ def matmul_floor(config: TrainConfig, batches: int, repeats: int = 200) -> float
 
     for _ in range(20):
         products()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         products()
+    synchronize(device)
     return (time.perf_counter() - start) / repeats * batches
 
 
-def run(data_dir: Path, repeats: int, scratch: Path) -> dict[str, Any]:
+def one_thread_epoch(config: TrainConfig, dataset: RawDataset) -> float:
+    """The engine's training pass on one CPU thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(config, dataset, device="cpu").train_seconds[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+def run(data_dir: Path, repeats: int, scratch: Path, device: torch.device) -> dict[str, Any]:
     dataset = load_dataset("mnist", data_dir, download=False)
     tv = datasets.MNIST(
         str(torchvision_root(data_dir, scratch)), train=True, transform=transforms.ToTensor()
     )
     order = torch.randperm(len(tv), generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx = order[10_000:].tolist()  # the engine's training split: same images, both sides
-    splits = make_splits(dataset, val_size=10_000, train_size=None, device=torch.device("cpu"))
-    results: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    splits = make_splits(dataset, val_size=10_000, train_size=None, device=device)
+    results: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": describe(device),
+    }
+    on_cpu = device.type == "cpu"
+    if not on_cpu:  # the first CUDA calls initialise the libraries: keep that out of the times
+        train(TrainConfig(epochs=1, train_size=2000, seed=0), dataset, device=device)
     for arch in ("resnet", "fracdnn"):
         config = TrainConfig(arch=arch, epochs=1, seed=0)  # the papers' defaults otherwise
         times: dict[str, list[float]] = {
             "engine": [],
             "engine_with_validation": [],
-            "engine_one_thread": [],
             "loop": [],
             "loop_fused": [],
             "matmul_floor": [],
         }
+        if on_cpu:
+            times["engine_one_thread"] = []
         acc: dict[str, float] = {}
         for rep in range(repeats):
-            result = train(config, dataset, device="cpu")
+            result = train(config, dataset, device=device)
             times["engine"].append(result.train_seconds[0])  # the training pass, as the loop's
             times["engine_with_validation"].append(result.epoch_seconds[0])
             acc["engine"] = result.test_accuracy
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                times["engine_one_thread"].append(
-                    train(config, dataset, device="cpu").train_seconds[0]
-                )
-            finally:
-                torch.set_num_threads(threads)
-            times["matmul_floor"].append(matmul_floor(config, len(train_idx) // config.batch_size))
+            if on_cpu:
+                times["engine_one_thread"].append(one_thread_epoch(config, dataset))
+            batches = len(train_idx) // config.batch_size
+            times["matmul_floor"].append(matmul_floor(config, batches, device))
             for variant in ("loop", "loop_fused"):
-                model = build_model(config, 784, 10)
+                model = build_model(config, 784, 10).to(device)
                 forward = (
                     model
                     if variant == "loop_fused"
@@ -142,7 +191,7 @@ def run(data_dir: Path, repeats: int, scratch: Path) -> dict[str, Any]:
                 )
                 torch.manual_seed(rep)  # the DataLoader's shuffling
                 loader = DataLoader(Subset(tv, train_idx), batch_size=100, shuffle=True)
-                times[variant].append(loop_epoch(model, forward, loader, config.lr))
+                times[variant].append(loop_epoch(model, forward, loader, config.lr, device))
                 if variant == "loop":
                     acc["loop"] = accuracy(model, splits.test_x, splits.test_y)
             print(
@@ -166,17 +215,23 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default; the issue's target) or cuda[:N]"
+    )
     args = parser.parse_args()
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as scratch:
-        results = run(args.data_dir, args.repeats, Path(scratch))
+        results = run(args.data_dir, args.repeats, Path(scratch), device)
     for arch in ("resnet", "fracdnn"):
         r = results[arch]
         m = r["median_seconds"]
+        one_thread = (
+            f"{m['engine_one_thread']:.2f}s on one thread; " if "engine_one_thread" in m else ""
+        )
         print(
-            f"{arch}: engine {m['engine']:.2f}s "
+            f"{arch} on {results['device']}: engine {m['engine']:.2f}s "
             f"({m['engine_with_validation']:.2f}s with validation, "
-            f"{m['engine_one_thread']:.2f}s on one thread; bare matrix products "
-            f"{m['matmul_floor']:.2f}s), "
+            f"{one_thread}bare matrix products {m['matmul_floor']:.3f}s), "
             f"loop {m['loop']:.2f}s, loop+fused model "
             f"{m['loop_fused']:.2f}s -> engine = 1/{r['speedup']:.1f} of the loop; test accuracy "
             f"engine {r['test_accuracy_after_one_epoch']['engine']:.4f} vs loop "

@@ -1,0 +1,104 @@
+"""The engine on a CUDA GPU: same step, same training, same CLI as on the CPU.
+
+Skipped where no GPU is visible (as in CI); run on a GPU machine with ``pytest -m cuda``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import FractionalDNN, TauNetwork, TauResNet
+from tauopt import RawDataset, TrainConfig, resolve_device, train
+from tauopt._cli import main
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SMALL = {"train_size": 2000, "val_size": 2000, "lr": 0.3}
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [
+        (TauResNet, {}),
+        (TauResNet, {"dependent_last_tau": True}),
+        (FractionalDNN, {}),
+        (FractionalDNN, {"dependent_last_tau": True, "gamma": 0.3}),
+    ],
+)
+def test_step_on_gpu_matches_cpu_in_float64(cls: type[TauNetwork], kw: dict[str, object]) -> None:
+    torch.manual_seed(3)
+    cpu = cls(7, 5, 4, 3, T=2.0, **kw).double()  # type: ignore[arg-type]
+    with torch.no_grad():
+        cpu.tau_free.mul_(torch.linspace(0.6, 1.4, cpu.tau_free.numel(), dtype=torch.float64))
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.rand(8, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    for _ in range(2):  # the second step reuses the buffers of the first
+        loss_cpu = cpu.loss_and_grad(x, y, l1=0.1, horizon_weight=0.5)
+        loss_gpu = gpu.loss_and_grad(x.cuda(), y.cuda(), l1=0.1, horizon_weight=0.5)
+        assert loss_gpu.device.type == "cuda"
+        assert loss_gpu.item() == pytest.approx(loss_cpu.item(), rel=1e-12)
+        for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+            if p_cpu.grad is None:
+                assert p_gpu.grad is None, name
+                continue
+            assert p_gpu.grad is not None and p_gpu.grad.device.type == "cuda", name
+            torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            for p_cpu, p_gpu in zip(cpu.parameters(), gpu.parameters(), strict=True):
+                if p_cpu.grad is not None and p_gpu.grad is not None:
+                    p_cpu.sub_(0.1 * p_cpu.grad)
+                    p_gpu.sub_(0.1 * p_gpu.grad)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "fracdnn"])
+def test_training_on_gpu_follows_the_cpu(mnist: RawDataset, arch: str) -> None:
+    """float32 on both; the GPU's products round differently, so the runs agree closely,
+    not bit for bit."""
+    config = TrainConfig(arch=arch, epochs=2, **SMALL)  # type: ignore[arg-type]
+    on_cpu = train(config, mnist, device="cpu")
+    on_gpu = train(config, mnist, device="cuda")
+    assert on_gpu.device.startswith("cuda")
+    assert next(on_gpu.model.parameters()).device.type == "cuda"
+    assert on_gpu.val_accuracy[-1] > 0.6
+    assert on_gpu.val_accuracy[-1] == pytest.approx(on_cpu.val_accuracy[-1], abs=0.01)
+    assert on_gpu.taus == pytest.approx(on_cpu.taus, abs=1e-3)
+
+
+def test_pruning_and_the_horizon_on_gpu(mnist: RawDataset) -> None:
+    pruned = train(
+        TrainConfig(epochs=4, l1=0.3, prune_eps=0.12, **SMALL),  # type: ignore[arg-type]
+        mnist,
+        device="cuda",
+    )
+    assert pruned.pruned and pruned.active_blocks < 6
+    assert len(pruned.model.blocks) == pruned.active_blocks
+    held = train(
+        TrainConfig(  # type: ignore[arg-type]
+            arch="fracdnn", epochs=2, T=3.0, dependent_last_tau=True, l1=0.05, **SMALL
+        ),
+        mnist,
+        device="cuda",
+    )
+    for taus in held.tau_history:
+        assert sum(taus) == pytest.approx(3.0, abs=1e-6)
+    assert held.taus != pytest.approx([0.5] * 6)
+
+
+def test_cuda_is_the_default_and_the_cli_uses_it(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert resolve_device(None).type == "cuda"
+    args = ["train", "--data-dir", str(data_dir), "--epochs", "1", "--train-size", "500"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"].startswith("cuda")
+    assert 0.0 <= out["test_accuracy"] <= 1.0
