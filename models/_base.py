@@ -79,6 +79,12 @@ class TauNetwork(nn.Module):
         return len(self.blocks)
 
     @property
+    def step_workspace(self) -> StackWorkspace | None:
+        """The buffers :meth:`loss_and_grad` reuses from step to step (None before the first
+        step); the gradients it returns live in them."""
+        return self._workspace
+
+    @property
     def taus(self) -> torch.Tensor:
         """Step sizes of the active blocks, in order (differentiable)."""
         if not self.dependent_last_tau:

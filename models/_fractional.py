@@ -20,6 +20,11 @@ class _L1Tape:
     degenerate: bool = False
 
 
+def host_arithmetic(device: torch.device) -> bool:
+    """Whether the step's tau arithmetic runs as Python floats (CPU) or as device ops."""
+    return device.type == "cpu"
+
+
 # Python floats raise where tensor arithmetic gives inf or nan: a zero step, or a span that
 # rounds to zero once the taus have blown up (a diverging run, seen with lr 0.29). Such a step
 # yields nan, as the tensor version did, and the engine's finiteness check reports the
@@ -106,6 +111,48 @@ def _l1_backward(grad: torch.Tensor, tape: _L1Tape) -> torch.Tensor:
     return torch.tensor(result, dtype=grad.dtype, device=grad.device)
 
 
+@dataclass(frozen=True)
+class _L1DeviceTape:
+    taus: torch.Tensor
+    lower: torch.Tensor  # j < l: the entries the scheme uses
+    far: torch.Tensor
+    near: torch.Tensor
+    ratio: torch.Tensor
+    coeff: torch.Tensor
+    gamma: float
+
+
+# The same arithmetic as _l1_values / _l1_grad_values, as whole-matrix device ops: no host round
+# trip, so a GPU step needs no synchronisation and can be captured in a CUDA graph. The unused
+# entries (j >= l) get spans of 1, so that no pow of a non-positive span makes a nan there.
+def _l1_device(t: torch.Tensor, gamma: float) -> tuple[torch.Tensor, _L1DeviceTape]:
+    n = t.shape[0]
+    ends = torch.cat([t.new_zeros(1), t.cumsum(0)])
+    lower = torch.ones(n, n, dtype=torch.bool, device=t.device).tril(-1)
+    one = t.new_ones(n, n)
+    far = torch.where(lower, ends[1:, None] - ends[None, :-1], one)  # t_{l+1} - t_j
+    near = torch.where(lower, ends[1:, None] - ends[None, 1:], one)  # t_{l+1} - t_{j+1}
+    ratio = t[:, None].pow(gamma) / t[None, :]
+    power = 1.0 - gamma
+    coeff = torch.where(lower, ratio * (far.pow(power) - near.pow(power)), 0.0)
+    return coeff, _L1DeviceTape(t, lower, far, near, ratio, coeff, gamma)
+
+
+def _l1_device_grad(g: torch.Tensor, tape: _L1DeviceTape) -> torch.Tensor:
+    """``dL/dtau`` from ``dL/da``: the closed form of :func:`_l1_grad_values_exact`, where a
+    span's derivative adds to every tau it contains (far: tau_j..tau_l, near: tau_{j+1}..tau_l)."""
+    gamma, t = tape.gamma, tape.taus
+    weight = torch.where(tape.lower, g, 0.0)
+    scaled = weight * tape.coeff
+    result = gamma * scaled.sum(1) / t - scaled.sum(0) / t
+    outer = weight * ((1.0 - gamma) * tape.ratio)
+    # cumsum over j, then the rows l >= k: sum_{l >= k} sum_{j <= k} d[l, j] for every k
+    far = (outer * tape.far.pow(-gamma)).cumsum(1).tril().sum(0)
+    near_sums = (outer * tape.near.pow(-gamma)).cumsum(1)
+    near = torch.nn.functional.pad(near_sums, (1, 0))[:, :-1].tril().sum(0)  # j <= k - 1
+    return result + far - near
+
+
 class _L1Coefficients(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, taus: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -183,9 +230,13 @@ class FractionalDNN(TauNetwork):
         coeff = l1_memory_coefficients(taus.detach() if self.detach_memory else taus, self.gamma)
         return self._hidden(x, taus.pow(self.gamma) * self._forcing_scale, coeff)
 
-    # The training step works on a handful of floats per tau: plain Python arithmetic on the
-    # host, one tensor each way, is cheaper than a dozen tiny tensor ops.
+    # The training step works on a handful of floats per tau. On the CPU plain Python
+    # arithmetic, one tensor each way, is cheaper than a dozen tiny tensor ops; on a GPU the
+    # round trip would stall the device every step and rule out CUDA graphs, so the same
+    # formulas run there as device ops.
     def _step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        if not host_arithmetic(taus.device):
+            return self._device_step_sizes(taus)
         values = taus.detach().tolist()
         effective = [max(t, self.tau_min) for t in values] if self.dependent_last_tau else values
         forcing = [t**self.gamma * self._forcing_scale for t in effective]
@@ -204,6 +255,8 @@ class FractionalDNN(TauNetwork):
         grad_coeff: torch.Tensor | None,
         saved: Any,
     ) -> torch.Tensor:
+        if not host_arithmetic(taus.device):
+            return self._device_tau_grad(grad_forcing, grad_coeff, saved)
         values, effective, tape = saved
         scale, power = self.gamma * self._forcing_scale, self.gamma - 1.0
         try:
@@ -217,6 +270,25 @@ class FractionalDNN(TauNetwork):
         if self.dependent_last_tau:  # clamp(min) passes no gradient below tau_min
             grad = [g if t >= self.tau_min else 0.0 for g, t in zip(grad, values, strict=True)]
         return torch.tensor(grad, dtype=taus.dtype, device=taus.device)
+
+    def _device_step_sizes(
+        self, taus: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        effective = self._effective_taus(taus)
+        coeff, tape = _l1_device(effective, self.gamma)
+        return effective.pow(self.gamma) * self._forcing_scale, coeff, (taus, effective, tape)
+
+    def _device_tau_grad(
+        self, grad_forcing: torch.Tensor, grad_coeff: torch.Tensor | None, saved: Any
+    ) -> torch.Tensor:
+        taus, effective, tape = saved
+        rates = effective.pow(self.gamma - 1.0) * (self.gamma * self._forcing_scale)
+        grad: torch.Tensor = grad_forcing * rates
+        if grad_coeff is not None and not self.detach_memory:
+            grad = grad + _l1_device_grad(grad_coeff, tape)
+        if self.dependent_last_tau:  # clamp(min) passes no gradient below tau_min
+            grad = torch.where(taus >= self.tau_min, grad, 0.0)
+        return grad
 
     def project_taus_(self) -> None:
         with torch.no_grad():

@@ -91,6 +91,12 @@ def _add_train_parser(sub: Any) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on a GPU, launch every kernel of the step instead of replaying a CUDA graph",
+    )
+    p.add_argument(
         "--json", action="store_true", help="print one JSON object with every metric to stdout"
     )
     p.set_defaults(handler=_cmd_train)
@@ -102,7 +108,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Every train flag's dest is the TrainConfig field of the same name.
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     dataset = load_dataset(config.dataset, args.data_dir or default_data_dir())
-    result = train(config, dataset, device=args.device, progress=True)
+    result = train(config, dataset, device=args.device, progress=True, cuda_graphs=args.cuda_graphs)
     if args.json:
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from models import FractionalDNN, TauNetwork, TauResNet
 from tauopt._config import TrainConfig
 from tauopt._data import RawDataset, Splits, make_splits
+from tauopt._step import GraphedTrainStep, TrainStep
 from tauopt.errors import ConfigError, DivergedError
 
 _EVAL_CHUNK = 10_000
@@ -156,35 +157,33 @@ def accuracy(model: TauNetwork, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(correct) / x.shape[0]
 
 
+def _make_step(
+    model: TauNetwork, optimizer: PlainSGD, splits: Splits, config: TrainConfig, graphs: bool
+) -> TrainStep:
+    x, y, l1, horizon = splits.train_x, splits.train_y, config.l1, config.horizon_weight
+    if graphs and x.device.type == "cuda":
+        return GraphedTrainStep(
+            model, optimizer, x, y, l1=l1, horizon_weight=horizon, batch_size=config.batch_size
+        )
+    return TrainStep(model, optimizer, x, y, l1=l1, horizon_weight=horizon)
+
+
 def _train_epoch(
-    model: TauNetwork,
-    optimizer: PlainSGD,
-    splits: Splits,
-    config: TrainConfig,
-    generator: torch.Generator,
-    bar: tqdm[Any],
+    step: TrainStep, config: TrainConfig, generator: torch.Generator, bar: tqdm[Any]
 ) -> float:
     """One pass over the shuffled training split; returns the mean training loss."""
-    x, y = splits.train_x, splits.train_y
-    n = x.shape[0]
+    n = step.x.shape[0]
     # Batches are gathered by index from the resident tensors: a batch-sized copy per step is
     # cheaper than shuffling the whole 150 MB training tensor once per epoch.
-    order = torch.randperm(n, generator=generator).to(x.device)
-    total = torch.zeros((), device=x.device)
+    order = torch.randperm(n, generator=generator).to(step.x.device)
     batches = 0
     for idx in order.split(config.batch_size):
-        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        # The hand-written pass: same gradients as autograd through model(xb) (tested), at
-        # about half the cost per step for these small layers.
-        loss = model.loss_and_grad(xb, yb, l1=config.l1, horizon_weight=config.horizon_weight)
-        optimizer.step()
-        model.project_taus_()
-        total += loss.detach()
+        step(idx)
         batches += 1
         if batches % 50 == 0:
             bar.update(50)
     bar.update(batches % 50)
-    return float(total) / batches
+    return float(step.total) / batches
 
 
 def _check_finite(epoch: int, loss: float, taus: list[float]) -> None:
@@ -201,8 +200,12 @@ def train(
     device: str | torch.device | None = None,
     progress: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    cuda_graphs: bool = True,
 ) -> TrainResult:
     """Train the network of ``config`` on ``dataset``; see :class:`TrainResult`.
+
+    On a CUDA device the training step is replayed from a CUDA graph (see
+    :mod:`tauopt._step`) unless ``cuda_graphs`` is false; the CPU always runs it eagerly.
 
     ``on_epoch`` is called after every epoch (after pruning); it may raise to stop the run,
     which is how a study prunes an unpromising trial. Raises :class:`DivergedError` when the
@@ -234,7 +237,9 @@ def train(
             file=sys.stderr,
             leave=False,
         ) as bar:
-            loss = _train_epoch(model, optimizer, splits, config, generator, bar)
+            step = _make_step(model, optimizer, splits, config, cuda_graphs)
+            loss = _train_epoch(step, config, generator, bar)
+            del step  # a graph pins the buffers of this epoch's network
         train_seconds.append(time.perf_counter() - start)
         val_acc.append(accuracy(model, splits.val_x, splits.val_y))
         taus = model.taus.detach().cpu().tolist()

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from models import FractionalDNN, TauNetwork, TauResNet
-from tauopt import RawDataset, TrainConfig, resolve_device, train
+from tauopt import RawDataset, TrainConfig, build_model, make_splits, resolve_device, train
 from tauopt._cli import main
+from tauopt._engine import make_optimizer
+from tauopt._step import GraphedTrainStep, TrainStep
 
 pytestmark = [
     pytest.mark.cuda,
@@ -102,3 +104,53 @@ def test_cuda_is_the_default_and_the_cli_uses_it(
     out = json.loads(capsys.readouterr().out)
     assert out["device"].startswith("cuda")
     assert 0.0 <= out["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(l1=0.1, horizon_weight=0.5),
+        TrainConfig(arch="fracdnn", T=2.0, l1=0.1, horizon_weight=0.5),
+        TrainConfig(arch="fracdnn", dependent_last_tau=True, gamma=0.3),
+    ],
+    ids=["resnet", "fracdnn", "fracdnn-dependent"],
+)
+def test_graph_replay_gives_the_eager_steps(mnist: RawDataset, config: TrainConfig) -> None:
+    splits = make_splits(mnist, val_size=1000, train_size=1000, device=torch.device("cuda"))
+    x, y = splits.train_x, splits.train_y
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).cuda()
+    models = [build_model(config, 784, 10).cuda() for _ in range(2)]
+    steps = []
+    for model, graphed in zip(models, (False, True), strict=True):
+        kw = {"l1": config.l1, "horizon_weight": config.horizon_weight}
+        opt = make_optimizer(model, config)
+        step = (
+            GraphedTrainStep(model, opt, x, y, batch_size=100, **kw)
+            if graphed
+            else TrainStep(model, opt, x, y, **kw)
+        )
+        for idx in order.split(100):
+            step(idx)
+        steps.append(step)
+    eager, graphed_step = steps
+    assert isinstance(graphed_step, GraphedTrainStep) and graphed_step.graph is not None
+    assert graphed_step.total.item() == pytest.approx(eager.total.item(), rel=1e-5)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "fracdnn"])
+def test_training_with_and_without_graphs_agrees(mnist: RawDataset, arch: str) -> None:
+    """A last batch of 50 (eager beside the graph) and pruning between epochs (a new graph)."""
+    prune = {"prune_eps": 0.12} if arch == "resnet" else {}
+    config = TrainConfig(  # type: ignore[arg-type]
+        arch=arch, epochs=3, l1=0.3, **prune, **{**SMALL, "train_size": 2050}
+    )
+    graphed = train(config, mnist, device="cuda")
+    eager = train(config, mnist, device="cuda", cuda_graphs=False)
+    assert graphed.active_block_ids == eager.active_block_ids
+    assert graphed.taus == pytest.approx(eager.taus, rel=1e-4, abs=1e-6)
+    assert graphed.train_loss == pytest.approx(eager.train_loss, rel=1e-4)
+    assert graphed.val_accuracy == pytest.approx(eager.val_accuracy, abs=0.002)
+    if arch == "resnet":
+        assert graphed.pruned, "the case is meant to prune between epochs"

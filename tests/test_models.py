@@ -11,7 +11,14 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from models import FractionalDNN, TauNetwork, TauResNet, l1_memory_coefficients, reference_forward
+from models import (
+    FractionalDNN,
+    TauNetwork,
+    TauResNet,
+    _fractional,
+    l1_memory_coefficients,
+    reference_forward,
+)
 from models._stack import hidden_stack
 
 torch.set_default_dtype(torch.float32)
@@ -309,3 +316,39 @@ def test_fractional_step_with_degenerate_taus_gives_nan_not_an_exception() -> No
     model.loss_and_grad(x, y)
     assert not torch.isfinite(model.tau_free.grad).all()
     assert not torch.isfinite(model(x)).all()
+
+
+@pytest.fixture()
+def device_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fractional step's tau arithmetic as device ops (what a GPU runs), here on the CPU."""
+    monkeypatch.setattr(_fractional, "host_arithmetic", lambda device: False)
+
+
+@pytest.mark.parametrize(
+    ("kw", "l1", "horizon"), [case[1:] for case in STEP_CASES if case[0] is FractionalDNN]
+)
+@pytest.mark.usefixtures("device_arithmetic")
+def test_fractional_step_with_device_arithmetic_matches_autograd(
+    kw: dict[str, object], l1: float, horizon: float
+) -> None:
+    torch.manual_seed(11)
+    model = FractionalDNN(7, 5, 5, 3, T=2.0, **kw).double()  # type: ignore[arg-type]
+    _randomise_taus(model, seed=12)
+    x = torch.rand(8, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    _assert_step_matches_autograd(model, x, y, l1, horizon)
+    if model.dependent_last_tau:  # the derived last tau below tau_min: clamped, no gradient
+        with torch.no_grad():
+            model.tau_free.copy_(torch.tensor([0.6, 0.5, 0.5, 0.45], dtype=torch.float64))
+        _assert_step_matches_autograd(model, x, y, l1, horizon)
+
+
+@pytest.mark.usefixtures("device_arithmetic")
+def test_fractional_device_arithmetic_with_degenerate_taus_gives_non_finite() -> None:
+    torch.manual_seed(10)
+    model = FractionalDNN(3, 4, 3, 2)
+    with torch.no_grad():
+        model.tau_free.zero_()
+    model.loss_and_grad(torch.rand(5, 3), torch.randint(0, 2, (5,)))
+    assert model.tau_free.grad is not None
+    assert not torch.isfinite(model.tau_free.grad).all()
