@@ -154,3 +154,22 @@ def test_training_with_and_without_graphs_agrees(mnist: RawDataset, arch: str) -
     assert graphed.val_accuracy == pytest.approx(eager.val_accuracy, abs=0.002)
     if arch == "resnet":
         assert graphed.pruned, "the case is meant to prune between epochs"
+
+
+def test_a_worker_training_many_runs_does_not_accumulate_gpu_memory(mnist: RawDataset) -> None:
+    """Every epoch captures a graph with its own memory pool; a worker process trains trial
+    after trial, so the pools of finished epochs must be released."""
+    config = TrainConfig(arch="fracdnn", epochs=3, **{**SMALL, "train_size": 1050})  # type: ignore[arg-type]
+    reserved = []
+    for _ in range(6):
+        train(config, mnist, device="cuda")
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[-1] <= reserved[1], reserved
+
+
+def test_cli_without_graphs(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--data-dir", str(data_dir), "--epochs", "1", "--train-size", "500"]
+    assert main([*args, "--arch", "fracdnn", "--no-cuda-graphs", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"].startswith("cuda") and len(out["taus"]) == 6
