@@ -157,15 +157,16 @@ def test_training_with_and_without_graphs_agrees(mnist: RawDataset, arch: str) -
 
 
 def test_a_worker_training_many_runs_does_not_accumulate_gpu_memory(mnist: RawDataset) -> None:
-    """Every epoch captures a graph with its own memory pool; a worker process trains trial
-    after trial, so the pools of finished epochs must be released."""
+    """Every epoch captures a graph with its own memory pool, and every stream a product runs
+    on gets a cuBLAS workspace for good: a worker training trial after trial must level off
+    (with a new stream per epoch it grew by 270 MB over these runs)."""
     config = TrainConfig(arch="fracdnn", epochs=3, **{**SMALL, "train_size": 1050})  # type: ignore[arg-type]
     reserved = []
     for _ in range(6):
         train(config, mnist, device="cuda")
         torch.cuda.synchronize()
         reserved.append(torch.cuda.memory_reserved())
-    assert reserved[-1] <= reserved[1], reserved
+    assert reserved[-1] <= reserved[1] + 16 * 2**20, reserved
 
 
 def test_cli_without_graphs(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
