@@ -165,6 +165,7 @@ def run(data_dir: Path, repeats: int, scratch: Path, device: torch.device) -> di
         train(TrainConfig(epochs=1, train_size=2000, seed=0), dataset, device=device)
     for arch in ("resnet", "fracdnn"):
         config = TrainConfig(arch=arch, epochs=1, seed=0)  # the papers' defaults otherwise
+        batches = len(train_idx) // config.batch_size
         times: dict[str, list[float]] = {
             "engine": [],
             "engine_with_validation": [],
@@ -187,7 +188,6 @@ def run(data_dir: Path, repeats: int, scratch: Path, device: torch.device) -> di
             else:
                 eager = train(config, dataset, device=device, cuda_graphs=False)
                 times["engine_no_graphs"].append(eager.train_seconds[0])
-            batches = len(train_idx) // config.batch_size
             times["matmul_floor"].append(matmul_floor(config, batches, device))
             for variant in ("loop", "loop_fused"):
                 model = build_model(config, 784, 10).to(device)
