@@ -32,7 +32,7 @@ from tauopt._step import TrainStep
 Step = Callable[[torch.Tensor], Any]
 
 
-def compiled_step(model: Any, x: torch.Tensor, y: torch.Tensor, lr: float) -> Step:
+def compiled_step(model: Any, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> Step:
     """The C++ step on ``model``'s parameters (updated in place), with its own buffers."""
     ext = load(
         name="tauopt_compiled_step",
@@ -41,7 +41,7 @@ def compiled_step(model: Any, x: torch.Tensor, y: torch.Tensor, lr: float) -> St
     )
     weights = [block.weight.data for block in model.blocks]
     biases = [block.bias.data for block in model.blocks]
-    depth, width, batch = len(weights), weights[0].shape[0], 100
+    depth, width, batch = len(weights), weights[0].shape[0], config.batch_size
     buffers = [
         torch.empty(batch, x.shape[1]),  # gathered images
         torch.empty(batch, dtype=torch.long),  # gathered labels
@@ -59,7 +59,7 @@ def compiled_step(model: Any, x: torch.Tensor, y: torch.Tensor, lr: float) -> St
         biases,
         model.output.weight.data,
         model.tau_free.data,
-        lr,
+        config.lr,
     )
     return lambda idx: ext.resnet_step(x, y, idx, *args, *buffers)
 
@@ -86,9 +86,10 @@ def main() -> None:
     engine = TrainStep(
         engine_model, make_optimizer(engine_model, config), x, y, l1=0.0, horizon_weight=0.0
     )
-    compiled = compiled_step(c_model, x, y, config.lr)
+    compiled = compiled_step(c_model, x, y, config)
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
-    batches = list(order[: (x.shape[0] // 100) * 100].view(-1, 100))
+    size = config.batch_size
+    batches = list(order[: (x.shape[0] // size) * size].view(-1, size))
     with torch.no_grad():
         for idx in batches[:20]:
             engine(idx)
@@ -102,7 +103,8 @@ def main() -> None:
             raise SystemExit("the compiled step does not compute the engine's step")
         ratios, engine_us, compiled_us = [], [], []
         for r in range(args.rounds):
-            chunk = batches[(r * 50) % 450 :][:50]
+            start = (r * 50) % (len(batches) - 50)
+            chunk = batches[start : start + 50]
             engine_us.append(burst(engine, chunk))
             compiled_us.append(burst(compiled, chunk))
             ratios.append(compiled_us[-1] / engine_us[-1])
