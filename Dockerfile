@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY models ./models
 COPY storage ./storage
 COPY study ./study
+COPY engine ./engine
 COPY tauopt ./tauopt
 RUN pip install . && useradd --create-home tauopt && mkdir -p /data /artifacts \
     && chown tauopt /data /artifacts

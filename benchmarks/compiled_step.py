@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch.utils.cpp_extension import load
 
-from tauopt import TrainConfig, build_model, load_dataset, make_splits
-from tauopt._engine import make_optimizer
-from tauopt._step import TrainStep
+from tauopt.engine import TrainConfig, build_model, load_dataset, make_splits
+from tauopt.engine._step import TrainStep
+from tauopt.engine._train import make_optimizer
 
 Step = Callable[[torch.Tensor], Any]
 

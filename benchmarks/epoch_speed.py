@@ -35,8 +35,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from models import TauNetwork, reference_forward
-from tauopt import (
+from tauopt.engine import (
     RawDataset,
     TrainConfig,
     accuracy,
@@ -46,7 +45,8 @@ from tauopt import (
     resolve_device,
     train,
 )
-from tauopt._data import SPLIT_SEED
+from tauopt.engine._data import SPLIT_SEED
+from tauopt.models import TauNetwork, reference_forward
 
 
 def torchvision_root(data_dir: Path, into: Path) -> Path:

@@ -29,8 +29,8 @@ def load_checkout(root: Path) -> tuple[ModuleType, ModuleType]:
     names and then unregistered, so that the next checkout imports afresh."""
     sys.path.insert(0, str(root))
     try:
-        engine = importlib.import_module("tauopt._engine")
-        config = importlib.import_module("tauopt._config")
+        engine = importlib.import_module("tauopt.engine._train")
+        config = importlib.import_module("tauopt.engine._config")
     finally:
         sys.path.pop(0)
         for name in [n for n in sys.modules if n.split(".")[0] in _PACKAGES]:
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     args = parser.parse_args()
     checkouts = [load_checkout(args.old), load_checkout(args.new)]
-    data = importlib.import_module("tauopt._data")
+    data = importlib.import_module("tauopt.engine._data")
     dataset = data.load_dataset("mnist", args.data_dir, download=False)
     splits = data.make_splits(dataset, val_size=10_000, train_size=None, device=torch.device("cpu"))
     order = torch.randperm(splits.train_x.shape[0], generator=torch.Generator().manual_seed(0))

@@ -1,9 +1,9 @@
 """Networks with learnable time steps: pure PyTorch modules, no I/O."""
 
-from models._base import TauNetwork
-from models._fractional import FractionalDNN, l1_memory_coefficients
-from models._reference import reference_forward
-from models._resnet import TauResNet
+from tauopt.models._base import TauNetwork
+from tauopt.models._fractional import FractionalDNN, l1_memory_coefficients
+from tauopt.models._reference import reference_forward
+from tauopt.models._resnet import TauResNet
 
 __all__ = [
     "FractionalDNN",

@@ -8,7 +8,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from models._stack import StackWorkspace, hidden_stack, stack_backward, stack_forward
+from tauopt.models._stack import StackWorkspace, hidden_stack, stack_backward, stack_forward
 
 
 def _check_positive_int(name: str, value: int) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from models._base import TauNetwork
+from tauopt.models._base import TauNetwork
 
 
 @dataclass(frozen=True)

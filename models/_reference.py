@@ -12,8 +12,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from models._base import TauNetwork
-from models._fractional import FractionalDNN
+from tauopt.models._base import TauNetwork
+from tauopt.models._fractional import FractionalDNN
 
 
 def reference_forward(model: TauNetwork, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from models._base import TauNetwork
+from tauopt.models._base import TauNetwork
 
 
 class TauResNet(TauNetwork):

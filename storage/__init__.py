@@ -4,9 +4,9 @@ SQLite (``tauopt.db`` in the working directory) is the embedded default; Postgre
 (``postgresql+psycopg2://...``, from ``--storage`` or ``$TAUOPT_STORAGE``) is for many workers.
 """
 
-from storage._artifacts import artifact_store
-from storage._errors import StorageError
-from storage._rdb import (
+from tauopt.errors import StorageError
+from tauopt.storage._artifacts import artifact_store
+from tauopt.storage._rdb import (
     ARTIFACTS_ENV,
     STORAGE_ENV,
     StorageSettings,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from optuna.artifacts import FileSystemArtifactStore
 
-from storage._errors import StorageError
+from tauopt.errors import StorageError
 
 
 def artifact_store(directory: Path) -> FileSystemArtifactStore:

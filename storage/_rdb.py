@@ -17,7 +17,7 @@ import sqlalchemy
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from storage._errors import StorageError
+from tauopt.errors import StorageError
 
 #: Environment variable that names the storage when ``--storage`` is not given.
 STORAGE_ENV = "TAUOPT_STORAGE"

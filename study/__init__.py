@@ -6,7 +6,7 @@
 ...     model = trial.load_model()
 """
 
-from study._config import (
+from tauopt.study._config import (
     DEFAULT_SEARCH,
     OBJECTIVES,
     PARAMS,
@@ -17,9 +17,9 @@ from study._config import (
     load_config,
     parse_config,
 )
-from study._objective import objective_values, suggest_config, trial_attributes
-from study._query import TrialResult, best_trials, export_csv, load_study
-from study._worker import Worker, WorkerOptions, WorkerSummary, create_study
+from tauopt.study._objective import objective_values, suggest_config, trial_attributes
+from tauopt.study._query import TrialResult, best_trials, export_csv, load_study
+from tauopt.study._worker import Worker, WorkerOptions, WorkerSummary, create_study
 
 __all__ = [
     "DEFAULT_SEARCH",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from models import TauNetwork
-from storage import StorageError
-from tauopt import TrainConfig, TrainResult, build_model
+from tauopt.engine import TrainConfig, TrainResult, build_model
+from tauopt.models import TauNetwork
+from tauopt.storage import StorageError
 
 _FORMAT = 1
 

@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 import tomllib
 
-from tauopt._config import ARCHS
-from tauopt._data import DATASETS
+from tauopt.engine._config import ARCHS
+from tauopt.engine._data import DATASETS
 from tauopt.errors import TauoptError
 
 Objective = Literal["pareto", "accuracy"]

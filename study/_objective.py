@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 import optuna
 
-from study._config import SearchParam, StudyConfig
-from tauopt import TrainConfig, TrainResult
+from tauopt.engine import TrainConfig, TrainResult
+from tauopt.study._config import SearchParam, StudyConfig
 
 #: Names of the objective values, in order, per study objective.
 METRIC_NAMES: dict[str, list[str]] = {

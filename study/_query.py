@@ -13,8 +13,8 @@ import optuna
 from optuna.artifacts import download_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from models import TauNetwork
-from storage import (
+from tauopt.models import TauNetwork
+from tauopt.storage import (
     StorageError,
     StorageSettings,
     artifact_store,
@@ -22,8 +22,8 @@ from storage import (
     open_storage,
     resolve_url,
 )
-from study._checkpoint import load_checkpoint
-from study._worker import ARTIFACT_ATTR, FAIL_REASON_ATTR
+from tauopt.study._checkpoint import load_checkpoint
+from tauopt.study._worker import ARTIFACT_ATTR, FAIL_REASON_ATTR
 
 
 @dataclass(frozen=True)

@@ -20,24 +20,24 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
-from storage import StorageError, StorageSettings, artifact_store, open_storage, study_lock
-from study._checkpoint import save_checkpoint
-from study._config import StudyConfig, parse_config
-from study._objective import (
+from tauopt.engine import (
+    EpochStats,
+    RawDataset,
+    TrainResult,
+    load_dataset,
+    resolve_device,
+    train,
+)
+from tauopt.errors import TauoptError
+from tauopt.storage import StorageError, StorageSettings, artifact_store, open_storage, study_lock
+from tauopt.study._checkpoint import save_checkpoint
+from tauopt.study._config import StudyConfig, parse_config
+from tauopt.study._objective import (
     DIRECTIONS,
     METRIC_NAMES,
     objective_values,
     suggest_config,
     trial_attributes,
-)
-from tauopt import (
-    EpochStats,
-    RawDataset,
-    TauoptError,
-    TrainResult,
-    load_dataset,
-    resolve_device,
-    train,
 )
 
 CONFIG_ATTR = "tauopt_config"

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tauopt._config import ARCHS, TrainConfig
-from tauopt._data import DATASETS, default_data_dir, load_dataset
+from tauopt.engine._config import ARCHS, TrainConfig
+from tauopt.engine._data import DATASETS, default_data_dir, load_dataset
 from tauopt.errors import TauoptError
 
 EXIT_ERROR = 2
@@ -103,7 +103,7 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tauopt._engine import train  # deferred: torch import is slow for `--help`
+    from tauopt.engine._train import train  # deferred: torch import is slow for `--help`
 
     # Every train flag's dest is the TrainConfig field of the same name.
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tauopt._data import DATASETS
+from tauopt.engine._data import DATASETS
 
 if TYPE_CHECKING:  # imported lazily at run time: `tauopt --help` should not load torch
-    from storage import StorageSettings
-    from study import StudyConfig
+    from tauopt.storage import StorageSettings
+    from tauopt.study import StudyConfig
 
 DEFAULT_STUDY = "tauopt"
 
@@ -111,14 +111,14 @@ def add_study_commands(sub: Any) -> None:
 
 
 def _settings(url: str | None, interval: int, grace: int | None) -> StorageSettings:
-    from storage import StorageSettings, resolve_url
+    from tauopt.storage import StorageSettings, resolve_url
 
     return StorageSettings(url=resolve_url(url), heartbeat_interval=interval, grace_period=grace)
 
 
 def _create(args: argparse.Namespace) -> StudyConfig:
-    from storage import redact
-    from study import create_study, load_config
+    from tauopt.storage import redact
+    from tauopt.study import create_study, load_config
 
     config = load_config(args.config).with_overrides(
         n_trials=args.n_trials,
@@ -145,9 +145,9 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from storage import default_artifact_dir, resolve_url
-    from study import Worker, WorkerOptions, load_study, parse_config
-    from study._worker import CONFIG_ATTR
+    from tauopt.storage import default_artifact_dir, resolve_url
+    from tauopt.study import Worker, WorkerOptions, load_study, parse_config
+    from tauopt.study._worker import CONFIG_ATTR
 
     url = resolve_url(args.storage)
     stored = parse_config(load_study(url, args.study).user_attrs.get(CONFIG_ATTR, {}))
@@ -185,7 +185,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
-    from study import best_trials
+    from tauopt.study import best_trials
 
     trials = best_trials(args.storage, args.study, artifact_dir=args.artifact_dir)
     if args.json:
@@ -210,7 +210,7 @@ def _fmt(value: Any) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from study import export_csv
+    from tauopt.study import export_csv
 
     if args.output is None:
         rows = export_csv(args.storage, args.study, sys.stdout)
@@ -224,7 +224,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from storage import (
+    from tauopt.storage import (
         StorageSettings,
         artifact_store,
         default_artifact_dir,

@@ -22,3 +22,7 @@ class DivergedError(TauoptError):
         super().__init__(f"training diverged in epoch {epoch}: {detail}")
         self.epoch = epoch
         self.detail = detail
+
+
+class StorageError(TauoptError):
+    """The storage URL, database, study or artifact store cannot be used; the message says how."""

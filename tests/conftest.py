@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tauopt import RawDataset, load_dataset
 from tauopt._cli import main
+from tauopt.engine import RawDataset, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

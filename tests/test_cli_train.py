@@ -100,7 +100,7 @@ def test_missing_data_dir_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Offline: torchvision's download fails, and the error says where to put the files.
-    monkeypatch.setattr("tauopt._data._download", _offline)
+    monkeypatch.setattr("tauopt.engine._data._download", _offline)
     code = main(["train", "--data-dir", str(tmp_path), "--epochs", "1"])
     assert code == 2
     assert str(tmp_path / "MNIST" / "raw") in capsys.readouterr().err

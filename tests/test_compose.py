@@ -20,7 +20,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from study import load_config
+from tauopt.study import load_config
 
 pytestmark = pytest.mark.postgres
 

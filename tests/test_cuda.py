@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import FractionalDNN, TauNetwork, TauResNet
-from tauopt import RawDataset, TrainConfig, build_model, make_splits, resolve_device, train
 from tauopt._cli import main
-from tauopt._engine import make_optimizer
-from tauopt._step import GraphedTrainStep, TrainStep
+from tauopt.engine import RawDataset, TrainConfig, build_model, make_splits, resolve_device, train
+from tauopt.engine._step import GraphedTrainStep, TrainStep
+from tauopt.engine._train import make_optimizer
+from tauopt.models import FractionalDNN, TauNetwork, TauResNet
 
 pytestmark = [
     pytest.mark.cuda,

@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tauopt import (
-    ConfigError,
-    DataError,
-    DivergedError,
+from tauopt.engine import (
     RawDataset,
     TrainConfig,
     load_dataset,
     train,
 )
+from tauopt.errors import ConfigError, DataError, DivergedError
 
 SMALL = {"train_size": 2000, "val_size": 2000, "lr": 0.3, "device": "cpu"}
 
@@ -169,8 +167,8 @@ def test_corrupt_file_is_named(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_plain_sgd_is_torch_sgd() -> None:
-    from models import TauResNet
-    from tauopt._engine import make_optimizer
+    from tauopt.engine._train import make_optimizer
+    from tauopt.models import TauResNet
 
     torch.manual_seed(0)
     ours, theirs = TauResNet(6, 4, 3, 2), TauResNet(6, 4, 3, 2)

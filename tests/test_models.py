@@ -11,7 +11,7 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from models import (
+from tauopt.models import (
     FractionalDNN,
     TauNetwork,
     TauResNet,
@@ -19,7 +19,7 @@ from models import (
     l1_memory_coefficients,
     reference_forward,
 )
-from models._stack import hidden_stack
+from tauopt.models._stack import hidden_stack
 
 torch.set_default_dtype(torch.float32)
 

@@ -16,9 +16,9 @@ import sqlalchemy
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
 
-from storage import StorageSettings, artifact_store, open_storage
-from study import load_config
-from study._worker import create_study
+from tauopt.storage import StorageSettings, artifact_store, open_storage
+from tauopt.study import load_config
+from tauopt.study._worker import create_study
 
 pytestmark = pytest.mark.postgres
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from study import DEFAULT_SEARCH, StudyConfigError, load_config, parse_config
+from tauopt.study import DEFAULT_SEARCH, StudyConfigError, load_config, parse_config
 
 
 def test_defaults_search_everything_the_issue_names() -> None:

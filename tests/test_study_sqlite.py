@@ -11,9 +11,9 @@ import pytest
 from conftest import RunStudy
 from optuna.trial import TrialState
 
-from study import best_trials, load_study
-from tauopt import accuracy, load_dataset, make_splits
 from tauopt._cli import main
+from tauopt.engine import accuracy, load_dataset, make_splits
+from tauopt.study import best_trials, load_study
 
 SMALL = """
 [search]

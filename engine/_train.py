@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models import FractionalDNN, TauNetwork, TauResNet
-from tauopt._config import TrainConfig
-from tauopt._data import RawDataset, Splits, make_splits
-from tauopt._step import GraphedTrainStep, TrainStep
+from tauopt.engine._config import TrainConfig
+from tauopt.engine._data import RawDataset, Splits, make_splits
+from tauopt.engine._step import GraphedTrainStep, TrainStep
 from tauopt.errors import ConfigError, DivergedError
+from tauopt.models import FractionalDNN, TauNetwork, TauResNet
 
 _EVAL_CHUNK = 10_000
 
@@ -205,7 +205,7 @@ def train(
     """Train the network of ``config`` on ``dataset``; see :class:`TrainResult`.
 
     On a CUDA device the training step is replayed from a CUDA graph (see
-    :mod:`tauopt._step`) unless ``cuda_graphs`` is false; the CPU always runs it eagerly.
+    :mod:`tauopt.engine._step`) unless ``cuda_graphs`` is false; the CPU always runs it eagerly.
 
     ``on_epoch`` is called after every epoch (after pruning); it may raise to stop the run,
     which is how a study prunes an unpromising trial. Raises :class:`DivergedError` when the

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tauopt._data import DATASETS
+from tauopt.engine._data import DATASETS
 from tauopt.errors import ConfigError
 
 Arch = Literal["resnet", "fracdnn"]

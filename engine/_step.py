@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from models import TauNetwork
+from tauopt.models import TauNetwork
 
 # PyTorch keeps a cuBLAS workspace (32 MiB on Hopper) for every stream a matrix product ran on,
 # for the life of the process, and hands out streams round-robin from a pool of 32 per device:

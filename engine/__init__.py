@@ -1,0 +1,42 @@
+"""The training engine: a frozen :class:`TrainConfig` and a dataset in, a :class:`TrainResult` out.
+
+Layer: it uses the networks (:mod:`tauopt.models`) and the exception types (:mod:`tauopt.errors`),
+and nothing above it (no Optuna, no storage, no command line).
+"""
+
+from tauopt.engine._config import ARCHS, TrainConfig
+from tauopt.engine._data import (
+    DATASETS,
+    RawDataset,
+    Splits,
+    default_data_dir,
+    load_dataset,
+    make_splits,
+)
+from tauopt.engine._train import (
+    EpochStats,
+    PruneEvent,
+    TrainResult,
+    accuracy,
+    build_model,
+    resolve_device,
+    train,
+)
+
+__all__ = [
+    "ARCHS",
+    "DATASETS",
+    "EpochStats",
+    "PruneEvent",
+    "RawDataset",
+    "Splits",
+    "TrainConfig",
+    "TrainResult",
+    "accuracy",
+    "build_model",
+    "default_data_dir",
+    "load_dataset",
+    "make_splits",
+    "resolve_device",
+    "train",
+]
