@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,19 +108,37 @@ def _find(raw_dir: Path, stem: str) -> Path | None:
 
 
 def _download(name: str, root: Path) -> None:
-    """Let torchvision fetch the files into ``root/<Name>/raw`` (needs a network)."""
+    """Let torchvision fetch the files into ``root/<Name>/raw`` (needs a network).
+
+    The download goes to a temporary folder first: an offline failure leaves nothing under
+    ``root``, and each file appears in place by an atomic rename, so workers that download at
+    the same moment never read a half-written file.
+    """
     from torchvision import datasets as tv_datasets  # deferred: only needed when online
 
     cls = tv_datasets.MNIST if name == "mnist" else tv_datasets.FashionMNIST
-    try:
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
-    except Exception as e:  # torchvision raises bare RuntimeError/URLError/OSError
-        raise DataError(
-            f"the {name} files are not under {root / DATASETS[name] / 'raw'} and downloading "
-            f"them failed ({e}); copy the four IDX files (.gz or plain) there, or point "
-            "--data-dir / $TAUOPT_DATA at a folder that has them"
-        ) from e
+    dest = root / DATASETS[name] / "raw"
+    with tempfile.TemporaryDirectory(prefix="tauopt-download-") as tmp:
+        try:
+            for train in (True, False):
+                cls(tmp, train=train, download=True)
+        except Exception as e:  # torchvision raises bare RuntimeError/URLError/OSError
+            raise DataError(
+                f"the {name} files are not under {dest} and downloading them failed ({e}); "
+                "copy the four IDX files (.gz or plain) there, or point --data-dir / "
+                "$TAUOPT_DATA at a folder that has them"
+            ) from e
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            for source in (Path(tmp) / DATASETS[name] / "raw").iterdir():
+                partial = dest / f".{source.name}.{os.getpid()}.part"
+                shutil.copyfile(source, partial)
+                os.replace(partial, dest / source.name)
+        except OSError as e:
+            raise DataError(
+                f"downloaded {name} but cannot write it to {dest}: {e}; choose a writable "
+                "--data-dir"
+            ) from e
 
 
 def load_dataset(name: str, root: Path | str | None = None, *, download: bool = True) -> RawDataset:

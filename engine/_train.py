@@ -199,6 +199,7 @@ def train(
     *,
     device: str | torch.device | None = None,
     progress: bool = False,
+    label: str = "",
     on_epoch: Callable[[EpochStats], None] | None = None,
     cuda_graphs: bool = True,
 ) -> TrainResult:
@@ -206,6 +207,9 @@ def train(
 
     On a CUDA device the training step is replayed from a CUDA graph (see
     :mod:`tauopt.engine._step`) unless ``cuda_graphs`` is false; the CPU always runs it eagerly.
+
+    ``progress`` writes to stderr a line per epoch and, on a terminal, a bar during each
+    epoch; ``label`` starts both (a worker names its trial there).
 
     ``on_epoch`` is called after every epoch (after pruning); it may raise to stop the run,
     which is how a study prunes an unpromising trial. Raises :class:`DivergedError` when the
@@ -228,12 +232,14 @@ def train(
     train_seconds: list[float] = []
     history: list[list[float]] = []
     pruned: list[PruneEvent] = []
+    prefix = f"{label} " if label else ""
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         with tqdm(
             total=n_batches,
-            desc=f"epoch {epoch}/{config.epochs}",
-            disable=not progress,
+            desc=f"{prefix}epoch {epoch}/{config.epochs}",
+            # Not on a log file: a bar redrawn with carriage returns is noise there.
+            disable=not (progress and sys.stderr.isatty()),
             file=sys.stderr,
             leave=False,
         ) as bar:
@@ -262,9 +268,10 @@ def train(
         losses.append(loss)
         if progress:
             print(
-                f"epoch {epoch}/{config.epochs}: loss {loss:.4f}, val accuracy {val_acc[-1]:.4f}, "
-                f"{model.depth} blocks, {seconds[-1]:.2f}s",
+                f"{prefix}epoch {epoch}/{config.epochs}: loss {loss:.4f}, "
+                f"val accuracy {val_acc[-1]:.4f}, {model.depth} blocks, {seconds[-1]:.2f}s",
                 file=sys.stderr,
+                flush=True,
             )
         if on_epoch is not None:
             on_epoch(EpochStats(epoch, val_acc[-1], loss, model.depth, model.num_active_params()))

@@ -92,10 +92,32 @@ class TauNetwork(nn.Module):
         last = (self.T - self.tau_free.sum()).reshape(1)
         return torch.cat([self.tau_free, last])
 
+    def as_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the ``(N, in_features)`` floats the blocks take.
+
+        Accepts flattened rows ``(N, in_features)`` and image batches ``(N, H, W)`` or
+        ``(N, 1, H, W)`` (as torchvision gives them) with ``H * W = in_features``. Floats are
+        taken as they are (the networks are trained on pixels in [0, 1]); uint8 pixels
+        (0..255, as in ``torchvision.datasets.MNIST.data``) are scaled to [0, 1].
+        """
+        first = cast(nn.Linear, self.blocks[0])
+        if x.ndim >= 2:
+            x = x.flatten(1)
+        if x.ndim != 2 or x.shape[1] != first.in_features:
+            raise ValueError(
+                f"expected a batch of shape (N, {first.in_features}) or of images (N, H, W) / "
+                f"(N, 1, H, W) with H*W = {first.in_features}, got {tuple(x.shape)}; "
+                "for one image use x.unsqueeze(0)"
+            )
+        if x.dtype == torch.uint8:
+            return x.to(first.weight.dtype).div_(255.0)
+        return x.to(first.weight.dtype)
+
     def _hidden(
         self, x: torch.Tensor, forcing: torch.Tensor, coeff: torch.Tensor | None
     ) -> torch.Tensor:
         """Run the blocks (see :mod:`models._stack`) and the output layer."""
+        x = self.as_features(x)
         linears = [cast(nn.Linear, block) for block in self.blocks]
         weights = [layer.weight for layer in linears]
         biases = [layer.bias for layer in linears]

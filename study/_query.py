@@ -41,7 +41,15 @@ class TrialResult:
     artifact_dir: Path = field(repr=False)
 
     def load_model(self) -> TauNetwork:
-        """The trained (pruned) network of this trial, on the CPU in eval mode."""
+        """The trained (pruned) network of this trial, on the CPU in eval mode.
+
+        Call it on a batch: flattened rows ``(N, 784)`` of floats in [0, 1] (what it was
+        trained on), or images ``(N, 28, 28)`` / ``(N, 1, 28, 28)`` as torchvision gives them
+        (floats in [0, 1], or uint8 pixels, which it scales). It returns logits ``(N, 10)``::
+
+            with torch.no_grad():
+                predicted = model(images).argmax(dim=1)
+        """
         if self.artifact_id is None:
             raise StorageError(f"trial {self.number} has no stored model artifact")
         store = artifact_store(self.artifact_dir)
@@ -119,12 +127,16 @@ def best_trials(
     if artifact_dir is None:
         url = storage.url if isinstance(storage, optuna.storages.RDBStorage) else storage
         artifact_dir = default_artifact_dir(resolve_url(url if isinstance(url, str) else None))
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not completed:
-        return []
-    front = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    front = _front(study)
     results = [_summary(t, Path(artifact_dir)) for t in front]
     return sorted(results, key=lambda r: (-r.val_accuracy, r.active_params))
+
+
+def _front(study: optuna.Study) -> list[FrozenTrial]:
+    """The Pareto-optimal trials, or the best one of a single-objective study."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
+    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
 
 
 _SCALAR_ATTRS = (
@@ -143,9 +155,13 @@ _LIST_ATTRS = ("taus", "pruned_layers", "epoch_seconds")
 def export_csv(
     storage: str | optuna.storages.BaseStorage | None, study_name: str, out: TextIO
 ) -> int:
-    """Write every trial as a CSV row to ``out``; returns the number of rows."""
+    """Write every trial as a CSV row to ``out``; returns the number of rows.
+
+    ``pareto_optimal`` is true for the trials :func:`best_trials` returns.
+    """
     study = load_study(storage, study_name)
     trials = study.get_trials(deepcopy=False)
+    front = {t.number for t in _front(study)}
     param_names = sorted({name for t in trials for name in t.params})
     n_values = len(study.directions)
     value_names = [f"value_{name}" for name in study.metric_names or range(n_values)]
@@ -154,6 +170,7 @@ def export_csv(
         [
             "number",
             "state",
+            "pareto_optimal",
             *value_names,
             *(f"param_{p}" for p in param_names),
             *_SCALAR_ATTRS,
@@ -169,6 +186,7 @@ def export_csv(
             [
                 t.number,
                 t.state.name,
+                t.number in front,
                 *values,
                 *(t.params.get(p) for p in param_names),
                 *(t.user_attrs.get(a) for a in _SCALAR_ATTRS),

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import optuna
 from optuna.artifacts import upload_artifact
@@ -52,8 +53,29 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``table.key: stored -> new`` for every key whose value differs, in the TOML's terms."""
+    out = []
+    for table in sorted(set(stored) | set(new)):
+        old_t, new_t = stored.get(table, {}), new.get(table, {})
+        for key in sorted(set(old_t) | set(new_t)):
+            if old_t.get(key) != new_t.get(key):
+                out.append(f"{table}.{key}: {old_t.get(key)!r} -> {new_t.get(key)!r}")
+    return out
+
+
+def trials_used(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """How much of the budget ``trials`` have used (see :func:`_counted`)."""
+    return sum(_counted(t) for t in trials)
+
+
 def create_study(settings: StorageSettings, study_name: str, config: StudyConfig) -> optuna.Study:
-    """Create the schema and the study (idempotent for the same config), before workers start."""
+    """Create the schema and the study before workers start.
+
+    Idempotent for the same config. On an existing study the budget (``study.n_trials``) may be
+    changed to any total not below the trials already used; any other difference is refused,
+    with the keys that differ named.
+    """
     _quiet_optuna()
     storage = open_storage(settings, create_schema=True)
     try:
@@ -62,17 +84,40 @@ def create_study(settings: StorageSettings, study_name: str, config: StudyConfig
         )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=study_name, storage=storage)
-        if study.user_attrs.get(CONFIG_ATTR) != config.to_dict():
-            raise StorageError(
-                f"study {study_name!r} already exists with another configuration; "
-                "pick another --study name or reuse its config"
-            ) from None
+        with study_lock(storage, study_name):
+            _update_existing(study, study_name, config)
         return study
     study.set_user_attr(CONFIG_ATTR, config.to_dict())
     with warnings.catch_warnings():  # experimental, but it is what labels the dashboard's axes
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(METRIC_NAMES[config.objective])
     return study
+
+
+def _update_existing(study: optuna.Study, study_name: str, config: StudyConfig) -> None:
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    new = config.to_dict()
+    if stored is None:
+        raise StorageError(
+            f"study {study_name!r} exists but was not created by tauopt; pick another --study name"
+        )
+    if stored == new:
+        return
+    diff = _differences(stored, new)
+    if any(not d.startswith("study.n_trials:") for d in diff):
+        raise StorageError(
+            f"study {study_name!r} already exists with another configuration "
+            f"({'; '.join(diff)}). Only the budget, study.n_trials, can change on an existing "
+            "study: put the other keys back, or start a new study with another --study name "
+            "(TAUOPT_STUDY in .env under docker compose)"
+        )
+    used = trials_used(study.get_trials(deepcopy=False))
+    if config.n_trials < used:
+        raise StorageError(
+            f"study {study_name!r} has already used {used} trials of its budget; "
+            f"n_trials must be at least {used}, got {config.n_trials}"
+        )
+    study.set_user_attr(CONFIG_ATTR, new)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +202,7 @@ class Worker:
         self.study = _load_study(self.storage, study_name, self.sampler_seed)
         self.study_name = study_name
         self.config = parse_config(self.study.user_attrs[CONFIG_ATTR])
+        self.n_trials = self.config.n_trials
         self.heartbeat_interval = settings.heartbeat_interval
         self.device = str(resolve_device(options.device))
         self.store = artifact_store(options.artifact_dir)
@@ -181,13 +227,19 @@ class Worker:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
             optuna.storages.fail_stale_trials(self.study)
+            self._read_budget()
             trials = self.study.get_trials(deepcopy=False)
-            used = sum(_counted(t) for t in trials)
+            used = trials_used(trials)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             running = any(t.state == TrialState.RUNNING for t in trials)
-            if waiting or used < self.config.n_trials:
+            if waiting or used < self.n_trials:
                 return self.study.ask(), used + (0 if waiting else 1), True
             return None, used, running
+
+    def _read_budget(self) -> None:
+        # `tauopt create --n-trials` may raise the budget while workers run: read it each claim.
+        attrs = self.storage.get_study_user_attrs(self.study._study_id)
+        self.n_trials = int(attrs[CONFIG_ATTR]["study"]["n_trials"])
 
     def run(self) -> WorkerSummary:
         """Run trials until the study's budget is spent and no other worker's trial can fail."""
@@ -206,9 +258,7 @@ class Worker:
             run += 1
             state = self._run_trial(trial, used)
             counts[state] += 1
-        self._log(
-            f"done: {run} trials run here; the study's budget of {self.config.n_trials} is spent"
-        )
+        self._log(f"done: {run} trials run here; the study's budget of {self.n_trials} is spent")
         return WorkerSummary(run, counts["complete"], counts["failed"], counts["pruned"])
 
     def _run_trial(self, trial: optuna.Trial, used: int) -> str:
@@ -222,12 +272,18 @@ class Worker:
                 # Recorded once the parameters are fixed: a retry of this trial reruns them.
                 trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
                 reporter = self._reporter(trial) if len(self.study.directions) == 1 else None
-                result = train(config, self.dataset(), device=self.device, on_epoch=reporter)
+                result = train(
+                    config,
+                    self.dataset(),
+                    device=self.device,
+                    on_epoch=reporter,
+                    progress=not self.options.quiet,
+                    label=f"[worker {self.sampler_seed:x}] trial {trial.number}",
+                )
             except optuna.TrialPruned:
                 self.study.tell(trial, state=TrialState.PRUNED)
                 self._log(
-                    f"trial {trial.number} pruned by the median rule "
-                    f"[{used}/{self.config.n_trials}]"
+                    f"trial {trial.number} pruned by the median rule [{used}/{self.n_trials}]"
                 )
                 return "pruned"
             except TauoptError as e:  # diverged, or an invalid combination of parameters
@@ -240,7 +296,7 @@ class Worker:
             self._save_model(trial, result)
             self.study.tell(trial, objective_values(result, self.config.objective))
         self._log(
-            f"trial {trial.number} complete [{used}/{self.config.n_trials}]: {config.arch} "
+            f"trial {trial.number} complete [{used}/{self.n_trials}]: {config.arch} "
             f"val {result.val_accuracy[-1]:.4f} test {result.test_accuracy:.4f}, "
             f"{result.active_blocks}/{config.depth} blocks, {result.active_params} params, "
             f"{time.perf_counter() - start:.1f}s"
@@ -258,7 +314,7 @@ class Worker:
     def _fail(self, trial: optuna.Trial, reason: str, used: int) -> str:
         trial.set_user_attr(FAIL_REASON_ATTR, reason)
         self.study.tell(trial, state=TrialState.FAIL)
-        self._log(f"trial {trial.number} failed [{used}/{self.config.n_trials}]: {reason}")
+        self._log(f"trial {trial.number} failed [{used}/{self.n_trials}]: {reason}")
         return "failed"
 
     def _save_model(self, trial: optuna.Trial, result: TrainResult) -> None:

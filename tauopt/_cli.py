@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tauopt import __version__
 from tauopt.engine._config import ARCHS, TrainConfig
 from tauopt.engine._data import DATASETS, default_data_dir, load_dataset
 from tauopt.errors import TauoptError
@@ -18,22 +19,37 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every flag's default, except where the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def _add_train_parser(sub: Any) -> None:
     defaults = TrainConfig()
     p = sub.add_parser(
         "train",
         help="train one network and report its metrics",
         description="Train one variable-time-step network; progress goes to stderr.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--arch", choices=ARCHS, default=defaults.arch)
-    p.add_argument("--dataset", choices=tuple(DATASETS), default=defaults.dataset)
+    p.add_argument("--arch", choices=ARCHS, default=defaults.arch, help="network")
+    p.add_argument("--dataset", choices=tuple(DATASETS), default=defaults.dataset, help="data")
     p.add_argument(
         "--data-dir",
         type=Path,
         default=None,
         help="root in torchvision's layout (default: $TAUOPT_DATA or ./data)",
     )
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
     p.add_argument(
         "--T",
         dest="T",
@@ -57,7 +73,7 @@ def _add_train_parser(sub: Any) -> None:
         "--prune-eps",
         type=float,
         default=None,
-        help="remove ResNet blocks with |tau_l|/sum|tau| below this",
+        help="remove ResNet blocks with |tau_l|/sum|tau| below this (default: no pruning)",
     )
     p.add_argument(
         "--prune-every", type=int, default=defaults.prune_every, help="check pruning every N epochs"
@@ -71,17 +87,17 @@ def _add_train_parser(sub: Any) -> None:
         action="store_true",
         help="no gradient through the memory coefficients (fracdnn)",
     )
-    p.add_argument("--width", type=int, default=defaults.width)
-    p.add_argument("--depth", type=int, default=defaults.depth)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--width", type=int, default=defaults.width, help="neurons per block")
+    p.add_argument("--depth", type=int, default=defaults.depth, help="tau-blocks")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="weights and data order")
     p.add_argument("--fixed-tau", action="store_true", help="do not train the taus (the baseline)")
     p.add_argument(
         "--train-size",
         type=int,
         default=None,
-        help="train on the first N images of the training split",
+        help="train on the first N images of the training split (default: all 50,000)",
     )
     p.add_argument(
         "--val-size",
@@ -126,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tauopt",
         description="Hyperparameter studies for networks with learnable time steps.",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
     from tauopt._study_cli import add_study_commands  # the study commands live beside
 
-    add_study_commands(sub)
+    add_study_commands(sub, HelpFormatter)
     return parser
 
 

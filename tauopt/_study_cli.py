@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tauopt.engine._data import DATASETS
+from tauopt.errors import TauoptError
 
 if TYPE_CHECKING:  # imported lazily at run time: `tauopt --help` should not load torch
     from tauopt.storage import StorageSettings
-    from tauopt.study import StudyConfig
+    from tauopt.study import StudyConfig, TrialResult
 
 DEFAULT_STUDY = "tauopt"
+_FROM_CONFIG = "default: the config's, else built-in"
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
@@ -23,7 +27,7 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
         default=None,
         help="database URL (default: $TAUOPT_STORAGE, else sqlite:///./tauopt.db)",
     )
-    p.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default: {DEFAULT_STUDY})")
+    p.add_argument("--study", default=DEFAULT_STUDY, help="study name")
 
 
 def _add_artifacts(p: argparse.ArgumentParser) -> None:
@@ -38,22 +42,46 @@ def _add_artifacts(p: argparse.ArgumentParser) -> None:
 
 def _add_heartbeat(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--heartbeat-interval", type=int, default=None, help="seconds between heartbeats"
+        "--heartbeat-interval",
+        type=int,
+        default=None,
+        help=f"seconds between heartbeats ({_FROM_CONFIG} 10)",
     )
     p.add_argument(
-        "--grace-period", type=int, default=None, help="seconds of silence before a trial is failed"
+        "--grace-period",
+        type=int,
+        default=None,
+        help=f"seconds of silence before a trial is failed ({_FROM_CONFIG} twice the interval)",
     )
 
 
 def _add_create_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", type=Path, default=None, help="study config (TOML); default: built-in"
+        "--config", type=Path, default=None, help="study config (TOML; default: built-in)"
     )
-    p.add_argument("--n-trials", type=int, default=None, help="total trials across all workers")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per trial")
-    p.add_argument("--train-size", type=int, default=None, help="training images per trial")
-    p.add_argument("--dataset", choices=tuple(DATASETS), default=None)
-    p.add_argument("--objective", choices=("pareto", "accuracy"), default=None)
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        default=None,
+        help=f"total trials across all workers; may be raised on an existing study "
+        f"({_FROM_CONFIG} 30)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs per trial ({_FROM_CONFIG} 3)")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help=f"training images per trial ({_FROM_CONFIG} 10000)",
+    )
+    p.add_argument(
+        "--dataset", choices=tuple(DATASETS), default=None, help=f"({_FROM_CONFIG} mnist)"
+    )
+    p.add_argument(
+        "--objective",
+        choices=("pareto", "accuracy"),
+        default=None,
+        help=f"({_FROM_CONFIG} pareto)",
+    )
     _add_heartbeat(p)
 
 
@@ -61,52 +89,69 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", type=Path, default=None, help="dataset root (default: $TAUOPT_DATA or ./data)"
     )
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument(
         "--sampler-seed",
         type=int,
         default=None,
         help="this worker's sampler seed (default: random)",
     )
-    p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    p.add_argument("--quiet", action="store_true", help="no per-trial and per-epoch progress")
     _add_artifacts(p)
 
 
-def add_study_commands(sub: Any) -> None:
+def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     """Register the study subcommands on ``sub``."""
-    p = sub.add_parser("create", help="create the schema and a study from a config")
+
+    def parser(name: str, summary: str, description: str | None = None) -> Any:
+        return sub.add_parser(
+            name, help=summary, description=description or summary, formatter_class=formatter
+        )
+
+    p = parser("create", "create the schema and a study from a config (or raise its budget)")
     _add_storage(p)
     _add_create_flags(p)
     p.set_defaults(handler=_cmd_create)
 
-    p = sub.add_parser("worker", help="join a study and run trials until its budget is spent")
+    p = parser(
+        "worker",
+        "join a study and run trials until its budget is spent",
+        "Join a study created by `tauopt create` and train its trials until the study's "
+        "budget is spent; start as many workers as you like, on any machine that reaches the "
+        "storage.",
+    )
     _add_storage(p)
     _add_worker_flags(p)
     _add_heartbeat(p)
-    p.set_defaults(handler=_worker)
+    p.set_defaults(handler=_cmd_worker)
 
-    p = sub.add_parser("run", help="create a study and run one local worker (the main job)")
+    p = parser(
+        "run",
+        "create a study and run one local worker (the main job)",
+        "Create (or resume) a study and run one worker here until the budget is spent; then "
+        "print the Pareto-optimal trials and how to look at them.",
+    )
     _add_storage(p)
     _add_create_flags(p)
     _add_worker_flags(p)
     p.set_defaults(handler=_cmd_run)
 
-    p = sub.add_parser("best", help="the Pareto-optimal (or best) trials")
+    p = parser("best", "the Pareto-optimal (or best) trials")
     _add_storage(p)
     _add_artifacts(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(handler=_cmd_best)
 
-    p = sub.add_parser("export", help="all trials as CSV")
+    p = parser("export", "all trials as CSV")
     _add_storage(p)
     p.add_argument("--output", "-o", type=Path, default=None, help="CSV file (default: stdout)")
     p.set_defaults(handler=_cmd_export)
 
-    p = sub.add_parser("dashboard", help="optuna-dashboard on the same storage and artifacts")
+    p = parser("dashboard", "optuna-dashboard on the same storage and artifacts")
     p.add_argument("--storage", default=None, help="database URL (as for the other commands)")
     _add_artifacts(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="bind address")
+    p.add_argument("--port", type=int, default=8080, help="port")
     p.set_defaults(handler=_cmd_dashboard)
 
 
@@ -144,7 +189,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker(args: argparse.Namespace) -> int:
+def _cmd_worker(args: argparse.Namespace) -> int:
     from tauopt.storage import default_artifact_dir, resolve_url
     from tauopt.study import Worker, WorkerOptions, load_study, parse_config
     from tauopt.study._worker import CONFIG_ATTR
@@ -173,15 +218,50 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from tauopt.storage import default_artifact_dir, redact, resolve_url
+    from tauopt.study import best_trials
+
     _create(args)
-    code = _worker(args)
-    if code == 0:
+    _cmd_worker(args)
+    url = resolve_url(args.storage)
+    artifacts = (args.artifact_dir or default_artifact_dir(url)).resolve()
+    trials = best_trials(url, args.study, artifact_dir=artifacts)
+    print()
+    _print_best(args.study, trials)
+    # The exact commands for what comes next; a password never reaches the terminal.
+    shown = redact(url)
+    storage_flag = "" if args.storage is None else f" --storage {shlex.quote(shown)}"
+    artifact_flag = f" --artifact-dir {shlex.quote(str(artifacts))}"
+    study_flag = "" if args.study == DEFAULT_STUDY else f" --study {shlex.quote(args.study)}"
+    print(f"\ntrained models: {artifacts}")
+    print(f"dashboard:      tauopt dashboard{storage_flag}{artifact_flag}")
+    print("                then open http://127.0.0.1:8080/dashboard")
+    print(f"table again:    tauopt best{storage_flag}{study_flag}")
+    print("best model in Python:")
+    print("    from tauopt import best_trials")
+    print(f"    best = best_trials({shown!r}, {args.study!r}, artifact_dir={str(artifacts)!r})[0]")
+    print("    model = best.load_model()   # logits of images (N, 28, 28) or rows (N, 784)")
+    if shown != url:
+        print("(the password is masked above: pass the real URL, or set $TAUOPT_STORAGE)")
+    return 0
+
+
+def _print_best(study: str, trials: list[TrialResult]) -> None:
+    if not trials:
+        print(f"study {study!r} has no completed trial yet")
+        return
+    print(f"Pareto-optimal trials of study {study!r} (best validation accuracy first):")
+    header = (
+        f"{'trial':>5}  {'val acc':>7}  {'test acc':>8}  {'blocks':>6}  {'active params':>13}  "
+        "hyperparameters"
+    )
+    print(header)
+    for t in trials:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.params.items()))
         print(
-            f"best trials: tauopt best --study {args.study}"
-            + (f" --storage {args.storage}" if args.storage else ""),
-            file=sys.stderr,
+            f"{t.number:>5}  {t.val_accuracy:>7.4f}  {t.test_accuracy:>8.4f}  "
+            f"{t.active_blocks:>6}  {t.active_params:>13}  {params}"
         )
-    return code
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
@@ -192,16 +272,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
         json.dump([t.to_dict() for t in trials], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    if not trials:
-        print(f"study {args.study!r} has no completed trial yet", file=sys.stderr)
-        return 0
-    print(f"{'trial':>5}  {'val acc':>7}  {'test acc':>8}  {'blocks':>6}  {'params':>8}  params")
-    for t in trials:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.params.items()))
-        print(
-            f"{t.number:>5}  {t.val_accuracy:>7.4f}  {t.test_accuracy:>8.4f}  "
-            f"{t.active_blocks:>6}  {t.active_params:>8}  {params}"
-        )
+    _print_best(args.study, trials)
     return 0
 
 
@@ -215,10 +286,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.output is None:
         rows = export_csv(args.storage, args.study, sys.stdout)
     else:
-        with open(args.output, "w", newline="") as fh:
-            rows = export_csv(args.storage, args.study, fh)
+        rows = _export_to_file(args, args.output)
     print(f"exported {rows} trials", file=sys.stderr)
     return 0
+
+
+def _export_to_file(args: argparse.Namespace, target: Path) -> int:
+    """Write a temporary file beside ``target`` and rename it on success: a failed export
+    (a typo in the study name, a lost database) leaves an existing ``target`` as it was."""
+    from tauopt.study import export_csv
+
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "w", newline="") as fh:
+            rows = export_csv(args.storage, args.study, fh)
+        os.replace(partial, target)
+    except OSError as e:
+        raise TauoptError(
+            f"cannot write {target}: {e.strerror or e}; choose a writable file path with -o"
+        ) from e
+    finally:
+        partial.unlink(missing_ok=True)
+    return rows
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
