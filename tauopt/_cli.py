@@ -138,6 +138,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "data",
+        help="download the datasets (if missing) and check them",
+        description="Download the datasets into the data root if they are not there, and check "
+        "every file. docker compose runs it once before the workers start.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--dataset",
+        choices=tuple(DATASETS),
+        nargs="+",
+        default=list(DATASETS),
+        help="which (default: all)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="root in torchvision's layout (default: $TAUOPT_DATA or ./data)",
+    )
+    p.set_defaults(handler=_cmd_data)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    root = args.data_dir or default_data_dir()
+    for name in args.dataset:
+        data = load_dataset(name, root)
+        print(
+            f"{name}: {len(data.train)} training and {len(data.test)} test images "
+            f"in {root / DATASETS[name] / 'raw'}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tauopt",
@@ -147,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
+    _add_data_parser(sub)
     from tauopt._study_cli import add_study_commands  # the study commands live beside
 
     add_study_commands(sub, HelpFormatter)

@@ -25,10 +25,13 @@ from tauopt.study import load_config
 pytestmark = pytest.mark.postgres
 
 REPO = Path(__file__).resolve().parent.parent
+LOCAL_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 SMALL = "[study]\nn_trials = 4\n[trial]\nepochs = 1\ntrain_size = 1000\nval_size = 2000\n"
 
 
-def _compose(*args: str, env_file: Path) -> subprocess.CompletedProcess[str]:
+def _compose(
+    *args: str, env_file: Path, files: tuple[str, ...] = ("docker-compose.yml",)
+) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.fail("Debian's docker-compose is needed to validate the file; .ci/run installs it")
@@ -38,8 +41,7 @@ def _compose(*args: str, env_file: Path) -> subprocess.CompletedProcess[str]:
             binary,
             "--project-directory",
             str(REPO),
-            "-f",
-            str(REPO / "docker-compose.yml"),
+            *(arg for name in files for arg in ("-f", str(REPO / name))),
             "--env-file",
             str(env_file),
             *args,
@@ -67,12 +69,15 @@ def resolved(tmp_path: Path) -> dict[str, Any]:
 
 def test_file_is_valid_and_complete(resolved: dict[str, Any], tmp_path: Path) -> None:
     services = resolved["services"]
-    assert {"db", "create", "worker", "worker-gpu", "dashboard"} <= set(services)
+    assert {"db", "create", "data", "worker", "worker-gpu", "dashboard"} <= set(services)
     assert "healthcheck" in services["db"] and "pgdata" in resolved["volumes"]
     assert services["create"]["depends_on"]["db"]["condition"] == "service_healthy"
-    assert (
-        services["worker"]["depends_on"]["create"]["condition"] == "service_completed_successfully"
-    )
+    for name in ("worker", "worker-gpu"):
+        for needs in ("create", "data"):  # the study exists and the data is downloaded, once
+            condition = services[name]["depends_on"][needs]["condition"]
+            assert condition == "service_completed_successfully"
+    # a GPU worker that cannot see its GPU fails instead of training on the CPU
+    assert services["worker-gpu"]["command"][-2:] == ["--device", "cuda"]
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and services["worker-gpu"]["profiles"] == ["gpu"]
     assert any("8080" in str(p) for p in services["dashboard"]["ports"])
@@ -111,9 +116,9 @@ def _process(
     service's environment; container paths map to local folders, the host db to localhost."""
     assert _entrypoint() == ["tauopt"]
     args = [str(a) for a in service["command"]]
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "TAUOPT_"))}
     for key, value in service["environment"].items():
-        env[key] = str(value).replace("@db:5432", "@127.0.0.1:5432")
+        env[key] = "127.0.0.1" if key == "PGHOST" and value == "db" else str(value)
     for container, local in volumes.items():
         args = [str(local) + a[len(container) :] if a.startswith(container) else a for a in args]
         env = {
@@ -134,6 +139,8 @@ def test_service_commands_run_against_postgres(
 
     create = _process(services["create"], volumes)
     assert create.wait(timeout=120) == 0
+    data = _process(services["data"], volumes)
+    assert data.wait(timeout=120) == 0  # the files are there: checked, nothing downloaded
     workers = [
         _process(services["worker"], volumes, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)
@@ -141,8 +148,7 @@ def test_service_commands_run_against_postgres(
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
 
-    url = services["worker"]["environment"]["TAUOPT_STORAGE"].replace("@db:5432", "@127.0.0.1:5432")
-    study = optuna.load_study(study_name=resolved["study"], storage=url)
+    study = optuna.load_study(study_name=resolved["study"], storage=LOCAL_PG)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
 
     dashboard = _process(
@@ -165,3 +171,58 @@ def test_service_commands_run_against_postgres(
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=10)
+
+
+NASTY = 'p@ss/w:rd#%1?&= "x"'
+
+
+def test_any_password_reaches_postgres_intact(tmp_path: Path) -> None:
+    """The password goes through PGPASSWORD, not a URL: '@', '/', ':', '#', '%', '?', spaces."""
+    env_file = tmp_path / "compose.env"
+    env_file.write_text(f"POSTGRES_USER=postgres\nPOSTGRES_PASSWORD='{NASTY}'\nPOSTGRES_DB=test\n")
+    done = _compose("config", env_file=env_file)
+    assert done.returncode == 0, done.stderr
+    worker = yaml.safe_load(done.stdout)["services"]["worker"]
+    assert worker["environment"]["PGPASSWORD"] == NASTY
+    probe = (
+        "from tauopt.storage import StorageSettings, open_storage, resolve_url\n"
+        "storage = open_storage(StorageSettings(url=resolve_url()), create_schema=False)\n"
+        "with storage.engine.connect() as c:\n"
+        "    user = c.exec_driver_sql('select current_user').scalar()\n"
+        "    print(user, c.connection.dbapi_connection.info.password)\n"
+    )
+    out = _process_output(worker, probe)
+    assert out.strip() == f"postgres {NASTY}"
+
+
+def _process_output(service: dict[str, Any], code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "TAUOPT_"))}
+    for key, value in service["environment"].items():
+        env[key] = "127.0.0.1" if key == "PGHOST" and value == "db" else str(value)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_multihost_files_are_valid(tmp_path: Path) -> None:
+    env_file = tmp_path / "compose.env"
+    env_file.write_text(
+        "POSTGRES_USER=u\nPOSTGRES_PASSWORD=p\nPOSTGRES_DB=d\nTAUOPT_DB_HOST=db.example\n"
+        "TAUOPT_ARTIFACTS_DIR=/srv/tauopt-artifacts\n"
+    )
+    main = _compose(
+        "config",
+        env_file=env_file,
+        files=("docker-compose.yml", "docker-compose.multihost.yml"),
+    )
+    assert main.returncode == 0, main.stderr
+    config = yaml.safe_load(main.stdout)
+    assert any("5432" in str(p) for p in config["services"]["db"]["ports"])
+    assert config["volumes"]["artifacts"]["driver_opts"]["device"] == "/srv/tauopt-artifacts"
+    remote = _compose("config", env_file=env_file, files=("docker-compose.worker.yml",))
+    assert remote.returncode == 0, remote.stderr
+    services = yaml.safe_load(remote.stdout)["services"]
+    assert set(services) == {"data", "worker"}
+    assert services["worker"]["environment"]["PGHOST"] == "db.example"

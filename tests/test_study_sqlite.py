@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -56,7 +59,14 @@ def test_run_then_best_trials_and_load_model(
     code = run_study(5, "--device", "cpu")
     assert code == 0
     assert (workdir / "tauopt.db").is_file() and (workdir / "tauopt-artifacts").is_dir()
-    assert "trial 4 complete" in capsys.readouterr().err  # progress is visible
+    out, err = capsys.readouterr()
+    assert "trial 4 complete" in err  # progress is visible, per trial
+    assert "trial 4 epoch 2/2: loss" in err  # and per epoch within a trial
+    # The end of the run: the front as a table, where the models are, what to run next.
+    assert "Pareto-optimal trials of study 'tauopt'" in out and "active params" in out
+    assert f"trained models: {workdir / 'tauopt-artifacts'}" in out
+    assert "tauopt dashboard --artifact-dir" in out
+    assert "best.load_model()" in out
 
     study = load_study(None, "tauopt")
     trials = study.get_trials(states=(TrialState.COMPLETE,))
@@ -104,7 +114,9 @@ def test_best_json_and_export_csv(
         "taus",
     } <= set(listed[0])
     assert main(["best"]) == 0
-    assert "val acc" in capsys.readouterr().out
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header == ["trial", "val", "acc", "test", "acc", "blocks", "active", "params",
+                      "hyperparameters"]  # fmt: skip
     assert main(["export", "-o", "trials.csv"]) == 0
     with open(workdir / "trials.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -112,6 +124,39 @@ def test_best_json_and_export_csv(
     assert {"value_val_accuracy", "value_active_params", "param_arch", "test_accuracy"} <= set(
         rows[0]
     )
+    front = {r["number"] for r in rows if r["pareto_optimal"] == "True"}
+    assert front == {str(t["number"]) for t in listed}
+
+
+def test_failed_export_keeps_the_existing_file(
+    workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_study(1, "--quiet") == 0
+    (workdir / "precious.csv").write_text("keep me\n")
+    assert main(["export", "-o", "precious.csv", "--study", "typo"]) == 2
+    assert (workdir / "precious.csv").read_text() == "keep me\n"
+    assert [p.name for p in workdir.iterdir() if p.name.startswith(".precious")] == []
+    assert main(["export", "-o", str(workdir / "no-such-dir" / "x.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Traceback" not in err
+
+
+def test_raised_budget_runs_only_the_added_trials(
+    workdir: Path, data_dir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_study(2, "--quiet") == 0
+    assert main(["create", "--config", "small.toml", "--n-trials", "4"]) == 0
+    worker = ["worker", "--data-dir", str(data_dir), "--quiet"]
+    assert main(worker) == 0
+    assert "worker finished: 2 trials here" in capsys.readouterr().err
+    study = load_study(None, "tauopt")
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+    # never below what has run; any other change names the key and the way out
+    assert main(["create", "--config", "small.toml", "--n-trials", "3"]) == 2
+    assert "n_trials must be at least 4, got 3" in capsys.readouterr().err
+    assert main(["create", "--config", "small.toml", "--n-trials", "4", "--epochs", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "trial.epochs: 2 -> 5" in err and "another --study name" in err
 
 
 def test_accuracy_objective_reports_every_epoch(workdir: Path, run_study: RunStudy) -> None:
@@ -151,7 +196,10 @@ def test_create_is_idempotent_but_refuses_another_config(
 ) -> None:
     assert main(["create", "--config", "small.toml", "--n-trials", "4"]) == 0
     assert main(["create", "--config", "small.toml", "--n-trials", "4"]) == 0
-    assert main(["create", "--config", "small.toml", "--n-trials", "9"]) == 2
+    assert (
+        main(["create", "--config", "small.toml", "--n-trials", "4", "--dataset", "fashion-mnist"])
+        == 2
+    )
     assert "already exists with another configuration" in capsys.readouterr().err
     assert optuna.get_all_study_names(f"sqlite:///{workdir / 'tauopt.db'}") == ["tauopt"]
 
@@ -164,15 +212,27 @@ def test_bad_config_key_is_one_line(workdir: Path, capsys: pytest.CaptureFixture
     assert not (workdir / "tauopt.db").exists()  # nothing was written for a rejected config
 
 
-def test_readme_python_example_runs(
-    workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
+def test_readme_python_example_runs_beside_a_users_own_modules(
+    workdir: Path, data_dir: Path, run_study: RunStudy
 ) -> None:
+    """The README's snippet, as a script in a folder that has its own models.py, study.py and
+    storage.py (which a package named like them would have picked up)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     example = (
         readme.split("### Query from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     )
     assert run_study(2, "--quiet") == 0
-    capsys.readouterr()
-    exec(compile(example, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    assert "tensor(" in printed  # model.taus of a loaded network
+    for name in ("models", "study", "storage"):
+        (workdir / f"{name}.py").write_text(f"raise ImportError('the user's own {name}.py')\n")
+    (workdir / "example.py").write_text(example)
+    done = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=workdir,
+        env={**os.environ, "TAUOPT_DATA": str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tensor(" in done.stdout  # model.taus of a loaded network
+    assert "predicted" in done.stdout  # the model ran on an image batch

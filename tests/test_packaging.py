@@ -1,0 +1,101 @@
+"""What gets installed: one import name, ``tauopt``, and layers that import one way only."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Folder -> the tauopt modules its files may import. Nothing imports upward.
+LAYERS: dict[str, set[str]] = {
+    "models": {"tauopt.models"},
+    "engine": {"tauopt.engine", "tauopt.models", "tauopt.errors"},
+    "storage": {"tauopt.storage", "tauopt.errors"},
+    "study": {"tauopt.study", "tauopt.engine", "tauopt.models", "tauopt.storage", "tauopt.errors"},
+}
+#: Third-party packages a layer must not use (the networks are pure; the engine knows no Optuna).
+FORBIDDEN: dict[str, set[str]] = {
+    "models": {"optuna", "sqlalchemy", "torchvision", "tqdm", "os", "pathlib", "tauopt.errors"},
+    "engine": {"optuna", "sqlalchemy", "optuna_dashboard"},
+    "storage": {"torch", "torchvision"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _layer_of(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "tauopt" and len(parts) > 1 else parts[0]
+
+
+@pytest.mark.parametrize("folder", sorted(LAYERS))
+def test_layers_import_only_downward(folder: str) -> None:
+    files = sorted((REPO / folder).glob("*.py"))
+    assert files
+    for path in files:
+        used = {_layer_of(m) for m in _imports(path)}
+        upward = {m for m in used if m.startswith("tauopt") and m not in LAYERS[folder]}
+        assert not upward, f"{path.relative_to(REPO)} imports {sorted(upward)} (upward)"
+        bad = used & FORBIDDEN.get(folder, set())
+        assert not bad, f"{path.relative_to(REPO)} must not use {sorted(bad)}"
+
+
+def test_errors_module_is_a_leaf() -> None:
+    assert not {m for m in _imports(REPO / "tauopt" / "errors.py") if m.startswith("tauopt")}
+
+
+def test_importing_the_networks_loads_no_optuna() -> None:
+    code = (
+        "import sys, tauopt.models; print('optuna' in sys.modules, 'tauopt.study' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
+    # Build from a copy of the tracked files, so the checkout gets no build/ or egg-info.
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    src = tmp_path / "src"
+    for name in files:
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_bytes((REPO / name).read_bytes())
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("tauopt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/", 1)[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"tauopt"}
+    for module in ("models/_base.py", "engine/_train.py", "storage/_rdb.py", "study/_worker.py"):
+        assert f"tauopt/{module}" in names
+    assert "tauopt/__main__.py" in names and "tauopt/_cli.py" in names
