@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# e.g. https://download.pytorch.org/whl/cpu: torch's CPU build, without the CUDA libraries
+TORCH_INDEX_URL ?=
 
 .PHONY: setup run test lint bench
 
@@ -14,6 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX_URL),$(BIN)/pip install -q -c constraints.txt --index-url $(TORCH_INDEX_URL) --extra-index-url https://pypi.org/simple torch torchvision)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
