@@ -101,12 +101,13 @@ class TauNetwork(nn.Module):
         (0..255, as in ``torchvision.datasets.MNIST.data``) are scaled to [0, 1].
         """
         first = cast(nn.Linear, self.blocks[0])
+        shape = tuple(x.shape)
         if x.ndim >= 2:
             x = x.flatten(1)
         if x.ndim != 2 or x.shape[1] != first.in_features:
             raise ValueError(
                 f"expected a batch of shape (N, {first.in_features}) or of images (N, H, W) / "
-                f"(N, 1, H, W) with H*W = {first.in_features}, got {tuple(x.shape)}; "
+                f"(N, 1, H, W) with H*W = {first.in_features}, got {shape}; "
                 "for one image use x.unsqueeze(0)"
             )
         if x.dtype == torch.uint8:

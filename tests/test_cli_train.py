@@ -112,3 +112,46 @@ def _offline(name: str, root: Path) -> None:
     raise DataError(
         f"the {name} files are not under {root / 'MNIST' / 'raw'} and downloading them failed"
     )
+
+
+def test_offline_download_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchvision makes its folders before it fails; none of them may end up under --data-dir."""
+    import torchvision.datasets
+
+    def offline(root: str, train: bool, download: bool) -> None:
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    missing = tmp_path / "nonexistent"
+    assert main(["train", "--data-dir", str(missing), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing / "MNIST" / "raw") in err and "downloading them failed" in err
+    assert not missing.exists()
+
+
+def test_help_shows_defaults_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("tauopt 0.")
+    for command, expected in (
+        (["train", "--help"], ["(default: 0.01)", "(default: resnet)", "(default: no pruning)"]),
+        (["run", "--help"], ["(default: tauopt)", "built-in 30", "(default: auto)"]),
+        (["worker", "--help"], ["budget is spent", "(default: random)"]),
+        (["dashboard", "--help"], ["(default: 8080)", "(default: 127.0.0.1)"]),
+    ):
+        with pytest.raises(SystemExit):
+            main(command)
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for text in expected:
+            assert text in out, (command, text)
+
+
+def test_data_command_checks_the_files(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "--data-dir", str(data_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "mnist: 60000 training and 10000 test images" in err
+    assert "fashion-mnist: 60000 training" in err

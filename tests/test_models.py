@@ -352,3 +352,18 @@ def test_fractional_device_arithmetic_with_degenerate_taus_gives_non_finite() ->
     model.loss_and_grad(torch.rand(5, 3), torch.randint(0, 2, (5,)))
     assert model.tau_free.grad is not None
     assert not torch.isfinite(model.tau_free.grad).all()
+
+
+@pytest.mark.parametrize("cls", [TauResNet, FractionalDNN])
+def test_image_batches_are_taken_as_torchvision_gives_them(cls: type[TauNetwork]) -> None:
+    torch.manual_seed(0)
+    model = cls(16, 5, 3, 4, T=1.0, trainable_tau=True, dependent_last_tau=False).eval()
+    pixels = torch.randint(0, 256, (6, 4, 4), dtype=torch.uint8)
+    rows = pixels.reshape(6, 16).float() / 255.0
+    expected = model(rows)
+    for x in (rows.reshape(6, 4, 4), rows.reshape(6, 1, 4, 4), pixels, pixels[:, None]):
+        assert torch.allclose(model(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(N, 16\).*got \(6, 5, 5\)"):
+        model(torch.zeros(6, 5, 5))
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model(torch.zeros(16))
