@@ -23,6 +23,7 @@ _IDX_UBYTE = 0x08
 #: The validation split is drawn with this seed whatever the training seed, so every trial of
 #: a study selects models on the same held-out images.
 SPLIT_SEED = 20230628
+NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class RawDataset:
     name: str
     train: ImageSet
     test: ImageSet
-    num_classes: int = 10
+    num_classes: int = NUM_CLASSES
 
     @property
     def in_features(self) -> int:
@@ -124,7 +125,8 @@ def _download(name: str, root: Path) -> None:
                 cls(tmp, train=train, download=True)
         except Exception as e:  # torchvision raises bare RuntimeError/URLError/OSError
             raise DataError(
-                f"the {name} files are not under {dest} and downloading them failed ({e}); "
+                f"the {name} files are not under {dest} and downloading them failed "
+                f"({' '.join(str(e).split())}); "
                 "copy the four IDX files (.gz or plain) there, or point --data-dir / "
                 "$TAUOPT_DATA at a folder that has them"
             ) from e
@@ -161,7 +163,27 @@ def load_dataset(name: str, root: Path | str | None = None, *, download: bool = 
                 f"{tuple(labels.shape)}; replace the files"
             )
         parts[split] = ImageSet(images.reshape(images.shape[0], -1), labels.long())
+    _check_contents(raw_dir, parts)
     return RawDataset(name=name, train=parts["train"], test=parts["test"])
+
+
+def _check_contents(raw_dir: Path, parts: dict[str, ImageSet]) -> None:
+    """Files that parse can still disagree: catch it here, not as an index error mid-trial."""
+    train, test = parts["train"], parts["test"]
+    if train.images.shape[1] != test.images.shape[1]:
+        raise DataError(
+            f"{raw_dir}: training images have {train.images.shape[1]} pixels, test images "
+            f"{test.images.shape[1]}; the files come from different datasets: replace them"
+        )
+    for split, part in parts.items():
+        if len(part) == 0:
+            raise DataError(f"{raw_dir}: the {split} files hold no images; replace them")
+        low, high = int(part.labels.min()), int(part.labels.max())
+        if low < 0 or high >= NUM_CLASSES:
+            raise DataError(
+                f"{raw_dir}: {split} labels run from {low} to {high}, outside the "
+                f"{NUM_CLASSES} classes 0..{NUM_CLASSES - 1}; replace the label file"
+            )
 
 
 def make_splits(

@@ -7,6 +7,7 @@ worker process can run many trials one after another on the dataset it loaded on
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -92,11 +93,41 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as e:
         raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"device {device!r} is not supported (tauopt trains on cpu or cuda): use cpu, cuda "
+            "or cuda:N"
+        )
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu"
         )
     return resolved
+
+
+def _memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_fits(
+    config: TrainConfig, in_features: int, num_classes: int, device: torch.device
+) -> None:
+    """Refuse, before allocating, a network whose training cannot fit in ``device``'s memory.
+
+    Estimate: float32 weights, their gradients and the step's workspace (about three copies of
+    the parameters), plus a batch's states and gradients for every block.
+    """
+    w, d = config.width, config.depth
+    params = in_features * w + w + (d - 1) * (w * w + w) + w * num_classes + d
+    need = 4 * (3 * params + 4 * config.batch_size * w * (d + 1))
+    have = _memory_bytes(device)
+    if need > have:
+        raise ConfigError(
+            f"width {w} and depth {d} need about {need / 2**30:.1f} GiB to train, more than the "
+            f"{have / 2**30:.1f} GiB of memory of {device}; lower --width or --depth"
+        )
 
 
 def build_model(config: TrainConfig, in_features: int, num_classes: int) -> TauNetwork:
@@ -218,6 +249,7 @@ def train(
     if dataset.name != config.dataset:
         raise ConfigError(f"config asks for {config.dataset!r} but {dataset.name!r} was loaded")
     dev = resolve_device(device)
+    check_fits(config, dataset.in_features, dataset.num_classes, dev)
     splits = make_splits(
         dataset, val_size=config.val_size, train_size=config.train_size, device=dev
     )

@@ -8,6 +8,7 @@ from tauopt.errors import StorageError
 from tauopt.storage._artifacts import artifact_store
 from tauopt.storage._rdb import (
     ARTIFACTS_ENV,
+    MAX_STUDY_NAME,
     STORAGE_ENV,
     StorageSettings,
     default_artifact_dir,
@@ -16,16 +17,27 @@ from tauopt.storage._rdb import (
     resolve_url,
     study_lock,
 )
+from tauopt.storage._retry import (
+    RetryPolicy,
+    is_storage_error,
+    is_transient,
+    root_message,
+)
 
 __all__ = [
     "ARTIFACTS_ENV",
+    "MAX_STUDY_NAME",
     "STORAGE_ENV",
+    "RetryPolicy",
     "StorageError",
     "StorageSettings",
     "artifact_store",
     "default_artifact_dir",
+    "is_storage_error",
+    "is_transient",
     "open_storage",
     "redact",
     "resolve_url",
+    "root_message",
     "study_lock",
 ]

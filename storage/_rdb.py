@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from tauopt.errors import StorageError
+from tauopt.storage._retry import root_message
 
 #: Environment variable that names the storage when ``--storage`` is not given.
 STORAGE_ENV = "TAUOPT_STORAGE"
@@ -25,6 +26,15 @@ STORAGE_ENV = "TAUOPT_STORAGE"
 ARTIFACTS_ENV = "TAUOPT_ARTIFACTS"
 DEFAULT_DB = "tauopt.db"
 _SQLITE_BUSY_SECONDS = 60
+_PG_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+#: The longest study name Optuna's schema stores (``studies.study_name``).
+MAX_STUDY_NAME = 512
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -89,9 +99,26 @@ class StorageSettings:
             raise StorageError(f"max_retry must be >= 0, got {self.max_retry}")
 
 
-def _prepare_sqlite(path: Path) -> None:
-    """WAL lets the dashboard read while workers write; the setting persists in the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _prepare_sqlite(path: Path, *, create: bool) -> None:
+    """WAL lets the dashboard read while workers write; the setting persists in the file.
+
+    Only ``tauopt create`` makes the file: every other command finds it or says how to make it,
+    and leaves no empty database behind.
+    """
+    if not create:
+        if not path.is_file():
+            raise StorageError(
+                f"no SQLite database at {path}: create the study first with "
+                f"`tauopt create --storage sqlite:///{path}`, or fix the path"
+            )
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(
+            f"cannot create the folder of the SQLite file {path}: {e.strerror or e}; "
+            "choose a writable path"
+        ) from e
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=_SQLITE_BUSY_SECONDS)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -118,10 +145,14 @@ def open_storage(
     engine_kwargs: dict[str, object] = {}
     db = _sqlite_path(url)
     if db is not None:
-        _prepare_sqlite(db)
+        _prepare_sqlite(db, create=create_schema)
         engine_kwargs["connect_args"] = {"timeout": _SQLITE_BUSY_SECONDS}
     elif backend == "postgresql":
         engine_kwargs["pool_pre_ping"] = True  # survive server restarts and idle cut-offs
+        if make_url(url).get_driver_name() == "psycopg2":
+            # A host that does not answer must not hang a command: give up connecting after
+            # 10 s, and notice a dead server under an open connection within about a minute.
+            engine_kwargs["connect_args"] = _PG_CONNECT_ARGS
     # Heartbeats and the retry callback are marked experimental; we rely on them knowingly.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -137,7 +168,9 @@ def open_storage(
                 skip_table_creation=not create_schema,
             )
         except (sa_exc.SQLAlchemyError, ImportError, ValueError, RuntimeError) as e:
-            raise StorageError(f"cannot open storage {redact(url)}: {e}") from e
+            raise StorageError(f"cannot open storage {redact(url)}: {root_message(e)}") from e
+        except optuna.exceptions.StorageInternalError as e:
+            raise StorageError(f"cannot open storage {redact(url)}: {root_message(e)}") from e
 
 
 @contextlib.contextmanager

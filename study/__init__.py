@@ -17,9 +17,11 @@ from tauopt.study._config import (
     load_config,
     parse_config,
 )
+from tauopt.study._create import create_study
+from tauopt.study._liveness import WorkerStopped
 from tauopt.study._objective import objective_values, suggest_config, trial_attributes
 from tauopt.study._query import TrialResult, best_trials, export_csv, load_study
-from tauopt.study._worker import Worker, WorkerOptions, WorkerSummary, create_study
+from tauopt.study._worker import Worker, WorkerOptions, WorkerSummary
 
 __all__ = [
     "DEFAULT_SEARCH",
@@ -32,6 +34,7 @@ __all__ = [
     "TrialResult",
     "Worker",
     "WorkerOptions",
+    "WorkerStopped",
     "WorkerSummary",
     "best_trials",
     "create_study",

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import optuna
 from optuna.artifacts import download_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.models import TauNetwork
@@ -22,8 +23,8 @@ from tauopt.storage import (
     open_storage,
     resolve_url,
 )
+from tauopt.study._budget import ARTIFACT_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR
 from tauopt.study._checkpoint import load_checkpoint
-from tauopt.study._worker import ARTIFACT_ATTR, FAIL_REASON_ATTR
 
 
 @dataclass(frozen=True)
@@ -52,19 +53,19 @@ class TrialResult:
         """
         if self.artifact_id is None:
             raise StorageError(f"trial {self.number} has no stored model artifact")
-        store = artifact_store(self.artifact_dir)
+        store = artifact_store(self.artifact_dir, create=False)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
             try:
                 download_artifact(
                     artifact_store=store, file_path=str(path), artifact_id=self.artifact_id
                 )
-            except FileNotFoundError as e:
+            except (FileNotFoundError, ArtifactNotFound) as e:
                 raise StorageError(
                     f"model of trial {self.number} not found in {self.artifact_dir}; pass the "
                     "artifact directory the workers used (--artifact-dir / $TAUOPT_ARTIFACTS)"
                 ) from e
-            return load_checkpoint(path)
+            return load_checkpoint(path, f"the model of trial {self.number} ({self.artifact_id})")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +149,7 @@ _SCALAR_ATTRS = (
     "device",
     "seed",
     FAIL_REASON_ATTR,
+    RETRY_REASON_ATTR,
 )
 _LIST_ATTRS = ("taus", "pruned_layers", "epoch_seconds")
 

@@ -1,4 +1,8 @@
-"""Create a study, and run a worker that takes trials until the study's budget is spent."""
+"""A worker: takes trials from one study until its budget is spent, trains them, stores them.
+
+The database is a remote service: every storage call goes through the worker's
+:class:`~tauopt.storage.RetryPolicy`, and a storage failure is never booked against a trial.
+"""
 
 from __future__ import annotations
 
@@ -7,122 +11,51 @@ import secrets
 import socket
 import sys
 import tempfile
-import threading
 import time
 import traceback
-import warnings
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import TypeVar
 
 import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
-from tauopt.engine import (
-    EpochStats,
-    RawDataset,
-    TrainResult,
-    load_dataset,
-    resolve_device,
-    train,
+from tauopt.engine import EpochStats, RawDataset, TrainResult, load_dataset, resolve_device, train
+from tauopt.errors import StorageError, TauoptError
+from tauopt.storage import (
+    RetryPolicy,
+    StorageSettings,
+    artifact_store,
+    is_storage_error,
+    open_storage,
+    study_lock,
 )
-from tauopt.errors import TauoptError
-from tauopt.storage import StorageError, StorageSettings, artifact_store, open_storage, study_lock
+from tauopt.study._budget import (
+    ARTIFACT_ATTR,
+    CONFIG_ATTR,
+    FAIL_REASON_ATTR,
+    RETRY_REASON_ATTR,
+    WORKER_ATTR,
+    trials_used,
+)
 from tauopt.study._checkpoint import save_checkpoint
-from tauopt.study._config import StudyConfig, parse_config
-from tauopt.study._objective import (
-    DIRECTIONS,
-    METRIC_NAMES,
-    objective_values,
-    suggest_config,
-    trial_attributes,
-)
+from tauopt.study._config import parse_config
+from tauopt.study._create import _quiet_optuna
+from tauopt.study._liveness import Heartbeat, WorkerStopped, fail_stale_trials, stop_on_signals
+from tauopt.study._objective import objective_values, suggest_config, trial_attributes
 
-CONFIG_ATTR = "tauopt_config"
-FAIL_REASON_ATTR = "fail_reason"
-ARTIFACT_ATTR = "model_artifact_id"
-WORKER_ATTR = "worker"
-_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-
-
-def _quiet_optuna() -> None:
-    # Optuna logs every trial at INFO; the worker prints its own one-line summary instead.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``table.key: stored -> new`` for every key whose value differs, in the TOML's terms."""
-    out = []
-    for table in sorted(set(stored) | set(new)):
-        old_t, new_t = stored.get(table, {}), new.get(table, {})
-        for key in sorted(set(old_t) | set(new_t)):
-            if old_t.get(key) != new_t.get(key):
-                out.append(f"{table}.{key}: {old_t.get(key)!r} -> {new_t.get(key)!r}")
-    return out
-
-
-def trials_used(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """How much of the budget ``trials`` have used (see :func:`_counted`)."""
-    return sum(_counted(t) for t in trials)
-
-
-def create_study(settings: StorageSettings, study_name: str, config: StudyConfig) -> optuna.Study:
-    """Create the schema and the study before workers start.
-
-    Idempotent for the same config. On an existing study the budget (``study.n_trials``) may be
-    changed to any total not below the trials already used; any other difference is refused,
-    with the keys that differ named.
-    """
-    _quiet_optuna()
-    storage = open_storage(settings, create_schema=True)
-    try:
-        study = optuna.create_study(
-            storage=storage, study_name=study_name, directions=DIRECTIONS[config.objective]
-        )
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-        with study_lock(storage, study_name):
-            _update_existing(study, study_name, config)
-        return study
-    study.set_user_attr(CONFIG_ATTR, config.to_dict())
-    with warnings.catch_warnings():  # experimental, but it is what labels the dashboard's axes
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(METRIC_NAMES[config.objective])
-    return study
-
-
-def _update_existing(study: optuna.Study, study_name: str, config: StudyConfig) -> None:
-    stored = study.user_attrs.get(CONFIG_ATTR)
-    new = config.to_dict()
-    if stored is None:
-        raise StorageError(
-            f"study {study_name!r} exists but was not created by tauopt; pick another --study name"
-        )
-    if stored == new:
-        return
-    diff = _differences(stored, new)
-    if any(not d.startswith("study.n_trials:") for d in diff):
-        raise StorageError(
-            f"study {study_name!r} already exists with another configuration "
-            f"({'; '.join(diff)}). Only the budget, study.n_trials, can change on an existing "
-            "study: put the other keys back, or start a new study with another --study name "
-            "(TAUOPT_STUDY in .env under docker compose)"
-        )
-    used = trials_used(study.get_trials(deepcopy=False))
-    if config.n_trials < used:
-        raise StorageError(
-            f"study {study_name!r} has already used {used} trials of its budget; "
-            f"n_trials must be at least {used}, got {config.n_trials}"
-        )
-    study.set_user_attr(CONFIG_ATTR, new)
+T = TypeVar("T")
+#: Saves in a row that may fail (disk full, folder gone) before the worker stops.
+_MAX_SAVE_FAILURES = 3
 
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerOptions:
-    """How one worker process runs: where data and artifacts are, which device, how chatty."""
+    """How one worker process runs: where data and artifacts are, which device, how chatty,
+    and how long it rides out storage failures."""
 
     data_dir: Path | None = None
     device: str | None = None
@@ -130,38 +63,22 @@ class WorkerOptions:
     sampler_seed: int | None = None
     poll_seconds: float = 2.0
     quiet: bool = False
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass(frozen=True)
 class WorkerSummary:
+    """What one worker did. ``requeued``: failed through no fault of their own and queued
+    again; ``dropped``: finished by another worker meanwhile (this one had stalled);
+    ``stopped``: the signal that stopped the worker, if one did."""
+
     trials_run: int
     complete: int
     failed: int
     pruned: int
-
-
-class _Heartbeat:
-    """Record the trial's heartbeat every interval while it trains (ask/tell has none built in)."""
-
-    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float) -> None:
-        self._storage, self._trial_id, self._interval = storage, trial_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="tauopt-heartbeat")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._storage.record_heartbeat(self._trial_id)
-
-    def __enter__(self) -> _Heartbeat:
-        self._storage.record_heartbeat(self._trial_id)
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        self._thread.join()
+    requeued: int = 0
+    dropped: int = 0
+    stopped: str | None = None
 
 
 def _load_study(
@@ -182,11 +99,8 @@ def _load_study(
     return study
 
 
-def _counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Trials that use up budget: all but those failed because their worker died."""
-    return trial.state in _COUNTED or (
-        trial.state == TrialState.FAIL and FAIL_REASON_ATTR in trial.user_attrs
-    )
+class _FinishedElsewhereError(Exception):
+    """The trial was finished by another worker while this one had stalled."""
 
 
 class Worker:
@@ -195,22 +109,37 @@ class Worker:
     def __init__(self, settings: StorageSettings, study_name: str, options: WorkerOptions) -> None:
         _quiet_optuna()
         self.options = options
+        self.settings = settings
         self.sampler_seed = (
             options.sampler_seed if options.sampler_seed is not None else secrets.randbits(31)
         )
-        self.storage = open_storage(settings, create_schema=False)
-        self.study = _load_study(self.storage, study_name, self.sampler_seed)
+        self.device = str(resolve_device(options.device))
+        self.store = artifact_store(options.artifact_dir)  # checked before any trial trains
+        self.storage = self._db(
+            "opening the storage", lambda: open_storage(settings, create_schema=False)
+        )
+        self.study = self._db(
+            "loading the study", lambda: _load_study(self.storage, study_name, self.sampler_seed)
+        )
         self.study_name = study_name
         self.config = parse_config(self.study.user_attrs[CONFIG_ATTR])
         self.n_trials = self.config.n_trials
-        self.heartbeat_interval = settings.heartbeat_interval
-        self.device = str(resolve_device(options.device))
-        self.store = artifact_store(options.artifact_dir)
+        self.grace = settings.grace_period or 2 * settings.heartbeat_interval
         self._dataset: RawDataset | None = None
+        self._save_failures = 0
+
+    # -- output and storage calls ------------------------------------------------------------
 
     def _log(self, message: str) -> None:
         if not self.options.quiet:
-            print(f"[worker {self.sampler_seed:x}] {message}", file=sys.stderr, flush=True)
+            self._say(message)
+
+    def _say(self, message: str) -> None:
+        """Printed even with --quiet: what goes wrong is never silent."""
+        print(f"[worker {self.sampler_seed:x}] {message}", file=sys.stderr, flush=True)
+
+    def _db(self, what: str, fn: Callable[[], T]) -> T:
+        return self.options.retry.call(what, fn, self._say)
 
     def dataset(self) -> RawDataset:
         """Loaded once per process and shared by every trial it runs."""
@@ -218,83 +147,139 @@ class Worker:
             self._dataset = load_dataset(self.config.trial.dataset, self.options.data_dir)
         return self._dataset
 
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> WorkerSummary:
+        """Run trials until the study's budget is spent and no other worker's trial can fail.
+
+        SIGTERM or SIGINT fails the running trial at once and queues it again, so that another
+        worker reruns it now rather than after the grace period; the summary says so.
+        """
+        counts: Counter[str] = Counter()
+        stopped = None
+        with stop_on_signals():
+            try:
+                self._loop(counts)
+            except WorkerStopped as e:
+                stopped = e.signal_name
+                self._say(f"stopped by {stopped}")
+        if stopped is None:
+            self._log(
+                f"done: {counts.total()} trials run here; the study's budget of "
+                f"{self.n_trials} is spent"
+            )
+        return WorkerSummary(
+            trials_run=counts.total(),
+            complete=counts["complete"],
+            failed=counts["failed"],
+            pruned=counts["pruned"],
+            requeued=counts["requeued"],
+            dropped=counts["dropped"],
+            stopped=stopped,
+        )
+
+    def _loop(self, counts: Counter[str]) -> None:
+        self.dataset()
+        while True:
+            trial, used, running = self._db("claiming a trial", self._claim)
+            if trial is None:
+                if not running:
+                    return
+                # Another worker's trial is still running; if its worker died, its trial turns
+                # stale and comes back as a waiting retry that this worker must pick up.
+                time.sleep(self.options.poll_seconds)
+                continue
+            counts[self._run_trial(trial, used)] += 1
+
     def _claim(self) -> tuple[optuna.Trial | None, int, bool]:
-        """Under the study lock: fail stale trials, then take a waiting or a new trial if the
+        """Under the study lock: fail dead trials, then take a waiting or a new trial if the
         budget allows. Returns the trial (or None), trials counted, and whether any still run."""
-        with study_lock(self.storage, self.study_name), warnings.catch_warnings():
-            # fail_stale_trials is experimental, and ask() warns that heartbeats are meant for
-            # optimize(): this loop records them itself (see _Heartbeat).
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-            optuna.storages.fail_stale_trials(self.study)
-            self._read_budget()
+        with study_lock(self.storage, self.study_name):
+            for number in fail_stale_trials(self.study, self.grace):
+                self._say(f"trial {number} never sent a heartbeat: failed and queued again")
+            # `tauopt create --n-trials` may raise the budget while workers run.
+            attrs = self.storage.get_study_user_attrs(self.study._study_id)
+            self.n_trials = int(attrs[CONFIG_ATTR]["study"]["n_trials"])
             trials = self.study.get_trials(deepcopy=False)
             used = trials_used(trials)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             running = any(t.state == TrialState.RUNNING for t in trials)
             if waiting or used < self.n_trials:
-                return self.study.ask(), used + (0 if waiting else 1), True
+                trial = self.study.ask()
+                # The first heartbeat inside the lock: no other worker can see this trial
+                # running without one.
+                self.storage.record_heartbeat(trial._trial_id)
+                return trial, used + (0 if waiting else 1), True
             return None, used, running
 
-    def _read_budget(self) -> None:
-        # `tauopt create --n-trials` may raise the budget while workers run: read it each claim.
-        attrs = self.storage.get_study_user_attrs(self.study._study_id)
-        self.n_trials = int(attrs[CONFIG_ATTR]["study"]["n_trials"])
-
-    def run(self) -> WorkerSummary:
-        """Run trials until the study's budget is spent and no other worker's trial can fail."""
-        self.dataset()
-        counts = {"complete": 0, "failed": 0, "pruned": 0}
-        run = 0
-        while True:
-            trial, used, running = self._claim()
-            if trial is None:
-                if not running:
-                    break
-                # Another worker's trial is still running; if its worker died, its trial turns
-                # stale and comes back as a waiting retry that this worker must pick up.
-                time.sleep(self.options.poll_seconds)
-                continue
-            run += 1
-            state = self._run_trial(trial, used)
-            counts[state] += 1
-        self._log(f"done: {run} trials run here; the study's budget of {self.n_trials} is spent")
-        return WorkerSummary(run, counts["complete"], counts["failed"], counts["pruned"])
+    # -- one trial -------------------------------------------------------------------------
 
     def _run_trial(self, trial: optuna.Trial, used: int) -> str:
-        # A retried trial keeps the seed of the trial it retries, so the rerun is the same run.
-        system_attrs = self.storage.get_trial_system_attrs(trial._trial_id)
-        seed = int(system_attrs.get("failed_trial", trial.number))
+        try:
+            with Heartbeat(
+                self.storage, trial._trial_id, self.settings.heartbeat_interval, self._say
+            ):
+                return self._train_and_store(trial, used)
+        except _FinishedElsewhereError:
+            self._say(
+                f"trial {trial.number} was finished by another worker while this one stalled "
+                "(its heartbeat went stale); this worker's result is dropped"
+            )
+            return "dropped"
+        except WorkerStopped as e:
+            self._requeue(trial, f"its worker was stopped by {e.signal_name}", quick=True)
+            raise
+
+    def _train_and_store(self, trial: optuna.Trial, used: int) -> str:
         start = time.perf_counter()
-        with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
-            try:
-                config = suggest_config(trial, self.config, seed=seed)
-                # Recorded once the parameters are fixed: a retry of this trial reruns them.
-                trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-                reporter = self._reporter(trial) if len(self.study.directions) == 1 else None
-                result = train(
-                    config,
-                    self.dataset(),
-                    device=self.device,
-                    on_epoch=reporter,
-                    progress=not self.options.quiet,
-                    label=f"[worker {self.sampler_seed:x}] trial {trial.number}",
-                )
-            except optuna.TrialPruned:
-                self.study.tell(trial, state=TrialState.PRUNED)
-                self._log(
-                    f"trial {trial.number} pruned by the median rule [{used}/{self.n_trials}]"
-                )
-                return "pruned"
-            except TauoptError as e:  # diverged, or an invalid combination of parameters
-                return self._fail(trial, str(e), used)
-            except Exception as e:  # never let one trial take the worker down
-                traceback.print_exc(file=sys.stderr)
-                return self._fail(trial, f"{type(e).__name__}: {e}", used)
-            for key, value in trial_attributes(result).items():
+        # A retried trial keeps the seed of the trial it retries, so the rerun is the same run.
+        system_attrs = self._db(
+            "reading the trial", lambda: self.storage.get_trial_system_attrs(trial._trial_id)
+        )
+        seed = int(system_attrs.get("failed_trial", trial.number))
+        try:
+            config = self._guarded(
+                "reading the trial's parameters",
+                lambda: suggest_config(trial, self.config, seed=seed),
+                trial,
+            )
+            # Recorded once the parameters are fixed: a retry of this trial reruns them.
+            worker = f"{socket.gethostname()}:{os.getpid()}"
+            self._guarded(
+                "recording the worker", lambda: trial.set_user_attr(WORKER_ATTR, worker), trial
+            )
+            reporter = self._reporter(trial) if len(self.study.directions) == 1 else None
+            result = train(
+                config,
+                self.dataset(),
+                device=self.device,
+                on_epoch=reporter,
+                progress=not self.options.quiet,
+                label=f"[worker {self.sampler_seed:x}] trial {trial.number}",
+            )
+        except optuna.TrialPruned:
+            self._finish(trial, None, TrialState.PRUNED)
+            self._log(f"trial {trial.number} pruned by the median rule [{used}/{self.n_trials}]")
+            return "pruned"
+        except (StorageError, _FinishedElsewhereError):
+            raise  # the storage's fault, not the trial's: this worker stops, the trial is retried
+        except TauoptError as e:  # diverged, or an invalid combination of parameters
+            return self._fail(trial, str(e), used)
+        except Exception as e:  # never let one trial take the worker down
+            if is_storage_error(e):
+                raise
+            traceback.print_exc(file=sys.stderr)
+            return self._fail(trial, f"{type(e).__name__}: {e}", used)
+        if not self._save_model(trial, result):
+            return "requeued"
+        attrs = trial_attributes(result)
+
+        def store_metrics() -> None:
+            for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            self._save_model(trial, result)
-            self.study.tell(trial, objective_values(result, self.config.objective))
+
+        self._guarded("storing the metrics", store_metrics, trial)
+        self._finish(trial, objective_values(result, self.config.objective), TrialState.COMPLETE)
         self._log(
             f"trial {trial.number} complete [{used}/{self.n_trials}]: {config.arch} "
             f"val {result.val_accuracy[-1]:.4f} test {result.test_accuracy:.4f}, "
@@ -303,26 +288,94 @@ class Worker:
         )
         return "complete"
 
+    def _guarded(self, what: str, fn: Callable[[], T], trial: optuna.Trial) -> T:
+        """A storage call on a running trial: retried, and a trial that another worker has
+        finished meanwhile (this worker stalled past the grace period) ends this attempt."""
+        try:
+            return self._db(what, fn)
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            raise _FinishedElsewhereError() from e
+
+    def _finish(self, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
+        """``tell``, retried. If a retry finds the trial finished, it was this worker's own
+        earlier attempt that got through (same state) or another worker's (dropped)."""
+        try:
+            self._db("storing the result", lambda: self.study.tell(trial, values, state=state))
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
+            now = self._db("reading the trial", lambda: self.storage.get_trial(trial._trial_id))
+            if now.state != state:
+                raise _FinishedElsewhereError() from e
+
     def _reporter(self, trial: optuna.Trial) -> Callable[[EpochStats], None]:
         def report(stats: EpochStats) -> None:
-            trial.report(stats.val_accuracy, stats.epoch)
-            if trial.should_prune():
+            self._guarded("reporting", lambda: trial.report(stats.val_accuracy, stats.epoch), trial)
+            if self._guarded("asking the pruner", trial.should_prune, trial):
                 raise optuna.TrialPruned()
 
         return report
 
     def _fail(self, trial: optuna.Trial, reason: str, used: int) -> str:
-        trial.set_user_attr(FAIL_REASON_ATTR, reason)
-        self.study.tell(trial, state=TrialState.FAIL)
+        """The trial's own failure: it stays failed and uses its budget."""
+        self._guarded(
+            "storing the failure", lambda: trial.set_user_attr(FAIL_REASON_ATTR, reason), trial
+        )
+        self._finish(trial, None, TrialState.FAIL)
         self._log(f"trial {trial.number} failed [{used}/{self.n_trials}]: {reason}")
         return "failed"
 
-    def _save_model(self, trial: optuna.Trial, result: TrainResult) -> None:
+    def _requeue(self, trial: optuna.Trial, reason: str, *, quick: bool = False) -> None:
+        """Fail ``trial`` through no fault of its own and queue it again with the same
+        parameters and seed (Optuna's retry callback, as for a dead worker's trial)."""
+        storage, trial_id = self.storage, trial._trial_id
+
+        def requeue() -> None:
+            storage.set_trial_user_attr(trial_id, RETRY_REASON_ATTR, reason)
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                callback = storage.get_heartbeat_stale_trial_callback()
+                if callback is not None:
+                    callback(self.study, storage.get_trial(trial_id))
+
+        # On a stop signal, do not wait minutes for a database that is away: if this fails,
+        # the trial's heartbeat goes stale and another worker retries it after the grace period.
+        policy = RetryPolicy(limit=10.0) if quick else self.options.retry
+        try:
+            policy.call("queueing the trial again", requeue, self._say)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # finished by another worker already
+        except StorageError as e:
+            self._say(f"trial {trial.number} could not be queued again ({e}); it is retried "
+                      "once its heartbeat is stale")  # fmt: skip
+            return
+        self._say(f"trial {trial.number} failed and queued again: {reason}")
+
+    def _save_model(self, trial: optuna.Trial, result: TrainResult) -> bool:
+        """Store the trained network as an artifact. A disk failure fails the trial and queues
+        it again (not its fault); several in a row stop the worker."""
         dataset = self.dataset()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"trial-{trial.number}.pt"
-            save_checkpoint(result, dataset.in_features, dataset.num_classes, path)
-            artifact_id = upload_artifact(
-                artifact_store=self.store, file_path=str(path), study_or_trial=trial
-            )
-        trial.set_user_attr(ARTIFACT_ATTR, artifact_id)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"trial-{trial.number}.pt"
+                save_checkpoint(result, dataset.in_features, dataset.num_classes, path)
+                artifact_id = self._guarded(
+                    "storing the model",
+                    lambda: upload_artifact(
+                        artifact_store=self.store, file_path=str(path), study_or_trial=trial
+                    ),
+                    trial,
+                )
+        except OSError as e:
+            self._save_failures += 1
+            reason = f"cannot save its model to {self.options.artifact_dir}: {e.strerror or e}"
+            self._requeue(trial, reason)
+            if self._save_failures >= _MAX_SAVE_FAILURES:
+                raise StorageError(
+                    f"{_MAX_SAVE_FAILURES} models in a row could not be saved to "
+                    f"{self.options.artifact_dir} ({e.strerror or e}); fix the folder or choose "
+                    "another --artifact-dir"
+                ) from e
+            return False
+        self._save_failures = 0
+        self._guarded(
+            "storing the model's id", lambda: trial.set_user_attr(ARTIFACT_ATTR, artifact_id), trial
+        )
+        return True

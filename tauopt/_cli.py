@@ -119,12 +119,13 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tauopt.engine._train import train  # deferred: torch import is slow for `--help`
+    from tauopt.engine._train import resolve_device, train  # deferred: torch is slow to import
 
     # Every train flag's dest is the TrainConfig field of the same name.
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    device = resolve_device(args.device)  # before minutes of loading or downloading data
     dataset = load_dataset(config.dataset, args.data_dir or default_data_dir())
-    result = train(config, dataset, device=args.device, progress=True, cuda_graphs=args.cuda_graphs)
+    result = train(config, dataset, device=device, progress=True, cuda_graphs=args.cuda_graphs)
     if args.json:
         json.dump(result.to_dict(), sys.stdout)
         sys.stdout.write("\n")
@@ -198,6 +199,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except TauoptError as e:
         print(f"tauopt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError:
+        print(
+            f"tauopt {args.command}: error: out of memory; lower --width, --depth or --batch-size",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except Exception as e:
+        from tauopt.storage import is_storage_error, root_message
+
+        if not is_storage_error(e):
+            raise  # a bug: the traceback is what a report needs
+        print(f"tauopt {args.command}: error: database: {root_message(e)}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `tauopt export | head`: the reader left, nothing to report
         sys.stderr.close()

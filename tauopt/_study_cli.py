@@ -15,7 +15,7 @@ from tauopt.errors import TauoptError
 
 if TYPE_CHECKING:  # imported lazily at run time: `tauopt --help` should not load torch
     from tauopt.storage import StorageSettings
-    from tauopt.study import StudyConfig, TrialResult
+    from tauopt.study import StudyConfig, TrialResult, WorkerSummary
 
 DEFAULT_STUDY = "tauopt"
 _FROM_CONFIG = "default: the config's, else built-in"
@@ -27,7 +27,7 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
         default=None,
         help="database URL (default: $TAUOPT_STORAGE, else sqlite:///./tauopt.db)",
     )
-    p.add_argument("--study", default=DEFAULT_STUDY, help="study name")
+    p.add_argument("--study", type=_study_name, default=DEFAULT_STUDY, help="study name")
 
 
 def _add_artifacts(p: argparse.ArgumentParser) -> None:
@@ -97,7 +97,36 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
         help="this worker's sampler seed (default: random)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-trial and per-epoch progress")
+    p.add_argument(
+        "--storage-retry-seconds",
+        type=_non_negative,
+        default=300.0,
+        help="how long to ride out a database that does not answer (a restart, dropped "
+        "connections) before giving up",
+    )
     _add_artifacts(p)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _study_name(text: str) -> str:
+    from tauopt.storage import MAX_STUDY_NAME
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a study name cannot be empty")
+    if len(text) > MAX_STUDY_NAME:
+        raise argparse.ArgumentTypeError(
+            f"a study name has at most {MAX_STUDY_NAME} characters, got {len(text)}"
+        )
+    return text
 
 
 def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
@@ -190,12 +219,30 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from tauopt.storage import default_artifact_dir, resolve_url
+    _report_stop(args, _run_worker(args))
+    return 0
+
+
+def _report_stop(args: argparse.Namespace, summary: WorkerSummary) -> bool:
+    """One line if a signal stopped the worker (the exit status stays 0: a stop is no error)."""
+    if summary.stopped:
+        print(
+            f"tauopt {args.command}: stopped by {summary.stopped} after {summary.complete} "
+            "complete trials here; the trial it was running is queued again for the next worker",
+            file=sys.stderr,
+        )
+    return summary.stopped is not None
+
+
+def _run_worker(args: argparse.Namespace) -> WorkerSummary:
+    from tauopt.storage import RetryPolicy, default_artifact_dir, resolve_url
     from tauopt.study import Worker, WorkerOptions, load_study, parse_config
-    from tauopt.study._worker import CONFIG_ATTR
+    from tauopt.study._budget import CONFIG_ATTR
 
     url = resolve_url(args.storage)
-    stored = parse_config(load_study(url, args.study).user_attrs.get(CONFIG_ATTR, {}))
+    retry = RetryPolicy(limit=args.storage_retry_seconds)
+    study = retry.call("loading the study", lambda: load_study(url, args.study), _warn)
+    stored = parse_config(study.user_attrs.get(CONFIG_ATTR, {}))
     settings = _settings(
         url,
         args.heartbeat_interval or stored.heartbeat_interval,
@@ -207,14 +254,24 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         artifact_dir=args.artifact_dir or default_artifact_dir(url),
         sampler_seed=args.sampler_seed,
         quiet=args.quiet,
+        retry=retry,
     )
     summary = Worker(settings, args.study, options).run()
+    extra = "".join(
+        f", {n} {what}"
+        for n, what in ((summary.requeued, "queued again"), (summary.dropped, "dropped"))
+        if n
+    )
     print(
         f"worker finished: {summary.trials_run} trials here ({summary.complete} complete, "
-        f"{summary.pruned} pruned, {summary.failed} failed)",
+        f"{summary.pruned} pruned, {summary.failed} failed{extra})",
         file=sys.stderr,
     )
-    return 0
+    return summary
+
+
+def _warn(message: str) -> None:
+    print(f"tauopt: {message}", file=sys.stderr, flush=True)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -222,7 +279,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tauopt.study import best_trials
 
     _create(args)
-    _cmd_worker(args)
+    if _report_stop(args, _run_worker(args)):
+        return 0
     url = resolve_url(args.storage)
     artifacts = (args.artifact_dir or default_artifact_dir(url)).resolve()
     trials = best_trials(url, args.study, artifact_dir=artifacts)

@@ -17,8 +17,7 @@ from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
 
 from tauopt.storage import StorageSettings, artifact_store, open_storage
-from tauopt.study import load_config
-from tauopt.study._worker import create_study
+from tauopt.study import create_study, load_config
 
 pytestmark = pytest.mark.postgres
 

@@ -1,0 +1,81 @@
+"""Create a study, or change the budget of an existing one."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+
+from tauopt.errors import StorageError
+from tauopt.storage import StorageSettings, open_storage, study_lock
+from tauopt.study._budget import CONFIG_ATTR, trials_used
+from tauopt.study._config import StudyConfig
+from tauopt.study._objective import DIRECTIONS, METRIC_NAMES
+
+
+def _quiet_optuna() -> None:
+    # Optuna logs every trial at INFO; the worker prints its own one-line summary instead.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``table.key: stored -> new`` for every key whose value differs, in the TOML's terms."""
+    out = []
+    for table in sorted(set(stored) | set(new)):
+        old_t, new_t = stored.get(table, {}), new.get(table, {})
+        for key in sorted(set(old_t) | set(new_t)):
+            if old_t.get(key) != new_t.get(key):
+                out.append(f"{table}.{key}: {old_t.get(key)!r} -> {new_t.get(key)!r}")
+    return out
+
+
+def create_study(settings: StorageSettings, study_name: str, config: StudyConfig) -> optuna.Study:
+    """Create the schema and the study before workers start.
+
+    Idempotent for the same config. On an existing study the budget (``study.n_trials``) may be
+    changed to any total not below the trials already used; any other difference is refused,
+    with the keys that differ named.
+    """
+    _quiet_optuna()
+    storage = open_storage(settings, create_schema=True)
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, directions=DIRECTIONS[config.objective]
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        with study_lock(storage, study_name):
+            _update_existing(study, study_name, config)
+        return study
+    study.set_user_attr(CONFIG_ATTR, config.to_dict())
+    with warnings.catch_warnings():  # experimental, but it is what labels the dashboard's axes
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(METRIC_NAMES[config.objective])
+    return study
+
+
+def _update_existing(study: optuna.Study, study_name: str, config: StudyConfig) -> None:
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    new = config.to_dict()
+    if stored is None:
+        raise StorageError(
+            f"study {study_name!r} exists but was not created by tauopt; pick another --study name"
+        )
+    if stored == new:
+        return
+    diff = _differences(stored, new)
+    if any(not d.startswith("study.n_trials:") for d in diff):
+        raise StorageError(
+            f"study {study_name!r} already exists with another configuration "
+            f"({'; '.join(diff)}). Only the budget, study.n_trials, can change on an existing "
+            "study: put the other keys back, or start a new study with another --study name "
+            "(TAUOPT_STUDY in .env under docker compose)"
+        )
+    used = trials_used(study.get_trials(deepcopy=False))
+    if config.n_trials < used:
+        raise StorageError(
+            f"study {study_name!r} has already used {used} trials of its budget; "
+            f"n_trials must be at least {used}, got {config.n_trials}"
+        )
+    study.set_user_attr(CONFIG_ATTR, new)

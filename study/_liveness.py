@@ -1,0 +1,144 @@
+"""Keeping trials alive and noticing dead ones: heartbeats, claimed-but-never-started trials,
+and stop signals."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from types import FrameType, TracebackType
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+
+from tauopt.storage import root_message
+
+
+class WorkerStopped(BaseException):
+    """SIGTERM or SIGINT reached a worker. A BaseException, so that no ``except Exception``
+    in the training code takes it for a failure of the trial."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn the first SIGTERM or SIGINT into :class:`WorkerStopped` in the main thread; a
+    second one acts as it did before (so a second Ctrl-C still stops at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        raise WorkerStopped(signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Heartbeat:
+    """Record the trial's heartbeat every interval while it trains (ask/tell has none built in).
+
+    A failed heartbeat is logged and tried again at the next interval: the thread never dies
+    of a storage error. If the storage stays away past the grace period, another worker fails
+    the trial and retries it, and this worker drops its result.
+    """
+
+    def __init__(
+        self,
+        storage: optuna.storages.RDBStorage,
+        trial_id: int,
+        interval: float,
+        log: Callable[[str], None],
+    ) -> None:
+        self._storage, self._trial_id, self._interval, self._log = storage, trial_id, interval, log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tauopt-heartbeat")
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self._interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception as e:
+                if not failing:
+                    self._log(f"heartbeat failed ({root_message(e)}); trying again every "
+                              f"{self._interval:g} s")  # fmt: skip
+                failing = True
+                continue
+            if failing:
+                self._log("heartbeat recorded again")
+                failing = False
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> set[int]:
+    if not trial_ids:
+        return set()
+    query = sqlalchemy.text(
+        "SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids"
+    ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+    with storage.engine.connect() as conn:
+        return {int(row[0]) for row in conn.execute(query, {"ids": trial_ids})}
+
+
+def fail_stale_trials(study: optuna.Study, grace_seconds: float) -> list[int]:
+    """Fail and queue again every running trial that is dead, the way Optuna does for trials
+    whose heartbeat went silent, and also for trials that never sent one: a RUNNING trial with
+    no heartbeat at all for ``grace_seconds`` after its start (its worker died between claiming
+    and its first heartbeat, or something else called ``ask()``) would otherwise hold its
+    budget forever and keep every other worker waiting. Returns the numbers failed here."""
+    storage = study._storage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    rdb = _rdb(storage)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    limit = datetime.datetime.now() - datetime.timedelta(seconds=grace_seconds)
+    old = [t for t in running if t.datetime_start is not None and t.datetime_start < limit]
+    beating = _with_heartbeat(rdb, [t._trial_id for t in old])
+    failed = []
+    callback = rdb.get_heartbeat_stale_trial_callback()
+    for trial in old:
+        if trial._trial_id in beating:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        failed.append(trial.number)
+        if callback is not None:
+            callback(study, storage.get_trial(trial._trial_id))
+    return failed
+
+
+def _rdb(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+    # optuna.load_study wraps an RDBStorage in a cache; the heartbeat table is the RDB's.
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        raise TypeError(f"tauopt workers need an RDB storage, got {type(storage).__name__}")
+    return backend
