@@ -183,12 +183,25 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
     engine: sqlalchemy.engine.Engine = storage.engine
     key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
     if engine.dialect.name == "postgresql":
+        conn = None
         try:
-            with engine.begin() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-                yield
+            conn = engine.connect()
+            transaction = conn.begin()
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
         except sa_exc.SQLAlchemyError as e:
-            raise StorageError(f"cannot lock study {study_name!r}: {e}") from e
+            if conn is not None:
+                with contextlib.suppress(sa_exc.SQLAlchemyError):
+                    conn.close()
+            raise StorageError(f"cannot lock study {study_name!r}: {root_message(e)}") from e
+        try:
+            yield
+        finally:
+            # Committing releases the lock. If the connection died meanwhile, the server has
+            # released it already; the work done under it stands and must not be redone.
+            with contextlib.suppress(sa_exc.SQLAlchemyError):
+                transaction.commit()
+            with contextlib.suppress(sa_exc.SQLAlchemyError):
+                conn.close()
         return
     db = _sqlite_path(str(engine.url))
     lock_path = Path(f"{db}.{key & 0xFFFFFFFF:08x}.lock") if db else Path(f".tauopt-{key}.lock")

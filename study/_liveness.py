@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import signal
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 
@@ -105,34 +104,32 @@ def _with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -
         return {int(row[0]) for row in conn.execute(query, {"ids": trial_ids})}
 
 
-def fail_stale_trials(study: optuna.Study, grace_seconds: float) -> list[int]:
-    """Fail and queue again every running trial that is dead, the way Optuna does for trials
-    whose heartbeat went silent, and also for trials that never sent one: a RUNNING trial with
-    no heartbeat at all for ``grace_seconds`` after its start (its worker died between claiming
-    and its first heartbeat, or something else called ``ask()``) would otherwise hold its
-    budget forever and keep every other worker waiting. Returns the numbers failed here."""
+def fail_stale_trials(study: optuna.Study, grace_seconds: float) -> list[tuple[int, str]]:
+    """Fail and queue again every running trial that is dead: its heartbeat has been silent for
+    the grace period (Optuna's rule), or it never sent one and started more than the grace
+    period ago. Without the second rule a trial whose worker died between claiming it and its
+    first heartbeat (or one that something else ``ask()``-ed) would hold its budget forever and
+    keep every other worker waiting. Returns (number, why) of the trials failed here."""
     storage = study._storage
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
     rdb = _rdb(storage)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    by_id = {t._trial_id: t for t in running}
+    silent = set(rdb._get_stale_trial_ids(study._study_id)) & set(by_id)
     limit = datetime.datetime.now() - datetime.timedelta(seconds=grace_seconds)
-    old = [t for t in running if t.datetime_start is not None and t.datetime_start < limit]
-    beating = _with_heartbeat(rdb, [t._trial_id for t in old])
+    old = [t._trial_id for t in running if t.datetime_start and t.datetime_start < limit]
+    never = set(old) - silent - _with_heartbeat(rdb, old)
     failed = []
     callback = rdb.get_heartbeat_stale_trial_callback()
-    for trial in old:
-        if trial._trial_id in beating:
-            continue
+    for trial_id in sorted(silent | never):
         try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
-        failed.append(trial.number)
+        why = "never sent a heartbeat" if trial_id in never else "its heartbeat went silent"
+        failed.append((by_id[trial_id].number, why))
         if callback is not None:
-            callback(study, storage.get_trial(trial._trial_id))
+            callback(study, storage.get_trial(trial_id))
     return failed
 
 

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,8 +196,8 @@ class Worker:
         """Under the study lock: fail dead trials, then take a waiting or a new trial if the
         budget allows. Returns the trial (or None), trials counted, and whether any still run."""
         with study_lock(self.storage, self.study_name):
-            for number in fail_stale_trials(self.study, self.grace):
-                self._say(f"trial {number} never sent a heartbeat: failed and queued again")
+            for number, why in fail_stale_trials(self.study, self.grace):
+                self._say(f"trial {number} {why} for {self.grace} s: failed and queued again")
             # `tauopt create --n-trials` may raise the budget while workers run.
             attrs = self.storage.get_study_user_attrs(self.study._study_id)
             self.n_trials = int(attrs[CONFIG_ATTR]["study"]["n_trials"])
@@ -205,10 +206,19 @@ class Worker:
             waiting = any(t.state == TrialState.WAITING for t in trials)
             running = any(t.state == TrialState.RUNNING for t in trials)
             if waiting or used < self.n_trials:
-                trial = self.study.ask()
-                # The first heartbeat inside the lock: no other worker can see this trial
-                # running without one.
-                self.storage.record_heartbeat(trial._trial_id)
+                with warnings.catch_warnings():
+                    # ask() warns that heartbeats are meant for optimize(): this loop records
+                    # them itself (see Heartbeat).
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    trial = self.study.ask()
+                # The first heartbeat inside the lock, so no other worker sees this trial
+                # running without one. If it fails, the trial is still ours (asking again would
+                # leave it orphaned): the heartbeat thread records it within an interval.
+                try:
+                    self.storage.record_heartbeat(trial._trial_id)
+                except Exception as e:
+                    if not is_storage_error(e):
+                        raise
                 return trial, used + (0 if waiting else 1), True
             return None, used, running
 

@@ -1,0 +1,319 @@
+"""A study under faults, against the real local PostgreSQL: workers that die, stall or are
+stopped, connections cut, the server restarted, the database dropped, the disk refusing models.
+
+In each case the study ends with exactly its budget of COMPLETE trials, nothing RUNNING, and
+every worker exits 0 (the dropped database: they stop with one line naming the cause).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from tauopt.storage import StorageSettings, open_storage
+from tauopt.study import create_study, load_config
+
+pytestmark = pytest.mark.postgres
+
+PG_URL = os.environ.get(
+    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+# Trials of about a second, so that a fault lands in the middle of one.
+CONFIG = """
+[search]
+arch = "resnet"
+depth = [3, 4]
+width = [32, 48]
+lr = [0.05, 0.2]
+[trial]
+epochs = {epochs}
+train_size = {train_size}
+val_size = 2000
+[storage]
+heartbeat_interval = 1
+grace_period = 4
+"""
+
+
+class Worker:
+    """A ``tauopt worker`` process whose output is collected line by line as it comes."""
+
+    def __init__(self, url: str, name: str, artifacts: Path, data_dir: Path, seed: int) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tauopt",
+                "worker",
+                "--storage",
+                url,
+                "--study",
+                name,
+                "--data-dir",
+                str(data_dir),
+                "--artifact-dir",
+                str(artifacts),
+                "--device",
+                "cpu",
+                "--sampler-seed",
+                str(seed),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline or (
+                self.proc.poll() is not None and text not in self.output
+            ):
+                self._reader.join(timeout=2)
+                if text in self.output:
+                    return
+                pytest.fail(f"worker never printed {text!r}:\n{self.output}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _postgres_is_up() -> None:
+    try:
+        with sqlalchemy.create_engine(PG_URL).connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.OperationalError as e:  # a real failure, not a skip: CI must have it
+        pytest.fail(f"PostgreSQL at {PG_URL} is not reachable ({e}); start it (see .ci/run)")
+
+
+def _create(
+    tmp_path: Path, n_trials: int, *, url: str = PG_URL, epochs: int = 2, train_size: int = 20000
+) -> str:
+    name = f"fault-{uuid.uuid4().hex[:10]}"
+    path = tmp_path / "study.toml"
+    path.write_text(CONFIG.format(epochs=epochs, train_size=train_size))
+    config = load_config(path).with_overrides(n_trials=n_trials)
+    create_study(StorageSettings(url=url, heartbeat_interval=1, grace_period=4), name, config)
+    return name
+
+
+def _trials(name: str, url: str = PG_URL) -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(StorageSettings(url=url), create_schema=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
+    finally:
+        storage.engine.dispose()
+
+
+def _assert_exact_budget(name: str, n_trials: int, workers: list[Worker]) -> None:
+    codes = [w.finish() for w in workers]
+    outputs = "\n---\n".join(w.output for w in workers)
+    assert codes == [0] * len(workers), outputs
+    assert "Traceback" not in outputs, outputs
+    trials = _trials(name)
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == n_trials, (states, outputs)
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    # every failure was retried, none was booked against the budget
+    assert not [t for t in trials if "fail_reason" in t.user_attrs]
+
+
+def _running_trial_of(worker: Worker, name: str, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for t in _trials(name):
+            if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(
+                f":{worker.proc.pid}"
+            ):
+                return t.number
+        time.sleep(0.1)
+    pytest.fail(f"worker never started a trial:\n{worker.output}")
+
+
+def test_claimed_trial_without_heartbeat_does_not_block(tmp_path: Path, data_dir: Path) -> None:
+    """Another process asks for a trial and dies before any heartbeat: the trial is failed
+    after the grace period from its start, queued again and run; the worker ends."""
+    name = _create(tmp_path, 2, epochs=1, train_size=2000)
+    ask = (
+        "import optuna, sys\noptuna.load_study(study_name=sys.argv[1], storage=sys.argv[2]).ask()\n"
+    )
+    subprocess.run([sys.executable, "-c", ask, name, PG_URL], check=True, timeout=60)
+    worker = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=1)
+    assert worker.finish(timeout=120) == 0, worker.output
+    assert "never sent a heartbeat for 4 s: failed and queued again" in worker.output
+    trials = _trials(name)
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    assert TrialState.RUNNING not in [t.state for t in trials]
+
+
+def test_sigterm_queues_the_trial_at_once_and_exits_0(tmp_path: Path, data_dir: Path) -> None:
+    name = _create(tmp_path, 4)
+    victim = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=1)
+    stopped = _running_trial_of(victim, name)
+    victim.proc.send_signal(signal.SIGTERM)
+    assert victim.finish(timeout=30) == 0, victim.output
+    assert "stopped by SIGTERM" in victim.output and "Traceback" not in victim.output
+    # queued again at once, not after the grace period
+    trials = {t.number: t for t in _trials(name)}
+    assert trials[stopped].state == TrialState.FAIL
+    assert "SIGTERM" in trials[stopped].user_attrs["retry_reason"]
+    retry = [t for t in trials.values() if t.system_attrs.get("failed_trial") == stopped]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    other = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=2)
+    _assert_exact_budget(name, 4, [other])
+    rerun = {t.number: t for t in _trials(name)}[retry[0].number]
+    assert rerun.params == trials[stopped].params and rerun.user_attrs["seed"] == stopped
+
+
+def test_paused_worker_drops_its_result_and_goes_on(tmp_path: Path, data_dir: Path) -> None:
+    name = _create(tmp_path, 4, epochs=3)
+    paused = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=1)
+    _running_trial_of(paused, name)
+    paused.proc.send_signal(signal.SIGSTOP)
+    other = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=2)
+    other.wait_for("failed and queued again", timeout=60)  # grace period passed: retried
+    time.sleep(1)
+    paused.proc.send_signal(signal.SIGCONT)
+    _assert_exact_budget(name, 4, [paused, other])
+    assert "this worker's result is dropped" in paused.output
+
+
+def _terminate_connections(database: str, rounds: int, every: float) -> None:
+    engine = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for _ in range(rounds):
+            conn.execute(
+                sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid() AND backend_type = "
+                    "'client backend'"
+                ),
+                {"db": database},
+            )
+            time.sleep(every)
+    engine.dispose()
+
+
+def test_connections_terminated_repeatedly(tmp_path: Path, data_dir: Path) -> None:
+    name = _create(tmp_path, 6)
+    workers = [Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=s) for s in (1, 2)]
+    _running_trial_of(workers[0], name)
+    database = sqlalchemy.engine.make_url(PG_URL).database
+    assert database
+    _terminate_connections(database, rounds=60, every=0.2)
+    _assert_exact_budget(name, 6, workers)
+    assert any("retrying" in w.output or "heartbeat failed" in w.output for w in workers)
+
+
+def _pg_ctlcluster() -> list[str]:
+    tool = shutil.which("pg_ctlcluster")
+    versions = sorted(glob.glob("/etc/postgresql/*/main"))
+    if tool is None or not versions or os.geteuid() != 0:
+        pytest.skip("needs root and Debian's pg_ctlcluster to restart the local PostgreSQL")
+    return [tool, "--skip-systemctl-redirect", Path(versions[-1]).parent.name, "main"]
+
+
+def test_postgres_restart_in_the_middle_of_a_study(tmp_path: Path, data_dir: Path) -> None:
+    cluster = _pg_ctlcluster()
+    name = _create(tmp_path, 6)
+    workers = [Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=s) for s in (1, 2)]
+    _running_trial_of(workers[0], name)
+    subprocess.run([*cluster, "restart"], check=True, timeout=120)
+    done = [t.state for t in _trials(name)].count(TrialState.COMPLETE)
+    assert done < 6, "the restart came after the study: make its trials longer"
+    # pool_pre_ping reconnects idle connections; calls cut mid-way are retried
+    _assert_exact_budget(name, 6, workers)
+
+
+@pytest.fixture()
+def scratch_database() -> Iterator[tuple[str, Callable[[], None]]]:
+    """A database of its own, and a function that drops it under whoever is connected."""
+    name = f"tauopt_drop_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    url = sqlalchemy.engine.make_url(PG_URL).set(database=name)
+    yield url.render_as_string(hide_password=False), drop
+    drop()
+    admin.dispose()
+
+
+def test_dropped_database_stops_workers_with_the_cause(
+    tmp_path: Path, data_dir: Path, scratch_database: tuple[str, Callable[[], None]]
+) -> None:
+    url, drop = scratch_database
+    name = _create(tmp_path, 20, url=url, epochs=3)
+    workers = [Worker(url, name, tmp_path / "artifacts", data_dir, seed=s) for s in (1, 2)]
+    _running_trial_of_url(workers[0], name, url)
+    drop()
+    codes = [w.finish(timeout=120) for w in workers]
+    for worker, code in zip(workers, codes, strict=True):
+        assert code == 2, worker.output
+        assert "Traceback" not in worker.output
+        last = worker.output.strip().splitlines()[-1]
+        assert last.startswith("tauopt worker: error:") and "does not exist" in last, last
+
+
+def _running_trial_of_url(worker: Worker, name: str, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(t.state == TrialState.RUNNING for t in _trials(name, url)):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"worker never started a trial:\n{worker.output}")
+
+
+def test_models_that_cannot_be_saved_are_retried(tmp_path: Path, data_dir: Path) -> None:
+    """The artifact folder disappears (a file stands in its way) for a while: the trial whose
+    model cannot be saved is failed through no fault of its own and queued again."""
+    name = _create(tmp_path, 4)
+    artifacts = tmp_path / "artifacts"
+    worker = Worker(PG_URL, name, artifacts, data_dir, seed=1)
+    worker.wait_for("trial 0 complete")
+    moved = tmp_path / "artifacts-away"
+    artifacts.rename(moved)
+    artifacts.write_text("not a folder")  # root ignores permissions; a file blocks everyone
+    worker.wait_for("cannot save its model")
+    artifacts.unlink()
+    moved.rename(artifacts)
+    _assert_exact_budget(name, 4, [worker])
+    failed = [t for t in _trials(name) if t.state == TrialState.FAIL]
+    assert failed and all("cannot save its model" in t.user_attrs["retry_reason"] for t in failed)
