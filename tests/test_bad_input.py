@@ -90,7 +90,7 @@ def test_run_masks_the_password_in_its_summary(
     reader = workdir / "reader"
     reader.mkdir()
     monkeypatch.chdir(reader)
-    with pytest.raises(StorageError, match="no artifact directory .*--artifact-dir"):
+    with pytest.raises(StorageError, match=r"no artifact directory .*--artifact-dir"):
         best_trials(url, study)[0].load_model()
     assert list(reader.iterdir()) == []
 

@@ -248,14 +248,14 @@ def _pg_ctlcluster() -> list[str]:
 
 def test_postgres_restart_in_the_middle_of_a_study(tmp_path: Path, data_dir: Path) -> None:
     cluster = _pg_ctlcluster()
-    name = _create(tmp_path, 6)
+    name = _create(tmp_path, 8, epochs=4, train_size=40000)
     workers = [Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=s) for s in (1, 2)]
     _running_trial_of(workers[0], name)
     subprocess.run([*cluster, "restart"], check=True, timeout=120)
     done = [t.state for t in _trials(name)].count(TrialState.COMPLETE)
-    assert done < 6, "the restart came after the study: make its trials longer"
+    assert done < 8, "the restart came after the study: make its trials longer"
     # pool_pre_ping reconnects idle connections; calls cut mid-way are retried
-    _assert_exact_budget(name, 6, workers)
+    _assert_exact_budget(name, 8, workers)
 
 
 @pytest.fixture()
