@@ -20,6 +20,7 @@ from tauopt.engine._train import (
     accuracy,
     build_model,
     resolve_device,
+    set_threads,
     train,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "load_dataset",
     "make_splits",
     "resolve_device",
+    "set_threads",
     "train",
 ]

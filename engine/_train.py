@@ -105,6 +105,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def set_threads(threads: int | None) -> None:
+    """CPU threads for this process's tensor work (``None``: torch's default, every core).
+
+    Several workers on one machine should split the cores between them: each one left at
+    every core oversubscribes the CPU, and an epoch can take ten times longer.
+    """
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
 def _memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[1])

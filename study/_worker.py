@@ -24,7 +24,15 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
-from tauopt.engine import EpochStats, RawDataset, TrainResult, load_dataset, resolve_device, train
+from tauopt.engine import (
+    EpochStats,
+    RawDataset,
+    TrainResult,
+    load_dataset,
+    resolve_device,
+    set_threads,
+    train,
+)
 from tauopt.errors import StorageError, TauoptError
 from tauopt.storage import (
     RetryPolicy,
@@ -64,6 +72,7 @@ class WorkerOptions:
     sampler_seed: int | None = None
     poll_seconds: float = 2.0
     quiet: bool = False
+    threads: int | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -115,6 +124,7 @@ class Worker:
             options.sampler_seed if options.sampler_seed is not None else secrets.randbits(31)
         )
         self.device = str(resolve_device(options.device))
+        set_threads(options.threads)
         self.store = artifact_store(options.artifact_dir)  # checked before any trial trains
         self.storage = self._db(
             "opening the storage", lambda: open_storage(settings, create_schema=False)

@@ -98,6 +98,13 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no per-trial and per-epoch progress")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of this worker (default: every core; with several workers on one "
+        "machine give each cores/workers)",
+    )
+    p.add_argument(
         "--storage-retry-seconds",
         type=_non_negative,
         default=300.0,
@@ -254,6 +261,7 @@ def _run_worker(args: argparse.Namespace) -> WorkerSummary:
         artifact_dir=args.artifact_dir or default_artifact_dir(url),
         sampler_seed=args.sampler_seed,
         quiet=args.quiet,
+        threads=args.threads,
         retry=retry,
     )
     summary = Worker(settings, args.study, options).run()

@@ -71,6 +71,8 @@ class Worker:
                 "cpu",
                 "--sampler-seed",
                 str(seed),
+                "--threads",
+                "1",  # two workers on two cores: more threads oversubscribe the machine
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -113,10 +113,11 @@ def test_eight_workers_three_hundred_trials(
                 "--device",
                 "cpu",
                 "--quiet",
+                "--threads",
+                "1",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         for _ in range(WORKERS)
     ]
