@@ -181,17 +181,20 @@ def test_claimed_trial_without_heartbeat_does_not_block(tmp_path: Path, data_dir
     assert TrialState.RUNNING not in [t.state for t in trials]
 
 
-def test_sigterm_queues_the_trial_at_once_and_exits_0(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_queues_the_trial_at_once_and_exits_0(
+    tmp_path: Path, data_dir: Path, sig: signal.Signals
+) -> None:
     name = _create(tmp_path, 4)
     victim = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=1)
     stopped = _running_trial_of(victim, name)
-    victim.proc.send_signal(signal.SIGTERM)
+    victim.proc.send_signal(sig)
     assert victim.finish(timeout=30) == 0, victim.output
-    assert "stopped by SIGTERM" in victim.output and "Traceback" not in victim.output
+    assert f"stopped by {sig.name}" in victim.output and "Traceback" not in victim.output
     # queued again at once, not after the grace period
     trials = {t.number: t for t in _trials(name)}
     assert trials[stopped].state == TrialState.FAIL
-    assert "SIGTERM" in trials[stopped].user_attrs["retry_reason"]
+    assert sig.name in trials[stopped].user_attrs["retry_reason"]
     retry = [t for t in trials.values() if t.system_attrs.get("failed_trial") == stopped]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING
     other = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=2)
