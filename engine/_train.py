@@ -64,6 +64,10 @@ class TrainResult:
     epoch_seconds: list[float]
     train_seconds: list[float]
     model: TauNetwork = field(repr=False, compare=False)
+    #: Parameters of the network before any pruning.
+    initial_params: int = 0
+    #: Test accuracy after every epoch (only with ``train(..., test_every_epoch=True)``).
+    test_accuracy_history: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metrics (the network itself is left out)."""
@@ -79,6 +83,8 @@ class TrainResult:
             "active_blocks": self.active_blocks,
             "active_block_ids": self.active_block_ids,
             "active_params": self.active_params,
+            "initial_params": self.initial_params,
+            "test_accuracy_history": self.test_accuracy_history,
             "pruned": [vars(event) for event in self.pruned],
             "epoch_seconds": self.epoch_seconds,
             "train_seconds": self.train_seconds,
@@ -246,6 +252,7 @@ def train(
     label: str = "",
     on_epoch: Callable[[EpochStats], None] | None = None,
     cuda_graphs: bool = True,
+    test_every_epoch: bool = False,
 ) -> TrainResult:
     """Train the network of ``config`` on ``dataset``; see :class:`TrainResult`.
 
@@ -254,6 +261,9 @@ def train(
 
     ``progress`` writes to stderr a line per epoch and, on a terminal, a bar during each
     epoch; ``label`` starts both (a worker names its trial there).
+
+    ``test_every_epoch`` also measures test accuracy after every epoch, for learning curves;
+    model selection never sees it.
 
     ``on_epoch`` is called after every epoch (after pruning); it may raise to stop the run,
     which is how a study prunes an unpromising trial. Raises :class:`DivergedError` when the
@@ -267,6 +277,8 @@ def train(
         dataset, val_size=config.val_size, train_size=config.train_size, device=dev
     )
     model = build_model(config, dataset.in_features, dataset.num_classes).to(dev)
+    initial_params = model.num_active_params()
+    test_history: list[float] = []
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     depth = config.depth
@@ -293,6 +305,8 @@ def train(
             del step  # a graph pins the buffers of this epoch's network
         train_seconds.append(time.perf_counter() - start)
         val_acc.append(accuracy(model, splits.val_x, splits.val_y))
+        if test_every_epoch:
+            test_history.append(accuracy(model, splits.test_x, splits.test_y))
         taus = model.taus.detach().cpu().tolist()
         _check_finite(epoch, loss, taus)
         full = [0.0] * depth
@@ -335,4 +349,6 @@ def train(
         epoch_seconds=seconds,
         train_seconds=train_seconds,
         model=model,
+        initial_params=initial_params,
+        test_accuracy_history=test_history,
     )

@@ -6,6 +6,10 @@
 ...     model = trial.load_model()
 """
 
+from pathlib import Path
+
+import optuna
+
 from tauopt.study._config import (
     DEFAULT_SEARCH,
     OBJECTIVES,
@@ -21,7 +25,16 @@ from tauopt.study._create import create_study
 from tauopt.study._liveness import WorkerStopped
 from tauopt.study._objective import objective_values, suggest_config, trial_attributes
 from tauopt.study._query import TrialResult, best_trials, export_csv, load_study
+from tauopt.study._reproduce import enqueue_grid, grid
 from tauopt.study._worker import Worker, WorkerOptions, WorkerSummary
+
+
+def write_report(study: optuna.Study, out: Path) -> list[Path]:
+    """See :func:`tauopt.study._report.write_report` (imported on use: it loads matplotlib)."""
+    from tauopt.study._report import write_report as write
+
+    return write(study, out)
+
 
 __all__ = [
     "DEFAULT_SEARCH",
@@ -38,11 +51,14 @@ __all__ = [
     "WorkerSummary",
     "best_trials",
     "create_study",
+    "enqueue_grid",
     "export_csv",
+    "grid",
     "load_config",
     "load_study",
     "objective_values",
     "parse_config",
     "suggest_config",
     "trial_attributes",
+    "write_report",
 ]

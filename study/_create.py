@@ -39,19 +39,21 @@ def create_study(settings: StorageSettings, study_name: str, config: StudyConfig
     """
     _quiet_optuna()
     storage = open_storage(settings, create_schema=True)
-    try:
-        study = optuna.create_study(
-            storage=storage, study_name=study_name, directions=DIRECTIONS[config.objective]
-        )
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-        with study_lock(storage, study_name):
+    # Under the study's lock: processes that create the same study at the same moment see it
+    # either absent or complete with its config, never in between.
+    with study_lock(storage, study_name):
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=study_name, directions=DIRECTIONS[config.objective]
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=study_name, storage=storage)
             _update_existing(study, study_name, config)
-        return study
-    study.set_user_attr(CONFIG_ATTR, config.to_dict())
-    with warnings.catch_warnings():  # experimental, but it is what labels the dashboard's axes
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(METRIC_NAMES[config.objective])
+            return study
+        study.set_user_attr(CONFIG_ATTR, config.to_dict())
+        with warnings.catch_warnings():  # experimental, but it labels the dashboard's axes
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(METRIC_NAMES[config.objective])
     return study
 
 

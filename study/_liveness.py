@@ -111,7 +111,7 @@ def fail_stale_trials(study: optuna.Study, grace_seconds: float) -> list[tuple[i
     first heartbeat (or one that something else ``ask()``-ed) would hold its budget forever and
     keep every other worker waiting. Returns (number, why) of the trials failed here."""
     storage = study._storage
-    rdb = _rdb(storage)
+    rdb = rdb_of(storage)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     by_id = {t._trial_id: t for t in running}
     silent = set(rdb._get_stale_trial_ids(study._study_id)) & set(by_id)
@@ -133,7 +133,7 @@ def fail_stale_trials(study: optuna.Study, grace_seconds: float) -> list[tuple[i
     return failed
 
 
-def _rdb(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+def rdb_of(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
     # optuna.load_study wraps an RDBStorage in a cache; the heartbeat table is the RDB's.
     backend = getattr(storage, "_backend", storage)
     if not isinstance(backend, optuna.storages.RDBStorage):

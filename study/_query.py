@@ -12,7 +12,7 @@ from typing import Any, TextIO
 import optuna
 from optuna.artifacts import download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from tauopt.models import TauNetwork
 from tauopt.storage import (
@@ -25,6 +25,7 @@ from tauopt.storage import (
 )
 from tauopt.study._budget import ARTIFACT_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR
 from tauopt.study._checkpoint import load_checkpoint
+from tauopt.study._views import front_numbers
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,10 @@ def best_trials(
 
 
 def _front(study: optuna.Study) -> list[FrozenTrial]:
-    """The Pareto-optimal trials, or the best one of a single-objective study."""
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return []
-    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    """The feasible Pareto-optimal trials, or the best feasible one of a single objective:
+    a trial below the study's ``min_val_accuracy`` is never among them."""
+    numbers = front_numbers(study)
+    return [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
 
 
 _SCALAR_ATTRS = (
@@ -173,6 +174,7 @@ def export_csv(
             "number",
             "state",
             "pareto_optimal",
+            "feasible",
             *value_names,
             *(f"param_{p}" for p in param_names),
             *_SCALAR_ATTRS,
@@ -189,6 +191,7 @@ def export_csv(
                 t.number,
                 t.state.name,
                 t.number in front,
+                all(v <= 0.0 for v in t.constraints.values()),
                 *values,
                 *(t.params.get(p) for p in param_names),
                 *(t.user_attrs.get(a) for a in _SCALAR_ATTRS),

@@ -23,10 +23,12 @@ from typing import TypeVar
 import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
+from optuna_dashboard import save_note
 
 from tauopt.engine import (
     EpochStats,
     RawDataset,
+    TrainConfig,
     TrainResult,
     load_dataset,
     resolve_device,
@@ -53,10 +55,16 @@ from tauopt.study._budget import (
 from tauopt.study._checkpoint import save_checkpoint
 from tauopt.study._config import parse_config
 from tauopt.study._create import _quiet_optuna
+from tauopt.study._figures import publish
 from tauopt.study._liveness import Heartbeat, WorkerStopped, fail_stale_trials, stop_on_signals
 from tauopt.study._objective import objective_values, suggest_config, trial_attributes
+from tauopt.study._reproduce import GRID_CONFIG_ATTR
+from tauopt.study._views import trial_note, view_of
 
 T = TypeVar("T")
+#: Seconds between two redrawings of the study's figures by one worker: small next to a trial,
+#: and the figures never lag far behind.
+PUBLISH_EVERY = 30.0
 #: Saves in a row that may fail (disk full, folder gone) before the worker stops.
 _MAX_SAVE_FAILURES = 3
 
@@ -136,8 +144,9 @@ class Worker:
         self.config = parse_config(self.study.user_attrs[CONFIG_ATTR])
         self.n_trials = self.config.n_trials
         self.grace = settings.grace_period or 2 * settings.heartbeat_interval
-        self._dataset: RawDataset | None = None
+        self._datasets: dict[str, RawDataset] = {}
         self._save_failures = 0
+        self._published = -PUBLISH_EVERY  # the first completed trial publishes the figures
 
     # -- output and storage calls ------------------------------------------------------------
 
@@ -152,11 +161,13 @@ class Worker:
     def _db(self, what: str, fn: Callable[[], T]) -> T:
         return self.options.retry.call(what, fn, self._say)
 
-    def dataset(self) -> RawDataset:
-        """Loaded once per process and shared by every trial it runs."""
-        if self._dataset is None:
-            self._dataset = load_dataset(self.config.trial.dataset, self.options.data_dir)
-        return self._dataset
+    def dataset(self, name: str | None = None) -> RawDataset:
+        """Loaded once per process and shared by every trial it runs (a grid study of
+        ``tauopt reproduce`` uses both datasets)."""
+        name = name or self.config.trial.dataset
+        if name not in self._datasets:
+            self._datasets[name] = load_dataset(name, self.options.data_dir)
+        return self._datasets[name]
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -171,6 +182,8 @@ class Worker:
         with stop_on_signals():
             try:
                 self._loop(counts)
+                if counts["complete"]:
+                    self._show(None)  # the figures with this worker's last trials
             except WorkerStopped as e:
                 stopped = e.signal_name
                 self._say(f"stopped by {stopped}")
@@ -252,30 +265,34 @@ class Worker:
 
     def _train_and_store(self, trial: optuna.Trial, used: int) -> str:
         start = time.perf_counter()
+        stored = self._db("reading the trial", lambda: self.storage.get_trial(trial._trial_id))
         # A retried trial keeps the seed of the trial it retries, so the rerun is the same run.
-        system_attrs = self._db(
-            "reading the trial", lambda: self.storage.get_trial_system_attrs(trial._trial_id)
-        )
-        seed = int(system_attrs.get("failed_trial", trial.number))
+        seed = int(stored.system_attrs.get("failed_trial", trial.number))
+        grid_point = stored.user_attrs.get(GRID_CONFIG_ATTR)
         try:
-            config = self._guarded(
-                "reading the trial's parameters",
-                lambda: suggest_config(trial, self.config, seed=seed),
-                trial,
-            )
+            if grid_point is not None:  # a run of `tauopt reproduce`: fixed, seed included
+                config = TrainConfig(**grid_point)
+            else:
+                config = self._guarded(
+                    "reading the trial's parameters",
+                    lambda: suggest_config(trial, self.config, seed=seed),
+                    trial,
+                )
             # Recorded once the parameters are fixed: a retry of this trial reruns them.
             worker = f"{socket.gethostname()}:{os.getpid()}"
             self._guarded(
                 "recording the worker", lambda: trial.set_user_attr(WORKER_ATTR, worker), trial
             )
-            reporter = self._reporter(trial) if len(self.study.directions) == 1 else None
+            single = len(self.study.directions) == 1
+            reporter = self._reporter(trial) if single and grid_point is None else None
             result = train(
                 config,
-                self.dataset(),
+                self.dataset(config.dataset),
                 device=self.device,
                 on_epoch=reporter,
                 progress=not self.options.quiet,
                 label=f"[worker {self.sampler_seed:x}] trial {trial.number}",
+                test_every_epoch=grid_point is not None,  # learning curves for the report
             )
         except optuna.TrialPruned:
             self._finish(trial, None, TrialState.PRUNED)
@@ -297,9 +314,17 @@ class Worker:
         def store_metrics() -> None:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
+            # Feasible when <= 0: a trial below the floor is stored, shown, and never "best".
+            if "constraints:min_val_accuracy" not in self.storage.get_trial_system_attrs(
+                trial._trial_id
+            ):
+                trial.set_constraint(
+                    "min_val_accuracy", self.config.min_val_accuracy - attrs["val_accuracy"]
+                )
 
         self._guarded("storing the metrics", store_metrics, trial)
         self._finish(trial, objective_values(result, self.config.objective), TrialState.COMPLETE)
+        self._show(trial)
         self._log(
             f"trial {trial.number} complete [{used}/{self.n_trials}]: {config.arch} "
             f"val {result.val_accuracy[-1]:.4f} test {result.test_accuracy:.4f}, "
@@ -307,6 +332,20 @@ class Worker:
             f"{time.perf_counter() - start:.1f}s"
         )
         return "complete"
+
+    def _show(self, trial: optuna.Trial | None) -> None:
+        """The trial's note and, at most every PUBLISH_EVERY seconds, the study's figures on the
+        dashboard. Drawing is a courtesy: a failure is logged and never touches the trial."""
+        try:
+            if trial is not None:
+                frozen = self.storage.get_trial(trial._trial_id)
+                save_note(trial, trial_note(view_of(frozen)))
+            now = time.monotonic()
+            if trial is None or now - self._published >= PUBLISH_EVERY:
+                publish(self.study)
+                self._published = now
+        except Exception as e:
+            self._say(f"could not update the dashboard's figures ({type(e).__name__}: {e})")
 
     def _guarded(self, what: str, fn: Callable[[], T], trial: optuna.Trial) -> T:
         """A storage call on a running trial: retried, and a trial that another worker has
@@ -371,7 +410,7 @@ class Worker:
     def _save_model(self, trial: optuna.Trial, result: TrainResult) -> bool:
         """Store the trained network as an artifact. A disk failure fails the trial and queues
         it again (not its fault); several in a row stop the worker."""
-        dataset = self.dataset()
+        dataset = self.dataset(result.config.dataset)
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"trial-{trial.number}.pt"

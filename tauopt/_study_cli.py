@@ -183,6 +183,43 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
     p.add_argument("--output", "-o", type=Path, default=None, help="CSV file (default: stdout)")
     p.set_defaults(handler=_cmd_export)
 
+    p = parser(
+        "reproduce",
+        "enqueue the papers' experiment grid as the trials of one study",
+        "Enqueue the papers' experiments (both datasets and networks, fixed vs trainable "
+        "taus, l1, horizon penalty, dependent last tau, T in {1, depth}, pruning, full vs "
+        "detached memory gradients, several seeds) as the trials of one study, exactly once; "
+        "then run them with `tauopt worker` (any number). `tauopt report` draws them.",
+    )
+    _add_storage(p)
+    p.add_argument("--epochs", type=int, default=5, help="epochs per run (the papers: hundreds)")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=10_000,
+        help="training images per run (0: all 50,000)",
+    )
+    p.add_argument("--seeds", type=int, default=2, help="runs of every setting, for error bars")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=tuple(DATASETS),
+        default=list(DATASETS),
+        help="which datasets (default: both)",
+    )
+    p.set_defaults(handler=_cmd_reproduce)
+
+    p = parser(
+        "report",
+        "figures (PNG) and report.md of a study",
+        "Write the study's figures as PNG files and a report.md that answers, from its trials, "
+        "which T is best, l1 against the horizon penalty, and whether pruning changes the gap "
+        "between validation and test accuracy; also puts the figures on the dashboard.",
+    )
+    _add_storage(p)
+    p.add_argument("--out", type=Path, required=True, help="folder for the files")
+    p.set_defaults(handler=_cmd_report)
+
     p = parser("dashboard", "optuna-dashboard on the same storage and artifacts")
     p.add_argument("--storage", default=None, help="database URL (as for the other commands)")
     _add_artifacts(p)
@@ -374,6 +411,43 @@ def _export_to_file(args: argparse.Namespace, target: Path) -> int:
     finally:
         partial.unlink(missing_ok=True)
     return rows
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from tauopt.storage import StorageSettings, redact, resolve_url
+    from tauopt.study import enqueue_grid
+
+    url = resolve_url(args.storage)
+    _, enqueued = enqueue_grid(
+        StorageSettings(url=url),
+        args.study,
+        epochs=args.epochs,
+        train_size=args.train_size or None,
+        seeds=args.seeds,
+        datasets=tuple(args.datasets),
+    )
+    what = f"enqueued {enqueued} runs" if enqueued else "the grid was enqueued already"
+    print(
+        f"study {args.study!r} in {redact(url)}: {what}; run them with "
+        f"`tauopt worker --study {args.study}` (as many as you like), then "
+        f"`tauopt report --study {args.study} --out report`",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tauopt.study import load_study, write_report
+
+    study = load_study(args.storage, args.study)
+    try:
+        files = write_report(study, args.out)
+    except ValueError as e:
+        raise TauoptError(str(e)) from e
+    except OSError as e:
+        raise TauoptError(f"cannot write the report to {args.out}: {e.strerror or e}") from e
+    print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:

@@ -1,0 +1,120 @@
+"""The study's own figures on its optuna-dashboard page (optuna-dashboard's API: no fork)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import optuna
+import plotly.graph_objects as go
+from optuna_dashboard import save_plotly_graph_object
+
+from tauopt.study._views import TrialView, trial_views
+
+#: Fixed ids: each publication replaces the figure instead of adding one.
+FIGURE_IDS = ("tauopt-pruning-accuracy", "tauopt-taus", "tauopt-epoch-seconds")
+_MAX_LINES = 12  # trials drawn as lines; more make the figure unreadable
+
+
+def pruning_accuracy(views: Sequence[TrialView]) -> go.Figure:
+    """Validation accuracy against the share of parameters pruning removed."""
+    fig = go.Figure()
+    groups = sorted({v.blocks_removed for v in views})
+    for removed in groups:
+        chosen = [v for v in views if v.blocks_removed == removed and v.feasible]
+        if chosen:
+            fig.add_trace(
+                go.Scatter(
+                    x=[100 * v.params_removed for v in chosen],
+                    y=[v.val_accuracy for v in chosen],
+                    mode="markers",
+                    marker={
+                        "size": [13 if v.pareto else 8 for v in chosen],
+                        "line": {"width": [2 if v.pareto else 0 for v in chosen]},
+                    },
+                    name=f"{removed} block{'s' if removed != 1 else ''} removed",
+                    text=[
+                        f"trial {v.number}{' (Pareto-optimal)' if v.pareto else ''}" for v in chosen
+                    ],
+                )
+            )
+    infeasible = [v for v in views if not v.feasible]
+    if infeasible:
+        fig.add_trace(
+            go.Scatter(
+                x=[100 * v.params_removed for v in infeasible],
+                y=[v.val_accuracy for v in infeasible],
+                mode="markers",
+                marker={"color": "lightgrey", "symbol": "x"},
+                name="infeasible (below min_val_accuracy)",
+                text=[f"trial {v.number}" for v in infeasible],
+            )
+        )
+    fig.update_layout(
+        title="Accuracy against what pruning removed (large markers: Pareto-optimal)",
+        xaxis_title="parameters removed by pruning (% of the unpruned network)",
+        yaxis_title="validation accuracy",
+        legend_title="blocks removed",
+    )
+    return fig
+
+
+def taus_over_epochs(views: Sequence[TrialView]) -> go.Figure:
+    """Every step size over the epochs, for the Pareto-optimal trials."""
+    fig = go.Figure()
+    front = sorted((v for v in views if v.pareto), key=lambda v: -v.val_accuracy)[:_MAX_LINES]
+    for v in front:
+        epochs = list(range(1, len(v.tau_history) + 1))
+        for block in range(v.depth):
+            fig.add_trace(
+                go.Scatter(
+                    x=epochs,
+                    y=[row[block] if block < len(row) else 0.0 for row in v.tau_history],
+                    mode="lines+markers",
+                    name=f"trial {v.number}, tau_{block}",
+                    legendgroup=f"trial {v.number}",
+                )
+            )
+    fig.update_layout(
+        title="Step sizes over epochs of the Pareto-optimal trials",
+        xaxis_title="epoch",
+        yaxis_title="tau_l (0 once the block is removed)",
+    )
+    return fig
+
+
+def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
+    """Seconds per epoch of the trials that pruned, with their pruning epochs marked."""
+    fig = go.Figure()
+    pruned = sorted((v for v in views if v.pruned), key=lambda v: -v.params_removed)[:_MAX_LINES]
+    for v in pruned:
+        blocks = v.active_blocks_per_epoch()
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(1, len(v.epoch_seconds) + 1)),
+                y=v.epoch_seconds,
+                mode="lines+markers",
+                name=f"trial {v.number} ({v.params_removed:.0%} removed)",
+                text=[f"{b} active blocks" for b in blocks],
+            )
+        )
+    unpruned = [s for v in views if not v.pruned for s in v.epoch_seconds]
+    if unpruned:
+        fig.add_hline(
+            y=sum(unpruned) / len(unpruned),
+            line_dash="dot",
+            annotation_text="mean of the trials without pruning",
+        )
+    fig.update_layout(
+        title="Seconds per epoch before and after pruning (pruning runs between epochs)",
+        xaxis_title="epoch",
+        yaxis_title="seconds per epoch",
+    )
+    return fig
+
+
+def publish(study: optuna.Study) -> None:
+    """Draw the study's figures from its trials and save them to its dashboard page."""
+    views = trial_views(study)
+    figures = (pruning_accuracy(views), taus_over_epochs(views), epoch_seconds(views))
+    for figure_id, figure in zip(FIGURE_IDS, figures, strict=True):
+        save_plotly_graph_object(study, figure, graph_object_id=figure_id)

@@ -1,0 +1,138 @@
+"""What the study is for: infeasible trials never "best", the papers' grid enqueued once,
+and the report's figures and answers rendered from real (small) studies."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from conftest import RunStudy
+from PIL import Image
+
+from tauopt._cli import main
+from tauopt.study import best_trials, grid, load_study
+from tauopt.study._reproduce import GRID_POINT_ATTR, REPRODUCE_ATTR
+
+PG_URL = os.environ.get(
+    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+SMALL = "[trial]\nepochs = 2\ntrain_size = 1000\nval_size = 2000\n"
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for name in ("TAUOPT_STORAGE", "TAUOPT_ARTIFACTS"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "small.toml").write_text(SMALL)
+    return tmp_path
+
+
+def _assert_png(path: Path) -> None:
+    image = Image.open(path).convert("RGB")
+    assert image.size == (1000, 700), path
+    pixels = np.asarray(image, dtype=np.int16)
+    drawn = int((pixels.sum(axis=2) < 600).sum())  # anything darker than near-white
+    assert drawn > 5000, f"{path.name} is (nearly) blank: {drawn} drawn pixels"
+
+
+def test_trials_below_min_val_accuracy_are_never_best(
+    workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (workdir / "strict.toml").write_text(SMALL + "[study]\nmin_val_accuracy = 0.99\n")
+    assert run_study(3, "--quiet", config="strict.toml") == 0
+    study = load_study(None, "tauopt")
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    for t in trials:  # stored, and visibly infeasible
+        assert t.constraints["min_val_accuracy"] == pytest.approx(
+            0.99 - t.user_attrs["val_accuracy"]
+        )
+        assert t.constraints["min_val_accuracy"] > 0
+    assert best_trials(None, "tauopt") == []
+    capsys.readouterr()
+    assert main(["best", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["export", "-o", "all.csv"]) == 0
+    with open(workdir / "all.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["feasible"] for r in rows} == {"False"} and {r["pareto_optimal"] for r in rows} == {
+        "False"
+    }
+
+
+def test_search_report_renders(
+    workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_study(6, "--quiet") == 0
+    assert main(["report", "--out", "rep"]) == 0
+    for name in ("pareto.png", "importance.png"):
+        _assert_png(workdir / "rep" / name)
+    report = (workdir / "rep" / "report.md").read_text()
+    for heading in ("## The front", "## Which T is best?", "## l1 against the horizon penalty"):
+        assert heading in report
+    assert "between validation and test accuracy" in report
+
+
+def test_grid_runs_and_its_report_renders(
+    workdir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["reproduce", "--study", "paper", "--epochs", "2", "--train-size", "300", "--seeds", "1"]
+    assert main([*argv, "--datasets", "mnist"]) == 0
+    assert main([*argv, "--datasets", "mnist"]) == 0  # the same settings again: nothing added
+    worker = ["worker", "--study", "paper", "--data-dir", str(data_dir), "--quiet"]
+    assert main([*worker, "--threads", "2"]) == 0
+    study = load_study(None, "paper")
+    trials = study.get_trials()
+    assert len(trials) == len(grid(epochs=2, train_size=300, seeds=1, datasets=("mnist",))) == 52
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert all(len(t.user_attrs["test_accuracy_history"]) == 2 for t in trials)
+    assert main(["report", "--study", "paper", "--out", "rep"]) == 0
+    for name in ("accuracy.png", "taus.png", "pruning.png", "fracdnn_memory.png"):
+        _assert_png(workdir / "rep" / name)
+    report = (workdir / "rep" / "report.md").read_text()
+    assert "| mnist | resnet | trainable |" in report and "dependent last tau" in report
+    assert main([*argv, "--datasets", "mnist", "fashion-mnist"]) == 2  # other settings
+    assert "holds a grid made with" in capsys.readouterr().err
+
+
+@pytest.mark.postgres
+def test_three_processes_enqueue_the_grid_exactly_once(tmp_path: Path) -> None:
+    name = f"grid-{uuid.uuid4().hex[:10]}"
+    argv = [sys.executable, "-m", "tauopt", "reproduce", "--storage", PG_URL, "--study", name]
+    argv += ["--epochs", "1", "--train-size", "100", "--seeds", "1"]
+    # The three import tauopt first and then wait for one go signal, to start together.
+    go = tmp_path / "go"
+    starter = (
+        "import os, sys, time\n"
+        "from tauopt._cli import main\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", starter, *argv[3:]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    go.write_text("")
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert sum("enqueued 104 runs" in o for o in outputs) == 1, outputs
+    study = optuna.load_study(study_name=name, storage=PG_URL)
+    trials = study.get_trials()
+    assert len(trials) == 104 and all(t.state.name == "WAITING" for t in trials)
+    points = {json.dumps(t.user_attrs[GRID_POINT_ATTR], sort_keys=True) for t in trials}
+    assert len(points) == 104  # every grid point once
+    assert study.user_attrs[REPRODUCE_ATTR]["points"] == 104
