@@ -41,8 +41,8 @@ def grid(
     For each of ``datasets`` (default both), both networks and every seed: fixed taus (the
     baseline) for T in {1, depth}; trainable taus for T in {1, depth} x l1 off/on x time
     regularisation (none, horizon penalty, dependent last tau) x, for the ResNet, pruning
-    off/on and, for the fractional network, memory gradients full/detached. The papers' reference setting
-    otherwise: width 100, depth 6, SGD lr 0.01, batch 100.
+    off/on and, for the fractional network, memory gradients full/detached. The papers'
+    reference setting otherwise: width 100, depth 6, SGD lr 0.01, batch 100.
     """
     points: list[tuple[dict[str, Any], TrainConfig]] = []
     archs: tuple[Arch, ...] = ("resnet", "fracdnn")
