@@ -17,6 +17,8 @@ import pytest
 from conftest import RunStudy
 from PIL import Image
 
+from tauopt.study._figures import FIGURE_IDS
+
 pytestmark = pytest.mark.browser
 
 
@@ -83,6 +85,21 @@ def test_api_lists_the_study_and_its_trials(dashboard: str) -> None:
     assert detail["best_trials"], "the Pareto front is served"
 
 
+def test_api_serves_the_study_figures_and_trial_notes(dashboard: str) -> None:
+    detail = json.loads(_get(f"{dashboard}/api/studies/1"))
+    figures = {g["id"]: json.loads(g["graph_object"]) for g in detail["plotly_graph_objects"]}
+    assert set(figures) == set(FIGURE_IDS)
+    for figure in figures.values():
+        layout = figure["layout"]
+        assert layout["title"]["text"]
+        assert layout["xaxis"]["title"]["text"] and layout["yaxis"]["title"]["text"]
+    accuracy = figures["tauopt-pruning-accuracy"]
+    plotted = sum(len(trace["x"]) for trace in accuracy["data"])
+    assert plotted == 6  # every complete trial is a point
+    notes = [t["note"]["body"] for t in detail["trials"]]
+    assert all("Step sizes per epoch" in n and "Pruning:" in n for n in notes)
+
+
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
@@ -111,6 +128,12 @@ def test_chromium_shows_the_pareto_front(dashboard: str, tmp_path: Path) -> None
     assert "Pareto Front" in dom
     assert "val_accuracy" in dom and "active_params" in dom
     assert dom.count("main-svg") >= 2  # plotly rendered the figures
+    for title in (
+        "Accuracy against what pruning removed",
+        "Step sizes over epochs of the Pareto-optimal trials",
+        "Seconds per epoch before and after pruning",
+    ):
+        assert title in dom, f"the study figure {title!r} is not on the page"
     shot = tmp_path / "dashboard.png"
     _chromium(f"--screenshot={shot}", page, profile=tmp_path / "p2")
     image = Image.open(shot).convert("RGB")
