@@ -6,6 +6,7 @@ Real data comes from ``$TAUOPT_TEST_DATA`` or the checkout's ``../shared/data``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,31 @@ from tauopt._cli import main
 from tauopt.engine import RawDataset, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
+#: The real PostgreSQL the tests use (CI starts it; see .ci/run).
+PG_URL = os.environ.get(
+    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+
+
+def worker_argv(url: str, study: str, data_dir: Path, artifacts: Path, *extra: str) -> list[str]:
+    """``tauopt worker`` as a subprocess command line, on the CPU."""
+    return [
+        sys.executable,
+        "-m",
+        "tauopt",
+        "worker",
+        "--storage",
+        url,
+        "--study",
+        study,
+        "--data-dir",
+        str(data_dir),
+        "--artifact-dir",
+        str(artifacts),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _data_dir() -> Path:
@@ -55,3 +81,16 @@ def run_study(data_dir: Path) -> RunStudy:
         return main([*args, *extra])
 
     return run
+
+
+@pytest.fixture()
+def workdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Path:
+    """A fresh working directory with the module's ``SMALL`` study config as small.toml, and
+    no storage or artifact folder from the environment."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("TAUOPT_STORAGE", "TAUOPT_ARTIFACTS"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "small.toml").write_text(request.module.SMALL)
+    return tmp_path

@@ -10,27 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RunStudy
+from conftest import PG_URL, RunStudy
 
 from tauopt._cli import main
 from tauopt.errors import DataError
 from tauopt.storage import StorageError
 from tauopt.study import best_trials
 
-PG_URL = os.environ.get(
-    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
 SECRET = "s3cr3t-pw"
-SMALL = "[trial]\nepochs = 1\ntrain_size = 500\nval_size = 1000\n"
-
-
-@pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    for name in ("TAUOPT_STORAGE", "TAUOPT_ARTIFACTS"):
-        monkeypatch.delenv(name, raising=False)
-    (tmp_path / "small.toml").write_text(SMALL)
-    return tmp_path
+SMALL = "[study]\nmin_val_accuracy = 0.0\n[trial]\nepochs = 1\ntrain_size = 500\nval_size = 1000\n"
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], *expected: str) -> str:

@@ -40,7 +40,7 @@ def dashboard(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TAUOPT_STORAGE", raising=False)
     (tmp_path / "small.toml").write_text(
-        "[trial]\nepochs = 1\ntrain_size = 1000\nval_size = 2000\n"
+        "[study]\nmin_val_accuracy = 0.0\n[trial]\nepochs = 1\ntrain_size = 1000\nval_size = 2000\n"
     )
     assert run_study(6, "--quiet") == 0
     port = _free_port()

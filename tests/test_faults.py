@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from conftest import PG_URL, worker_argv
 from optuna.trial import TrialState
 
 from tauopt.storage import StorageSettings, open_storage
@@ -29,9 +30,6 @@ from tauopt.study import create_study, load_config
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = os.environ.get(
-    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
 # Trials of about a second, so that a fault lands in the middle of one.
 CONFIG = """
 [search]
@@ -54,26 +52,10 @@ class Worker:
 
     def __init__(self, url: str, name: str, artifacts: Path, data_dir: Path, seed: int) -> None:
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tauopt",
-                "worker",
-                "--storage",
-                url,
-                "--study",
-                name,
-                "--data-dir",
-                str(data_dir),
-                "--artifact-dir",
-                str(artifacts),
-                "--device",
-                "cpu",
-                "--sampler-seed",
-                str(seed),
-                "--threads",
-                "1",  # two workers on two cores: more threads oversubscribe the machine
-            ],
+            # one thread each: two workers at all cores oversubscribe this 2-core machine
+            worker_argv(
+                url, name, data_dir, artifacts, "--sampler-seed", str(seed), "--threads", "1"
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -4,7 +4,6 @@ dashboard's API polled throughout. Nothing may be lost, duplicated or left runni
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import PG_URL, worker_argv
 from optuna.trial import TrialState
 
 from tauopt.storage import StorageSettings, open_storage
@@ -23,9 +23,6 @@ from tauopt.study import create_study, load_config
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = os.environ.get(
-    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
 WORKERS = 8
 TRIALS = 300
 TINY = """
@@ -97,25 +94,9 @@ def test_eight_workers_three_hundred_trials(
     start = time.monotonic()
     workers = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tauopt",
-                "worker",
-                "--storage",
-                PG_URL,
-                "--study",
-                name,
-                "--data-dir",
-                str(data_dir),
-                "--artifact-dir",
-                str(tmp_path / "artifacts"),
-                "--device",
-                "cpu",
-                "--quiet",
-                "--threads",
-                "1",
-            ],
+            worker_argv(
+                PG_URL, name, data_dir, tmp_path / "artifacts", "--quiet", "--threads", "1"
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from conftest import PG_URL, worker_argv
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
 
@@ -21,9 +20,6 @@ from tauopt.study import create_study, load_config
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = os.environ.get(
-    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
 CONFIG = """
 [search]
 lr = [0.1, 0.3]
@@ -60,24 +56,7 @@ def _create(tmp_path: Path, n_trials: int, *, epochs: int, train_size: int) -> t
 
 def _worker(name: str, artifacts: Path, data_dir: Path, seed: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tauopt",
-            "worker",
-            "--storage",
-            PG_URL,
-            "--study",
-            name,
-            "--data-dir",
-            str(data_dir),
-            "--artifact-dir",
-            str(artifacts),
-            "--device",
-            "cpu",
-            "--sampler-seed",
-            str(seed),
-        ],
+        worker_argv(PG_URL, name, data_dir, artifacts, "--sampler-seed", str(seed)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -14,26 +13,14 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from conftest import RunStudy
+from conftest import PG_URL, RunStudy
 from PIL import Image
 
 from tauopt._cli import main
 from tauopt.study import best_trials, grid, load_study
 from tauopt.study._reproduce import GRID_POINT_ATTR, REPRODUCE_ATTR
 
-PG_URL = os.environ.get(
-    "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
 SMALL = "[trial]\nepochs = 2\ntrain_size = 1000\nval_size = 2000\n"
-
-
-@pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    for name in ("TAUOPT_STORAGE", "TAUOPT_ARTIFACTS"):
-        monkeypatch.delenv(name, raising=False)
-    (tmp_path / "small.toml").write_text(SMALL)
-    return tmp_path
 
 
 def _assert_png(path: Path) -> None:
@@ -47,7 +34,7 @@ def _assert_png(path: Path) -> None:
 def test_trials_below_min_val_accuracy_are_never_best(
     workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (workdir / "strict.toml").write_text(SMALL + "[study]\nmin_val_accuracy = 0.99\n")
+    (workdir / "strict.toml").write_text("[study]\nmin_val_accuracy = 0.99\n" + SMALL)
     assert run_study(3, "--quiet", config="strict.toml") == 0
     study = load_study(None, "tauopt")
     trials = study.get_trials()

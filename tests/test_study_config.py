@@ -13,8 +13,15 @@ def test_defaults_search_everything_the_issue_names() -> None:
     config = parse_config({})
     assert set(config.search) == set(DEFAULT_SEARCH)
     assert config.objective == "pareto" and config.n_trials >= 1
-    assert config.search["arch"].choices == ("resnet", "fracdnn")
+    # the front is made by pruning and the time regularisation: the reference architecture
+    # is fixed, the regularisation and the pruning threshold are searched
+    assert config.search["arch"].fixed == "resnet"
+    assert (config.search["depth"].fixed, config.search["width"].fixed) == (6, 100)
+    for name in ("T", "l1", "layer_prune_eps", "lr"):
+        assert config.search[name].low is not None, name
+    assert config.search["time_reg"].choices == ("none", "penalty", "dependent")
     assert config.search["l1"].low == 0.0  # l1 = 0 is inside the range
+    assert config.min_val_accuracy == 0.5
 
 
 def test_file_with_range_choices_and_fixed_values(tmp_path: Path) -> None:

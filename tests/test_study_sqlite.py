@@ -19,7 +19,10 @@ from tauopt.engine import accuracy, load_dataset, make_splits
 from tauopt.study import best_trials, load_study
 
 SMALL = """
+[study]
+min_val_accuracy = 0.0  # tiny trials: keep every one feasible
 [search]
+arch = ["resnet", "fracdnn"]
 lr = [0.1, 0.3]
 depth = [3, 6]
 width = [16, 48]
@@ -42,15 +45,6 @@ EXPECTED_ATTRS = {
     "device",
     "model_artifact_id",
 }
-
-
-@pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("TAUOPT_STORAGE", raising=False)
-    monkeypatch.delenv("TAUOPT_ARTIFACTS", raising=False)
-    (tmp_path / "small.toml").write_text(SMALL)
-    return tmp_path
 
 
 def test_run_then_best_trials_and_load_model(
