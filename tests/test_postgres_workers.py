@@ -56,7 +56,9 @@ def _create(tmp_path: Path, n_trials: int, *, epochs: int, train_size: int) -> t
 
 def _worker(name: str, artifacts: Path, data_dir: Path, seed: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        worker_argv(PG_URL, name, data_dir, artifacts, "--sampler-seed", str(seed)),
+        worker_argv(
+            PG_URL, name, data_dir, artifacts, "--sampler-seed", str(seed), "--threads", "1"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
