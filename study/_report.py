@@ -26,6 +26,14 @@ FIGSIZE, DPI = (10.0, 7.0), 100
 DATASETS, ARCHS = ("mnist", "fashion-mnist"), ("resnet", "fracdnn")
 
 
+def _legend(ax: Axes) -> None:
+    """A legend where something was drawn; an empty panel says so instead."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no runs of this kind in the study", ha="center", transform=ax.transAxes)
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -98,7 +106,7 @@ def _grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
         ax.set_title(f"{arch}, {dataset}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=7)
+        _legend(ax)
     fig.suptitle("Fixed against trainable step sizes (mean over seeds, band: min to max)")
     files.append(_save(fig, out / "accuracy.png"))
 
@@ -122,7 +130,7 @@ def _grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
         ax.set_title(f"{arch}, {dataset}, T=1, seed 0")
         ax.set_xlabel("epoch")
         ax.set_ylabel("step size tau_l")
-        ax.legend(fontsize=7)
+        _legend(ax)
     fig.suptitle("The step sizes over training")
     files.append(_save(fig, out / "taus.png"))
 
@@ -155,7 +163,7 @@ def _grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
     right.set_xlabel("epoch")
     right.set_ylabel("seconds")
     for ax in (left, right):
-        ax.legend(fontsize=7)
+        _legend(ax)
     files.append(_save(fig, out / "pruning.png"))
 
     fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
@@ -185,7 +193,7 @@ def _grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
     right.set_ylabel("tau_l after the last epoch")
     right.set_yscale("log")
     for ax in (left, right):
-        ax.legend(fontsize=7)
+        _legend(ax)
     files.append(_save(fig, out / "fracdnn_memory.png"))
     return files
 
