@@ -12,6 +12,7 @@ from tauopt.study._views import TrialView, trial_views
 
 #: Fixed ids: each publication replaces the figure instead of adding one.
 FIGURE_IDS = ("tauopt-pruning-accuracy", "tauopt-taus", "tauopt-epoch-seconds")
+CURVES_ID = "tauopt-learning-curves"
 _MAX_LINES = 12  # trials drawn as lines; more make the figure unreadable
 
 
@@ -112,9 +113,43 @@ def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
     return fig
 
 
+def learning_curves(views: Sequence[TrialView]) -> go.Figure:
+    """Test accuracy per epoch of a ``tauopt reproduce`` grid: fixed against trainable taus,
+    the mean over seeds, for each network, dataset and T (no regularisation, no pruning)."""
+    fig = go.Figure()
+    groups: dict[tuple[str, str, str, float], list[list[float]]] = {}
+    for v in views:
+        g = v.grid or {}
+        base = g.get("variant") in ("no-prune", "full") and not g.get("l1")
+        if base and g.get("time_reg") == "none" and v.test_history:
+            key = (str(g["dataset"]), str(g["arch"]), str(g["tau"]), float(g["T"]))
+            groups.setdefault(key, []).append(v.test_history)
+    for (dataset, arch, tau, T), rows in sorted(groups.items()):
+        n = min(len(r) for r in rows)
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(1, n + 1)),
+                y=[sum(r[i] for r in rows) / len(rows) for i in range(n)],
+                mode="lines+markers",
+                line={"dash": "solid" if tau == "trainable" else "dot"},
+                name=f"{dataset}, {arch}, {tau} tau, T={T:g} ({len(rows)} seeds)",
+            )
+        )
+    fig.update_layout(
+        title="Fixed against trainable step sizes: test accuracy per epoch (mean over seeds)",
+        xaxis_title="epoch",
+        yaxis_title="test accuracy",
+    )
+    return fig
+
+
 def publish(study: optuna.Study) -> None:
     """Draw the study's figures from its trials and save them to its dashboard page."""
     views = trial_views(study)
-    figures = (pruning_accuracy(views), taus_over_epochs(views), epoch_seconds(views))
-    for figure_id, figure in zip(FIGURE_IDS, figures, strict=True):
+    figures = [pruning_accuracy(views), taus_over_epochs(views), epoch_seconds(views)]
+    ids = list(FIGURE_IDS)
+    if any(v.grid for v in views):  # a `tauopt reproduce` study: the papers' main figure too
+        figures.append(learning_curves(views))
+        ids.append(CURVES_ID)
+    for figure_id, figure in zip(ids, figures, strict=True):
         save_plotly_graph_object(study, figure, graph_object_id=figure_id)

@@ -135,9 +135,16 @@ def test_chromium_shows_the_pareto_front(dashboard: str, tmp_path: Path) -> None
     ):
         assert title in dom, f"the study figure {title!r} is not on the page"
     shot = tmp_path / "dashboard.png"
-    _chromium(f"--screenshot={shot}", page, profile=tmp_path / "p2")
+    _chromium(f"--screenshot={shot}", "--window-size=1400,3000", page, profile=tmp_path / "p2")
     image = Image.open(shot).convert("RGB")
-    assert image.size == (1400, 1800)
+    assert image.size == (1400, 3000)
+    # Below Optuna's own cards come the study's figures (about y 1750 to 2650), drawn by plotly
+    # on its default plot background, which nothing else on the page uses.
+    ours = np.asarray(image.crop((60, 1700, 1380, 2700)), dtype=np.int16)
+    background = int((np.abs(ours - np.array([229, 236, 246])).max(axis=2) <= 2).sum())
+    assert background > 100_000, f"no plotly figure drawn there ({background} pixels)"
+    coloured = int(((ours.max(axis=2) - ours.min(axis=2)) > 80).sum())
+    assert coloured > 300, f"the study's figures plotted nothing ({coloured} coloured pixels)"
     # The Pareto-front card is the first on the page: its markers and colour bars are the only
     # saturated pixels in that area (the rest is white, grey text and the blue header above).
     plot = image.crop((400, 150, 1380, 640))

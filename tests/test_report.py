@@ -18,6 +18,7 @@ from PIL import Image
 
 from tauopt._cli import main
 from tauopt.study import best_trials, grid, load_study
+from tauopt.study._figures import CURVES_ID
 from tauopt.study._reproduce import GRID_POINT_ATTR, REPRODUCE_ATTR
 
 SMALL = "[trial]\nepochs = 2\ntrain_size = 1000\nval_size = 2000\n"
@@ -85,6 +86,9 @@ def test_grid_runs_and_its_report_renders(
     assert main(["report", "--study", "paper", "--out", "rep"]) == 0
     for name in ("accuracy.png", "taus.png", "pruning.png", "fracdnn_memory.png"):
         _assert_png(workdir / "rep" / name)
+    # the papers' main figure also went to the dashboard
+    stored = study._storage.get_study_system_attrs(study._study_id)
+    assert any(CURVES_ID in key for key in stored)
     report = (workdir / "rep" / "report.md").read_text()
     assert "| mnist | resnet | trainable |" in report and "dependent last tau" in report
     assert main([*argv, "--datasets", "mnist", "fashion-mnist"]) == 2  # other settings
