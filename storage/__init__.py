@@ -15,7 +15,9 @@ from tauopt.storage._rdb import (
     open_storage,
     redact,
     resolve_url,
+    set_trial_attrs,
     study_lock,
+    trial_counts,
 )
 from tauopt.storage._retry import (
     RetryPolicy,
@@ -39,5 +41,7 @@ __all__ = [
     "redact",
     "resolve_url",
     "root_message",
+    "set_trial_attrs",
     "study_lock",
+    "trial_counts",
 ]

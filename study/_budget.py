@@ -27,3 +27,8 @@ def counted(trial: optuna.trial.FrozenTrial) -> bool:
 def trials_used(trials: list[optuna.trial.FrozenTrial]) -> int:
     """How much of the budget ``trials`` have used (see :func:`counted`)."""
     return sum(counted(t) for t in trials)
+
+
+def budget_used(counts: dict[str, int], failures_with_reason: int) -> int:
+    """:func:`trials_used` from state counts (see ``tauopt.storage.trial_counts``)."""
+    return sum(counts.get(state.name, 0) for state in _COUNTED) + failures_with_reason

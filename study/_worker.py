@@ -42,7 +42,9 @@ from tauopt.storage import (
     artifact_store,
     is_storage_error,
     open_storage,
+    set_trial_attrs,
     study_lock,
+    trial_counts,
 )
 from tauopt.study._budget import (
     ARTIFACT_ATTR,
@@ -50,7 +52,7 @@ from tauopt.study._budget import (
     FAIL_REASON_ATTR,
     RETRY_REASON_ATTR,
     WORKER_ATTR,
-    trials_used,
+    budget_used,
 )
 from tauopt.study._checkpoint import save_checkpoint
 from tauopt.study._config import parse_config
@@ -62,6 +64,8 @@ from tauopt.study._reproduce import GRID_CONFIG_ATTR
 from tauopt.study._views import trial_note, view_of
 
 T = TypeVar("T")
+#: Optuna's system attribute of the constraint ``trial.set_constraint("min_val_accuracy", ...)``.
+CONSTRAINT_KEY = "constraints:min_val_accuracy"
 #: Seconds between two redrawings of the study's figures by one worker: small next to a trial,
 #: and the figures never lag far behind.
 PUBLISH_EVERY = 30.0
@@ -224,10 +228,13 @@ class Worker:
             # `tauopt create --n-trials` may raise the budget while workers run.
             attrs = self.storage.get_study_user_attrs(self.study._study_id)
             self.n_trials = int(attrs[CONFIG_ATTR]["study"]["n_trials"])
-            trials = self.study.get_trials(deepcopy=False)
-            used = trials_used(trials)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            running = any(t.state == TrialState.RUNNING for t in trials)
+            # Counted in the database, not by reading every trial of the study.
+            counts, own_failures = trial_counts(
+                self.storage, self.study._study_id, failed_with_attr=FAIL_REASON_ATTR
+            )
+            used = budget_used(counts, own_failures)
+            waiting = counts.get("WAITING", 0) > 0
+            running = counts.get("RUNNING", 0) > 0
             if waiting or used < self.n_trials:
                 with warnings.catch_warnings():
                     # ask() warns that heartbeats are meant for optimize(): this loop records
@@ -307,22 +314,17 @@ class Worker:
                 raise
             traceback.print_exc(file=sys.stderr)
             return self._fail(trial, f"{type(e).__name__}: {e}", used)
-        if not self._save_model(trial, result):
+        artifact_id = self._save_model(trial, result)
+        if artifact_id is None:
             return "requeued"
-        attrs = trial_attributes(result)
-
-        def store_metrics() -> None:
-            for key, value in attrs.items():
-                trial.set_user_attr(key, value)
-            # Feasible when <= 0: a trial below the floor is stored, shown, and never "best".
-            if "constraints:min_val_accuracy" not in self.storage.get_trial_system_attrs(
-                trial._trial_id
-            ):
-                trial.set_constraint(
-                    "min_val_accuracy", self.config.min_val_accuracy - attrs["val_accuracy"]
-                )
-
-        self._guarded("storing the metrics", store_metrics, trial)
+        attrs = {**trial_attributes(result), ARTIFACT_ATTR: artifact_id}
+        # Feasible when <= 0: a trial below the floor is stored, shown, and never "best".
+        constraint = {CONSTRAINT_KEY: self.config.min_val_accuracy - attrs["val_accuracy"]}
+        self._guarded(
+            "storing the metrics",
+            lambda: set_trial_attrs(self.storage, trial._trial_id, user=attrs, system=constraint),
+            trial,
+        )
         self._finish(trial, objective_values(result, self.config.objective), TrialState.COMPLETE)
         self._show(trial)
         self._log(
@@ -407,7 +409,7 @@ class Worker:
             return
         self._say(f"trial {trial.number} failed and queued again: {reason}")
 
-    def _save_model(self, trial: optuna.Trial, result: TrainResult) -> bool:
+    def _save_model(self, trial: optuna.Trial, result: TrainResult) -> str | None:
         """Store the trained network as an artifact. A disk failure fails the trial and queues
         it again (not its fault); several in a row stop the worker."""
         dataset = self.dataset(result.config.dataset)
@@ -432,9 +434,6 @@ class Worker:
                     f"{self.options.artifact_dir} ({e.strerror or e}); fix the folder or choose "
                     "another --artifact-dir"
                 ) from e
-            return False
+            return None
         self._save_failures = 0
-        self._guarded(
-            "storing the model's id", lambda: trial.set_user_attr(ARTIFACT_ATTR, artifact_id), trial
-        )
-        return True
+        return str(artifact_id)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 from tauopt._cli import main
 from tauopt.engine import RawDataset, load_dataset
@@ -94,3 +96,22 @@ def workdir(
         monkeypatch.delenv(name, raising=False)
     (tmp_path / "small.toml").write_text(request.module.SMALL)
     return tmp_path
+
+
+@pytest.fixture()
+def scratch_database() -> Iterator[tuple[str, Callable[[], None]]]:
+    """A PostgreSQL database of its own (nothing of earlier tests in it), and a function that
+    drops it under whoever is connected; dropped at the end in any case."""
+    name = f"tauopt_scratch_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    url = sqlalchemy.engine.make_url(PG_URL).set(database=name)
+    yield url.render_as_string(hide_password=False), drop
+    drop()
+    admin.dispose()

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -243,24 +243,6 @@ def test_postgres_restart_in_the_middle_of_a_study(tmp_path: Path, data_dir: Pat
     assert done < 8, "the restart came after the study: make its trials longer"
     # pool_pre_ping reconnects idle connections; calls cut mid-way are retried
     _assert_exact_budget(name, 8, workers)
-
-
-@pytest.fixture()
-def scratch_database() -> Iterator[tuple[str, Callable[[], None]]]:
-    """A database of its own, and a function that drops it under whoever is connected."""
-    name = f"tauopt_drop_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-    url = sqlalchemy.engine.make_url(PG_URL).set(database=name)
-    yield url.render_as_string(hide_password=False), drop
-    drop()
-    admin.dispose()
 
 
 def test_dropped_database_stops_workers_with_the_cause(

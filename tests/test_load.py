@@ -11,11 +11,12 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import PG_URL, worker_argv
+from conftest import worker_argv
 from optuna.trial import TrialState
 
 from tauopt.storage import StorageSettings, open_storage
@@ -63,9 +64,9 @@ class _Poller(threading.Thread):
             self.stop.wait(0.5)
 
 
-def _dashboard(port: int) -> subprocess.Popen[bytes]:
+def _dashboard(url: str, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tauopt", "dashboard", "--storage", PG_URL, "--port", str(port)],
+        [sys.executable, "-m", "tauopt", "dashboard", "--storage", url, "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -81,22 +82,26 @@ def _dashboard(port: int) -> subprocess.Popen[bytes]:
 
 
 def test_eight_workers_three_hundred_trials(
-    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    scratch_database: tuple[str, Callable[[], None]],
 ) -> None:
+    # A database of its own: the dashboard lists every study of its database, and the shared
+    # test database holds those of every earlier run.
+    url, _ = scratch_database
     name = f"load-{uuid.uuid4().hex[:10]}"
     (tmp_path / "tiny.toml").write_text(TINY)
     config = load_config(tmp_path / "tiny.toml").with_overrides(n_trials=TRIALS)
-    create_study(StorageSettings(url=PG_URL), name, config)
+    create_study(StorageSettings(url=url), name, config)
     port = _free_port()
-    dashboard = _dashboard(port)
+    dashboard = _dashboard(url, port)
     poller = _Poller(f"http://127.0.0.1:{port}/api/studies")
     poller.start()
     start = time.monotonic()
     workers = [
         subprocess.Popen(
-            worker_argv(
-                PG_URL, name, data_dir, tmp_path / "artifacts", "--quiet", "--threads", "1"
-            ),
+            worker_argv(url, name, data_dir, tmp_path / "artifacts", "--quiet", "--threads", "1"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -111,7 +116,7 @@ def test_eight_workers_three_hundred_trials(
         dashboard.terminate()
         dashboard.wait(timeout=10)
     assert [w.returncode for w in workers] == [0] * WORKERS, "\n---\n".join(outputs)
-    storage = open_storage(StorageSettings(url=PG_URL), create_schema=False)
+    storage = open_storage(StorageSettings(url=url), create_schema=False)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)) == TRIALS  # none lost, none duplicated
