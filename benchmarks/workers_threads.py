@@ -63,10 +63,15 @@ def main(argv: list[str] | None = None) -> int:
             rate = _run(workers, threads, args.trials, args.data_dir)
             rates[f"{workers}x{threads}"].append(rate)
             print(f"{workers} workers x {threads} threads: {rate:.0f} trials/hour", flush=True)
-    summary = {k: statistics.median(v) for k, v in rates.items()}
-    print(json.dumps({"cores": cores, "median_trials_per_hour": summary, "runs": rates}, indent=2))
+    result = {
+        "cores": cores,
+        "trials_per_study": args.trials,
+        "median_trials_per_hour": {k: statistics.median(v) for k, v in rates.items()},
+        "runs": rates,
+    }
     if args.out is not None:
-        args.out.write_text(json.dumps({"cores": cores, "runs": rates}, indent=2))
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
     return 0
 
 
