@@ -130,6 +130,14 @@ def _memory_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def parameter_count(config: TrainConfig, in_features: int, num_classes: int) -> int:
+    """Parameters of the unpruned network of ``config`` (what its ``num_active_params()`` is
+    before any block is removed), without building it."""
+    w, d = config.width, config.depth
+    taus = d - 1 if config.dependent_last_tau else d
+    return in_features * w + w + (d - 1) * (w * w + w) + w * num_classes + taus
+
+
 def check_fits(
     config: TrainConfig, in_features: int, num_classes: int, device: torch.device
 ) -> None:
@@ -139,7 +147,7 @@ def check_fits(
     the parameters), plus a batch's states and gradients for every block.
     """
     w, d = config.width, config.depth
-    params = in_features * w + w + (d - 1) * (w * w + w) + w * num_classes + d
+    params = parameter_count(config, in_features, num_classes)
     need = 4 * (3 * params + 4 * config.batch_size * w * (d + 1))
     have = _memory_bytes(device)
     if need > have:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import optuna
 from optuna.trial import TrialState
 
 CONFIG_ATTR = "tauopt_config"
@@ -16,19 +15,9 @@ WORKER_ATTR = "worker"
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
-def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Trials that use up budget: all but failures that were not the trial's fault (a dead or
-    stopped worker, a storage or disk failure); those are retried instead."""
-    return trial.state in _COUNTED or (
-        trial.state == TrialState.FAIL and FAIL_REASON_ATTR in trial.user_attrs
-    )
-
-
-def trials_used(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """How much of the budget ``trials`` have used (see :func:`counted`)."""
-    return sum(counted(t) for t in trials)
-
-
 def budget_used(counts: dict[str, int], failures_with_reason: int) -> int:
-    """:func:`trials_used` from state counts (see ``tauopt.storage.trial_counts``)."""
+    """The trials that use up a study's budget, from its trials per state and the failed ones
+    carrying ``FAIL_REASON_ATTR`` (see ``tauopt.storage.trial_counts``): every trial but the
+    failures that were not its fault (a dead or stopped worker, a storage or disk failure),
+    which are retried instead."""
     return sum(counts.get(state.name, 0) for state in _COUNTED) + failures_with_reason

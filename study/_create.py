@@ -8,8 +8,8 @@ from typing import Any
 import optuna
 
 from tauopt.errors import StorageError
-from tauopt.storage import StorageSettings, open_storage, study_lock
-from tauopt.study._budget import CONFIG_ATTR, trials_used
+from tauopt.storage import StorageSettings, open_storage, study_lock, trial_counts
+from tauopt.study._budget import CONFIG_ATTR, FAIL_REASON_ATTR, budget_used
 from tauopt.study._config import StudyConfig
 from tauopt.study._objective import DIRECTIONS, METRIC_NAMES
 
@@ -48,7 +48,7 @@ def create_study(settings: StorageSettings, study_name: str, config: StudyConfig
             )
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=study_name, storage=storage)
-            _update_existing(study, study_name, config)
+            _update_existing(storage, study, study_name, config)
             return study
         study.set_user_attr(CONFIG_ATTR, config.to_dict())
         with warnings.catch_warnings():  # experimental, but it labels the dashboard's axes
@@ -57,7 +57,9 @@ def create_study(settings: StorageSettings, study_name: str, config: StudyConfig
     return study
 
 
-def _update_existing(study: optuna.Study, study_name: str, config: StudyConfig) -> None:
+def _update_existing(
+    storage: optuna.storages.RDBStorage, study: optuna.Study, study_name: str, config: StudyConfig
+) -> None:
     stored = study.user_attrs.get(CONFIG_ATTR)
     new = config.to_dict()
     if stored is None:
@@ -74,7 +76,8 @@ def _update_existing(study: optuna.Study, study_name: str, config: StudyConfig) 
             "study: put the other keys back, or start a new study with another --study name "
             "(TAUOPT_STUDY in .env under docker compose)"
         )
-    used = trials_used(study.get_trials(deepcopy=False))
+    counts, own_failures = trial_counts(storage, study._study_id, failed_with_attr=FAIL_REASON_ATTR)
+    used = budget_used(counts, own_failures)
     if config.n_trials < used:
         raise StorageError(
             f"study {study_name!r} has already used {used} trials of its budget; "

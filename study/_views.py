@@ -12,14 +12,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tauopt.engine import TrainConfig, parameter_count
+
 #: MNIST and Fashion-MNIST: 28 x 28 pixels, 10 classes.
 _IN_FEATURES, _CLASSES = 784, 10
-
-
-def _unpruned_params(config: dict[str, Any]) -> int:
-    w, d = int(config.get("width", 100)), int(config.get("depth", 6))
-    free_taus = d - 1 if config.get("dependent_last_tau") else d
-    return _IN_FEATURES * w + w + (d - 1) * (w * w + w) + w * _CLASSES + free_taus
 
 
 @dataclass(frozen=True)
@@ -61,17 +57,27 @@ class TrialView:
         return [sum(1 for tau in taus if tau != 0.0) for taus in self.tau_history]
 
 
-def _view(trial: FrozenTrial, front: set[int]) -> TrialView:
-    attrs = trial.user_attrs
+def view_from(
+    number: int,
+    attrs: dict[str, Any],
+    *,
+    feasible: bool,
+    pareto: bool = False,
+    params: dict[str, Any] | None = None,
+) -> TrialView:
+    """The view of trial ``number`` from its user attributes (a worker has them in hand)."""
     config = dict(attrs.get("train_config", {}))
+    initial = attrs.get("initial_params")  # absent on trials stored by earlier versions
+    if not initial:
+        initial = parameter_count(TrainConfig(**config), _IN_FEATURES, _CLASSES)
     return TrialView(
-        number=trial.number,
-        feasible=all(v <= 0.0 for v in trial.constraints.values()),
-        pareto=trial.number in front,
+        number=number,
+        feasible=feasible,
+        pareto=pareto,
         val_accuracy=float(attrs.get("val_accuracy", 0.0)),
         test_accuracy=float(attrs.get("test_accuracy", 0.0)),
         active_params=int(attrs.get("active_params", 0)),
-        initial_params=int(attrs.get("initial_params") or _unpruned_params(config)),
+        initial_params=int(initial),
         depth=int(config.get("depth", len(attrs.get("taus", [])))),
         tau_history=[list(map(float, row)) for row in attrs.get("tau_history", [])],
         epoch_seconds=[float(s) for s in attrs.get("epoch_seconds", [])],
@@ -80,13 +86,18 @@ def _view(trial: FrozenTrial, front: set[int]) -> TrialView:
         test_history=[float(a) for a in attrs.get("test_accuracy_history", [])],
         val_history=[float(a) for a in attrs.get("val_accuracy_history", [])],
         grid=attrs.get("grid_point"),
-        params=dict(trial.params),
+        params=params,
     )
 
 
-def view_of(trial: FrozenTrial) -> TrialView:
-    """One trial's view, without looking at the rest of the study (``pareto`` is False)."""
-    return _view(trial, set())
+def _view(trial: FrozenTrial, front: set[int]) -> TrialView:
+    return view_from(
+        trial.number,
+        trial.user_attrs,
+        feasible=all(v <= 0.0 for v in trial.constraints.values()),
+        pareto=trial.number in front,
+        params=dict(trial.params),
+    )
 
 
 def front_numbers(study: optuna.Study) -> set[int]:

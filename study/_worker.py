@@ -61,7 +61,7 @@ from tauopt.study._figures import publish
 from tauopt.study._liveness import Heartbeat, WorkerStopped, fail_stale_trials, stop_on_signals
 from tauopt.study._objective import objective_values, suggest_config, trial_attributes
 from tauopt.study._reproduce import GRID_CONFIG_ATTR
-from tauopt.study._views import trial_note, view_of
+from tauopt.study._views import TrialView, trial_note, view_from
 
 T = TypeVar("T")
 #: Optuna's system attribute of the constraint ``trial.set_constraint("min_val_accuracy", ...)``.
@@ -187,7 +187,7 @@ class Worker:
             try:
                 self._loop(counts)
                 if counts["complete"]:
-                    self._show(None)  # the figures with this worker's last trials
+                    self._show()  # the figures with this worker's last trials
             except WorkerStopped as e:
                 stopped = e.signal_name
                 self._say(f"stopped by {stopped}")
@@ -326,7 +326,7 @@ class Worker:
             trial,
         )
         self._finish(trial, objective_values(result, self.config.objective), TrialState.COMPLETE)
-        self._show(trial)
+        self._show(trial, view_from(trial.number, attrs, feasible=constraint[CONSTRAINT_KEY] <= 0))
         self._log(
             f"trial {trial.number} complete [{used}/{self.n_trials}]: {config.arch} "
             f"val {result.val_accuracy[-1]:.4f} test {result.test_accuracy:.4f}, "
@@ -335,13 +335,13 @@ class Worker:
         )
         return "complete"
 
-    def _show(self, trial: optuna.Trial | None) -> None:
-        """The trial's note and, at most every PUBLISH_EVERY seconds, the study's figures on the
-        dashboard. Drawing is a courtesy: a failure is logged and never touches the trial."""
+    def _show(self, trial: optuna.Trial | None = None, view: TrialView | None = None) -> None:
+        """The note of ``trial`` (drawn from ``view``) and, at most every PUBLISH_EVERY seconds
+        or without a trial, the study's figures on the dashboard. Drawing is a courtesy: a
+        failure is logged and never touches the trial."""
         try:
-            if trial is not None:
-                frozen = self.storage.get_trial(trial._trial_id)
-                save_note(trial, trial_note(view_of(frozen)))
+            if trial is not None and view is not None:
+                save_note(trial, trial_note(view))
             now = time.monotonic()
             if trial is None or now - self._published >= PUBLISH_EVERY:
                 publish(self.study)

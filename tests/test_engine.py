@@ -184,3 +184,15 @@ def test_plain_sgd_is_torch_sgd() -> None:
         sgd.step()
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"width": 7, "depth": 3}, {"dependent_last_tau": True}, {"arch": "fracdnn", "depth": 4}],
+)
+def test_parameter_count_is_the_built_networks(changes: dict[str, object]) -> None:
+    from tauopt.engine import build_model, parameter_count
+
+    config = TrainConfig(**changes)  # type: ignore[arg-type]
+    built = build_model(config, 784, 10).num_active_params()
+    assert parameter_count(config, 784, 10) == built
