@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,31 +110,72 @@ def _find(raw_dir: Path, stem: str) -> Path | None:
     return None
 
 
+#: Where torchvision fetches the files from, with the MD5 of each (gzip) file.
+MIRRORS: dict[str, tuple[str, ...]] = {
+    "mnist": (
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "http://yann.lecun.com/exdb/mnist/",
+    ),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+}
+MD5: dict[str, dict[str, str]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+}
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+def _fetch(name: str, filename: str, target: Path) -> None:
+    """Fetch ``filename`` from the first mirror that serves it with the expected MD5."""
+    errors = []
+    for mirror in MIRRORS[name]:
+        url = mirror + filename
+        try:
+            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+                data = response.read()
+        except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
+            errors.append(f"{url}: {' '.join(str(e).split())}")
+            continue
+        digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if digest != MD5[name][filename]:
+            errors.append(f"{url}: MD5 {digest}, expected {MD5[name][filename]}")
+            continue
+        target.write_bytes(data)
+        return
+    raise OSError("; ".join(errors))
+
+
 def _download(name: str, root: Path) -> None:
-    """Let torchvision fetch the files into ``root/<Name>/raw`` (needs a network).
+    """Fetch the four files into ``root/<Name>/raw`` from torchvision's mirrors (needs a network).
 
     The download goes to a temporary folder first: an offline failure leaves nothing under
     ``root``, and each file appears in place by an atomic rename, so workers that download at
     the same moment never read a half-written file.
     """
-    from torchvision import datasets as tv_datasets  # deferred: only needed when online
-
-    cls = tv_datasets.MNIST if name == "mnist" else tv_datasets.FashionMNIST
     dest = root / DATASETS[name] / "raw"
     with tempfile.TemporaryDirectory(prefix="tauopt-download-") as tmp:
         try:
-            for train in (True, False):
-                cls(tmp, train=train, download=True)
-        except Exception as e:  # torchvision raises bare RuntimeError/URLError/OSError
+            for filename in MD5[name]:
+                _fetch(name, filename, Path(tmp) / filename)
+        except OSError as e:
             raise DataError(
-                f"the {name} files are not under {dest} and downloading them failed "
-                f"({' '.join(str(e).split())}); "
+                f"the {name} files are not under {dest} and downloading them failed ({e}); "
                 "copy the four IDX files (.gz or plain) there, or point --data-dir / "
                 "$TAUOPT_DATA at a folder that has them"
             ) from e
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            for source in (Path(tmp) / DATASETS[name] / "raw").iterdir():
+            for source in Path(tmp).iterdir():
                 partial = dest / f".{source.name}.{os.getpid()}.part"
                 shutil.copyfile(source, partial)
                 os.replace(partial, dest / source.name)

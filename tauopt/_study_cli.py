@@ -464,7 +464,10 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
     url = resolve_url(args.storage)
     storage = open_storage(StorageSettings(url=url), create_schema=False)
-    store = artifact_store(args.artifact_dir or default_artifact_dir(url))
+    # The dashboard only reads the models (compose mounts their volume read-only); it makes
+    # the folder only where no worker has yet.
+    folder = Path(args.artifact_dir or default_artifact_dir(url))
+    store = artifact_store(folder, create=not folder.is_dir())
     print(
         f"optuna-dashboard for {redact(url)} on http://{args.host}:{args.port}/dashboard",
         file=sys.stderr,

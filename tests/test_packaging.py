@@ -19,11 +19,13 @@ LAYERS: dict[str, set[str]] = {
     "storage": {"tauopt.storage", "tauopt.errors"},
     "study": {"tauopt.study", "tauopt.engine", "tauopt.models", "tauopt.storage", "tauopt.errors"},
 }
-#: Third-party packages a layer must not use (the networks are pure; the engine knows no Optuna).
+#: Third-party packages a layer must not use (the networks are pure; the engine knows no Optuna;
+#: torchvision is only an extra, for the benchmarks' baselines).
 FORBIDDEN: dict[str, set[str]] = {
     "models": {"optuna", "sqlalchemy", "torchvision", "tqdm", "os", "pathlib", "tauopt.errors"},
-    "engine": {"optuna", "sqlalchemy", "optuna_dashboard"},
+    "engine": {"optuna", "sqlalchemy", "optuna_dashboard", "torchvision"},
     "storage": {"torch", "torchvision"},
+    "study": {"torchvision"},
 }
 
 
@@ -52,6 +54,12 @@ def test_layers_import_only_downward(folder: str) -> None:
         assert not upward, f"{path.relative_to(REPO)} imports {sorted(upward)} (upward)"
         bad = used & FORBIDDEN.get(folder, set())
         assert not bad, f"{path.relative_to(REPO)} must not use {sorted(bad)}"
+
+
+def test_the_cli_needs_no_torchvision() -> None:
+    # The image installs torch alone: a torchvision import would fail there at run time.
+    for path in sorted((REPO / "tauopt").glob("*.py")):
+        assert "torchvision" not in {m.split(".")[0] for m in _imports(path)}, path
 
 
 def test_errors_module_is_a_leaf() -> None:
