@@ -80,4 +80,3 @@ def test_offline_download_names_every_mirror_and_leaves_nothing(
     err = capsys.readouterr().err
     assert "http://127.0.0.1:9/a/" in err and "http://127.0.0.1:9/b/" in err
     assert not missing.exists()
-
