@@ -13,6 +13,7 @@ from tauopt.engine._data import (
     load_dataset,
     make_splits,
 )
+from tauopt.engine._population import group_key, train_population
 from tauopt.engine._train import (
     EpochStats,
     PruneEvent,
@@ -37,10 +38,12 @@ __all__ = [
     "accuracy",
     "build_model",
     "default_data_dir",
+    "group_key",
     "load_dataset",
     "make_splits",
     "parameter_count",
     "resolve_device",
     "set_threads",
     "train",
+    "train_population",
 ]

@@ -56,6 +56,10 @@ class TrainConfig:
     val_size: int = 10_000
     tau_min: float = 1e-4
     detach_memory: bool = False
+    #: Seed of the order of the training batches; unset, ``seed`` (which also initialises the
+    #: network). A study gives all its trials one order, so that any of them can train together
+    #: (see ``tauopt.engine.train_population``) and differences come from the hyperparameters.
+    data_seed: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}")
@@ -71,6 +75,10 @@ class TrainConfig:
         _require(
             _is_int(self.seed) and self.seed >= 0,
             f"seed must be an integer >= 0, got {self.seed!r}",
+        )
+        _require(
+            self.data_seed is None or (_is_int(self.data_seed) and self.data_seed >= 0),
+            f"data_seed must be an integer >= 0 (or unset to use seed), got {self.data_seed!r}",
         )
         if self.train_size is not None:
             _require(
@@ -110,6 +118,11 @@ class TrainConfig:
                 f"tau_min ({self.tau_min}) must not exceed the initial step T/depth "
                 f"({self.T / self.depth:g}); lower tau_min or raise T",
             )
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the batches' order: ``data_seed``, or ``seed`` where it is unset."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""

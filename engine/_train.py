@@ -288,7 +288,7 @@ def train(
     initial_params = model.num_active_params()
     test_history: list[float] = []
     optimizer = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.order_seed)
     depth = config.depth
     n_batches = math.ceil(splits.train_x.shape[0] / config.batch_size)
     val_acc: list[float] = []

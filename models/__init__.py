@@ -2,12 +2,14 @@
 
 from tauopt.models._base import TauNetwork
 from tauopt.models._fractional import FractionalDNN, l1_memory_coefficients
+from tauopt.models._population import TauPopulation
 from tauopt.models._reference import reference_forward
 from tauopt.models._resnet import TauResNet
 
 __all__ = [
     "FractionalDNN",
     "TauNetwork",
+    "TauPopulation",
     "TauResNet",
     "l1_memory_coefficients",
     "reference_forward",

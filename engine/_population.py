@@ -1,0 +1,269 @@
+"""Population training: several runs of one shape trained together, in lockstep.
+
+The members of a group share the architecture, the data and its order (``group_key``); each
+keeps its own initialisation, learning rate, penalties, horizon, fractional order and pruning
+threshold. Every member's result equals what :func:`train` gives for its config alone, to
+float tolerance (the batched products sum in another order): same batches, same updates, the
+same pruning decisions, and the evaluation runs on the member's own network.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tauopt.engine._config import TrainConfig
+from tauopt.engine._data import RawDataset, Splits, make_splits
+from tauopt.engine._train import (
+    EpochStats,
+    PruneEvent,
+    TrainResult,
+    accuracy,
+    build_model,
+    check_fits,
+    parameter_count,
+    resolve_device,
+)
+from tauopt.errors import ConfigError, DivergedError
+from tauopt.models import TauNetwork, TauPopulation
+
+#: What members of one group must share; everything else is per member.
+_SHARED = (
+    "arch",
+    "dataset",
+    "epochs",
+    "width",
+    "depth",
+    "batch_size",
+    "train_size",
+    "val_size",
+    "dependent_last_tau",
+    "fixed_tau",
+    "detach_memory",
+    "prune_every",
+)
+
+
+def group_key(config: TrainConfig) -> tuple[object, ...]:
+    """Configs with equal keys can train as one population."""
+    return (*(getattr(config, name) for name in _SHARED), config.order_seed)
+
+
+@dataclass
+class _Member:
+    index: int
+    config: TrainConfig
+    network: TauNetwork  # the member's own network, updated from the population each epoch
+    initial_params: int
+    val: list[float] = field(default_factory=list)
+    test: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    history: list[list[float]] = field(default_factory=list)
+    pruned: list[PruneEvent] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+
+def train_population(
+    configs: Sequence[TrainConfig],
+    dataset: RawDataset,
+    *,
+    device: str | torch.device | None = None,
+    on_epoch: Callable[[int, EpochStats], None] | None = None,
+    progress: bool = False,
+    label: str = "",
+    test_every_epoch: bool = False,
+) -> list[TrainResult | Exception]:
+    """Train every config of ``configs`` (all with one :func:`group_key`) as one population.
+
+    Returns, per config in order, its :class:`TrainResult`, or the exception that ended it:
+    :class:`DivergedError` when its loss or a step size stopped being finite, or whatever
+    ``on_epoch(index, stats)`` raised for it (a study's pruner stops a member that way). Such a
+    member leaves the group and the others go on. A ``BaseException`` that is not an
+    ``Exception`` (a stop signal) ends the whole call.
+
+    An epoch's time is shared out: each member's ``epoch_seconds`` is the group's epoch time
+    divided by the members trained in it.
+    """
+    if not configs:
+        return []
+    keys = {group_key(c) for c in configs}
+    if len(keys) > 1:
+        raise ConfigError("a population's configs must agree on " + ", ".join(_SHARED))
+    first = configs[0]
+    if dataset.name != first.dataset:
+        raise ConfigError(f"config asks for {first.dataset!r} but {dataset.name!r} was loaded")
+    dev = resolve_device(device)
+    for config in configs:
+        check_fits(config.replace(batch_size=config.batch_size * len(configs)),
+                   dataset.in_features, dataset.num_classes, dev)  # fmt: skip
+    splits = make_splits(dataset, val_size=first.val_size, train_size=first.train_size, device=dev)
+    members = [
+        _Member(i, c, build_model(c, dataset.in_features, dataset.num_classes).to(dev),
+                parameter_count(c, dataset.in_features, dataset.num_classes))  # fmt: skip
+        for i, c in enumerate(configs)
+    ]
+    population = TauPopulation([m.network for m in members])
+    outcome: dict[int, TrainResult | Exception] = {}
+    generator = torch.Generator().manual_seed(first.order_seed)
+    for epoch in range(1, first.epochs + 1):
+        start = time.perf_counter()
+        losses = _train_epoch(population, members, splits, generator)
+        trained = len(members)
+        train_seconds = (time.perf_counter() - start) / trained
+        left = _end_epoch(population, members, splits, epoch, losses, outcome, test_every_epoch)
+        seconds = (time.perf_counter() - start) / trained
+        for member in left:
+            member.train_seconds.append(train_seconds)
+            member.seconds.append(seconds)
+        left = _report(left, epoch, on_epoch, outcome)
+        if progress:
+            _print_progress(label, epoch, first.epochs, members, left, seconds * trained)
+        # Repack: members that left, and blocks that every member still here has pruned, stop
+        # costing anything.
+        kept = [members.index(m) for m in left]
+        if kept and (len(kept) < len(members) or not bool(population.active[kept].any(0).all())):
+            population.keep(kept)
+        members = left
+        if not members:
+            break
+    for member in members:
+        outcome[member.index] = _result(member, splits, dev)
+    return [outcome[i] for i in range(len(configs))]
+
+
+def _step_coefficients(members: Sequence[_Member], device: torch.device) -> list[torch.Tensor]:
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(m.config, name) for m in members], device=device)
+
+    return [column("lr"), column("l1"), column("horizon_weight")]
+
+
+def _train_epoch(
+    population: TauPopulation,
+    members: Sequence[_Member],
+    splits: Splits,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One pass over the shuffled training split, as the single engine batches it; returns the
+    mean training loss of every member."""
+    x, y = splits.train_x, splits.train_y
+    lr, l1, horizon = _step_coefficients(members, x.device)
+    params = [p for p in population.parameters() if p.requires_grad]
+    # A learning rate per member, shaped to scale each parameter's leading (member) dimension.
+    rates = [lr.view(-1, *([1] * (p.ndim - 1))) for p in params]
+    total = torch.zeros(len(members), device=x.device)
+    order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    batches = 0
+    for idx in order.split(members[0].config.batch_size):
+        losses = population.losses(x.index_select(0, idx), y.index_select(0, idx), l1, horizon)
+        # The members' parameters are disjoint: the gradient of the sum is each one's own.
+        grads = torch.autograd.grad(losses.sum(), params)
+        with torch.no_grad():
+            for param, grad, rate in zip(params, grads, rates, strict=True):
+                param.sub_(grad * rate)
+        population.project_taus_()
+        total += losses.detach()
+        batches += 1
+    return total / batches
+
+
+def _end_epoch(
+    population: TauPopulation,
+    members: list[_Member],
+    splits: Splits,
+    epoch: int,
+    losses: torch.Tensor,
+    outcome: dict[int, TrainResult | Exception],
+    test_every_epoch: bool,
+) -> list[_Member]:
+    """Evaluate, check and prune every member, as :func:`train` does after an epoch; returns
+    the members that go on (a diverged one is recorded in ``outcome``)."""
+    left = []
+    taus_all = population.taus().detach().cpu().tolist()
+    for position, member in enumerate(members):
+        loss, taus = float(losses[position]), taus_all[position]
+        active = population.active[position].tolist()
+        own = [t for t, on in zip(taus, active, strict=True) if on]
+        if not math.isfinite(loss) or not all(math.isfinite(t) for t in own):
+            detail = (f"training loss is {loss}; lower the learning rate or T"
+                      if not math.isfinite(loss) else f"step sizes became non-finite: {own}")  # fmt: skip
+            outcome[member.index] = DivergedError(epoch, detail)
+            continue
+        population.export(position, member.network)
+        member.val.append(accuracy(member.network, splits.val_x, splits.val_y))
+        if test_every_epoch:
+            member.test.append(accuracy(member.network, splits.test_x, splits.test_y))
+        full = [0.0] * member.config.depth
+        for block, tau in zip(population.block_ids, taus, strict=True):
+            full[block] = tau  # a pruned block's tau is held at exactly zero
+        member.history.append(full)
+        member.losses.append(loss)
+        eps = member.config.prune_eps
+        if eps is not None and member.config.arch == "resnet" and epoch % member.config.prune_every == 0:
+            ids_before = [b for b, on in zip(population.block_ids, active, strict=True) if on]
+            for stack_position in population.prune(position, eps):
+                block = population.block_ids[stack_position]
+                member.pruned.append(PruneEvent(epoch, ids_before.index(block), block))
+            population.export(position, member.network)
+        left.append(member)
+    return left
+
+
+def _report(
+    members: list[_Member],
+    epoch: int,
+    on_epoch: Callable[[int, EpochStats], None] | None,
+    outcome: dict[int, TrainResult | Exception],
+) -> list[_Member]:
+    if on_epoch is None:
+        return members
+    left = []
+    for member in members:
+        net = member.network
+        stats = EpochStats(epoch, member.val[-1], member.losses[-1], net.depth,
+                           net.num_active_params())  # fmt: skip
+        try:
+            on_epoch(member.index, stats)
+        except Exception as e:  # the caller stops this member (a pruner, say); others go on
+            outcome[member.index] = e
+            continue
+        left.append(member)
+    return left
+
+
+def _print_progress(
+    label: str, epoch: int, epochs: int, members: list[_Member], left: list[_Member], took: float
+) -> None:
+    prefix = f"{label} " if label else ""
+    vals = [m.val[-1] for m in members if m.val and len(m.val) == epoch]
+    best = f", best val accuracy {max(vals):.4f}" if vals else ""
+    print(f"{prefix}epoch {epoch}/{epochs}: {len(members)} trials together, {len(left)} go on"
+          f"{best}, {took:.2f}s", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _result(member: _Member, splits: Splits, device: torch.device) -> TrainResult:
+    net = member.network
+    return TrainResult(
+        config=member.config,
+        device=str(device),
+        val_accuracy=member.val,
+        test_accuracy=accuracy(net, splits.test_x, splits.test_y),
+        train_loss=member.losses,
+        taus=net.taus.detach().cpu().tolist(),
+        tau_history=member.history,
+        active_blocks=net.depth,
+        active_block_ids=list(net.block_ids),
+        active_params=net.num_active_params(),
+        pruned=member.pruned,
+        epoch_seconds=member.seconds,
+        train_seconds=member.train_seconds,
+        model=net,
+        initial_params=member.initial_params,
+        test_accuracy_history=member.test,
+    )

@@ -1,0 +1,201 @@
+"""Population training: members of a batched group give what each config gives alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tauopt.engine import (
+    EpochStats,
+    RawDataset,
+    TrainConfig,
+    TrainResult,
+    group_key,
+    train,
+    train_population,
+)
+from tauopt.errors import ConfigError, DivergedError
+from tauopt.models import FractionalDNN, TauNetwork, TauPopulation, TauResNet
+
+SMALL: dict[str, Any] = {"epochs": 3, "train_size": 1500, "val_size": 1000, "data_seed": 7}
+
+
+def _networks(cls: type[TauNetwork], **kw: Any) -> list[TauNetwork]:
+    nets = []
+    for i, T in enumerate((1.0, 2.5, 0.7)):
+        torch.manual_seed(i)
+        extra = {"gamma": 0.2 + 0.3 * i, "tau_min": 1e-3 * (i + 1)} if cls is FractionalDNN else {}
+        nets.append(cls(12, 7, 4, 3, T=T, **extra, **kw).double())
+    return nets
+
+
+KINDS = [
+    (TauResNet, {}),
+    (TauResNet, {"dependent_last_tau": True}),
+    (FractionalDNN, {}),
+    (FractionalDNN, {"dependent_last_tau": True}),
+    (FractionalDNN, {"detach_memory": True}),
+]
+
+
+@pytest.mark.parametrize(("cls", "kw"), KINDS)
+def test_losses_and_gradients_equal_each_networks_own(cls: type[TauNetwork], kw: Any) -> None:
+    nets = _networks(cls, **kw)
+    pop = TauPopulation(nets)
+    x, y = torch.rand(5, 12, dtype=torch.float64), torch.randint(0, 3, (5,))
+    l1 = torch.tensor([0.0, 0.01, 0.03], dtype=torch.float64)
+    horizon = torch.tensor([0.2, 0.0, 0.05], dtype=torch.float64)
+    losses = pop.losses(x, y, l1, horizon)
+    params = [pop.w0, pop.w_hidden, pop.bias, pop.w_out, pop.tau_free]
+    grads = torch.autograd.grad(losses.sum(), params)
+    for k, net in enumerate(nets):
+        loss = net.loss_and_grad(x, y, l1=float(l1[k]), horizon_weight=float(horizon[k]))
+        assert float(losses[k].detach()) == pytest.approx(float(loss), rel=1e-12)
+        blocks = [b for b in net.blocks if isinstance(b, torch.nn.Linear)]
+        expected = [
+            blocks[0].weight.grad,
+            torch.stack([b.weight.grad for b in blocks[1:]]),
+            torch.stack([b.bias.grad for b in blocks]),
+            net.output.weight.grad,
+            net.tau_free.grad,
+        ]
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got[k], want, rtol=1e-10, atol=1e-12)
+
+
+# detach_memory drops the memory's dependence on the taus on purpose: no exact gradient there.
+@pytest.mark.parametrize(("cls", "kw"), [k for k in KINDS if "detach_memory" not in k[1]])
+def test_gradcheck_with_respect_to_the_taus(cls: type[TauNetwork], kw: Any) -> None:
+    pop = TauPopulation(_networks(cls, **kw))
+    x, y = torch.rand(4, 12, dtype=torch.float64), torch.randint(0, 3, (4,))
+    l1 = torch.tensor([0.0, 0.01, 0.03], dtype=torch.float64)
+    horizon = torch.tensor([0.2, 0.0, 0.05], dtype=torch.float64)
+
+    class Losses(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pop = pop
+
+        def forward(self) -> torch.Tensor:
+            return self.pop.losses(x, y, l1, horizon)
+
+    def losses(taus: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.func.functional_call(Losses(), {"pop.tau_free": taus}, ())
+        return out
+
+    taus = pop.tau_free.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(losses, (taus,))
+
+
+def test_a_block_pruned_in_every_member_leaves_the_stack() -> None:
+    nets = _networks(TauResNet)
+    pop = TauPopulation(nets)
+    with torch.no_grad():
+        pop.tau_free[:, 2] = 1e-6  # block 2 negligible in every member
+        pop.tau_free[0, 1] = 1e-6  # block 1 only in the first
+    for member in range(3):
+        pop.prune(member, 0.01)
+    assert pop.active.tolist() == [[True, False, False, True]] + [[True, True, False, True]] * 2
+    x = torch.rand(5, 12, dtype=torch.float64)
+    before = pop(x).detach()
+    pop.keep([0, 1, 2])
+    assert pop.block_ids == [0, 1, 3] and pop.depth == 3  # block 2 is gone for everyone
+    torch.testing.assert_close(pop(x), before)  # a pruned block was an identity map
+    pop.keep([1])
+    assert pop.size == 1
+    torch.testing.assert_close(pop(x)[0], before[1])
+
+
+def test_a_population_needs_one_shape() -> None:
+    with pytest.raises(ValueError, match="share class and shape"):
+        TauPopulation([TauResNet(12, 7, 4, 3), TauResNet(12, 7, 5, 3)])
+    with pytest.raises(ValueError, match="share class and shape"):
+        TauPopulation([TauResNet(12, 7, 4, 3), FractionalDNN(12, 7, 4, 3)])
+
+
+def _assert_same(together: TrainResult | Exception, alone: TrainResult) -> None:
+    assert isinstance(together, TrainResult), together
+    assert together.val_accuracy == pytest.approx(alone.val_accuracy, abs=2e-3)
+    assert together.test_accuracy == pytest.approx(alone.test_accuracy, abs=2e-3)
+    assert together.train_loss == pytest.approx(alone.train_loss, rel=1e-4)
+    assert together.taus == pytest.approx(alone.taus, rel=1e-4, abs=1e-6)
+    assert together.pruned == alone.pruned
+    assert together.active_block_ids == alone.active_block_ids
+    assert together.active_params == alone.active_params
+    assert together.initial_params == alone.initial_params
+    for got, want in zip(together.model.state_dict().values(), alone.model.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_resnets_with_pruning_and_mixed_hyperparameters_equal_training_alone(
+    mnist: RawDataset,
+) -> None:
+    configs = [
+        TrainConfig(seed=1, T=1.0, lr=0.05, l1=0.01, prune_eps=0.15, **SMALL),
+        TrainConfig(seed=2, T=3.0, lr=0.1, horizon_weight=0.05, prune_eps=0.1, **SMALL),
+        TrainConfig(seed=3, T=0.5, lr=0.02, **SMALL),
+        TrainConfig(seed=4, T=2.0, lr=0.08, l1=0.005, prune_eps=0.12, **SMALL),
+    ]
+    results = train_population(configs, mnist, device="cpu")
+    alone = [train(c, mnist, device="cpu") for c in configs]
+    for together, single in zip(results, alone, strict=True):
+        _assert_same(together, single)
+    assert any(r.pruned for r in alone) and any(not r.pruned for r in alone)  # both kinds ran
+
+
+def test_fractional_networks_with_mixed_orders_and_horizons_equal_training_alone(
+    mnist: RawDataset,
+) -> None:
+    small = {**SMALL, "arch": "fracdnn", "dependent_last_tau": True}
+    configs = [
+        TrainConfig(seed=1, T=1.0, gamma=0.3, lr=0.05, **small),
+        TrainConfig(seed=2, T=4.0, gamma=0.8, lr=0.1, l1=0.01, tau_min=1e-3, **small),
+        TrainConfig(seed=3, T=0.6, gamma=0.5, lr=0.02, **small),
+    ]
+    results = train_population(configs, mnist, device="cpu")
+    for config, together in zip(configs, results, strict=True):
+        _assert_same(together, train(config, mnist, device="cpu"))
+
+
+def test_a_diverging_member_fails_alone(mnist: RawDataset) -> None:
+    configs = [
+        TrainConfig(seed=1, T=1.0, lr=0.05, **SMALL),
+        TrainConfig(seed=2, T=10.0, lr=1e6, **SMALL),  # blows up in its first epoch
+        TrainConfig(seed=3, T=2.0, lr=0.1, prune_eps=0.1, **SMALL),
+    ]
+    results = train_population(configs, mnist, device="cpu")
+    with pytest.raises(DivergedError) as alone_error:
+        train(configs[1], mnist, device="cpu")
+    assert isinstance(results[1], DivergedError)
+    assert str(results[1]) == str(alone_error.value)
+    for i in (0, 2):
+        _assert_same(results[i], train(configs[i], mnist, device="cpu"))
+
+
+def test_a_member_stopped_by_its_caller_leaves_and_the_rest_go_on(mnist: RawDataset) -> None:
+    configs = [TrainConfig(seed=s, T=1.0 + s, lr=0.05, **SMALL) for s in range(3)]
+    seen: list[tuple[int, int]] = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(index: int, stats: EpochStats) -> None:
+        seen.append((index, stats.epoch))
+        if index == 1 and stats.epoch == 1:
+            raise Stop()
+
+    results = train_population(configs, mnist, device="cpu", on_epoch=on_epoch)
+    assert isinstance(results[1], Stop)
+    assert seen == [(0, 1), (1, 1), (2, 1), (0, 2), (2, 2), (0, 3), (2, 3)]
+    _assert_same(results[2], train(configs[2], mnist, device="cpu"))
+
+
+def test_only_configs_of_one_group_train_together(mnist: RawDataset) -> None:
+    a = TrainConfig(**SMALL)
+    assert group_key(a) == group_key(a.replace(lr=0.3, T=5.0, l1=0.1, seed=9, prune_eps=0.1))
+    assert group_key(a) != group_key(a.replace(width=50))
+    assert group_key(a) != group_key(a.replace(data_seed=8))
+    with pytest.raises(ConfigError, match="must agree on"):
+        train_population([a, a.replace(depth=4)], mnist, device="cpu")
