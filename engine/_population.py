@@ -9,7 +9,6 @@ same pruning decisions, and the evaluation runs on the member's own network.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from tauopt.engine._train import (
     TrainResult,
     accuracy,
     build_model,
+    check_finite,
     check_fits,
     parameter_count,
     resolve_device,
@@ -99,13 +99,13 @@ def train_population(
     if dataset.name != first.dataset:
         raise ConfigError(f"config asks for {first.dataset!r} but {dataset.name!r} was loaded")
     dev = resolve_device(device)
-    for config in configs:
-        check_fits(config.replace(batch_size=config.batch_size * len(configs)),
-                   dataset.in_features, dataset.num_classes, dev)  # fmt: skip
+    for config in configs:  # K members hold K batches' states at once
+        batch = config.batch_size * len(configs)
+        check_fits(config.replace(batch_size=batch), dataset.in_features, dataset.num_classes, dev)
     splits = make_splits(dataset, val_size=first.val_size, train_size=first.train_size, device=dev)
+    shape = (dataset.in_features, dataset.num_classes)
     members = [
-        _Member(i, c, build_model(c, dataset.in_features, dataset.num_classes).to(dev),
-                parameter_count(c, dataset.in_features, dataset.num_classes))  # fmt: skip
+        _Member(i, c, build_model(c, *shape).to(dev), parameter_count(c, *shape))
         for i, c in enumerate(configs)
     ]
     population = TauPopulation([m.network for m in members])
@@ -190,10 +190,10 @@ def _end_epoch(
         loss, taus = float(losses[position]), taus_all[position]
         active = population.active[position].tolist()
         own = [t for t, on in zip(taus, active, strict=True) if on]
-        if not math.isfinite(loss) or not all(math.isfinite(t) for t in own):
-            detail = (f"training loss is {loss}; lower the learning rate or T"
-                      if not math.isfinite(loss) else f"step sizes became non-finite: {own}")  # fmt: skip
-            outcome[member.index] = DivergedError(epoch, detail)
+        try:
+            check_finite(epoch, loss, own)
+        except DivergedError as e:
+            outcome[member.index] = e
             continue
         population.export(position, member.network)
         member.val.append(accuracy(member.network, splits.val_x, splits.val_y))
@@ -204,8 +204,8 @@ def _end_epoch(
             full[block] = tau  # a pruned block's tau is held at exactly zero
         member.history.append(full)
         member.losses.append(loss)
-        eps = member.config.prune_eps
-        if eps is not None and member.config.arch == "resnet" and epoch % member.config.prune_every == 0:
+        eps, every = member.config.prune_eps, member.config.prune_every
+        if eps is not None and member.config.arch == "resnet" and epoch % every == 0:
             ids_before = [b for b, on in zip(population.block_ids, active, strict=True) if on]
             for stack_position in population.prune(position, eps):
                 block = population.block_ids[stack_position]
@@ -226,8 +226,9 @@ def _report(
     left = []
     for member in members:
         net = member.network
-        stats = EpochStats(epoch, member.val[-1], member.losses[-1], net.depth,
-                           net.num_active_params())  # fmt: skip
+        stats = EpochStats(
+            epoch, member.val[-1], member.losses[-1], net.depth, net.num_active_params()
+        )
         try:
             on_epoch(member.index, stats)
         except Exception as e:  # the caller stops this member (a pruner, say); others go on
@@ -243,8 +244,12 @@ def _print_progress(
     prefix = f"{label} " if label else ""
     vals = [m.val[-1] for m in members if m.val and len(m.val) == epoch]
     best = f", best val accuracy {max(vals):.4f}" if vals else ""
-    print(f"{prefix}epoch {epoch}/{epochs}: {len(members)} trials together, {len(left)} go on"
-          f"{best}, {took:.2f}s", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"{prefix}epoch {epoch}/{epochs}: {len(members)} trials together, {len(left)} go on"
+        f"{best}, {took:.2f}s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _result(member: _Member, splits: Splits, device: torch.device) -> TrainResult:

@@ -244,7 +244,7 @@ def _train_epoch(
     return float(step.total) / batches
 
 
-def _check_finite(epoch: int, loss: float, taus: list[float]) -> None:
+def check_finite(epoch: int, loss: float, taus: list[float]) -> None:
     if not math.isfinite(loss):
         raise DivergedError(epoch, f"training loss is {loss}; lower the learning rate or T")
     if not all(math.isfinite(t) for t in taus):
@@ -316,7 +316,7 @@ def train(
         if test_every_epoch:
             test_history.append(accuracy(model, splits.test_x, splits.test_y))
         taus = model.taus.detach().cpu().tolist()
-        _check_finite(epoch, loss, taus)
+        check_finite(epoch, loss, taus)
         full = [0.0] * depth
         for block, tau in zip(model.block_ids, taus, strict=True):
             full[block] = tau

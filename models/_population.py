@@ -49,6 +49,11 @@ class TauPopulation(nn.Module):
     of the stacked blocks (the same for every member).
     """
 
+    T: torch.Tensor
+    gamma: torch.Tensor
+    tau_min: torch.Tensor
+    active: torch.Tensor
+
     def __init__(self, members: Sequence[TauNetwork]) -> None:
         super().__init__()
         if not members:
@@ -69,8 +74,9 @@ class TauPopulation(nn.Module):
         with torch.no_grad():
             self.w0 = nn.Parameter(torch.stack([b[0].weight for b in blocks]))
             hidden = [torch.stack([layer.weight for layer in b[1:]]) for b in blocks]
-            self.w_hidden = nn.Parameter(torch.stack(hidden) if first.depth > 1 else
-                                         self.w0.new_empty(len(members), 0, 0, 0))  # fmt: skip
+            width = self.w0.shape[1]
+            empty = self.w0.new_empty(len(members), 0, width, width)
+            self.w_hidden = nn.Parameter(torch.stack(hidden) if first.depth > 1 else empty)
             self.bias = nn.Parameter(
                 torch.stack([torch.stack([layer.bias for layer in b]) for b in blocks])
             )
@@ -156,9 +162,7 @@ class TauPopulation(nn.Module):
         ).view(k, n)
         taus = self.taus()
         return (
-            ce.mean(1)
-            + l1 * taus.abs().sum(1)
-            + horizon_weight * (taus.sum(1) - self.T).square()
+            ce.mean(1) + l1 * taus.abs().sum(1) + horizon_weight * (taus.sum(1) - self.T).square()
         )
 
     @torch.no_grad()
@@ -252,4 +256,3 @@ def _shape(net: TauNetwork) -> tuple[object, ...]:
         str(net.tau_free.device),
         *extra,
     )
-

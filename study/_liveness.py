@@ -7,7 +7,7 @@ import contextlib
 import datetime
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType, TracebackType
 
 import optuna
@@ -50,7 +50,8 @@ def stop_on_signals() -> Iterator[None]:
 
 
 class Heartbeat:
-    """Record the trial's heartbeat every interval while it trains (ask/tell has none built in).
+    """Record the heartbeat of every trial of ``trial_ids`` (one id or several) each interval
+    while they train (ask/tell has none built in).
 
     A failed heartbeat is logged and tried again at the next interval: the thread never dies
     of a storage error. If the storage stays away past the grace period, another worker fails
@@ -60,19 +61,24 @@ class Heartbeat:
     def __init__(
         self,
         storage: optuna.storages.RDBStorage,
-        trial_id: int,
+        trial_ids: int | Sequence[int],
         interval: float,
         log: Callable[[str], None],
     ) -> None:
-        self._storage, self._trial_id, self._interval, self._log = storage, trial_id, interval, log
+        ids = [trial_ids] if isinstance(trial_ids, int) else list(trial_ids)
+        self._trial_ids, self._lock = ids, threading.Lock()
+        self._storage, self._interval, self._log = storage, interval, log
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tauopt-heartbeat")
 
     def _run(self) -> None:
         failing = False
         while not self._stop.wait(self._interval):
+            with self._lock:
+                ids = list(self._trial_ids)
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                for trial_id in ids:
+                    self._storage.record_heartbeat(trial_id)
             except Exception as e:
                 if not failing:
                     self._log(f"heartbeat failed ({root_message(e)}); trying again every "
@@ -82,6 +88,12 @@ class Heartbeat:
             if failing:
                 self._log("heartbeat recorded again")
                 failing = False
+
+    def discard(self, trial_id: int) -> None:
+        """Stop beating for ``trial_id`` (finished while the others go on)."""
+        with self._lock:
+            if trial_id in self._trial_ids:
+                self._trial_ids.remove(trial_id)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

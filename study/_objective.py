@@ -30,6 +30,12 @@ def _suggest(trial: optuna.Trial, param: SearchParam) -> Any:
     return trial.suggest_float(param.name, float(param.low), float(param.high), log=param.log)
 
 
+#: The order of the training batches, the same for every trial of a study: any trials of one
+#: shape can then train together (``tauopt worker --batch-trials``) with the results they would
+#: have alone, and trials differ by their hyperparameters and initialisation, not their batches.
+STUDY_DATA_SEED = 0
+
+
 def suggest_config(trial: optuna.Trial, config: StudyConfig, *, seed: int) -> TrainConfig:
     """The training configuration of ``trial``; conditional names are asked only where they apply.
 
@@ -48,6 +54,7 @@ def suggest_config(trial: optuna.Trial, config: StudyConfig, *, seed: int) -> Tr
         batch_size=budget.batch_size,
         val_size=budget.val_size,
         seed=seed,
+        data_seed=STUDY_DATA_SEED,
         T=_suggest(trial, search["T"]),
         lr=_suggest(trial, search["lr"]),
         l1=_suggest(trial, search["l1"]),

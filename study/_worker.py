@@ -15,7 +15,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -30,12 +30,14 @@ from tauopt.engine import (
     RawDataset,
     TrainConfig,
     TrainResult,
+    group_key,
     load_dataset,
     resolve_device,
     set_threads,
     train,
+    train_population,
 )
-from tauopt.errors import StorageError, TauoptError
+from tauopt.errors import ConfigError, StorageError, TauoptError
 from tauopt.storage import (
     RetryPolicy,
     StorageSettings,
@@ -86,6 +88,14 @@ class WorkerOptions:
     quiet: bool = False
     threads: int | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Trials claimed at once and trained together where their shapes agree (see
+    #: ``tauopt.engine.train_population``); 1 trains one trial at a time.
+    batch_trials: int = 1
+
+    def __post_init__(self) -> None:
+        k = self.batch_trials
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"batch_trials must be an integer >= 1, got {k!r}")
 
 
 @dataclass(frozen=True)
@@ -208,20 +218,25 @@ class Worker:
 
     def _loop(self, counts: Counter[str]) -> None:
         self.dataset()
+        k = self.options.batch_trials
         while True:
-            trial, used, running = self._db("claiming a trial", self._claim)
-            if trial is None:
+            claimed, running = self._db("claiming trials", lambda: self._claim(k))
+            if not claimed:
                 if not running:
                     return
                 # Another worker's trial is still running; if its worker died, its trial turns
                 # stale and comes back as a waiting retry that this worker must pick up.
                 time.sleep(self.options.poll_seconds)
                 continue
-            counts[self._run_trial(trial, used)] += 1
+            if k == 1:
+                counts[self._run_trial(*claimed[0])] += 1
+            else:
+                counts.update(self._run_batch(claimed))
 
-    def _claim(self) -> tuple[optuna.Trial | None, int, bool]:
-        """Under the study lock: fail dead trials, then take a waiting or a new trial if the
-        budget allows. Returns the trial (or None), trials counted, and whether any still run."""
+    def _claim(self, k: int) -> tuple[list[tuple[optuna.Trial, int]], bool]:
+        """Under the study lock: fail dead trials, then take up to ``k`` waiting or new trials,
+        as far as the budget allows. Returns each trial with the trials counted once it was
+        taken, and whether any trial still runs."""
         with study_lock(self.storage, self.study_name):
             for number, why in fail_stale_trials(self.study, self.grace):
                 self._say(f"trial {number} {why} for {self.grace} s: failed and queued again")
@@ -233,24 +248,32 @@ class Worker:
                 self.storage, self.study._study_id, failed_with_attr=FAIL_REASON_ATTR
             )
             used = budget_used(counts, own_failures)
-            waiting = counts.get("WAITING", 0) > 0
-            running = counts.get("RUNNING", 0) > 0
-            if waiting or used < self.n_trials:
-                with warnings.catch_warnings():
-                    # ask() warns that heartbeats are meant for optimize(): this loop records
-                    # them itself (see Heartbeat).
-                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                    trial = self.study.ask()
-                # The first heartbeat inside the lock, so no other worker sees this trial
-                # running without one. If it fails, the trial is still ours (asking again would
-                # leave it orphaned): the heartbeat thread records it within an interval.
-                try:
-                    self.storage.record_heartbeat(trial._trial_id)
-                except Exception as e:
-                    if not is_storage_error(e):
-                        raise
-                return trial, used + (0 if waiting else 1), True
-            return None, used, running
+            waiting = counts.get("WAITING", 0)
+            claimed: list[tuple[optuna.Trial, int]] = []
+            # ask() takes a waiting trial (a retry, counted already) before it makes a new one.
+            while len(claimed) < k and (waiting or used < self.n_trials):
+                if waiting:
+                    waiting -= 1
+                else:
+                    used += 1
+                claimed.append((self._ask(), used))
+            return claimed, bool(claimed) or counts.get("RUNNING", 0) > 0
+
+    def _ask(self) -> optuna.Trial:
+        with warnings.catch_warnings():
+            # ask() warns that heartbeats are meant for optimize(): this loop records them
+            # itself (see Heartbeat).
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = self.study.ask()
+        # The first heartbeat inside the lock, so no other worker sees this trial running
+        # without one. If it fails, the trial is still ours (asking again would leave it
+        # orphaned): the heartbeat thread records it within an interval.
+        try:
+            self.storage.record_heartbeat(trial._trial_id)
+        except Exception as e:
+            if not is_storage_error(e):
+                raise
+        return trial
 
     # -- one trial -------------------------------------------------------------------------
 
@@ -272,26 +295,10 @@ class Worker:
 
     def _train_and_store(self, trial: optuna.Trial, used: int) -> str:
         start = time.perf_counter()
-        stored = self._db("reading the trial", lambda: self.storage.get_trial(trial._trial_id))
-        # A retried trial keeps the seed of the trial it retries, so the rerun is the same run.
-        seed = int(stored.system_attrs.get("failed_trial", trial.number))
-        grid_point = stored.user_attrs.get(GRID_CONFIG_ATTR)
         try:
-            if grid_point is not None:  # a run of `tauopt reproduce`: fixed, seed included
-                config = TrainConfig(**grid_point)
-            else:
-                config = self._guarded(
-                    "reading the trial's parameters",
-                    lambda: suggest_config(trial, self.config, seed=seed),
-                    trial,
-                )
-            # Recorded once the parameters are fixed: a retry of this trial reruns them.
-            worker = f"{socket.gethostname()}:{os.getpid()}"
-            self._guarded(
-                "recording the worker", lambda: trial.set_user_attr(WORKER_ATTR, worker), trial
-            )
+            config, grid = self._prepare(trial)
             single = len(self.study.directions) == 1
-            reporter = self._reporter(trial) if single and grid_point is None else None
+            reporter = self._reporter(trial) if single and not grid else None
             result = train(
                 config,
                 self.dataset(config.dataset),
@@ -299,21 +306,52 @@ class Worker:
                 on_epoch=reporter,
                 progress=not self.options.quiet,
                 label=f"[worker {self.sampler_seed:x}] trial {trial.number}",
-                test_every_epoch=grid_point is not None,  # learning curves for the report
+                test_every_epoch=grid,  # learning curves for the report
             )
-        except optuna.TrialPruned:
+        except Exception as e:
+            return self._ended(trial, e, used)
+        return self._store(trial, result, used, time.perf_counter() - start)
+
+    def _prepare(self, trial: optuna.Trial) -> tuple[TrainConfig, bool]:
+        """The trial's training config, and whether it is a fixed run of ``tauopt reproduce``."""
+        stored = self._db("reading the trial", lambda: self.storage.get_trial(trial._trial_id))
+        # A retried trial keeps the seed of the trial it retries, so the rerun is the same run.
+        seed = int(stored.system_attrs.get("failed_trial", trial.number))
+        grid_point = stored.user_attrs.get(GRID_CONFIG_ATTR)
+        if grid_point is not None:  # a run of `tauopt reproduce`: fixed, seed included
+            config = TrainConfig(**grid_point)
+        else:
+            config = self._guarded(
+                "reading the trial's parameters",
+                lambda: suggest_config(trial, self.config, seed=seed),
+                trial,
+            )
+        # Recorded once the parameters are fixed: a retry of this trial reruns them.
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._guarded(
+            "recording the worker", lambda: trial.set_user_attr(WORKER_ATTR, worker), trial
+        )
+        return config, grid_point is not None
+
+    def _ended(self, trial: optuna.Trial, e: Exception, used: int) -> str:
+        """Book a trial whose preparation or training raised ``e``."""
+        if isinstance(e, optuna.TrialPruned):
             self._finish(trial, None, TrialState.PRUNED)
             self._log(f"trial {trial.number} pruned by the median rule [{used}/{self.n_trials}]")
             return "pruned"
-        except (StorageError, _FinishedElsewhereError):
-            raise  # the storage's fault, not the trial's: this worker stops, the trial is retried
-        except TauoptError as e:  # diverged, or an invalid combination of parameters
+        if isinstance(e, (StorageError, _FinishedElsewhereError)):
+            raise e  # the storage's fault, not the trial's: the worker stops, the trial is retried
+        if isinstance(e, TauoptError):  # diverged, or an invalid combination of parameters
             return self._fail(trial, str(e), used)
-        except Exception as e:  # never let one trial take the worker down
-            if is_storage_error(e):
-                raise
-            traceback.print_exc(file=sys.stderr)
-            return self._fail(trial, f"{type(e).__name__}: {e}", used)
+        if is_storage_error(e):
+            raise e
+        # Never let one trial take the worker down.
+        traceback.print_exception(e, file=sys.stderr)
+        return self._fail(trial, f"{type(e).__name__}: {e}", used)
+
+    def _store(self, trial: optuna.Trial, result: TrainResult, used: int, seconds: float) -> str:
+        """Save the model, write the metrics and tell the result."""
+        config = result.config
         artifact_id = self._save_model(trial, result)
         if artifact_id is None:
             return "requeued"
@@ -331,9 +369,87 @@ class Worker:
             f"trial {trial.number} complete [{used}/{self.n_trials}]: {config.arch} "
             f"val {result.val_accuracy[-1]:.4f} test {result.test_accuracy:.4f}, "
             f"{result.active_blocks}/{config.depth} blocks, {result.active_params} params, "
-            f"{time.perf_counter() - start:.1f}s"
+            f"{seconds:.1f}s"
         )
         return "complete"
+
+    # -- several trials together -----------------------------------------------------------
+
+    def _run_batch(self, claimed: list[tuple[optuna.Trial, int]]) -> Counter[str]:
+        """Train ``claimed`` in groups of one shape, each group as one population; book every
+        trial on its own. A stop signal hands every unfinished trial back."""
+        counts: Counter[str] = Counter()
+        open_trials = {trial._trial_id: trial for trial, _ in claimed}
+        heartbeat = Heartbeat(
+            self.storage, list(open_trials), self.settings.heartbeat_interval, self._say
+        )
+        try:
+            with heartbeat:
+                for outcome, trial in self._train_batch(claimed):
+                    counts[outcome] += 1
+                    open_trials.pop(trial._trial_id, None)
+                    heartbeat.discard(trial._trial_id)
+        except WorkerStopped as e:
+            for trial in open_trials.values():
+                self._requeue(trial, f"its worker was stopped by {e.signal_name}", quick=True)
+            raise
+        return counts
+
+    def _train_batch(
+        self, claimed: list[tuple[optuna.Trial, int]]
+    ) -> Iterator[tuple[str, optuna.Trial]]:
+        start = time.perf_counter()
+        groups: dict[tuple[object, ...], list[tuple[optuna.Trial, int, TrainConfig]]] = {}
+        for trial, used in claimed:
+            try:
+                config, grid = self._prepare(trial)
+            except Exception as e:
+                yield self._book(trial, e, used, 0.0), trial
+                continue
+            groups.setdefault((*group_key(config), grid), []).append((trial, used, config))
+        single = len(self.study.directions) == 1
+        for key, members in groups.items():
+            grid = bool(key[-1])
+            reporters = [self._reporter(t) if single and not grid else None for t, _, _ in members]
+
+            def on_epoch(
+                index: int,
+                stats: EpochStats,
+                reporters: list[Callable[[EpochStats], None] | None] = reporters,
+            ) -> None:
+                report = reporters[index]
+                if report is not None:
+                    report(stats)
+
+            numbers = ", ".join(str(t.number) for t, _, _ in members)
+            results = train_population(
+                [c for _, _, c in members],
+                self.dataset(members[0][2].dataset),
+                device=self.device,
+                on_epoch=on_epoch,
+                progress=not self.options.quiet,
+                label=f"[worker {self.sampler_seed:x}] trials {numbers}",
+                test_every_epoch=grid,
+            )
+            seconds = time.perf_counter() - start
+            for (trial, used, _), result in zip(members, results, strict=True):
+                yield self._book(trial, result, used, seconds), trial
+
+    def _book(
+        self, trial: optuna.Trial, result: TrainResult | Exception, used: int, seconds: float
+    ) -> str:
+        """Store a trial's result or book what ended it; a trial that another worker finished
+        meanwhile (this one stalled) is dropped."""
+        try:
+            if isinstance(result, TrainResult):
+                return self._store(trial, result, used, seconds)
+            return self._ended(trial, result, used)
+        except _FinishedElsewhereError:
+            self._say(
+                f"trial {trial.number} was finished by another worker while this one stalled "
+                "(its heartbeat went stale); this worker's result is dropped"
+            )
+            return "dropped"
 
     def _show(self, trial: optuna.Trial | None = None, view: TrialView | None = None) -> None:
         """The note of ``trial`` (drawn from ``view``) and, at most every PUBLISH_EVERY seconds

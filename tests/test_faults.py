@@ -50,12 +50,22 @@ grace_period = 4
 class Worker:
     """A ``tauopt worker`` process whose output is collected line by line as it comes."""
 
-    def __init__(self, url: str, name: str, artifacts: Path, data_dir: Path, seed: int) -> None:
+    def __init__(
+        self, url: str, name: str, artifacts: Path, data_dir: Path, seed: int, *extra: str
+    ) -> None:
         self.proc = subprocess.Popen(
             # one thread each: two workers at all cores oversubscribe this 2-core machine
             worker_argv(
-                url, name, data_dir, artifacts, "--sampler-seed", str(seed), "--threads", "1"
-            ),
+                url,
+                name,
+                data_dir,
+                artifacts,
+                "--sampler-seed",
+                str(seed),
+                "--threads",
+                "1",
+                *extra,
+            ),  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -183,6 +193,41 @@ def test_stop_signal_queues_the_trial_at_once_and_exits_0(
     _assert_exact_budget(name, 4, [other])
     rerun = {t.number: t for t in _trials(name)}[retry[0].number]
     assert rerun.params == trials[stopped].params and rerun.user_attrs["seed"] == stopped
+
+
+def test_batched_worker_stopped_hands_back_every_trial_of_its_batch(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    name = _create(tmp_path, 6)
+    victim = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, 1, "--batch-trials", "4")
+    _running_trial_of(victim, name)
+    running = {t.number for t in _trials(name) if t.state == TrialState.RUNNING}
+    victim.proc.send_signal(signal.SIGTERM)
+    assert victim.finish(timeout=30) == 0, victim.output
+    trials = _trials(name)
+    for t in trials:
+        if t.number in running:  # every trial of the batch still open: failed, queued again
+            assert t.state == TrialState.FAIL and "SIGTERM" in t.user_attrs["retry_reason"]
+    retries = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in retries) == sorted(running)
+    other = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, 2, "--batch-trials", "4")
+    _assert_exact_budget(name, 6, [other])
+
+
+def test_batched_workers_share_the_budget_and_survive_a_killed_one(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """Two workers claiming 3 trials at a time, one killed mid-batch: its trials' heartbeats
+    go silent, the other worker retries them, and the study ends with exactly 7 trials."""
+    name = _create(tmp_path, 7)
+    batch = ("--batch-trials", "3")
+    killed = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, 1, *batch)
+    other = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, 2, *batch)
+    _running_trial_of(killed, name)
+    killed.proc.kill()
+    killed.finish(timeout=30)
+    _assert_exact_budget(name, 7, [other])
+    assert "heartbeat went silent" in other.output
 
 
 def test_paused_worker_drops_its_result_and_goes_on(tmp_path: Path, data_dir: Path) -> None:

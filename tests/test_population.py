@@ -125,8 +125,10 @@ def _assert_same(together: TrainResult | Exception, alone: TrainResult) -> None:
     assert together.active_block_ids == alone.active_block_ids
     assert together.active_params == alone.active_params
     assert together.initial_params == alone.initial_params
-    for got, want in zip(together.model.state_dict().values(), alone.model.state_dict().values()):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    got, want = together.model.state_dict(), alone.model.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
 
 
 def test_resnets_with_pruning_and_mixed_hyperparameters_equal_training_alone(
@@ -178,16 +180,16 @@ def test_a_member_stopped_by_its_caller_leaves_and_the_rest_go_on(mnist: RawData
     configs = [TrainConfig(seed=s, T=1.0 + s, lr=0.05, **SMALL) for s in range(3)]
     seen: list[tuple[int, int]] = []
 
-    class Stop(Exception):
+    class StopError(Exception):
         pass
 
     def on_epoch(index: int, stats: EpochStats) -> None:
         seen.append((index, stats.epoch))
         if index == 1 and stats.epoch == 1:
-            raise Stop()
+            raise StopError()
 
     results = train_population(configs, mnist, device="cpu", on_epoch=on_epoch)
-    assert isinstance(results[1], Stop)
+    assert isinstance(results[1], StopError)
     assert seen == [(0, 1), (1, 1), (2, 1), (0, 2), (2, 2), (0, 3), (2, 3)]
     _assert_same(results[2], train(configs[2], mnist, device="cpu"))
 

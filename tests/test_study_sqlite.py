@@ -234,3 +234,49 @@ def test_readme_python_example_runs_beside_a_users_own_modules(
     assert done.returncode == 0, done.stderr
     assert "tensor(" in done.stdout  # model.taus of a loaded network
     assert "predicted" in done.stdout  # the model ran on an image batch
+
+
+BATCH = """
+[study]
+min_val_accuracy = 0.0
+[search]
+arch = ["resnet", "fracdnn"]
+depth = 4
+width = 24
+[trial]
+epochs = 2
+train_size = 1000
+val_size = 2000
+"""
+
+
+def test_batched_trials_store_what_each_trial_gives_alone(
+    workdir: Path, data_dir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tauopt.engine import TrainConfig, train
+
+    (workdir / "batch.toml").write_text(BATCH)
+    assert run_study(7, "--device", "cpu", "--batch-trials", "4", config="batch.toml") == 0
+    err = capsys.readouterr().err
+    assert "trials together" in err  # groups of the same shape trained as one
+    trials = load_study(None, "tauopt").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 7  # exactly the budget
+    dataset = load_dataset("mnist", data_dir, download=False)
+    for t in trials:
+        config = TrainConfig(**t.user_attrs["train_config"])
+        assert config.data_seed == 0 and config.seed == t.number
+        alone = train(config, dataset, device="cpu")
+        assert t.user_attrs["val_accuracy_history"] == pytest.approx(alone.val_accuracy, abs=2e-3)
+        assert t.user_attrs["taus"] == pytest.approx(alone.taus, rel=1e-4, abs=1e-6)
+        assert t.user_attrs["active_block_ids"] == alone.active_block_ids
+
+
+def test_batch_trials_must_be_positive(
+    workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:  # argparse's usage error
+        run_study(2, "--device", "cpu", "--batch-trials", "0")
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "--batch-trials: must be >= 1, got '0'" in err and "Traceback" not in err
+    assert not (workdir / "tauopt.db").exists()  # refused before anything was created
