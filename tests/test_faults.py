@@ -65,7 +65,7 @@ class Worker:
                 "--threads",
                 "1",
                 *extra,
-            ),  # fmt: skip
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
