@@ -154,21 +154,12 @@ def _train_epoch(
     mean training loss of every member."""
     x, y = splits.train_x, splits.train_y
     lr, l1, horizon = _step_coefficients(members, x.device)
-    params = [p for p in population.parameters() if p.requires_grad]
-    # A learning rate per member, shaped to scale each parameter's leading (member) dimension.
-    rates = [lr.view(-1, *([1] * (p.ndim - 1))) for p in params]
     total = torch.zeros(len(members), device=x.device)
     order = torch.randperm(x.shape[0], generator=generator).to(x.device)
     batches = 0
     for idx in order.split(members[0].config.batch_size):
-        losses = population.losses(x.index_select(0, idx), y.index_select(0, idx), l1, horizon)
-        # The members' parameters are disjoint: the gradient of the sum is each one's own.
-        grads = torch.autograd.grad(losses.sum(), params)
-        with torch.no_grad():
-            for param, grad, rate in zip(params, grads, rates, strict=True):
-                param.sub_(grad * rate)
-        population.project_taus_()
-        total += losses.detach()
+        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+        total += population.sgd_step_(xb, yb, lr=lr, l1=l1, horizon_weight=horizon)
         batches += 1
     return total / batches
 

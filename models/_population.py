@@ -111,29 +111,33 @@ class TauPopulation(nn.Module):
         """Blocks in the stack (a member may have masked some of them)."""
         return int(self.bias.shape[1])
 
-    def taus(self) -> torch.Tensor:
-        """(K, depth) step sizes; masked blocks are exactly zero (differentiable)."""
-        mask = self.active.to(self.tau_free.dtype)
+    def taus(self, tau_free: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, depth) step sizes (from ``tau_free``, default the parameter); masked blocks
+        are exactly zero (differentiable)."""
+        tau_free = self.tau_free if tau_free is None else tau_free
+        mask = self.active.to(tau_free.dtype)
         if not self.dependent_last_tau:
-            return self.tau_free * mask
-        free = self.tau_free * mask[:, :-1]
+            return tau_free * mask
+        free = tau_free * mask[:, :-1]
         last = (self.T - free.sum(1))[:, None]
         return torch.cat([free, last], 1)
+
+    def step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forcing factors (K, depth) and, for the fractional network, memory coefficients
+        (K, depth, depth) of the stack (see :mod:`tauopt.models._stack`) from ``taus``."""
+        if not self.fractional:
+            return taus, None
+        if self.dependent_last_tau:  # as FractionalDNN: tau^gamma needs tau > 0
+            taus = taus.clamp(min=self.tau_min[:, None])
+        memory_taus = taus.detach() if self.detach_memory else taus
+        coeff = _l1_coefficients(memory_taus, self.gamma)
+        scale = torch.exp(torch.lgamma(2.0 - self.gamma))[:, None]
+        return taus.pow(self.gamma[:, None]) * scale, coeff
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (K, N, classes) of every member for one batch ``x`` (N, in_features)."""
         k, width = self.size, self.w0.shape[1]
-        taus = self.taus()
-        coeff = None
-        if self.fractional:
-            if self.dependent_last_tau:  # as FractionalDNN: tau^gamma needs tau > 0
-                taus = torch.maximum(taus, self.tau_min[:, None])
-            memory_taus = taus.detach() if self.detach_memory else taus
-            coeff = _l1_coefficients(memory_taus, self.gamma)
-            scale = torch.exp(torch.lgamma(2.0 - self.gamma))[:, None]
-            forcing = taus.pow(self.gamma[:, None]) * scale
-        else:
-            forcing = taus
+        forcing, coeff = self.step_sizes(self.taus())
         # The input block as one matrix product for all members (they share the batch).
         z0 = (x @ self.w0.reshape(k * width, -1).t()).view(x.shape[0], k, width).transpose(0, 1)
         d = forcing[:, 0, None, None] * F.relu(z0 + self.bias[:, 0, None, :])
@@ -164,6 +168,128 @@ class TauPopulation(nn.Module):
         return (
             ce.mean(1) + l1 * taus.abs().sum(1) + horizon_weight * (taus.sum(1) - self.T).square()
         )
+
+    @torch.no_grad()
+    def sgd_step_(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        lr: torch.Tensor,
+        l1: torch.Tensor,
+        horizon_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """One step of plain SGD for every member (``p -= lr_k * grad``, then the tau
+        projection) on the batch ``(x, target)``; returns the (K,) losses before the step.
+
+        A hand-written pass, as the single networks' ``loss_and_grad``, with its matrix
+        products batched over the members (the input layer's on the shared batch, no copy).
+        """
+        losses, params, grads = self._fused_grads(x, target, l1, horizon_weight)
+        for param, grad in zip(params, grads, strict=True):
+            param.sub_(grad.mul_(lr.view(-1, *([1] * (grad.ndim - 1)))))
+        self.project_taus_()
+        return losses
+
+    def _fused_grads(
+        self, x: torch.Tensor, target: torch.Tensor, l1: torch.Tensor, horizon: torch.Tensor
+    ) -> tuple[torch.Tensor, list[nn.Parameter], list[torch.Tensor]]:
+        """Losses, and the gradient of every trainable parameter: the pass of
+        :func:`tauopt.models._stack.stack_backward`, batched over the members. The taus'
+        gradient comes from autograd through the few (K, depth) ops of :meth:`step_sizes`."""
+        k, batch, depth = self.size, x.shape[0], self.depth
+        taus = self.taus()
+        forcing, coeff = self.step_sizes(taus)
+        f = forcing[:, :, None, None]  # (K, depth, 1, 1): scales a member's (batch, width)
+        xs = x.expand(k, *x.shape)  # the shared batch, no copy
+        acts, states = [], []
+        incr = None if coeff is None else x.new_empty(k, depth, batch, self.w0.shape[1])
+        state = xs
+        for layer in range(depth):
+            weight_t = (self.w0 if layer == 0 else self.w_hidden[:, layer - 1]).transpose(1, 2)
+            act = torch.baddbmm(self.bias[:, layer, None, :], state, weight_t).relu_()
+            d = act * f[:, layer]
+            if incr is not None and coeff is not None:
+                if layer:  # d_l -= sum_{j<l} c[l, j] d_j
+                    history = incr[:, :layer].reshape(k, layer, -1)
+                    flat = torch.baddbmm(d.view(k, 1, -1), coeff[:, layer, None, :layer],
+                                         history, alpha=-1.0)  # fmt: skip
+                    d = flat.view_as(act)
+                incr[:, layer] = d
+            state = d if layer == 0 else state + d
+            acts.append(act)
+            states.append(state)
+        log_probs = torch.log_softmax(torch.bmm(state, self.w_out.transpose(1, 2)), dim=2)
+        picked = target[None, :, None].expand(k, batch, 1)
+        losses = -log_probs.gather(2, picked).squeeze(2).mean(1)
+        # d(mean cross-entropy)/d logits = (softmax - onehot) / batch, per member
+        grad_logits = log_probs.exp_()
+        grad_logits.scatter_add_(2, picked, grad_logits.new_full((k, batch, 1), -1.0))
+        grad_logits.div_(batch)
+        grad_w_out = torch.bmm(grad_logits.transpose(1, 2), state)
+        grad_u = torch.bmm(grad_logits, self.w_out)  # dL/du without the memory's paths
+        grad_d = [grad_u] * depth  # dL/dd_l (the same as dL/du_{l+1} without memory)
+        gd = None
+        if incr is not None:  # one buffer: the memory reads every later block's dL/dd
+            gd = torch.empty_like(incr)
+            gd[:, -1] = grad_u
+            grad_d = list(gd.unbind(1))
+        grad_w: list[torch.Tensor] = [grad_u] * depth
+        grad_b = torch.empty_like(self.bias)
+        grad_forcing = torch.empty_like(taus)
+        for layer in reversed(range(depth)):
+            act = acts[layer]
+            grad_forcing[:, layer] = torch.linalg.vecdot(
+                grad_d[layer].reshape(k, -1), act.reshape(k, -1)
+            )
+            # d(relu(z) f)/dz: f where the unit is active, else 0 (sign of the activations)
+            grad_z = act.sign_().mul_(f[:, layer]).mul_(grad_d[layer])
+            torch.sum(grad_z, 1, out=grad_b[:, layer])
+            grad_w[layer] = torch.bmm(grad_z.transpose(1, 2), states[layer - 1] if layer else xs)
+            if layer == 0:
+                break
+            grad_u = torch.baddbmm(grad_u, grad_z, self.w_hidden[:, layer - 1])
+            if coeff is None or gd is None:
+                grad_d[layer - 1] = grad_u
+            else:  # d_{l-1} also feeds the memory of every later block
+                later = gd[:, layer:].reshape(k, depth - layer, -1)
+                weights = coeff[:, layer:, layer - 1].unsqueeze(1)
+                flat = torch.baddbmm(grad_u.reshape(k, 1, -1), weights, later, alpha=-1.0)
+                grad_d[layer - 1].copy_(flat.view_as(grad_u))
+        params: list[nn.Parameter] = [self.w0, self.w_hidden, self.bias, self.w_out]
+        hidden = torch.stack(grad_w[1:], 1) if depth > 1 else torch.zeros_like(self.w_hidden)
+        grads = [grad_w[0], hidden, grad_b, grad_w_out]
+        grad_coeff = None
+        if gd is not None and incr is not None:
+            flat_gd = gd.reshape(k, depth, -1)
+            grad_coeff = torch.bmm(flat_gd, incr.reshape(k, depth, -1).transpose(1, 2))
+            grad_coeff = grad_coeff.tril_(-1).neg_()
+        penalties = l1 * taus.abs().sum(1) + horizon * (taus.sum(1) - self.T).square()
+        if self.tau_free.requires_grad:
+            params.append(self.tau_free)
+            grads.append(self._tau_grad(grad_forcing, grad_coeff, l1, horizon))
+        return losses + penalties, params, grads
+
+    def _tau_grad(
+        self,
+        grad_forcing: torch.Tensor,
+        grad_coeff: torch.Tensor | None,
+        l1: torch.Tensor,
+        horizon: torch.Tensor,
+    ) -> torch.Tensor:
+        """``dL/dtau_free`` from ``dL/dforcing`` and ``dL/dcoeff``, and the penalties: autograd
+        on a handful of (K, depth) ops. A pruned block's tau gets none (it stays at zero)."""
+        with torch.enable_grad():
+            free = self.tau_free.detach().requires_grad_()
+            taus = self.taus(free)
+            forcing, coeff = self.step_sizes(taus)
+            total = (forcing * grad_forcing).sum()
+            if coeff is not None and grad_coeff is not None and not self.detach_memory:
+                total = total + (coeff * grad_coeff).sum()
+            total = total + (l1 * taus.abs().sum(1)).sum()
+            total = total + (horizon * (taus.sum(1) - self.T).square()).sum()
+            (grad,) = torch.autograd.grad(total, free)
+        return grad
 
     @torch.no_grad()
     def project_taus_(self) -> None:

@@ -65,6 +65,43 @@ def test_losses_and_gradients_equal_each_networks_own(cls: type[TauNetwork], kw:
             torch.testing.assert_close(got[k], want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(("cls", "kw"), KINDS)
+def test_an_sgd_step_equals_each_networks_own(cls: type[TauNetwork], kw: Any) -> None:
+    """The step (hand-written for the ResNet, autograd for the fractional network) moves every
+    member as its own network's gradient and plain SGD would, with a pruned block masked."""
+    nets = _networks(cls, **kw)
+    pop = TauPopulation(nets)
+    if cls is TauResNet:
+        with torch.no_grad():
+            pop.tau_free[1, 1] = 1e-9
+        assert pop.prune(1, 0.01) == [1]
+        nets[1].keep_blocks([0, 2, 3])
+    x, y = torch.rand(6, 12, dtype=torch.float64), torch.randint(0, 3, (6,))
+    lr = torch.tensor([0.1, 0.05, 0.2], dtype=torch.float64)
+    l1 = torch.tensor([0.0, 0.01, 0.03], dtype=torch.float64)
+    horizon = torch.tensor([0.2, 0.0, 0.05], dtype=torch.float64)
+    losses = pop.sgd_step_(x, y, lr=lr, l1=l1, horizon_weight=horizon)
+    for k, net in enumerate(nets):
+        loss = net.loss_and_grad(x, y, l1=float(l1[k]), horizon_weight=float(horizon[k]))
+        with torch.no_grad():
+            for param in net.parameters():
+                if param.grad is not None:
+                    param -= float(lr[k]) * param.grad
+        net.project_taus_()
+        assert float(losses[k]) == pytest.approx(float(loss), rel=1e-12)
+        mine = pop.export(k, type(net)(12, 7, 4, 3, T=net.T, **_same_kind(net, kw)).double())
+        for (name, got), want in zip(
+            mine.state_dict().items(), net.state_dict().values(), strict=True
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _same_kind(net: TauNetwork, kw: Any) -> dict[str, Any]:
+    if isinstance(net, FractionalDNN):
+        return {**kw, "gamma": net.gamma, "tau_min": net.tau_min}
+    return dict(kw)
+
+
 # detach_memory drops the memory's dependence on the taus on purpose: no exact gradient there.
 @pytest.mark.parametrize(("cls", "kw"), [k for k in KINDS if "detach_memory" not in k[1]])
 def test_gradcheck_with_respect_to_the_taus(cls: type[TauNetwork], kw: Any) -> None:
