@@ -42,7 +42,6 @@ _SHARED = (
     "batch_size",
     "train_size",
     "val_size",
-    "dependent_last_tau",
     "fixed_tau",
     "detach_memory",
     "prune_every",

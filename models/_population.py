@@ -2,10 +2,10 @@
 
 At the reference size one network leaves the hardware idle: on a CPU about half of a step is
 per-operation overhead, on a GPU a step uses a few per cent of the device. K networks of the
-same shape (architecture, width, depth, horizon constraint) step together with batched matrix
+same shape (architecture, width, depth) step together with batched matrix
 products, so each operation's overhead is paid once for all K. Everything a member may choose
 on its own is a per-member tensor: ``T``, ``gamma``, ``tau_min`` here, the learning rate and the
-penalty weights in the loss and the update.
+penalty weights in the loss and the update, and whether the last tau is ``T`` minus the others.
 
 Layer pruning masks a block of one member (its tau held at zero, so the block is an identity
 map and its parameters get no gradient); a block masked in every member is dropped from the
@@ -44,7 +44,7 @@ class TauPopulation(nn.Module):
     """The networks ``members`` (all of one class and shape, unpruned) as one stacked model.
 
     Parameters: ``w0`` (K, width, in), ``w_hidden`` (K, depth-1, width, width), ``bias``
-    (K, depth, width), ``w_out`` (K, classes, width), ``tau_free`` (K, free taus). ``active``
+    (K, depth, width), ``w_out`` (K, classes, width), ``tau_free`` (K, depth). ``active``
     (K, depth) marks the blocks each member still has; ``block_ids`` are the original numbers
     of the stacked blocks (the same for every member).
     """
@@ -53,6 +53,7 @@ class TauPopulation(nn.Module):
     gamma: torch.Tensor
     tau_min: torch.Tensor
     active: torch.Tensor
+    dependent: torch.Tensor
 
     def __init__(self, members: Sequence[TauNetwork]) -> None:
         super().__init__()
@@ -69,7 +70,6 @@ class TauPopulation(nn.Module):
             if net.block_ids != list(range(len(net.block_ids))):
                 raise ValueError("members must be unpruned networks")
         self.fractional = isinstance(first, FractionalDNN)
-        self.dependent_last_tau = first.dependent_last_tau
         blocks = [[cast(nn.Linear, b) for b in net.blocks] for net in members]
         with torch.no_grad():
             self.w0 = nn.Parameter(torch.stack([b[0].weight for b in blocks]))
@@ -81,8 +81,10 @@ class TauPopulation(nn.Module):
                 torch.stack([torch.stack([layer.bias for layer in b]) for b in blocks])
             )
             self.w_out = nn.Parameter(torch.stack([net.output.weight for net in members]))
+            # One column per block for every member; a member whose last tau is T minus the
+            # others never reads its last column (it holds that tau's initial value).
             self.tau_free = nn.Parameter(
-                torch.stack([net.tau_free for net in members]),
+                torch.stack([net.taus.detach() for net in members]),
                 requires_grad=first.tau_free.requires_grad,
             )
         device = first.tau_free.device
@@ -100,6 +102,8 @@ class TauPopulation(nn.Module):
         self.register_buffer(
             "active", torch.ones(len(members), first.depth, dtype=torch.bool, device=device)
         )
+        dependent = [net.dependent_last_tau for net in members]
+        self.register_buffer("dependent", torch.tensor(dependent, device=device))
         self.block_ids: list[int] = list(range(first.depth))
 
     @property
@@ -115,20 +119,21 @@ class TauPopulation(nn.Module):
         """(K, depth) step sizes (from ``tau_free``, default the parameter); masked blocks
         are exactly zero (differentiable)."""
         tau_free = self.tau_free if tau_free is None else tau_free
-        mask = self.active.to(tau_free.dtype)
-        if not self.dependent_last_tau:
-            return tau_free * mask
-        free = tau_free * mask[:, :-1]
-        last = (self.T - free.sum(1))[:, None]
-        return torch.cat([free, last], 1)
+        taus = tau_free * self.active.to(tau_free.dtype)
+        if not bool(self.dependent.any()):
+            return taus
+        head = taus[:, :-1]
+        last = torch.where(self.dependent, self.T - head.sum(1), taus[:, -1])
+        return torch.cat([head, last[:, None]], 1)
 
     def step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forcing factors (K, depth) and, for the fractional network, memory coefficients
         (K, depth, depth) of the stack (see :mod:`tauopt.models._stack`) from ``taus``."""
         if not self.fractional:
             return taus, None
-        if self.dependent_last_tau:  # as FractionalDNN: tau^gamma needs tau > 0
-            taus = taus.clamp(min=self.tau_min[:, None])
+        if bool(self.dependent.any()):  # as FractionalDNN: tau^gamma needs tau > 0
+            clamped = taus.clamp(min=self.tau_min[:, None])
+            taus = torch.where(self.dependent[:, None], clamped, taus)
         memory_taus = taus.detach() if self.detach_memory else taus
         coeff = _l1_coefficients(memory_taus, self.gamma)
         scale = torch.exp(torch.lgamma(2.0 - self.gamma))[:, None]
@@ -309,14 +314,13 @@ class TauPopulation(nn.Module):
         if total == 0.0:
             return []
         active = self.active[member].tolist()
-        last_removable = self.depth - 1 if self.dependent_last_tau else self.depth
+        last_removable = self.depth - 1 if bool(self.dependent[member]) else self.depth
         removed = [
             p for p in range(1, last_removable) if active[p] and float(size[p]) / total < eps
         ]
         for position in removed:
             self.active[member, position] = False
-            if position < self.tau_free.shape[1]:
-                self.tau_free[member, position] = 0.0
+            self.tau_free[member, position] = 0.0
         return removed
 
     @torch.no_grad()
@@ -327,9 +331,6 @@ class TauPopulation(nn.Module):
         blocks = [p for p in range(self.depth) if bool(active[:, p].any())]
         hidden = torch.tensor([p - 1 for p in blocks[1:]], dtype=torch.long, device=index.device)
         cols = torch.tensor(blocks, dtype=torch.long, device=index.device)
-        free_cols = torch.tensor(
-            [p for p in blocks if p < self.tau_free.shape[1]], dtype=torch.long, device=index.device
-        )
 
         def take(param: nn.Parameter, *dims: tuple[int, torch.Tensor]) -> nn.Parameter:
             data = param.detach().index_select(0, index)
@@ -341,8 +342,8 @@ class TauPopulation(nn.Module):
         self.w_hidden = take(self.w_hidden, (1, hidden))
         self.bias = take(self.bias, (1, cols))
         self.w_out = take(self.w_out)
-        self.tau_free = take(self.tau_free, (1, free_cols))
-        for name in ("T", "gamma", "tau_min"):
+        self.tau_free = take(self.tau_free, (1, cols))
+        for name in ("T", "gamma", "tau_min", "dependent"):
             buffer = getattr(self, name)
             setattr(self, name, buffer.index_select(0, index) if buffer.numel() else buffer)
         self.active = active.index_select(1, cols)
@@ -362,7 +363,7 @@ class TauPopulation(nn.Module):
             linear.weight.copy_(weight)
             linear.bias.copy_(self.bias[member, position])
         into.output.weight.copy_(self.w_out[member])
-        free = [p for p in positions if p < self.tau_free.shape[1]]
+        free = positions[:-1] if bool(self.dependent[member]) else positions
         into.tau_free.copy_(self.tau_free[member, free])
         return into
 
@@ -377,7 +378,6 @@ def _shape(net: TauNetwork) -> tuple[object, ...]:
         first.out_features,
         net.depth,
         net.output.out_features,
-        net.dependent_last_tau,
         net.tau_free.requires_grad,
         str(net.tau_free.device),
         *extra,

@@ -23,10 +23,14 @@ SMALL: dict[str, Any] = {"epochs": 3, "train_size": 1500, "val_size": 1000, "dat
 
 
 def _networks(cls: type[TauNetwork], **kw: Any) -> list[TauNetwork]:
+    """Three networks; with ``mixed``, the second one's last tau is T minus the others."""
     nets = []
+    mixed = kw.pop("mixed", False)
     for i, T in enumerate((1.0, 2.5, 0.7)):
         torch.manual_seed(i)
         extra = {"gamma": 0.2 + 0.3 * i, "tau_min": 1e-3 * (i + 1)} if cls is FractionalDNN else {}
+        if mixed and i == 1:
+            extra["dependent_last_tau"] = True
         nets.append(cls(12, 7, 4, 3, T=T, **extra, **kw).double())
     return nets
 
@@ -34,8 +38,10 @@ def _networks(cls: type[TauNetwork], **kw: Any) -> list[TauNetwork]:
 KINDS = [
     (TauResNet, {}),
     (TauResNet, {"dependent_last_tau": True}),
+    (TauResNet, {"mixed": True}),
     (FractionalDNN, {}),
     (FractionalDNN, {"dependent_last_tau": True}),
+    (FractionalDNN, {"mixed": True}),
     (FractionalDNN, {"detach_memory": True}),
 ]
 
@@ -62,7 +68,11 @@ def test_losses_and_gradients_equal_each_networks_own(cls: type[TauNetwork], kw:
             net.tau_free.grad,
         ]
         for got, want in zip(grads, expected, strict=True):
-            torch.testing.assert_close(got[k], want, rtol=1e-10, atol=1e-12)
+            mine = got[k]
+            if got is grads[-1]:  # a dependent last tau's column is never read: no gradient
+                mine, unused = got[k][: want.numel()], got[k][want.numel() :]
+                assert not unused.any()
+            torch.testing.assert_close(mine, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(("cls", "kw"), KINDS)
@@ -89,17 +99,51 @@ def test_an_sgd_step_equals_each_networks_own(cls: type[TauNetwork], kw: Any) ->
                     param -= float(lr[k]) * param.grad
         net.project_taus_()
         assert float(losses[k]) == pytest.approx(float(loss), rel=1e-12)
-        mine = pop.export(k, type(net)(12, 7, 4, 3, T=net.T, **_same_kind(net, kw)).double())
+        fresh = type(net)(12, 7, 4, 3, T=net.T, **_same_kind(net, kw)).double()
+        mine = pop.export(k, fresh)
         for (name, got), want in zip(
             mine.state_dict().items(), net.state_dict().values(), strict=True
         ):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("cls", "kw"), [(TauResNet, {"mixed": True}), (FractionalDNN, {"mixed": True})]
+)
+def test_many_steps_in_float64_stay_equal_to_each_networks_own(
+    cls: type[TauNetwork], kw: Any
+) -> None:
+    nets = _networks(cls, **kw)
+    pop = TauPopulation(_networks(cls, **kw))
+    lr = torch.tensor([0.3, 0.1, 0.5], dtype=torch.float64)
+    l1 = torch.tensor([0.0, 0.01, 0.03], dtype=torch.float64)
+    horizon = torch.tensor([0.2, 0.0, 0.05], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        x = torch.rand(6, 12, dtype=torch.float64, generator=gen)
+        y = torch.randint(0, 3, (6,), generator=gen)
+        pop.sgd_step_(x, y, lr=lr, l1=l1, horizon_weight=horizon)
+        for k, net in enumerate(nets):
+            net.loss_and_grad(x, y, l1=float(l1[k]), horizon_weight=float(horizon[k]))
+            with torch.no_grad():
+                for param in net.parameters():
+                    if param.grad is not None:
+                        param -= float(lr[k]) * param.grad
+            net.project_taus_()
+    for k, net in enumerate(nets):
+        fresh = type(net)(12, 7, 4, 3, T=net.T, **_same_kind(net, kw)).double()
+        for got, want in zip(
+            pop.export(k, fresh).state_dict().values(), net.state_dict().values(), strict=True
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 def _same_kind(net: TauNetwork, kw: Any) -> dict[str, Any]:
+    same = {k: v for k, v in kw.items() if k != "mixed"}
+    same["dependent_last_tau"] = net.dependent_last_tau
     if isinstance(net, FractionalDNN):
-        return {**kw, "gamma": net.gamma, "tau_min": net.tau_min}
-    return dict(kw)
+        return {**same, "gamma": net.gamma, "tau_min": net.tau_min}
+    return same
 
 
 # detach_memory drops the memory's dependence on the taus on purpose: no exact gradient there.
@@ -156,8 +200,8 @@ def _assert_same(together: TrainResult | Exception, alone: TrainResult) -> None:
     assert isinstance(together, TrainResult), together
     assert together.val_accuracy == pytest.approx(alone.val_accuracy, abs=2e-3)
     assert together.test_accuracy == pytest.approx(alone.test_accuracy, abs=2e-3)
-    assert together.train_loss == pytest.approx(alone.train_loss, rel=1e-4)
-    assert together.taus == pytest.approx(alone.taus, rel=1e-4, abs=1e-6)
+    assert together.train_loss == pytest.approx(alone.train_loss, rel=5e-4)
+    assert together.taus == pytest.approx(alone.taus, rel=5e-4, abs=1e-6)
     assert together.pruned == alone.pruned
     assert together.active_block_ids == alone.active_block_ids
     assert together.active_params == alone.active_params
@@ -165,7 +209,10 @@ def _assert_same(together: TrainResult | Exception, alone: TrainResult) -> None:
     got, want = together.model.state_dict(), alone.model.state_dict()
     assert list(got) == list(want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
+        # float32 sums in another order drift apart step by step (in float64 the members stay
+        # equal to 1e-15 over many steps: test_many_steps_in_float64...): compare whole tensors
+        drift = float((got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-12))
+        assert drift < 5e-3, (name, drift)
 
 
 def test_resnets_with_pruning_and_mixed_hyperparameters_equal_training_alone(
@@ -176,6 +223,7 @@ def test_resnets_with_pruning_and_mixed_hyperparameters_equal_training_alone(
         TrainConfig(seed=2, T=3.0, lr=0.1, horizon_weight=0.05, prune_eps=0.1, **SMALL),
         TrainConfig(seed=3, T=0.5, lr=0.02, **SMALL),
         TrainConfig(seed=4, T=2.0, lr=0.08, l1=0.005, prune_eps=0.12, **SMALL),
+        TrainConfig(seed=5, T=2.0, lr=0.08, prune_eps=0.15, dependent_last_tau=True, **SMALL),
     ]
     results = train_population(configs, mnist, device="cpu")
     alone = [train(c, mnist, device="cpu") for c in configs]
@@ -187,11 +235,11 @@ def test_resnets_with_pruning_and_mixed_hyperparameters_equal_training_alone(
 def test_fractional_networks_with_mixed_orders_and_horizons_equal_training_alone(
     mnist: RawDataset,
 ) -> None:
-    small = {**SMALL, "arch": "fracdnn", "dependent_last_tau": True}
+    small = {**SMALL, "arch": "fracdnn"}
     configs = [
-        TrainConfig(seed=1, T=1.0, gamma=0.3, lr=0.05, **small),
+        TrainConfig(seed=1, T=1.0, gamma=0.3, lr=0.05, dependent_last_tau=True, **small),
         TrainConfig(seed=2, T=4.0, gamma=0.8, lr=0.1, l1=0.01, tau_min=1e-3, **small),
-        TrainConfig(seed=3, T=0.6, gamma=0.5, lr=0.02, **small),
+        TrainConfig(seed=3, T=0.6, gamma=0.5, lr=0.02, horizon_weight=0.1, **small),
     ]
     results = train_population(configs, mnist, device="cpu")
     for config, together in zip(configs, results, strict=True):
