@@ -14,6 +14,7 @@ stack (:meth:`TauPopulation.keep`), as are members that leave.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -54,6 +55,7 @@ class TauPopulation(nn.Module):
     tau_min: torch.Tensor
     active: torch.Tensor
     dependent: torch.Tensor
+    fractional: torch.Tensor
 
     def __init__(self, members: Sequence[TauNetwork]) -> None:
         super().__init__()
@@ -62,14 +64,10 @@ class TauPopulation(nn.Module):
         first = members[0]
         shape = _shape(first)
         for net in members:
-            if type(net) is not type(first) or _shape(net) != shape:
-                raise ValueError(
-                    f"members must share class and shape: {type(first).__name__}{shape} vs "
-                    f"{type(net).__name__}{_shape(net)}"
-                )
+            if _shape(net) != shape:
+                raise ValueError(f"members must share one shape: {shape} vs {_shape(net)}")
             if net.block_ids != list(range(len(net.block_ids))):
                 raise ValueError("members must be unpruned networks")
-        self.fractional = isinstance(first, FractionalDNN)
         blocks = [[cast(nn.Linear, b) for b in net.blocks] for net in members]
         with torch.no_grad():
             self.w0 = nn.Parameter(torch.stack([b[0].weight for b in blocks]))
@@ -93,11 +91,15 @@ class TauPopulation(nn.Module):
             return torch.tensor(values, dtype=self.w0.dtype, device=device)
 
         self.register_buffer("T", per_member([net.T for net in members]))
-        fractional = [cast(FractionalDNN, net) for net in members] if self.fractional else []
-        self.register_buffer("gamma", per_member([net.gamma for net in fractional]))
-        self.register_buffer("tau_min", per_member([net.tau_min for net in fractional]))
-        self.detach_memory = bool(fractional and fractional[0].detach_memory)
-        if any(net.detach_memory != self.detach_memory for net in fractional):
+        # A ResNet member is the stack with forcing tau and no memory: it can share a group
+        # with fractional members (its gamma and tau_min are placeholders, never read).
+        fractional = [isinstance(net, FractionalDNN) for net in members]
+        self.register_buffer("fractional", torch.tensor(fractional, device=device))
+        frac = [net for net in members if isinstance(net, FractionalDNN)]
+        self.register_buffer("gamma", per_member([getattr(n, "gamma", 0.5) for n in members]))
+        self.register_buffer("tau_min", per_member([getattr(n, "tau_min", 1.0) for n in members]))
+        self.detach_memory = bool(frac and frac[0].detach_memory)
+        if any(net.detach_memory != self.detach_memory for net in frac):
             raise ValueError("members must agree on detach_memory")
         self.register_buffer(
             "active", torch.ones(len(members), first.depth, dtype=torch.bool, device=device)
@@ -127,17 +129,20 @@ class TauPopulation(nn.Module):
         return torch.cat([head, last[:, None]], 1)
 
     def step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forcing factors (K, depth) and, for the fractional network, memory coefficients
-        (K, depth, depth) of the stack (see :mod:`tauopt.models._stack`) from ``taus``."""
-        if not self.fractional:
+        """Forcing factors (K, depth) and, where any member is fractional, memory coefficients
+        (K, depth, depth) of the stack (see :mod:`tauopt.models._stack`) from ``taus``: a
+        ResNet member's forcing is its taus and its coefficients are zero."""
+        frac = self.fractional[:, None]
+        if not bool(frac.any()):
             return taus, None
-        if bool(self.dependent.any()):  # as FractionalDNN: tau^gamma needs tau > 0
-            clamped = taus.clamp(min=self.tau_min[:, None])
-            taus = torch.where(self.dependent[:, None], clamped, taus)
-        memory_taus = taus.detach() if self.detach_memory else taus
-        coeff = _l1_coefficients(memory_taus, self.gamma)
+        # FractionalDNN clamps a dependent last tau: tau^gamma needs tau > 0. A ResNet member
+        # takes the fractional formulas at tau = 1 (finite, gradient-free), then its own.
+        clamped = torch.where(self.dependent[:, None], taus.clamp(min=self.tau_min[:, None]), taus)
+        eff = torch.where(frac, clamped, 1.0)
+        memory_taus = eff.detach() if self.detach_memory else eff
+        coeff = _l1_coefficients(memory_taus, self.gamma) * frac[:, :, None]
         scale = torch.exp(torch.lgamma(2.0 - self.gamma))[:, None]
-        return taus.pow(self.gamma[:, None]) * scale, coeff
+        return torch.where(frac, eff.pow(self.gamma[:, None]) * scale, taus), coeff
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (K, N, classes) of every member for one batch ``x`` (N, in_features)."""
@@ -299,15 +304,15 @@ class TauPopulation(nn.Module):
     @torch.no_grad()
     def project_taus_(self) -> None:
         """As the members' ``project_taus_``: fractional taus stay >= ``tau_min``."""
-        if self.fractional:
-            self.tau_free.copy_(torch.maximum(self.tau_free, self.tau_min[:, None]))
+        floor = torch.where(self.fractional, self.tau_min, -math.inf)[:, None]
+        self.tau_free.copy_(torch.maximum(self.tau_free, floor))
 
     @torch.no_grad()
     def prune(self, member: int, eps: float) -> list[int]:
         """:meth:`TauResNet.prune` for one member: mask every block but the input one (and a
         dependent last one) with ``|tau_l| / sum|tau| < eps``. Returns the stack positions
         masked now. The same float arithmetic as the single network, so the same decisions."""
-        if self.fractional:
+        if bool(self.fractional[member]):
             raise ValueError("a fractional block is never an identity map: it cannot be pruned")
         size = self.taus()[member].abs()
         total = float(size.sum())
@@ -343,7 +348,7 @@ class TauPopulation(nn.Module):
         self.bias = take(self.bias, (1, cols))
         self.w_out = take(self.w_out)
         self.tau_free = take(self.tau_free, (1, cols))
-        for name in ("T", "gamma", "tau_min", "dependent"):
+        for name in ("T", "gamma", "tau_min", "dependent", "fractional"):
             buffer = getattr(self, name)
             setattr(self, name, buffer.index_select(0, index) if buffer.numel() else buffer)
         self.active = active.index_select(1, cols)
@@ -370,9 +375,6 @@ class TauPopulation(nn.Module):
 
 def _shape(net: TauNetwork) -> tuple[object, ...]:
     first = cast(nn.Linear, net.blocks[0])
-    extra: tuple[object, ...] = ()
-    if isinstance(net, FractionalDNN):
-        extra = (net.detach_memory,)
     return (
         first.in_features,
         first.out_features,
@@ -380,5 +382,4 @@ def _shape(net: TauNetwork) -> tuple[object, ...]:
         net.output.out_features,
         net.tau_free.requires_grad,
         str(net.tau_free.device),
-        *extra,
     )

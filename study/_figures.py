@@ -153,3 +153,20 @@ def publish(study: optuna.Study) -> None:
         ids.append(CURVES_ID)
     for figure_id, figure in zip(ids, figures, strict=True):
         save_plotly_graph_object(study, figure, graph_object_id=figure_id)
+
+
+def write_trial_note(trial: optuna.Trial, body: str) -> None:
+    """Set the optuna-dashboard note of ``trial``, which has none yet.
+
+    ``optuna_dashboard.save_note`` reads every system attribute of the study (all notes and
+    figures) to find the next version, and its helper reads them all again to clear older
+    chunks: its cost grows with the study. A worker notes each trial once, right after the
+    trial finished, so the note is version 1 and there is nothing to clear. The body goes
+    first: a reader never sees a version without its text.
+    """
+    from optuna_dashboard._note import note_ver_key, split_body  # the key layout it reads
+
+    storage, study_id, trial_id = trial.storage, trial.study._study_id, trial._trial_id
+    for key, value in split_body(body, trial_id).items():
+        storage.set_study_system_attr(study_id, key, value)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), 1)

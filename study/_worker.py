@@ -23,7 +23,6 @@ from typing import TypeVar
 import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
-from optuna_dashboard import save_note
 
 from tauopt.engine import (
     EpochStats,
@@ -59,7 +58,7 @@ from tauopt.study._budget import (
 from tauopt.study._checkpoint import save_checkpoint
 from tauopt.study._config import parse_config
 from tauopt.study._create import _quiet_optuna
-from tauopt.study._figures import publish
+from tauopt.study._figures import publish, write_trial_note
 from tauopt.study._liveness import Heartbeat, WorkerStopped, fail_stale_trials, stop_on_signals
 from tauopt.study._objective import objective_values, suggest_config, trial_attributes
 from tauopt.study._reproduce import GRID_CONFIG_ATTR
@@ -161,6 +160,7 @@ class Worker:
         self._datasets: dict[str, RawDataset] = {}
         self._save_failures = 0
         self._published = -PUBLISH_EVERY  # the first completed trial publishes the figures
+        self._publish_every = PUBLISH_EVERY
 
     # -- output and storage calls ------------------------------------------------------------
 
@@ -454,14 +454,17 @@ class Worker:
     def _show(self, trial: optuna.Trial | None = None, view: TrialView | None = None) -> None:
         """The note of ``trial`` (drawn from ``view``) and, at most every PUBLISH_EVERY seconds
         or without a trial, the study's figures on the dashboard. Drawing is a courtesy: a
-        failure is logged and never touches the trial."""
+        failure is logged and never touches the trial. The figures read every trial: in a
+        large study drawing them takes long, so the interval grows to 20 times the last
+        drawing's time, which keeps it under 5 % of the worker's time."""
         try:
             if trial is not None and view is not None:
-                save_note(trial, trial_note(view))
+                write_trial_note(trial, trial_note(view))
             now = time.monotonic()
-            if trial is None or now - self._published >= PUBLISH_EVERY:
+            if trial is None or now - self._published >= self._publish_every:
                 publish(self.study)
-                self._published = now
+                self._published = time.monotonic()
+                self._publish_every = max(PUBLISH_EVERY, 20 * (self._published - now))
         except Exception as e:
             self._say(f"could not update the dashboard's figures ({type(e).__name__}: {e})")
 

@@ -190,10 +190,53 @@ def test_a_block_pruned_in_every_member_leaves_the_stack() -> None:
 
 
 def test_a_population_needs_one_shape() -> None:
-    with pytest.raises(ValueError, match="share class and shape"):
+    with pytest.raises(ValueError, match="share one shape"):
         TauPopulation([TauResNet(12, 7, 4, 3), TauResNet(12, 7, 5, 3)])
-    with pytest.raises(ValueError, match="share class and shape"):
-        TauPopulation([TauResNet(12, 7, 4, 3), FractionalDNN(12, 7, 4, 3)])
+    with pytest.raises(ValueError, match="share one shape"):
+        TauPopulation([TauResNet(12, 7, 4, 3), FractionalDNN(12, 8, 4, 3)])
+
+
+def _mixed_networks() -> list[TauNetwork]:
+    """ResNets and fractional networks in one group, dependent last taus on both sides."""
+    nets: list[TauNetwork] = []
+    for i, (cls, dependent) in enumerate(
+        [(TauResNet, False), (FractionalDNN, True), (TauResNet, True), (FractionalDNN, False)]
+    ):
+        torch.manual_seed(i)
+        extra = {"gamma": 0.3 + 0.2 * i, "tau_min": 1e-3} if cls is FractionalDNN else {}
+        net = cls(12, 7, 4, 3, T=0.8 + i, dependent_last_tau=dependent, **extra)
+        nets.append(net.double())
+    return nets
+
+
+def test_resnets_and_fractional_networks_step_together_as_each_alone() -> None:
+    nets, pop = _mixed_networks(), TauPopulation(_mixed_networks())
+    with torch.no_grad():
+        pop.tau_free[0, 2] = 1e-9
+    assert pop.prune(0, 0.01) == [2]  # a pruned ResNet block beside fractional members
+    nets[0].keep_blocks([0, 1, 3])
+    lr = torch.tensor([0.3, 0.1, 0.2, 0.4], dtype=torch.float64)
+    l1 = torch.tensor([0.01, 0.0, 0.02, 0.01], dtype=torch.float64)
+    horizon = torch.tensor([0.0, 0.1, 0.05, 0.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.rand(6, 12, dtype=torch.float64, generator=gen)
+        y = torch.randint(0, 3, (6,), generator=gen)
+        pop.sgd_step_(x, y, lr=lr, l1=l1, horizon_weight=horizon)
+        for k, net in enumerate(nets):
+            net.loss_and_grad(x, y, l1=float(l1[k]), horizon_weight=float(horizon[k]))
+            with torch.no_grad():
+                for param in net.parameters():
+                    if param.grad is not None:
+                        param -= float(lr[k]) * param.grad
+            net.project_taus_()
+    fresh = _mixed_networks()
+    for k, net in enumerate(nets):
+        mine = pop.export(k, fresh[k])
+        for got, want in zip(mine.state_dict().values(), net.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        pop.prune(1, 0.5)
 
 
 def _assert_same(together: TrainResult | Exception, alone: TrainResult) -> None:
@@ -240,8 +283,9 @@ def test_fractional_networks_with_mixed_orders_and_horizons_equal_training_alone
         TrainConfig(seed=1, T=1.0, gamma=0.3, lr=0.05, dependent_last_tau=True, **small),
         TrainConfig(seed=2, T=4.0, gamma=0.8, lr=0.1, l1=0.01, tau_min=1e-3, **small),
         TrainConfig(seed=3, T=0.6, gamma=0.5, lr=0.02, horizon_weight=0.1, **small),
+        TrainConfig(seed=4, T=2.0, gamma=0.2, lr=0.08, **small),
     ]
-    results = train_population(configs, mnist, device="cpu")
+    results = train_population(configs, mnist, device="cpu", batch_fractional=True)
     for config, together in zip(configs, results, strict=True):
         _assert_same(together, train(config, mnist, device="cpu"))
 
@@ -251,18 +295,19 @@ def test_a_diverging_member_fails_alone(mnist: RawDataset) -> None:
         TrainConfig(seed=1, T=1.0, lr=0.05, **SMALL),
         TrainConfig(seed=2, T=10.0, lr=1e6, **SMALL),  # blows up in its first epoch
         TrainConfig(seed=3, T=2.0, lr=0.1, prune_eps=0.1, **SMALL),
+        TrainConfig(seed=4, T=0.5, lr=0.2, **SMALL),
     ]
     results = train_population(configs, mnist, device="cpu")
     with pytest.raises(DivergedError) as alone_error:
         train(configs[1], mnist, device="cpu")
     assert isinstance(results[1], DivergedError)
     assert str(results[1]) == str(alone_error.value)
-    for i in (0, 2):
+    for i in (0, 2, 3):
         _assert_same(results[i], train(configs[i], mnist, device="cpu"))
 
 
 def test_a_member_stopped_by_its_caller_leaves_and_the_rest_go_on(mnist: RawDataset) -> None:
-    configs = [TrainConfig(seed=s, T=1.0 + s, lr=0.05, **SMALL) for s in range(3)]
+    configs = [TrainConfig(seed=s, T=1.0 + s, lr=0.05, **SMALL) for s in range(4)]
     seen: list[tuple[int, int]] = []
 
     class StopError(Exception):
@@ -275,14 +320,40 @@ def test_a_member_stopped_by_its_caller_leaves_and_the_rest_go_on(mnist: RawData
 
     results = train_population(configs, mnist, device="cpu", on_epoch=on_epoch)
     assert isinstance(results[1], StopError)
-    assert seen == [(0, 1), (1, 1), (2, 1), (0, 2), (2, 2), (0, 3), (2, 3)]
+    assert seen == [(0, 1), (1, 1), (2, 1), (3, 1), (0, 2), (2, 2), (3, 2), (0, 3), (2, 3), (3, 3)]
     _assert_same(results[2], train(configs[2], mnist, device="cpu"))
 
 
 def test_only_configs_of_one_group_train_together(mnist: RawDataset) -> None:
     a = TrainConfig(**SMALL)
     assert group_key(a) == group_key(a.replace(lr=0.3, T=5.0, l1=0.1, seed=9, prune_eps=0.1))
+    assert group_key(a) == group_key(a.replace(arch="fracdnn", dependent_last_tau=True))
     assert group_key(a) != group_key(a.replace(width=50))
     assert group_key(a) != group_key(a.replace(data_seed=8))
     with pytest.raises(ConfigError, match="must agree on"):
         train_population([a, a.replace(depth=4)], mnist, device="cpu")
+
+
+def test_a_group_of_both_architectures_equals_training_alone(mnist: RawDataset) -> None:
+    configs = [
+        TrainConfig(seed=1, T=1.0, lr=0.05, l1=0.01, prune_eps=0.15, **SMALL),
+        TrainConfig(seed=2, arch="fracdnn", T=2.0, gamma=0.4, lr=0.05, **SMALL),
+        TrainConfig(seed=3, T=2.0, lr=0.1, dependent_last_tau=True, prune_eps=0.1, **SMALL),
+        TrainConfig(seed=4, arch="fracdnn", T=1.0, gamma=0.7, dependent_last_tau=True, **SMALL),
+    ]
+    results = train_population(configs, mnist, device="cpu", batch_fractional=True)
+    for config, together in zip(configs, results, strict=True):
+        _assert_same(together, train(config, mnist, device="cpu"))
+
+
+def test_fractional_members_and_small_groups_train_alone_by_default(
+    mnist: RawDataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    resnets = [TrainConfig(seed=s, lr=0.05 * (s + 1), **SMALL) for s in range(4)]
+    fractional = TrainConfig(seed=9, arch="fracdnn", **SMALL)
+    results = train_population([*resnets, fractional], mnist, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "4 trials together" in err and "(member 5 of 5, alone) epoch 3/3" in err
+    _assert_same(results[4], train(fractional, mnist, device="cpu"))
+    train_population(resnets[:3], mnist, device="cpu", progress=True)
+    assert "trials together" not in capsys.readouterr().err  # three: each alone

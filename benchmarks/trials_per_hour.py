@@ -1,0 +1,172 @@
+"""Whole-machine trials per hour: the study service against what a user would otherwise run.
+
+Service: ``tauopt run`` (one worker at every core, the embedded SQLite storage) on the default
+study, ``configs/study.toml`` (its search space and its trial size: 10 epochs on 50,000
+images), with ``--batch-trials K`` for each K asked.
+
+Baseline: ``optuna.create_study(directions=...).optimize(objective)`` with the same sampler,
+where ``objective`` suggests the same search space and trains the way the papers' code does:
+torchvision's MNIST through ``ToTensor`` and ``DataLoader(batch_size=100, shuffle=True)``,
+``torch.optim.SGD``, the forward pass formula by formula (:func:`tauopt.models.reference_forward`)
+with autograd, the same epochs and training images; it returns validation accuracy and the
+parameter count. It has no layer pruning, no heartbeats and no stored models.
+
+The variants run one after another in each repeat (the order rotates between repeats), so a
+drifting machine speed hits each alike; each one's trials per hour is its trials divided by its
+wall time, process start and data loading included. Usage::
+
+    python benchmarks/trials_per_hour.py --data-dir ../shared/data [--k 1 4 16] [--trials 16]
+        [--baseline-trials 2] [--repeats 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from tauopt.engine import build_model, parameter_count
+from tauopt.engine._data import SPLIT_SEED
+from tauopt.models import reference_forward
+from tauopt.study import load_config
+from tauopt.study._objective import DIRECTIONS, suggest_config
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from epoch_speed import torchvision_root  # noqa: E402
+
+
+def service(k: int, trials: int, data_dir: Path, threads: int) -> dict[str, Any]:
+    """``tauopt run`` of ``trials`` default-study trials with ``--batch-trials k``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable, "-m", "tauopt", "run",
+            "--config", str(REPO / "configs" / "study.toml"), "--n-trials", str(trials),
+            "--storage", f"sqlite:///{tmp}/study.db", "--artifact-dir", f"{tmp}/artifacts",
+            "--data-dir", str(data_dir), "--device", "cpu", "--quiet",
+            "--threads", str(threads), "--batch-trials", str(k), "--sampler-seed", "1",
+        ]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        study = optuna.load_study(study_name="tauopt", storage=f"sqlite:///{tmp}/study.db")
+        # Every trial run counts, as in the baseline: a diverged one (the default search's
+        # largest lr and T diverge now and then) cost its time too.
+        done = [t for t in study.trials if t.state.is_finished()]
+        complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+        inside = sum(sum(t.user_attrs["epoch_seconds"]) for t in complete)
+    return {
+        "variant": f"service K={k}",
+        "trials": len(done),
+        "complete": len(complete),
+        "seconds": seconds,
+        "trials_per_hour": len(done) / seconds * 3600,
+        # what the complete trials' own epochs took (a group's epoch time is shared among its
+        # members)
+        "training_seconds": inside,
+    }
+
+
+def baseline(trials: int, data_dir: Path, threads: int) -> dict[str, Any]:
+    """What a user would write: optimize() over the same space, the papers' training loop."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    config = load_config(REPO / "configs" / "study.toml")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = torchvision_root(data_dir, Path(tmp))
+        full = datasets.MNIST(
+            str(root), train=True, download=False, transform=transforms.ToTensor()
+        )
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        val_idx, train_idx = order[: config.trial.val_size], order[config.trial.val_size :]
+        train_set = Subset(full, train_idx[: config.trial.train_size].tolist())
+        val_set = Subset(full, val_idx.tolist())
+
+        def objective(trial: optuna.Trial) -> tuple[float, float]:
+            cfg = suggest_config(trial, config, seed=trial.number)
+            model = build_model(cfg, 784, 10)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.SGD(params, lr=cfg.lr)
+            loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
+            for _ in range(cfg.epochs):
+                for images, labels in loader:
+                    optimizer.zero_grad()
+                    logits = reference_forward(model, images.view(images.shape[0], -1))
+                    loss = F.cross_entropy(logits, labels)
+                    taus = model.taus
+                    loss = loss + cfg.l1 * taus.abs().sum()
+                    loss = loss + cfg.horizon_weight * (taus.sum() - cfg.T) ** 2
+                    loss.backward()
+                    optimizer.step()
+                    model.project_taus_()
+            correct = 0
+            with torch.no_grad():
+                for images, labels in DataLoader(val_set, batch_size=1000):
+                    logits = reference_forward(model, images.view(images.shape[0], -1))
+                    correct += int((logits.argmax(1) == labels).sum())
+            return correct / len(val_set), float(parameter_count(cfg, 784, 10))
+
+        study = optuna.create_study(
+            directions=DIRECTIONS[config.objective],
+            sampler=optuna.samplers.TPESampler(seed=1, constant_liar=True),
+        )
+        study.optimize(objective, n_trials=trials)
+    seconds = time.perf_counter() - start
+    return {
+        "variant": "baseline optimize()",
+        "trials": trials,
+        "seconds": seconds,
+        "trials_per_hour": trials / seconds * 3600,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--trials", type=int, default=16, help="trials per service run")
+    parser.add_argument("--baseline-trials", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    variants: list[Any] = [("baseline", 0)] if args.baseline_trials else []
+    variants += [("service", k) for k in args.k]
+    runs: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):
+        shift = repeat % len(variants)
+        for kind, k in variants[shift:] + variants[:shift]:
+            if kind == "service":
+                run = service(k, args.trials, args.data_dir, args.threads)
+            else:
+                run = baseline(args.baseline_trials, args.data_dir, args.threads)
+            run["repeat"] = repeat
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    summary = {}
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        rates = [r["trials_per_hour"] for r in runs if r["variant"] == name]
+        summary[name] = {"median_trials_per_hour": statistics.median(rates), "runs": rates}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"threads": args.threads, "runs": runs, "summary": summary}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
