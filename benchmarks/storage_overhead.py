@@ -77,21 +77,17 @@ def _fake_trial(
 
 
 def _distributions(study: optuna.Study) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The search space as a worker's trials record it: ask one trial and suggest it."""
+    """The search space as a worker's trials record it, conditional parameters included: ask
+    and suggest until every parameter was seen (those trials are failed, outside the budget)."""
     config = parse_config(study.user_attrs["tauopt_config"])
-    trial = study.ask()
-    suggest_config(trial, config, seed=0)
-    dists = dict(trial.distributions)
-    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    # every conditional parameter, so the filled trials cover the whole space
-    space = config.search
-    dists["gamma"] = optuna.distributions.FloatDistribution(space["gamma"].low, space["gamma"].high)
-    eps = space["layer_prune_eps"]
-    dists["layer_prune_eps"] = optuna.distributions.FloatDistribution(eps.low, eps.high)
-    weight = space["horizon_weight"]
-    dists["horizon_weight"] = optuna.distributions.FloatDistribution(
-        weight.low, weight.high, log=weight.log
-    )
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
+    for _ in range(50):
+        trial = study.ask()
+        suggest_config(trial, config, seed=0)
+        dists.update(trial.distributions)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if {"gamma", "layer_prune_eps", "horizon_weight"} <= set(dists):
+            break
     return dists
 
 
@@ -121,7 +117,7 @@ def measure(url: str, prefill: int, trials: int, data_dir: Path, tmp: Path) -> d
     done = [
         t
         for t in optuna.load_study(study_name=name, storage=open_storage(settings)).trials
-        if t.number > prefill and t.state == optuna.trial.TrialState.COMPLETE
+        if "worker" in t.user_attrs and t.state == optuna.trial.TrialState.COMPLETE
     ]
     epochs = sum(sum(t.user_attrs["epoch_seconds"]) for t in done)
     return {
