@@ -107,6 +107,30 @@ def test_an_sgd_step_equals_each_networks_own(cls: type[TauNetwork], kw: Any) ->
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def _side_by_side(
+    pop: TauPopulation,
+    nets: list[TauNetwork],
+    steps: int,
+    *,
+    lr: torch.Tensor,
+    l1: torch.Tensor,
+    horizon: torch.Tensor,
+) -> None:
+    """``steps`` SGD steps of the population and of each network alone, on the same batches."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.rand(6, 12, dtype=torch.float64, generator=gen)
+        y = torch.randint(0, 3, (6,), generator=gen)
+        pop.sgd_step_(x, y, lr=lr, l1=l1, horizon_weight=horizon)
+        for k, net in enumerate(nets):
+            net.loss_and_grad(x, y, l1=float(l1[k]), horizon_weight=float(horizon[k]))
+            with torch.no_grad():
+                for param in net.parameters():
+                    if param.grad is not None:
+                        param -= float(lr[k]) * param.grad
+            net.project_taus_()
+
+
 @pytest.mark.parametrize(
     ("cls", "kw"), [(TauResNet, {"mixed": True}), (FractionalDNN, {"mixed": True})]
 )
@@ -118,18 +142,7 @@ def test_many_steps_in_float64_stay_equal_to_each_networks_own(
     lr = torch.tensor([0.3, 0.1, 0.5], dtype=torch.float64)
     l1 = torch.tensor([0.0, 0.01, 0.03], dtype=torch.float64)
     horizon = torch.tensor([0.2, 0.0, 0.05], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        x = torch.rand(6, 12, dtype=torch.float64, generator=gen)
-        y = torch.randint(0, 3, (6,), generator=gen)
-        pop.sgd_step_(x, y, lr=lr, l1=l1, horizon_weight=horizon)
-        for k, net in enumerate(nets):
-            net.loss_and_grad(x, y, l1=float(l1[k]), horizon_weight=float(horizon[k]))
-            with torch.no_grad():
-                for param in net.parameters():
-                    if param.grad is not None:
-                        param -= float(lr[k]) * param.grad
-            net.project_taus_()
+    _side_by_side(pop, nets, 40, lr=lr, l1=l1, horizon=horizon)
     for k, net in enumerate(nets):
         fresh = type(net)(12, 7, 4, 3, T=net.T, **_same_kind(net, kw)).double()
         for got, want in zip(
@@ -218,18 +231,7 @@ def test_resnets_and_fractional_networks_step_together_as_each_alone() -> None:
     lr = torch.tensor([0.3, 0.1, 0.2, 0.4], dtype=torch.float64)
     l1 = torch.tensor([0.01, 0.0, 0.02, 0.01], dtype=torch.float64)
     horizon = torch.tensor([0.0, 0.1, 0.05, 0.0], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        x = torch.rand(6, 12, dtype=torch.float64, generator=gen)
-        y = torch.randint(0, 3, (6,), generator=gen)
-        pop.sgd_step_(x, y, lr=lr, l1=l1, horizon_weight=horizon)
-        for k, net in enumerate(nets):
-            net.loss_and_grad(x, y, l1=float(l1[k]), horizon_weight=float(horizon[k]))
-            with torch.no_grad():
-                for param in net.parameters():
-                    if param.grad is not None:
-                        param -= float(lr[k]) * param.grad
-            net.project_taus_()
+    _side_by_side(pop, nets, 20, lr=lr, l1=l1, horizon=horizon)
     fresh = _mixed_networks()
     for k, net in enumerate(nets):
         mine = pop.export(k, fresh[k])
