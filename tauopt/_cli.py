@@ -92,6 +92,12 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
     p.add_argument("--seed", type=int, default=defaults.seed, help="weights and data order")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="order of the training batches, if other than --seed's (a study's trials use 0)",
+    )
     p.add_argument("--fixed-tau", action="store_true", help="do not train the taus (the baseline)")
     p.add_argument(
         "--train-size",

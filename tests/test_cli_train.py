@@ -84,6 +84,7 @@ def test_train_fracdnn_fashion_human_output(
     [
         (["--arch", "fracdnn", "--prune-eps", "0.1"], "prune_eps applies to arch 'resnet' only"),
         (["--epochs", "0"], "epochs must be an integer >= 1"),
+        (["--data-seed", "-1"], "data_seed must be an integer >= 0"),
         (["--device", "tpu"], "unknown device"),
     ],
 )

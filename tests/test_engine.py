@@ -12,6 +12,7 @@ import torch
 from tauopt.engine import (
     RawDataset,
     TrainConfig,
+    build_model,
     load_dataset,
     train,
 )
@@ -47,6 +48,15 @@ def test_same_seed_same_result(mnist: RawDataset) -> None:
     assert a.taus == b.taus and a.val_accuracy == b.val_accuracy
     c = train(_config(epochs=1, train_size=500, arch="fracdnn", seed=1), mnist, device="cpu")
     assert c.taus != a.taus
+
+
+def test_data_seed_orders_the_batches_and_seed_the_weights(mnist: RawDataset) -> None:
+    base = _config(epochs=1, train_size=500, seed=3)
+    alone = train(base, mnist, device="cpu")
+    assert train(base.replace(data_seed=3), mnist, device="cpu").taus == alone.taus
+    assert train(base.replace(data_seed=4), mnist, device="cpu").taus != alone.taus
+    first = build_model(base.replace(data_seed=4), 784, 10)
+    assert torch.equal(first.blocks[0].weight, build_model(base, 784, 10).blocks[0].weight)
 
 
 @pytest.mark.parametrize("arch", ["resnet", "fracdnn"])
@@ -117,6 +127,7 @@ def test_on_epoch_sees_every_epoch(mnist: RawDataset) -> None:
         ({"l1": -1.0}, "l1 must be a number >= 0"),
         ({"dataset": "cifar"}, "dataset must be one of"),
         ({"gamma": 0.0}, "gamma"),
+        ({"data_seed": 1.5}, "data_seed must be an integer >= 0"),
     ],
 )
 def test_config_rejects_bad_values(changes: dict[str, object], message: str) -> None:
