@@ -62,6 +62,7 @@ from tauopt.study._figures import publish, write_trial_note
 from tauopt.study._liveness import Heartbeat, WorkerStopped, fail_stale_trials, stop_on_signals
 from tauopt.study._objective import objective_values, suggest_config, trial_attributes
 from tauopt.study._reproduce import GRID_CONFIG_ATTR
+from tauopt.study._sampler import WindowedTPESampler
 from tauopt.study._views import TrialView, trial_note, view_from
 
 T = TypeVar("T")
@@ -115,7 +116,7 @@ class WorkerSummary:
 def _load_study(
     storage: optuna.storages.RDBStorage, study_name: str, sampler_seed: int
 ) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
+    sampler = WindowedTPESampler(seed=sampler_seed, constant_liar=True)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
     except KeyError:
