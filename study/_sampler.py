@@ -62,4 +62,3 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         view: Any = _RecentTrials(study, self._window)
         result: dict[str, Any] = super()._sample(view, trial, search_space)
         return result
-
