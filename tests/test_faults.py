@@ -177,7 +177,8 @@ def test_claimed_trial_without_heartbeat_does_not_block(tmp_path: Path, data_dir
 def test_stop_signal_queues_the_trial_at_once_and_exits_0(
     tmp_path: Path, data_dir: Path, sig: signal.Signals
 ) -> None:
-    name = _create(tmp_path, 4)
+    # Trials of several seconds: the signal must land while one runs, also in a fast phase.
+    name = _create(tmp_path, 4, epochs=5, train_size=50000)
     victim = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=1)
     stopped = _running_trial_of(victim, name)
     victim.proc.send_signal(sig)
@@ -198,7 +199,7 @@ def test_stop_signal_queues_the_trial_at_once_and_exits_0(
 def test_batched_worker_stopped_hands_back_every_trial_of_its_batch(
     tmp_path: Path, data_dir: Path
 ) -> None:
-    name = _create(tmp_path, 6)
+    name = _create(tmp_path, 6, epochs=5, train_size=50000)
     victim = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, 1, "--batch-trials", "4")
     _running_trial_of(victim, name)
     running = {t.number for t in _trials(name) if t.state == TrialState.RUNNING}
