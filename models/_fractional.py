@@ -119,20 +119,22 @@ class _L1DeviceTape:
     near: torch.Tensor
     ratio: torch.Tensor
     coeff: torch.Tensor
-    gamma: float
+    gamma: float | torch.Tensor
 
 
 # The same arithmetic as _l1_values / _l1_grad_values, as whole-matrix device ops: no host round
 # trip, so a GPU step needs no synchronisation and can be captured in a CUDA graph. The unused
 # entries (j >= l) get spans of 1, so that no pow of a non-positive span makes a nan there.
-def _l1_device(t: torch.Tensor, gamma: float) -> tuple[torch.Tensor, _L1DeviceTape]:
-    n = t.shape[0]
-    ends = torch.cat([t.new_zeros(1), t.cumsum(0)])
+# Leading dimensions of ``t`` are batches of tau vectors (the members of a population, whose
+# ``gamma`` is then a tensor of matching shape); the formulas are plain ops, so autograd can
+# also differentiate them.
+def _l1_device(t: torch.Tensor, gamma: float | torch.Tensor) -> tuple[torch.Tensor, _L1DeviceTape]:
+    n = t.shape[-1]
+    ends = torch.cat([t.new_zeros(*t.shape[:-1], 1), t.cumsum(-1)], -1)
     lower = torch.ones(n, n, dtype=torch.bool, device=t.device).tril(-1)
-    one = t.new_ones(n, n)
-    far = torch.where(lower, ends[1:, None] - ends[None, :-1], one)  # t_{l+1} - t_j
-    near = torch.where(lower, ends[1:, None] - ends[None, 1:], one)  # t_{l+1} - t_{j+1}
-    ratio = t[:, None].pow(gamma) / t[None, :]
+    far = torch.where(lower, ends[..., 1:, None] - ends[..., None, :-1], 1.0)  # t_{l+1} - t_j
+    near = torch.where(lower, ends[..., 1:, None] - ends[..., None, 1:], 1.0)  # t_{l+1} - t_{j+1}
+    ratio = t[..., :, None].pow(gamma) / t[..., None, :]
     power = 1.0 - gamma
     coeff = torch.where(lower, ratio * (far.pow(power) - near.pow(power)), 0.0)
     return coeff, _L1DeviceTape(t, lower, far, near, ratio, coeff, gamma)

@@ -23,22 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tauopt.models._base import TauNetwork
-from tauopt.models._fractional import FractionalDNN
-
-
-def _l1_coefficients(t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Memory coefficients ``a[k, l, j]`` of the L1 scheme for every member ``k`` (see
-    :func:`tauopt.models._fractional.l1_memory_coefficients`), differentiable by autograd.
-    The unused entries (``j >= l``) get spans of 1, so that no pow of a non-positive span
-    makes a nan in the gradient there."""
-    k, n = t.shape
-    ends = torch.cat([t.new_zeros(k, 1), t.cumsum(1)], 1)
-    lower = torch.ones(n, n, dtype=torch.bool, device=t.device).tril(-1)
-    far = torch.where(lower, ends[:, 1:, None] - ends[:, None, :-1], 1.0)
-    near = torch.where(lower, ends[:, 1:, None] - ends[:, None, 1:], 1.0)
-    g = gamma[:, None, None]
-    ratio = t[:, :, None].pow(g) / t[:, None, :]
-    return torch.where(lower, ratio * (far.pow(1.0 - g) - near.pow(1.0 - g)), 0.0)
+from tauopt.models._fractional import FractionalDNN, _l1_device
 
 
 class TauPopulation(nn.Module):
@@ -140,7 +125,7 @@ class TauPopulation(nn.Module):
         clamped = torch.where(self.dependent[:, None], taus.clamp(min=self.tau_min[:, None]), taus)
         eff = torch.where(frac, clamped, 1.0)
         memory_taus = eff.detach() if self.detach_memory else eff
-        coeff = _l1_coefficients(memory_taus, self.gamma) * frac[:, :, None]
+        coeff = _l1_device(memory_taus, self.gamma[:, None, None])[0] * frac[:, :, None]
         scale = torch.exp(torch.lgamma(2.0 - self.gamma))[:, None]
         return torch.where(frac, eff.pow(self.gamma[:, None]) * scale, taus), coeff
 
