@@ -142,16 +142,18 @@ def _l1_device(t: torch.Tensor, gamma: float | torch.Tensor) -> tuple[torch.Tens
 
 def _l1_device_grad(g: torch.Tensor, tape: _L1DeviceTape) -> torch.Tensor:
     """``dL/dtau`` from ``dL/da``: the closed form of :func:`_l1_grad_values_exact`, where a
-    span's derivative adds to every tau it contains (far: tau_j..tau_l, near: tau_{j+1}..tau_l)."""
+    span's derivative adds to every tau it contains (far: tau_j..tau_l, near: tau_{j+1}..tau_l).
+    Leading dimensions as in :func:`_l1_device` (a tensor ``gamma`` shaped ``(..., 1, 1)``)."""
     gamma, t = tape.gamma, tape.taus
+    row_gamma = gamma if isinstance(gamma, float) else gamma.squeeze(-1)  # (..., 1): per row
     weight = torch.where(tape.lower, g, 0.0)
     scaled = weight * tape.coeff
-    result = gamma * scaled.sum(1) / t - scaled.sum(0) / t
+    result = row_gamma * scaled.sum(-1) / t - scaled.sum(-2) / t
     outer = weight * ((1.0 - gamma) * tape.ratio)
     # cumsum over j, then the rows l >= k: sum_{l >= k} sum_{j <= k} d[l, j] for every k
-    far = (outer * tape.far.pow(-gamma)).cumsum(1).tril().sum(0)
-    near_sums = (outer * tape.near.pow(-gamma)).cumsum(1)
-    near = torch.nn.functional.pad(near_sums, (1, 0))[:, :-1].tril().sum(0)  # j <= k - 1
+    far = (outer * tape.far.pow(-gamma)).cumsum(-1).tril().sum(-2)
+    near_sums = (outer * tape.near.pow(-gamma)).cumsum(-1)
+    near = torch.nn.functional.pad(near_sums, (1, 0))[..., :-1].tril().sum(-2)  # j <= k - 1
     return result + far - near
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tauopt.models._base import TauNetwork
-from tauopt.models._fractional import FractionalDNN, _l1_device
+from tauopt.models._fractional import FractionalDNN, _l1_device, _l1_device_grad, _L1DeviceTape
 
 
 class TauPopulation(nn.Module):
@@ -116,18 +116,31 @@ class TauPopulation(nn.Module):
     def step_sizes(self, taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forcing factors (K, depth) and, where any member is fractional, memory coefficients
         (K, depth, depth) of the stack (see :mod:`tauopt.models._stack`) from ``taus``: a
-        ResNet member's forcing is its taus and its coefficients are zero."""
+        ResNet member's forcing is its taus and its coefficients are zero. Plain tensor ops:
+        autograd can differentiate them."""
+        forcing, coeff, _ = self._step_sizes(taus)
+        return forcing, coeff
+
+    def _step_sizes(
+        self, taus: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, _L1DeviceTape] | None]:
+        """:meth:`step_sizes`, and what :meth:`_tau_grad` needs of them (the effective taus and
+        the coefficients' tape) where any member is fractional."""
         frac = self.fractional[:, None]
         if not bool(frac.any()):
-            return taus, None
+            return taus, None, None
         # FractionalDNN clamps a dependent last tau: tau^gamma needs tau > 0. A ResNet member
         # takes the fractional formulas at tau = 1 (finite, gradient-free), then its own.
         clamped = torch.where(self.dependent[:, None], taus.clamp(min=self.tau_min[:, None]), taus)
         eff = torch.where(frac, clamped, 1.0)
         memory_taus = eff.detach() if self.detach_memory else eff
-        coeff = _l1_device(memory_taus, self.gamma[:, None, None])[0] * frac[:, :, None]
-        scale = torch.exp(torch.lgamma(2.0 - self.gamma))[:, None]
-        return torch.where(frac, eff.pow(self.gamma[:, None]) * scale, taus), coeff
+        coeff, tape = _l1_device(memory_taus, self.gamma[:, None, None])
+        forcing = torch.where(frac, eff.pow(self.gamma[:, None]) * self._forcing_scale(), taus)
+        return forcing, coeff * frac[:, :, None], (eff, tape)
+
+    def _forcing_scale(self) -> torch.Tensor:
+        """(K, 1): Gamma(2 - gamma), the fractional forcing's constant factor."""
+        return torch.exp(torch.lgamma(2.0 - self.gamma))[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (K, N, classes) of every member for one batch ``x`` (N, in_features)."""
@@ -179,112 +192,137 @@ class TauPopulation(nn.Module):
 
         A hand-written pass, as the single networks' ``loss_and_grad``, with its matrix
         products batched over the members (the input layer's on the shared batch, no copy).
+        The learning rates scale the loss's gradient where it starts, so that every weight's
+        update is one in-place product (``w -= (lr g)^T h``) made right after the weight's last
+        use: no gradient is stored, and no pass of its own updates the weights.
         """
-        losses, params, grads = self._fused_grads(x, target, l1, horizon_weight)
-        for param, grad in zip(params, grads, strict=True):
-            param.sub_(grad.mul_(lr.view(-1, *([1] * (grad.ndim - 1)))))
-        self.project_taus_()
-        return losses
-
-    def _fused_grads(
-        self, x: torch.Tensor, target: torch.Tensor, l1: torch.Tensor, horizon: torch.Tensor
-    ) -> tuple[torch.Tensor, list[nn.Parameter], list[torch.Tensor]]:
-        """Losses, and the gradient of every trainable parameter: the pass of
-        :func:`tauopt.models._stack.stack_backward`, batched over the members. The taus'
-        gradient comes from autograd through the few (K, depth) ops of :meth:`step_sizes`."""
-        k, batch, depth = self.size, x.shape[0], self.depth
+        k, batch = self.size, x.shape[0]
         taus = self.taus()
-        forcing, coeff = self.step_sizes(taus)
+        forcing, coeff, saved = self._step_sizes(taus)
         f = forcing[:, :, None, None]  # (K, depth, 1, 1): scales a member's (batch, width)
         xs = x.expand(k, *x.shape)  # the shared batch, no copy
+        acts, states, incr = self._forward_pass(xs, f, coeff)
+        state = states[-1]
+        log_probs = torch.log_softmax(torch.bmm(state, self.w_out.transpose(1, 2)), dim=2)
+        picked = target[None, :, None].expand(k, batch, 1)
+        losses = -log_probs.gather(2, picked).squeeze(2).mean(1)
+        # lr * d(mean cross-entropy)/d logits = lr (softmax - onehot) / batch, per member
+        grad_logits = log_probs.exp_()
+        grad_logits.scatter_add_(2, picked, grad_logits.new_full((k, batch, 1), -1.0))
+        grad_logits.mul_((lr / batch)[:, None, None])
+        grad_u = torch.bmm(grad_logits, self.w_out)  # dL/du without the memory's paths
+        self.w_out.baddbmm_(grad_logits.transpose(1, 2), state, alpha=-1.0)
+        grad_forcing, grad_coeff = self._backward_pass_(xs, f, coeff, acts, states, incr, grad_u)
+        penalties = l1 * taus.abs().sum(1) + horizon_weight * (taus.sum(1) - self.T).square()
+        if self.tau_free.requires_grad:
+            self.tau_free.sub_(
+                self._tau_grad(taus, saved, grad_forcing, grad_coeff, l1 * lr, horizon_weight * lr)
+            )
+            self.project_taus_()
+        return losses + penalties
+
+    def _forward_pass(
+        self, xs: torch.Tensor, f: torch.Tensor, coeff: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """Activations and states of every block; with memory, the increments ``d_l``
+        (K, depth, batch, width) in one buffer that the memory reads."""
+        k, batch, depth = xs.shape[0], xs.shape[1], self.depth
+        incr = None if coeff is None else xs.new_empty(k, depth, batch, self.w0.shape[1])
         acts, states = [], []
-        incr = None if coeff is None else x.new_empty(k, depth, batch, self.w0.shape[1])
         state = xs
         for layer in range(depth):
             weight_t = (self.w0 if layer == 0 else self.w_hidden[:, layer - 1]).transpose(1, 2)
             act = torch.baddbmm(self.bias[:, layer, None, :], state, weight_t).relu_()
-            d = act * f[:, layer]
-            if incr is not None and coeff is not None:
-                if layer:  # d_l -= sum_{j<l} c[l, j] d_j
+            if incr is None or coeff is None:
+                step = f[:, layer]
+                state = act * step if layer == 0 else torch.addcmul(state, act, step)
+            else:
+                d = torch.mul(act, f[:, layer], out=incr[:, layer])
+                if layer:  # d_l -= sum_{j<l} c[l, j] d_j, in place in the buffer
                     history = incr[:, :layer].reshape(k, layer, -1)
-                    flat = torch.baddbmm(d.view(k, 1, -1), coeff[:, layer, None, :layer],
-                                         history, alpha=-1.0)  # fmt: skip
-                    d = flat.view_as(act)
-                incr[:, layer] = d
-            state = d if layer == 0 else state + d
+                    d.view(k, 1, -1).baddbmm_(coeff[:, layer, None, :layer], history, alpha=-1.0)
+                state = d if layer == 0 else state + d
             acts.append(act)
             states.append(state)
-        log_probs = torch.log_softmax(torch.bmm(state, self.w_out.transpose(1, 2)), dim=2)
-        picked = target[None, :, None].expand(k, batch, 1)
-        losses = -log_probs.gather(2, picked).squeeze(2).mean(1)
-        # d(mean cross-entropy)/d logits = (softmax - onehot) / batch, per member
-        grad_logits = log_probs.exp_()
-        grad_logits.scatter_add_(2, picked, grad_logits.new_full((k, batch, 1), -1.0))
-        grad_logits.div_(batch)
-        grad_w_out = torch.bmm(grad_logits.transpose(1, 2), state)
-        grad_u = torch.bmm(grad_logits, self.w_out)  # dL/du without the memory's paths
+        return acts, states, incr
+
+    def _backward_pass_(
+        self,
+        xs: torch.Tensor,
+        f: torch.Tensor,
+        coeff: torch.Tensor | None,
+        acts: list[torch.Tensor],
+        states: list[torch.Tensor],
+        incr: torch.Tensor | None,
+        grad_u: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pass of :func:`tauopt.models._stack.stack_backward`, batched over the members,
+        from ``grad_u`` (lr-scaled dL/du at the top), updating every block's weights and bias
+        in place once they are no longer needed; returns the (lr-scaled) gradients of the
+        forcing factors and of the memory coefficients."""
+        k, depth = xs.shape[0], self.depth
         grad_d = [grad_u] * depth  # dL/dd_l (the same as dL/du_{l+1} without memory)
         gd = None
         if incr is not None:  # one buffer: the memory reads every later block's dL/dd
             gd = torch.empty_like(incr)
             gd[:, -1] = grad_u
             grad_d = list(gd.unbind(1))
-        grad_w: list[torch.Tensor] = [grad_u] * depth
-        grad_b = torch.empty_like(self.bias)
-        grad_forcing = torch.empty_like(taus)
+        grad_forcing = xs.new_empty(k, depth)
         for layer in reversed(range(depth)):
             act = acts[layer]
             grad_forcing[:, layer] = torch.linalg.vecdot(
                 grad_d[layer].reshape(k, -1), act.reshape(k, -1)
             )
-            # d(relu(z) f)/dz: f where the unit is active, else 0 (sign of the activations)
-            grad_z = act.sign_().mul_(f[:, layer]).mul_(grad_d[layer])
-            torch.sum(grad_z, 1, out=grad_b[:, layer])
-            grad_w[layer] = torch.bmm(grad_z.transpose(1, 2), states[layer - 1] if layer else xs)
-            if layer == 0:
-                break
-            grad_u = torch.baddbmm(grad_u, grad_z, self.w_hidden[:, layer - 1])
-            if coeff is None or gd is None:
-                grad_d[layer - 1] = grad_u
-            else:  # d_{l-1} also feeds the memory of every later block
-                later = gd[:, layer:].reshape(k, depth - layer, -1)
-                weights = coeff[:, layer:, layer - 1].unsqueeze(1)
-                flat = torch.baddbmm(grad_u.reshape(k, 1, -1), weights, later, alpha=-1.0)
-                grad_d[layer - 1].copy_(flat.view_as(grad_u))
-        params: list[nn.Parameter] = [self.w0, self.w_hidden, self.bias, self.w_out]
-        hidden = torch.stack(grad_w[1:], 1) if depth > 1 else torch.zeros_like(self.w_hidden)
-        grads = [grad_w[0], hidden, grad_b, grad_w_out]
-        grad_coeff = None
-        if gd is not None and incr is not None:
-            flat_gd = gd.reshape(k, depth, -1)
-            grad_coeff = torch.bmm(flat_gd, incr.reshape(k, depth, -1).transpose(1, 2))
-            grad_coeff = grad_coeff.tril_(-1).neg_()
-        penalties = l1 * taus.abs().sum(1) + horizon * (taus.sum(1) - self.T).square()
-        if self.tau_free.requires_grad:
-            params.append(self.tau_free)
-            grads.append(self._tau_grad(grad_forcing, grad_coeff, l1, horizon))
-        return losses + penalties, params, grads
+            # d(relu(z) f)/dz: f where the unit is active, else 0
+            grad_z = torch.ops.aten.threshold_backward(grad_d[layer], act, 0).mul_(f[:, layer])
+            self.bias[:, layer].sub_(grad_z.sum(1))
+            below = states[layer - 1] if layer else xs
+            weight = self.w0 if layer == 0 else self.w_hidden[:, layer - 1]
+            if layer:  # the weight's last use (dL/du below), then its update
+                grad_u = torch.baddbmm(grad_u, grad_z, weight)
+                if coeff is not None and gd is not None:  # d_{l-1} also feeds later memories
+                    later = gd[:, layer:].reshape(k, depth - layer, -1)
+                    weights = coeff[:, layer:, layer - 1].unsqueeze(1)
+                    flat = grad_d[layer - 1].copy_(grad_u).view(k, 1, -1)
+                    flat.baddbmm_(weights, later, alpha=-1.0)
+                else:
+                    grad_d[layer - 1] = grad_u
+            weight.baddbmm_(grad_z.transpose(1, 2), below, alpha=-1.0)
+        if gd is None or incr is None:
+            return grad_forcing, None
+        grad_coeff = torch.bmm(gd.reshape(k, depth, -1), incr.reshape(k, depth, -1).transpose(1, 2))
+        return grad_forcing, grad_coeff.tril_(-1).neg_()
 
     def _tau_grad(
         self,
+        taus: torch.Tensor,
+        saved: tuple[torch.Tensor, _L1DeviceTape] | None,
         grad_forcing: torch.Tensor,
         grad_coeff: torch.Tensor | None,
         l1: torch.Tensor,
         horizon: torch.Tensor,
     ) -> torch.Tensor:
-        """``dL/dtau_free`` from ``dL/dforcing`` and ``dL/dcoeff``, and the penalties: autograd
-        on a handful of (K, depth) ops. A pruned block's tau gets none (it stays at zero)."""
-        with torch.enable_grad():
-            free = self.tau_free.detach().requires_grad_()
-            taus = self.taus(free)
-            forcing, coeff = self.step_sizes(taus)
-            total = (forcing * grad_forcing).sum()
-            if coeff is not None and grad_coeff is not None and not self.detach_memory:
-                total = total + (coeff * grad_coeff).sum()
-            total = total + (l1 * taus.abs().sum(1)).sum()
-            total = total + (horizon * (taus.sum(1) - self.T).square()).sum()
-            (grad,) = torch.autograd.grad(total, free)
-        return grad
+        """``dL/dtau_free`` from ``dL/dforcing``, ``dL/dcoeff`` and the penalties' weights, in
+        closed form (as the fractional network's device step). A pruned block's tau gets none
+        (it stays at zero); a dependent last tau passes its gradient to the others."""
+        grad = grad_forcing  # a ResNet member's forcing is its tau
+        if saved is not None:
+            eff, tape = saved
+            gamma = self.gamma[:, None]
+            fractional = grad_forcing * gamma * self._forcing_scale() * eff.pow(gamma - 1.0)
+            if grad_coeff is not None and not self.detach_memory:
+                fractional = fractional + _l1_device_grad(grad_coeff, tape)
+            # clamp(min) of a dependent last tau passes no gradient below tau_min
+            below = self.dependent[:, None] & (taus < self.tau_min[:, None])
+            fractional = torch.where(below, 0.0, fractional)
+            grad = torch.where(self.fractional[:, None], fractional, grad_forcing)
+        excess = (taus.sum(1) - self.T)[:, None]
+        grad = grad + l1[:, None] * taus.sign() + 2.0 * horizon[:, None] * excess
+        last = grad[:, -1:]
+        dependent = self.dependent[:, None]
+        head = torch.where(dependent, grad[:, :-1] - last, grad[:, :-1])
+        grad = torch.cat([head, torch.where(dependent, 0.0, last)], 1)
+        return grad * self.active.to(grad.dtype)
 
     @torch.no_grad()
     def project_taus_(self) -> None:

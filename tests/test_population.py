@@ -77,7 +77,7 @@ def test_losses_and_gradients_equal_each_networks_own(cls: type[TauNetwork], kw:
 
 @pytest.mark.parametrize(("cls", "kw"), KINDS)
 def test_an_sgd_step_equals_each_networks_own(cls: type[TauNetwork], kw: Any) -> None:
-    """The step (hand-written for the ResNet, autograd for the fractional network) moves every
+    """The fused step (hand-written products, closed-form tau gradients) moves every
     member as its own network's gradient and plain SGD would, with a pruned block masked."""
     nets = _networks(cls, **kw)
     pop = TauPopulation(nets)
