@@ -70,14 +70,10 @@ class _Member:
     train_seconds: list[float] = field(default_factory=list)
 
 
-#: Architectures whose members train batched. Measured on a 2-core CPU (reference size,
-#: 16 members, per member and step, against the network alone): ResNet 0.62-0.69 ms against
-#: 0.90-1.0 ms; fractional networks 1.1-1.8 ms against 1.1-2.9 ms, and mixed groups 0.9-1.6
-#: ms (the memory's batched matrix-vector products fall back to a loop over members). So
-#: fractional members train alone, one after another, unless ``batch_fractional`` is set.
-_BATCHED_ARCHS = frozenset({"resnet"})
-#: Fewer members than this train alone: two or three batched members were slower per step than
-#: each alone (1.4-2.1 ms against 0.95 ms), four about level.
+#: Fewer members than this train alone. Measured on a 2-core CPU (reference size, per member
+#: and step, against each network's own step; ``benchmarks/population_step.py``): two batched
+#: members are slower than each alone (0.69-0.93x), four about level or better (1.0-1.3x),
+#: sixteen 1.5-1.7x for ResNets, fractional networks and mixed groups alike.
 MIN_BATCH = 4
 
 
@@ -90,11 +86,10 @@ def train_population(
     progress: bool = False,
     label: str = "",
     test_every_epoch: bool = False,
-    batch_fractional: bool = False,
 ) -> list[TrainResult | Exception]:
-    """Train every config of ``configs`` (all with one :func:`group_key`): the ResNets (and,
-    with ``batch_fractional``, the fractional networks) as one population where there are at
-    least :data:`MIN_BATCH` of them, the others alone with :func:`train`.
+    """Train every config of ``configs`` (all with one :func:`group_key`) as one population
+    (ResNets and fractional networks together) where there are at least :data:`MIN_BATCH` of
+    them, else each alone with :func:`train`.
 
     Returns, per config in order, its :class:`TrainResult`, or the exception that ended it:
     :class:`DivergedError` when its loss or a step size stopped being finite, or whatever
@@ -112,41 +107,33 @@ def train_population(
         raise ConfigError("a population's configs must agree on " + ", ".join(_SHARED))
     if dataset.name != configs[0].dataset:
         raise ConfigError(f"config asks for {configs[0].dataset!r} but {dataset.name!r} was loaded")
-    archs = _BATCHED_ARCHS | ({"fracdnn"} if batch_fractional else set())
-    together = [i for i, c in enumerate(configs) if c.arch in archs]
-    if len(together) < MIN_BATCH:
-        together = []
-    outcome: dict[int, TrainResult | Exception] = {}
-    for index in (i for i in range(len(configs)) if i not in together):
-        try:
-            outcome[index] = train(
-                configs[index],
-                dataset,
-                device=device,
-                on_epoch=None if on_epoch is None else partial(on_epoch, index),
-                progress=progress,
-                label=f"{label} (member {index + 1} of {len(configs)}, alone)".strip(),
-                test_every_epoch=test_every_epoch,
-            )
-        except Exception as e:  # this member's end; the others go on
-            outcome[index] = e
-    if together:
-
-        def report_together(position: int, stats: EpochStats) -> None:
-            if on_epoch is not None:
-                on_epoch(together[position], stats)
-
-        results = _train_together(
-            [configs[i] for i in together],
+    if len(configs) >= MIN_BATCH:
+        return _train_together(
+            configs,
             dataset,
             dev=resolve_device(device),
-            on_epoch=report_together,
+            on_epoch=on_epoch,
             label=label,
             progress=progress,
             test_every_epoch=test_every_epoch,
         )
-        outcome.update(zip(together, results, strict=True))
-    return [outcome[i] for i in range(len(configs))]
+    outcome: list[TrainResult | Exception] = []
+    for index, config in enumerate(configs):
+        try:
+            outcome.append(
+                train(
+                    config,
+                    dataset,
+                    device=device,
+                    on_epoch=None if on_epoch is None else partial(on_epoch, index),
+                    progress=progress,
+                    label=f"{label} (member {index + 1} of {len(configs)}, alone)".strip(),
+                    test_every_epoch=test_every_epoch,
+                )
+            )
+        except Exception as e:  # this member's end; the others go on
+            outcome.append(e)
+    return outcome
 
 
 def _train_together(
@@ -154,7 +141,7 @@ def _train_together(
     dataset: RawDataset,
     *,
     dev: torch.device,
-    on_epoch: Callable[[int, EpochStats], None],
+    on_epoch: Callable[[int, EpochStats], None] | None,
     progress: bool,
     label: str,
     test_every_epoch: bool,

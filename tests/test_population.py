@@ -287,7 +287,7 @@ def test_fractional_networks_with_mixed_orders_and_horizons_equal_training_alone
         TrainConfig(seed=3, T=0.6, gamma=0.5, lr=0.02, horizon_weight=0.1, **small),
         TrainConfig(seed=4, T=2.0, gamma=0.2, lr=0.08, **small),
     ]
-    results = train_population(configs, mnist, device="cpu", batch_fractional=True)
+    results = train_population(configs, mnist, device="cpu")
     for config, together in zip(configs, results, strict=True):
         _assert_same(together, train(config, mnist, device="cpu"))
 
@@ -343,19 +343,20 @@ def test_a_group_of_both_architectures_equals_training_alone(mnist: RawDataset) 
         TrainConfig(seed=3, T=2.0, lr=0.1, dependent_last_tau=True, prune_eps=0.1, **SMALL),
         TrainConfig(seed=4, arch="fracdnn", T=1.0, gamma=0.7, dependent_last_tau=True, **SMALL),
     ]
-    results = train_population(configs, mnist, device="cpu", batch_fractional=True)
+    results = train_population(configs, mnist, device="cpu")
     for config, together in zip(configs, results, strict=True):
         _assert_same(together, train(config, mnist, device="cpu"))
 
 
-def test_fractional_members_and_small_groups_train_alone_by_default(
+def test_groups_of_both_architectures_train_together_and_small_groups_alone(
     mnist: RawDataset, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    resnets = [TrainConfig(seed=s, lr=0.05 * (s + 1), **SMALL) for s in range(4)]
+    resnets = [TrainConfig(seed=s, lr=0.05 * (s + 1), **SMALL) for s in range(3)]
     fractional = TrainConfig(seed=9, arch="fracdnn", **SMALL)
     results = train_population([*resnets, fractional], mnist, device="cpu", progress=True)
+    assert "epoch 3/3: 4 trials together, 4 go on" in capsys.readouterr().err
+    _assert_same(results[3], train(fractional, mnist, device="cpu"))
+    train_population(resnets, mnist, device="cpu", progress=True)
     err = capsys.readouterr().err
-    assert "4 trials together" in err and "(member 5 of 5, alone) epoch 3/3" in err
-    _assert_same(results[4], train(fractional, mnist, device="cpu"))
-    train_population(resnets[:3], mnist, device="cpu", progress=True)
-    assert "trials together" not in capsys.readouterr().err  # three: each alone
+    assert "trials together" not in err  # three: each alone
+    assert "(member 3 of 3, alone) epoch 3/3" in err
