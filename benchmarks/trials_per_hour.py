@@ -11,12 +11,19 @@ torchvision's MNIST through ``ToTensor`` and ``DataLoader(batch_size=100, shuffl
 with autograd, the same epochs and training images; it returns validation accuracy and the
 parameter count. It has no layer pruning, no heartbeats and no stored models.
 
+With ``--same-trials`` every variant runs one list of parameter sets, drawn once by Optuna's
+RandomSampler over the same search space and enqueued before the run (the baseline takes the
+first of them): the ratios then measure what batching buys for the same work, free of what
+each K's sampler happened to propose (a batch of 16 proposes its last trials before any has
+finished; a sequential run's later trials are informed, and the default study's Pareto
+objective steers them towards heavily pruned, cheap ResNets).
+
 The variants run one after another in each repeat (the order rotates between repeats), so a
 drifting machine speed hits each alike; each one's trials per hour is its trials divided by its
 wall time, process start and data loading included. Usage::
 
     python benchmarks/trials_per_hour.py --data-dir ../shared/data [--k 1 4 16] [--trials 16]
-        [--baseline-trials 2] [--repeats 2] [--json out.json]
+        [--baseline-trials 2] [--repeats 2] [--same-trials] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,9 +56,36 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from epoch_speed import torchvision_root  # noqa: E402
 
 
-def service(k: int, trials: int, data_dir: Path, threads: int) -> dict[str, Any]:
-    """``tauopt run`` of ``trials`` default-study trials with ``--batch-trials k``."""
+def fixed_trials(count: int, seed: int = 1) -> list[dict[str, Any]]:
+    """``count`` parameter sets of the default study's search space, drawn at random."""
+    config = load_config(REPO / "configs" / "study.toml")
+    draw = optuna.create_study(
+        directions=DIRECTIONS[config.objective], sampler=optuna.samplers.RandomSampler(seed=seed)
+    )
+    sets = []
+    for number in range(count):
+        trial = draw.ask()
+        suggest_config(trial, config, seed=number)
+        sets.append(dict(trial.params))
+    return sets
+
+
+def service(
+    k: int, trials: int, data_dir: Path, threads: int, fixed: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """``tauopt run`` of ``trials`` default-study trials with ``--batch-trials k`` (of the
+    parameter sets ``fixed``, enqueued, if given)."""
     with tempfile.TemporaryDirectory() as tmp:
+        if fixed:
+            url = f"sqlite:///{tmp}/study.db"
+            subprocess.run(
+                [sys.executable, "-m", "tauopt", "create", "--storage", url, "--config",
+                 str(REPO / "configs" / "study.toml"), "--n-trials", str(trials)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            study = optuna.load_study(study_name="tauopt", storage=url)
+            for params in fixed[:trials]:
+                study.enqueue_trial(params)
         cmd = [
             sys.executable, "-m", "tauopt", "run",
             "--config", str(REPO / "configs" / "study.toml"), "--n-trials", str(trials),
@@ -80,7 +114,9 @@ def service(k: int, trials: int, data_dir: Path, threads: int) -> dict[str, Any]
     }
 
 
-def baseline(trials: int, data_dir: Path, threads: int) -> dict[str, Any]:
+def baseline(
+    trials: int, data_dir: Path, threads: int, fixed: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """What a user would write: optimize() over the same space, the papers' training loop."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -123,6 +159,8 @@ def baseline(trials: int, data_dir: Path, threads: int) -> dict[str, Any]:
             directions=DIRECTIONS[config.objective],
             sampler=optuna.samplers.TPESampler(seed=1, constant_liar=True),
         )
+        for params in (fixed or [])[:trials]:
+            study.enqueue_trial(params)
         study.optimize(objective, n_trials=trials)
     seconds = time.perf_counter() - start
     return {
@@ -141,8 +179,10 @@ def main() -> None:
     parser.add_argument("--baseline-trials", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--same-trials", action="store_true", help="see the module's docstring")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    fixed = fixed_trials(max(args.trials, args.baseline_trials)) if args.same_trials else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     variants: list[Any] = [("baseline", 0)] if args.baseline_trials else []
     variants += [("service", k) for k in args.k]
@@ -151,9 +191,9 @@ def main() -> None:
         shift = repeat % len(variants)
         for kind, k in variants[shift:] + variants[:shift]:
             if kind == "service":
-                run = service(k, args.trials, args.data_dir, args.threads)
+                run = service(k, args.trials, args.data_dir, args.threads, fixed)
             else:
-                run = baseline(args.baseline_trials, args.data_dir, args.threads)
+                run = baseline(args.baseline_trials, args.data_dir, args.threads, fixed)
             run["repeat"] = repeat
             runs.append(run)
             print(json.dumps(run), flush=True)
@@ -164,7 +204,10 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(
-            json.dumps({"threads": args.threads, "runs": runs, "summary": summary}, indent=2)
+            json.dumps(
+                {"threads": args.threads, "same_trials": fixed, "runs": runs, "summary": summary},
+                indent=2,
+            )
         )
 
 

@@ -127,13 +127,17 @@ def train_population(
                     device=device,
                     on_epoch=None if on_epoch is None else partial(on_epoch, index),
                     progress=progress,
-                    label=f"{label} (member {index + 1} of {len(configs)}, alone)".strip(),
+                    label=_alone_label(label, index, len(configs)),
                     test_every_epoch=test_every_epoch,
                 )
             )
         except Exception as e:  # this member's end; the others go on
             outcome.append(e)
     return outcome
+
+
+def _alone_label(label: str, index: int, size: int) -> str:
+    return label if size == 1 else f"{label} (member {index + 1} of {size}, alone)".strip()
 
 
 def _train_together(

@@ -33,7 +33,6 @@ from tauopt.engine import (
     load_dataset,
     resolve_device,
     set_threads,
-    train,
     train_population,
 )
 from tauopt.errors import ConfigError, StorageError, TauoptError
@@ -229,10 +228,7 @@ class Worker:
                 # stale and comes back as a waiting retry that this worker must pick up.
                 time.sleep(self.options.poll_seconds)
                 continue
-            if k == 1:
-                counts[self._run_trial(*claimed[0])] += 1
-            else:
-                counts.update(self._run_batch(claimed))
+            counts.update(self._run_batch(claimed))
 
     def _claim(self, k: int) -> tuple[list[tuple[optuna.Trial, int]], bool]:
         """Under the study lock: fail dead trials, then take up to ``k`` waiting or new trials,
@@ -276,42 +272,7 @@ class Worker:
                 raise
         return trial
 
-    # -- one trial -------------------------------------------------------------------------
-
-    def _run_trial(self, trial: optuna.Trial, used: int) -> str:
-        try:
-            with Heartbeat(
-                self.storage, trial._trial_id, self.settings.heartbeat_interval, self._say
-            ):
-                return self._train_and_store(trial, used)
-        except _FinishedElsewhereError:
-            self._say(
-                f"trial {trial.number} was finished by another worker while this one stalled "
-                "(its heartbeat went stale); this worker's result is dropped"
-            )
-            return "dropped"
-        except WorkerStopped as e:
-            self._requeue(trial, f"its worker was stopped by {e.signal_name}", quick=True)
-            raise
-
-    def _train_and_store(self, trial: optuna.Trial, used: int) -> str:
-        start = time.perf_counter()
-        try:
-            config, grid = self._prepare(trial)
-            single = len(self.study.directions) == 1
-            reporter = self._reporter(trial) if single and not grid else None
-            result = train(
-                config,
-                self.dataset(config.dataset),
-                device=self.device,
-                on_epoch=reporter,
-                progress=not self.options.quiet,
-                label=f"[worker {self.sampler_seed:x}] trial {trial.number}",
-                test_every_epoch=grid,  # learning curves for the report
-            )
-        except Exception as e:
-            return self._ended(trial, e, used)
-        return self._store(trial, result, used, time.perf_counter() - start)
+    # -- the claimed trials, trained in groups of one shape ---------------------------------
 
     def _prepare(self, trial: optuna.Trial) -> tuple[TrainConfig, bool]:
         """The trial's training config, and whether it is a fixed run of ``tauopt reproduce``."""
@@ -374,8 +335,6 @@ class Worker:
         )
         return "complete"
 
-    # -- several trials together -----------------------------------------------------------
-
     def _run_batch(self, claimed: list[tuple[optuna.Trial, int]]) -> Counter[str]:
         """Train ``claimed`` in groups of one shape, each group as one population; book every
         trial on its own. A stop signal hands every unfinished trial back."""
@@ -423,13 +382,14 @@ class Worker:
                     report(stats)
 
             numbers = ", ".join(str(t.number) for t, _, _ in members)
+            name = f"trials {numbers}" if len(members) > 1 else f"trial {numbers}"
             results = train_population(
                 [c for _, _, c in members],
                 self.dataset(members[0][2].dataset),
                 device=self.device,
                 on_epoch=on_epoch,
                 progress=not self.options.quiet,
-                label=f"[worker {self.sampler_seed:x}] trials {numbers}",
+                label=f"[worker {self.sampler_seed:x}] {name}",
                 test_every_epoch=grid,
             )
             seconds = time.perf_counter() - start
