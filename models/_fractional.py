@@ -157,6 +157,30 @@ def _l1_device_grad(g: torch.Tensor, tape: _L1DeviceTape) -> torch.Tensor:
     return result + far - near
 
 
+def _device_tau_grad(
+    grad_forcing: torch.Tensor,
+    grad_coeff: torch.Tensor | None,
+    tape: _L1DeviceTape,
+    *,
+    taus: torch.Tensor,
+    effective: torch.Tensor,
+    gamma: float | torch.Tensor,
+    scale: float | torch.Tensor,
+    tau_min: float | torch.Tensor,
+    dependent: bool | torch.Tensor,
+) -> torch.Tensor:
+    """``dL/dtau`` of the fractional step sizes (forcing ``effective^gamma * scale``, memory
+    coefficients from ``tape``) from ``dL/dforcing`` and ``dL/dcoeff`` (None: the memory is
+    detached), where ``effective`` is ``taus`` clamped to ``tau_min`` for a dependent last tau.
+    ``gamma``, ``scale``, ``tau_min`` and ``dependent`` are one network's, or per-row (K, 1)
+    tensors for the members of a population."""
+    grad = grad_forcing * (effective.pow(gamma - 1.0) * (gamma * scale))
+    if grad_coeff is not None:
+        grad = grad + _l1_device_grad(grad_coeff, tape)
+    # clamp(min) passes no gradient below tau_min
+    return torch.where(dependent & (taus < tau_min), 0.0, grad)
+
+
 class _L1Coefficients(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, taus: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -286,13 +310,17 @@ class FractionalDNN(TauNetwork):
         self, grad_forcing: torch.Tensor, grad_coeff: torch.Tensor | None, saved: Any
     ) -> torch.Tensor:
         taus, effective, tape = saved
-        rates = effective.pow(self.gamma - 1.0) * (self.gamma * self._forcing_scale)
-        grad: torch.Tensor = grad_forcing * rates
-        if grad_coeff is not None and not self.detach_memory:
-            grad = grad + _l1_device_grad(grad_coeff, tape)
-        if self.dependent_last_tau:  # clamp(min) passes no gradient below tau_min
-            grad = torch.where(taus >= self.tau_min, grad, 0.0)
-        return grad
+        return _device_tau_grad(
+            grad_forcing,
+            None if self.detach_memory else grad_coeff,
+            tape,
+            taus=taus,
+            effective=effective,
+            gamma=self.gamma,
+            scale=self._forcing_scale,
+            tau_min=self.tau_min,
+            dependent=self.dependent_last_tau,
+        )
 
     def project_taus_(self) -> None:
         with torch.no_grad():

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tauopt.models._base import TauNetwork
-from tauopt.models._fractional import FractionalDNN, _l1_device, _l1_device_grad, _L1DeviceTape
+from tauopt.models._fractional import FractionalDNN, _device_tau_grad, _l1_device, _L1DeviceTape
 
 
 class TauPopulation(nn.Module):
@@ -303,18 +303,22 @@ class TauPopulation(nn.Module):
         horizon: torch.Tensor,
     ) -> torch.Tensor:
         """``dL/dtau_free`` from ``dL/dforcing``, ``dL/dcoeff`` and the penalties' weights, in
-        closed form (as the fractional network's device step). A pruned block's tau gets none
-        (it stays at zero); a dependent last tau passes its gradient to the others."""
+        closed form (the fractional network's device step, per member). A pruned block's tau
+        gets none (it stays at zero); a dependent last tau passes its gradient to the others."""
         grad = grad_forcing  # a ResNet member's forcing is its tau
         if saved is not None:
             eff, tape = saved
-            gamma = self.gamma[:, None]
-            fractional = grad_forcing * gamma * self._forcing_scale() * eff.pow(gamma - 1.0)
-            if grad_coeff is not None and not self.detach_memory:
-                fractional = fractional + _l1_device_grad(grad_coeff, tape)
-            # clamp(min) of a dependent last tau passes no gradient below tau_min
-            below = self.dependent[:, None] & (taus < self.tau_min[:, None])
-            fractional = torch.where(below, 0.0, fractional)
+            fractional = _device_tau_grad(
+                grad_forcing,
+                None if self.detach_memory else grad_coeff,
+                tape,
+                taus=taus,
+                effective=eff,
+                gamma=self.gamma[:, None],
+                scale=self._forcing_scale(),
+                tau_min=self.tau_min[:, None],
+                dependent=self.dependent[:, None],
+            )
             grad = torch.where(self.fractional[:, None], fractional, grad_forcing)
         excess = (taus.sum(1) - self.T)[:, None]
         grad = grad + l1[:, None] * taus.sign() + 2.0 * horizon[:, None] * excess

@@ -50,8 +50,8 @@ def stop_on_signals() -> Iterator[None]:
 
 
 class Heartbeat:
-    """Record the heartbeat of every trial of ``trial_ids`` (one id or several) each interval
-    while they train (ask/tell has none built in).
+    """Record the heartbeat of every trial of ``trial_ids`` each interval while they train
+    (ask/tell has none built in).
 
     A failed heartbeat is logged and tried again at the next interval: the thread never dies
     of a storage error. If the storage stays away past the grace period, another worker fails
@@ -61,12 +61,11 @@ class Heartbeat:
     def __init__(
         self,
         storage: optuna.storages.RDBStorage,
-        trial_ids: int | Sequence[int],
+        trial_ids: Sequence[int],
         interval: float,
         log: Callable[[str], None],
     ) -> None:
-        ids = [trial_ids] if isinstance(trial_ids, int) else list(trial_ids)
-        self._trial_ids, self._lock = ids, threading.Lock()
+        self._trial_ids, self._lock = list(trial_ids), threading.Lock()
         self._storage, self._interval, self._log = storage, interval, log
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tauopt-heartbeat")
