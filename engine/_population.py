@@ -22,6 +22,7 @@ from tauopt.engine._data import RawDataset, Splits, make_splits
 from tauopt.engine._train import (
     EpochStats,
     PruneEvent,
+    RunRecord,
     TrainResult,
     accuracy,
     build_model,
@@ -56,18 +57,10 @@ def group_key(config: TrainConfig) -> tuple[object, ...]:
 
 
 @dataclass
-class _Member:
-    index: int
-    config: TrainConfig
-    network: TauNetwork  # the member's own network, updated from the population each epoch
-    initial_params: int
-    val: list[float] = field(default_factory=list)
-    test: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    history: list[list[float]] = field(default_factory=list)
-    pruned: list[PruneEvent] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    train_seconds: list[float] = field(default_factory=list)
+class _Member(RunRecord):
+    index: int = field(kw_only=True)  # the config's position in the call
+    #: The member's own network, updated from the population each epoch.
+    network: TauNetwork = field(kw_only=True)
 
 
 #: Fewer members than this train alone. Measured on a 2-core CPU (reference size, per member
@@ -157,7 +150,7 @@ def _train_together(
     splits = make_splits(dataset, val_size=first.val_size, train_size=first.train_size, device=dev)
     shape = (dataset.in_features, dataset.num_classes)
     members = [
-        _Member(i, c, build_model(c, *shape).to(dev), parameter_count(c, *shape))
+        _Member(c, parameter_count(c, *shape), index=i, network=build_model(c, *shape).to(dev))
         for i, c in enumerate(configs)
     ]
     population = TauPopulation([m.network for m in members])
@@ -185,7 +178,7 @@ def _train_together(
         if not members:
             break
     for member in members:
-        outcome[member.index] = _result(member, splits, dev)
+        outcome[member.index] = member.result(member.network, splits, dev)
     return [outcome[i] for i in range(len(configs))]
 
 
@@ -242,10 +235,7 @@ def _end_epoch(
         member.val.append(accuracy(member.network, splits.val_x, splits.val_y))
         if test_every_epoch:
             member.test.append(accuracy(member.network, splits.test_x, splits.test_y))
-        full = [0.0] * member.config.depth
-        for block, tau in zip(population.block_ids, taus, strict=True):
-            full[block] = tau  # a pruned block's tau is held at exactly zero
-        member.history.append(full)
+        member.record_taus(population.block_ids, taus)  # a pruned block's tau is held at 0
         member.losses.append(loss)
         eps, every = member.config.prune_eps, member.config.prune_every
         if eps is not None and member.config.arch == "resnet" and epoch % every == 0:
@@ -292,26 +282,4 @@ def _print_progress(
         f"{best}, {took:.2f}s",
         file=sys.stderr,
         flush=True,
-    )
-
-
-def _result(member: _Member, splits: Splits, device: torch.device) -> TrainResult:
-    net = member.network
-    return TrainResult(
-        config=member.config,
-        device=str(device),
-        val_accuracy=member.val,
-        test_accuracy=accuracy(net, splits.test_x, splits.test_y),
-        train_loss=member.losses,
-        taus=net.taus.detach().cpu().tolist(),
-        tau_history=member.history,
-        active_blocks=net.depth,
-        active_block_ids=list(net.block_ids),
-        active_params=net.num_active_params(),
-        pruned=member.pruned,
-        epoch_seconds=member.seconds,
-        train_seconds=member.train_seconds,
-        model=net,
-        initial_params=member.initial_params,
-        test_accuracy_history=member.test,
     )

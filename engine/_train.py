@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,52 @@ class TrainResult:
             "epoch_seconds": self.epoch_seconds,
             "train_seconds": self.train_seconds,
         }
+
+
+@dataclass
+class RunRecord:
+    """What a run records epoch by epoch, and its :class:`TrainResult` once trained: one
+    bookkeeping for :func:`train` and for every member of a population."""
+
+    config: TrainConfig
+    #: Parameters of the network before any pruning.
+    initial_params: int
+    val: list[float] = field(default_factory=list)
+    test: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    history: list[list[float]] = field(default_factory=list)
+    pruned: list[PruneEvent] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+    def record_taus(self, block_ids: Sequence[int], taus: Sequence[float]) -> None:
+        """The taus of the blocks ``block_ids``, over every original block (a pruned block's
+        tau is exactly zero)."""
+        full = [0.0] * self.config.depth
+        for block, tau in zip(block_ids, taus, strict=True):
+            full[block] = tau
+        self.history.append(full)
+
+    def result(self, model: TauNetwork, splits: Splits, device: torch.device) -> TrainResult:
+        """The finished run of ``model``: the records, the test accuracy, the final taus."""
+        return TrainResult(
+            config=self.config,
+            device=str(device),
+            val_accuracy=self.val,
+            test_accuracy=accuracy(model, splits.test_x, splits.test_y),
+            train_loss=self.losses,
+            taus=model.taus.detach().cpu().tolist(),
+            tau_history=self.history,
+            active_blocks=model.depth,
+            active_block_ids=list(model.block_ids),
+            active_params=model.num_active_params(),
+            pruned=self.pruned,
+            epoch_seconds=self.seconds,
+            train_seconds=self.train_seconds,
+            model=model,
+            initial_params=self.initial_params,
+            test_accuracy_history=self.test,
+        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -285,18 +331,10 @@ def train(
         dataset, val_size=config.val_size, train_size=config.train_size, device=dev
     )
     model = build_model(config, dataset.in_features, dataset.num_classes).to(dev)
-    initial_params = model.num_active_params()
-    test_history: list[float] = []
+    run = RunRecord(config, model.num_active_params())
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.order_seed)
-    depth = config.depth
     n_batches = math.ceil(splits.train_x.shape[0] / config.batch_size)
-    val_acc: list[float] = []
-    losses: list[float] = []
-    seconds: list[float] = []
-    train_seconds: list[float] = []
-    history: list[list[float]] = []
-    pruned: list[PruneEvent] = []
     prefix = f"{label} " if label else ""
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
@@ -311,16 +349,13 @@ def train(
             step = _make_step(model, optimizer, splits, config, cuda_graphs)
             loss = _train_epoch(step, config, generator, bar)
             del step  # a graph pins the buffers of this epoch's network
-        train_seconds.append(time.perf_counter() - start)
-        val_acc.append(accuracy(model, splits.val_x, splits.val_y))
+        run.train_seconds.append(time.perf_counter() - start)
+        run.val.append(accuracy(model, splits.val_x, splits.val_y))
         if test_every_epoch:
-            test_history.append(accuracy(model, splits.test_x, splits.test_y))
+            run.test.append(accuracy(model, splits.test_x, splits.test_y))
         taus = model.taus.detach().cpu().tolist()
         check_finite(epoch, loss, taus)
-        full = [0.0] * depth
-        for block, tau in zip(model.block_ids, taus, strict=True):
-            full[block] = tau
-        history.append(full)
+        run.record_taus(model.block_ids, taus)
         if (
             config.prune_eps is not None
             and isinstance(model, TauResNet)
@@ -329,34 +364,17 @@ def train(
             ids = list(model.block_ids)
             removed = model.prune(config.prune_eps)
             if removed:
-                pruned += [PruneEvent(epoch, pos, ids[pos]) for pos in removed]
+                run.pruned += [PruneEvent(epoch, pos, ids[pos]) for pos in removed]
                 optimizer = make_optimizer(model, config)
-        seconds.append(time.perf_counter() - start)
-        losses.append(loss)
+        run.seconds.append(time.perf_counter() - start)
+        run.losses.append(loss)
         if progress:
             print(
                 f"{prefix}epoch {epoch}/{config.epochs}: loss {loss:.4f}, "
-                f"val accuracy {val_acc[-1]:.4f}, {model.depth} blocks, {seconds[-1]:.2f}s",
+                f"val accuracy {run.val[-1]:.4f}, {model.depth} blocks, {run.seconds[-1]:.2f}s",
                 file=sys.stderr,
                 flush=True,
             )
         if on_epoch is not None:
-            on_epoch(EpochStats(epoch, val_acc[-1], loss, model.depth, model.num_active_params()))
-    return TrainResult(
-        config=config,
-        device=str(dev),
-        val_accuracy=val_acc,
-        test_accuracy=accuracy(model, splits.test_x, splits.test_y),
-        train_loss=losses,
-        taus=model.taus.detach().cpu().tolist(),
-        tau_history=history,
-        active_blocks=model.depth,
-        active_block_ids=list(model.block_ids),
-        active_params=model.num_active_params(),
-        pruned=pruned,
-        epoch_seconds=seconds,
-        train_seconds=train_seconds,
-        model=model,
-        initial_params=initial_params,
-        test_accuracy_history=test_history,
-    )
+            on_epoch(EpochStats(epoch, run.val[-1], loss, model.depth, model.num_active_params()))
+    return run.result(model, splits, dev)
