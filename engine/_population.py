@@ -81,7 +81,8 @@ def train_population(
     test_every_epoch: bool = False,
 ) -> list[TrainResult | Exception]:
     """Train every config of ``configs`` (all with one :func:`group_key`) as one population
-    (ResNets and fractional networks together) where there are at least :data:`MIN_BATCH` of
+    (ResNets and fractional networks together, or apart where both sides are large enough and
+    the ResNets may prune: see :func:`_parts`) where there are at least :data:`MIN_BATCH` of
     them, else each alone with :func:`train`.
 
     Returns, per config in order, its :class:`TrainResult`, or the exception that ended it:
@@ -100,22 +101,27 @@ def train_population(
         raise ConfigError("a population's configs must agree on " + ", ".join(_SHARED))
     if dataset.name != configs[0].dataset:
         raise ConfigError(f"config asks for {configs[0].dataset!r} but {dataset.name!r} was loaded")
-    if len(configs) >= MIN_BATCH:
-        return _train_together(
-            configs,
-            dataset,
-            dev=resolve_device(device),
-            on_epoch=on_epoch,
-            label=label,
-            progress=progress,
-            test_every_epoch=test_every_epoch,
-        )
-    outcome: list[TrainResult | Exception] = []
-    for index, config in enumerate(configs):
-        try:
-            outcome.append(
-                train(
-                    config,
+    outcome: dict[int, TrainResult | Exception] = {}
+    parts = _parts(configs)
+    for part in parts:
+        relay = None if on_epoch is None else partial(_relay, on_epoch, part)
+        if len(part) >= MIN_BATCH:
+            arch = configs[part[0]].arch
+            results = _train_together(
+                [configs[i] for i in part],
+                dataset,
+                dev=resolve_device(device),
+                on_epoch=relay,
+                label=f"{label} ({arch} members)".strip() if len(parts) > 1 else label,
+                progress=progress,
+                test_every_epoch=test_every_epoch,
+            )
+            outcome.update(zip(part, results, strict=True))
+            continue
+        for index in part:
+            try:
+                outcome[index] = train(
+                    configs[index],
                     dataset,
                     device=device,
                     on_epoch=None if on_epoch is None else partial(on_epoch, index),
@@ -123,10 +129,29 @@ def train_population(
                     label=_alone_label(label, index, len(configs)),
                     test_every_epoch=test_every_epoch,
                 )
-            )
-        except Exception as e:  # this member's end; the others go on
-            outcome.append(e)
-    return outcome
+            except Exception as e:  # this member's end; the others go on
+                outcome[index] = e
+    return [outcome[i] for i in range(len(configs))]
+
+
+def _parts(configs: Sequence[TrainConfig]) -> list[list[int]]:
+    """The configs (indices) that train as one population each: ResNets that may prune apart
+    from fractional networks where each side fills a population of its own (a fractional
+    block is never pruned, so beside one the stack cannot shrink when ResNets prune; apart,
+    two groups of 8 step as fast as one mixed group of 16: ``benchmarks/population_step.py``);
+    else all together."""
+    resnets = [i for i, c in enumerate(configs) if c.arch == "resnet"]
+    others = [i for i, c in enumerate(configs) if c.arch != "resnet"]
+    prunes = any(configs[i].prune_eps is not None for i in resnets)
+    if prunes and len(resnets) >= MIN_BATCH and len(others) >= MIN_BATCH:
+        return [resnets, others]
+    return [list(range(len(configs)))]
+
+
+def _relay(
+    on_epoch: Callable[[int, EpochStats], None], part: list[int], index: int, stats: EpochStats
+) -> None:
+    on_epoch(part[index], stats)
 
 
 def _alone_label(label: str, index: int, size: int) -> str:
@@ -167,13 +192,14 @@ def _train_together(
             member.train_seconds.append(train_seconds)
             member.seconds.append(seconds)
         left = _report(left, epoch, on_epoch, outcome)
-        if progress:
-            _print_progress(label, epoch, first.epochs, members, left, seconds * trained)
-        # Repack: members that left, and blocks that every member still here has pruned, stop
-        # costing anything.
+        # Repack: members that left and blocks that were pruned stop costing anything (the
+        # stack shrinks to the member with the most blocks left).
         kept = [members.index(m) for m in left]
-        if kept and (len(kept) < len(members) or not bool(population.active[kept].any(0).all())):
+        if kept and (len(kept) < len(members) or population.packed_depth(kept) < population.depth):
             population.keep(kept)
+        if progress:
+            took = seconds * trained
+            _print_progress(label, epoch, first.epochs, members, left, population.depth, took)
         members = left
         if not members:
             break
@@ -235,13 +261,13 @@ def _end_epoch(
         member.val.append(accuracy(member.network, splits.val_x, splits.val_y))
         if test_every_epoch:
             member.test.append(accuracy(member.network, splits.test_x, splits.test_y))
-        member.record_taus(population.block_ids, taus)  # a pruned block's tau is held at 0
+        ids_before = population.member_block_ids(position)
+        member.record_taus(ids_before, own)
         member.losses.append(loss)
         eps, every = member.config.prune_eps, member.config.prune_every
         if eps is not None and member.config.arch == "resnet" and epoch % every == 0:
-            ids_before = [b for b, on in zip(population.block_ids, active, strict=True) if on]
             for stack_position in population.prune(position, eps):
-                block = population.block_ids[stack_position]
+                block = population.block_ids[position][stack_position]
                 member.pruned.append(PruneEvent(epoch, ids_before.index(block), block))
             population.export(position, member.network)
         left.append(member)
@@ -272,14 +298,22 @@ def _report(
 
 
 def _print_progress(
-    label: str, epoch: int, epochs: int, members: list[_Member], left: list[_Member], took: float
+    label: str,
+    epoch: int,
+    epochs: int,
+    members: list[_Member],
+    left: list[_Member],
+    depth: int,
+    took: float,
 ) -> None:
     prefix = f"{label} " if label else ""
     vals = [m.val[-1] for m in members if m.val and len(m.val) == epoch]
     best = f", best val accuracy {max(vals):.4f}" if vals else ""
+    full = members[0].config.depth
+    stack = f" (stack of {depth}/{full} blocks)" if left and depth < full else ""
     print(
         f"{prefix}epoch {epoch}/{epochs}: {len(members)} trials together, {len(left)} go on"
-        f"{best}, {took:.2f}s",
+        f"{stack}{best}, {took:.2f}s",
         file=sys.stderr,
         flush=True,
     )

@@ -8,8 +8,11 @@ on its own is a per-member tensor: ``T``, ``gamma``, ``tau_min`` here, the learn
 penalty weights in the loss and the update, and whether the last tau is ``T`` minus the others.
 
 Layer pruning masks a block of one member (its tau held at zero, so the block is an identity
-map and its parameters get no gradient); a block masked in every member is dropped from the
-stack (:meth:`TauPopulation.keep`), as are members that leave.
+map and its parameters get no gradient). :meth:`TauPopulation.keep` repacks the stack: members
+that leave are dropped, and every member's remaining blocks move together, in order, into the
+first slots (a dependent last block into the last one), so the stack is only as deep as the
+member with the most blocks. A slot a member does not fill is an empty block (zero weights,
+tau held at zero): an exact identity map, so a pruned member's result does not change.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ class TauPopulation(nn.Module):
 
     Parameters: ``w0`` (K, width, in), ``w_hidden`` (K, depth-1, width, width), ``bias``
     (K, depth, width), ``w_out`` (K, classes, width), ``tau_free`` (K, depth). ``active``
-    (K, depth) marks the blocks each member still has; ``block_ids`` are the original numbers
-    of the stacked blocks (the same for every member).
+    (K, depth) marks the slots that hold a block of their member; ``block_ids[k][p]`` is the
+    original number of member k's block in slot p (-1 for an empty slot).
     """
 
     T: torch.Tensor
@@ -91,7 +94,7 @@ class TauPopulation(nn.Module):
         )
         dependent = [net.dependent_last_tau for net in members]
         self.register_buffer("dependent", torch.tensor(dependent, device=device))
-        self.block_ids: list[int] = list(range(first.depth))
+        self.block_ids: list[list[int]] = [list(range(first.depth)) for _ in members]
 
     @property
     def size(self) -> int:
@@ -355,38 +358,66 @@ class TauPopulation(nn.Module):
             self.tau_free[member, position] = 0.0
         return removed
 
+    def packed_depth(self, members: Sequence[int]) -> int:
+        """The stack's depth once :meth:`keep` has repacked ``members``: the most blocks any
+        of them still has."""
+        return int(self.active[list(members)].sum(1).max())
+
     @torch.no_grad()
     def keep(self, members: Sequence[int]) -> None:
-        """Keep only ``members`` (indices), and drop the blocks none of them still has."""
+        """Keep only ``members`` (indices) and repack their blocks into the fewest slots.
+
+        Each member's blocks keep their order (a ResNet block's place in the stack does not
+        matter, only the order of the blocks; a fractional member never has a pruned block,
+        so its blocks stay where they are). The input block stays in slot 0 and a dependent
+        last tau's block goes to the last slot, where :meth:`taus` computes it. A slot left
+        over is an empty block: zero weights and bias, tau zero, masked.
+        """
         index = torch.tensor(list(members), dtype=torch.long, device=self.active.device)
-        active = self.active.index_select(0, index)
-        blocks = [p for p in range(self.depth) if bool(active[:, p].any())]
-        hidden = torch.tensor([p - 1 for p in blocks[1:]], dtype=torch.long, device=index.device)
-        cols = torch.tensor(blocks, dtype=torch.long, device=index.device)
+        depth = self.packed_depth(members)
+        layout = [_packed(self.active[m].tolist(), depth, bool(self.dependent[m])) for m in members]
+        source = torch.tensor(layout, dtype=torch.long, device=index.device)  # old slot or -1
+        filled = source >= 0
+        slots = source.clamp(min=0)
+        rows = index[:, None]
 
-        def take(param: nn.Parameter, *dims: tuple[int, torch.Tensor]) -> nn.Parameter:
-            data = param.detach().index_select(0, index)
-            for dim, which in dims:
-                data = data.index_select(dim, which)
-            return nn.Parameter(data.clone(), requires_grad=param.requires_grad)
+        def packed(data: torch.Tensor, cols: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            picked = data[rows, cols]  # (K', slots, ...)
+            return picked * mask.view(*mask.shape, *[1] * (picked.dim() - 2)).to(picked.dtype)
 
-        self.w0 = take(self.w0)
-        self.w_hidden = take(self.w_hidden, (1, hidden))
-        self.bias = take(self.bias, (1, cols))
-        self.w_out = take(self.w_out)
-        self.tau_free = take(self.tau_free, (1, cols))
+        def param(data: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+            return nn.Parameter(data.contiguous(), requires_grad=like.requires_grad)
+
+        self.w0 = param(self.w0.detach().index_select(0, index), self.w0)
+        hidden = self.w_hidden.detach()
+        if depth > 1:
+            hidden = packed(hidden, (slots[:, 1:] - 1).clamp(min=0), filled[:, 1:])
+        else:
+            hidden = hidden.index_select(0, index)[:, :0]
+        self.w_hidden = param(hidden, self.w_hidden)
+        self.bias = param(packed(self.bias.detach(), slots, filled), self.bias)
+        self.w_out = param(self.w_out.detach().index_select(0, index), self.w_out)
+        self.tau_free = param(packed(self.tau_free.detach(), slots, filled), self.tau_free)
         for name in ("T", "gamma", "tau_min", "dependent", "fractional"):
             buffer = getattr(self, name)
             setattr(self, name, buffer.index_select(0, index) if buffer.numel() else buffer)
-        self.active = active.index_select(1, cols)
-        self.block_ids = [self.block_ids[p] for p in blocks]
+        self.active = filled
+        self.block_ids = [
+            [self.block_ids[m][p] if p >= 0 else -1 for p in row]
+            for m, row in zip(members, layout, strict=True)
+        ]
+
+    def member_block_ids(self, member: int) -> list[int]:
+        """The original numbers of ``member``'s blocks, in stack order."""
+        active = self.active[member].tolist()
+        return [b for b, on in zip(self.block_ids[member], active, strict=True) if on]
 
     @torch.no_grad()
     def export(self, member: int, into: TauNetwork) -> TauNetwork:
         """Write ``member``'s parameters into ``into``, a network of the same class and shape
         that has at least the member's blocks, pruning it to them; returns it."""
         active = self.active[member].tolist()
-        ids = [b for b, on in zip(self.block_ids, active, strict=True) if on]
+        ids = self.member_block_ids(member)
         into.keep_blocks([into.block_ids.index(b) for b in ids])  # into may be pruned already
         positions = [p for p, on in enumerate(active) if on]
         for block, position in zip(into.blocks, positions, strict=True):
@@ -398,6 +429,13 @@ class TauPopulation(nn.Module):
         free = positions[:-1] if bool(self.dependent[member]) else positions
         into.tau_free.copy_(self.tau_free[member, free])
         return into
+
+
+def _packed(active: list[bool], depth: int, dependent: bool) -> list[int]:
+    """The old slots a member's ``depth`` new slots take their blocks from (-1: empty)."""
+    slots = [p for p, on in enumerate(active) if on]
+    gap = [-1] * (depth - len(slots))
+    return [*slots[:-1], *gap, slots[-1]] if dependent else [*slots, *gap]
 
 
 def _shape(net: TauNetwork) -> tuple[object, ...]:

@@ -183,7 +183,7 @@ def test_gradcheck_with_respect_to_the_taus(cls: type[TauNetwork], kw: Any) -> N
     assert torch.autograd.gradcheck(losses, (taus,))
 
 
-def test_a_block_pruned_in_every_member_leaves_the_stack() -> None:
+def test_repacking_moves_every_members_blocks_into_the_fewest_slots() -> None:
     nets = _networks(TauResNet)
     pop = TauPopulation(nets)
     with torch.no_grad():
@@ -195,11 +195,44 @@ def test_a_block_pruned_in_every_member_leaves_the_stack() -> None:
     x = torch.rand(5, 12, dtype=torch.float64)
     before = pop(x).detach()
     pop.keep([0, 1, 2])
-    assert pop.block_ids == [0, 1, 3] and pop.depth == 3  # block 2 is gone for everyone
-    torch.testing.assert_close(pop(x), before)  # a pruned block was an identity map
+    # as deep as the member with the most blocks; the first one's two fill slots 0 and 1
+    assert pop.depth == 3 and pop.block_ids == [[0, 3, -1], [0, 1, 3], [0, 1, 3]]
+    assert pop.active.tolist() == [[True, True, False], [True, True, True], [True, True, True]]
+    assert not pop.bias[0, 2].any() and not pop.w_hidden[0, 1].any()  # an empty block
+    torch.testing.assert_close(pop(x), before, rtol=0, atol=0)  # an exact identity map
     pop.keep([1])
-    assert pop.size == 1
+    assert pop.size == 1 and pop.block_ids == [[0, 1, 3]]
     torch.testing.assert_close(pop(x)[0], before[1])
+    pop.keep([0])
+    assert pop.depth == 3  # a member's own blocks stay
+
+
+def test_repacked_members_with_different_pruning_train_as_each_alone() -> None:
+    """Each member pruned its own blocks (the second's last tau is T minus the others, so its
+    last block moves to the last slot): after repacking, many steps equal each network's."""
+    nets, pop = _networks(TauResNet, mixed=True), TauPopulation(_networks(TauResNet, mixed=True))
+    with torch.no_grad():
+        pop.tau_free[0, 2] = 1e-9
+        pop.tau_free[1, 1] = 1e-9
+        pop.tau_free[2, 1:3] = 1e-9
+    assert [pop.prune(k, 0.01) for k in range(3)] == [[2], [1], [1, 2]]
+    for net, kept in zip(nets, ([0, 1, 3], [0, 2, 3], [0, 3]), strict=True):
+        net.keep_blocks(kept)
+    pop.keep([0, 1, 2])
+    assert pop.depth == 3 and pop.block_ids == [[0, 1, 3], [0, 2, 3], [0, 3, -1]]
+    lr = torch.tensor([0.3, 0.1, 0.5], dtype=torch.float64)
+    l1 = torch.tensor([0.0, 0.01, 0.03], dtype=torch.float64)
+    horizon = torch.tensor([0.2, 0.05, 0.05], dtype=torch.float64)
+    _side_by_side(pop, nets, 30, lr=lr, l1=l1, horizon=horizon)
+    for k, net in enumerate(nets):
+        assert pop.member_block_ids(k) == net.block_ids
+        fresh = TauResNet(12, 7, 4, 3, T=net.T, dependent_last_tau=net.dependent_last_tau)
+        mine = pop.export(k, fresh.double())
+        for got, want in zip(mine.state_dict().values(), net.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert not pop.tau_free[2, 2] and not pop.bias[2, 2].any()  # the empty slot stays empty
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        TauPopulation(_networks(FractionalDNN)).prune(0, 0.5)
 
 
 def test_a_population_needs_one_shape() -> None:
@@ -360,3 +393,32 @@ def test_groups_of_both_architectures_train_together_and_small_groups_alone(
     err = capsys.readouterr().err
     assert "trials together" not in err  # three: each alone
     assert "(member 3 of 3, alone) epoch 3/3" in err
+
+
+def test_pruning_resnets_and_fractional_networks_train_apart_and_the_stack_shrinks(
+    mnist: RawDataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four ResNets that prune and four fractional networks: two populations, and the
+    ResNets' stack shrinks as its members prune (beside a fractional member it could not)."""
+    eps = (0.3, 0.16, 0.2, 0.3)  # three keep the input block alone, one keeps four blocks
+    resnets = [
+        TrainConfig(seed=s, T=1.0 + s, lr=0.05, l1=0.01, prune_eps=eps[s], **SMALL)
+        for s in range(4)
+    ]
+    small = {**SMALL, "arch": "fracdnn"}
+    fractional = [TrainConfig(seed=s, T=1.0 + s, gamma=0.2 * s, **small) for s in range(1, 5)]
+    configs = [c for pair in zip(resnets, fractional, strict=True) for c in pair]
+    results = train_population(configs, mnist, device="cpu", progress=True, label="batch")
+    err = capsys.readouterr().err
+    assert "batch (resnet members) epoch 3/3: 4 trials together" in err
+    assert "batch (fracdnn members) epoch 3/3: 4 trials together, 4 go on, best" in err
+    assert "epoch 2/3: 4 trials together, 4 go on (stack of 4/6 blocks)" in err
+    for config, together in zip(configs, results, strict=True):
+        alone = train(config, mnist, device="cpu")
+        _assert_same(together, alone)
+    assert [len(r.active_block_ids) for r in results[::2] if isinstance(r, TrainResult)] == [
+        1,
+        4,
+        1,
+        1,
+    ]
