@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import sqlite3
 import warnings
@@ -206,6 +207,38 @@ def set_trial_attrs(
         ):
             for key, value in attrs.items():
                 storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+
+def set_study_system_attrs(
+    storage: optuna.storages.RDBStorage,
+    study_id: int,
+    attrs: dict[str, Any],
+    *,
+    clear_prefix: str | None = None,
+) -> None:
+    """Set many system attributes of a study in one transaction (Optuna commits each
+    ``set_study_system_attr`` alone: a figure of a large study is a hundred chunks).
+
+    With ``clear_prefix``, every other attribute whose key starts with it is emptied (``""``),
+    as optuna-dashboard clears the chunks a shorter figure no longer fills; only those keys
+    are read, not the study's other attributes (its notes grow with the study).
+    """
+    model = _rdb_models.StudySystemAttributeModel
+    wanted: sqlalchemy.ColumnElement[bool] = model.key.in_(list(attrs))
+    if clear_prefix is not None:
+        wanted = sqlalchemy.or_(wanted, model.key.startswith(clear_prefix, autoescape=True))
+    with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
+        rows = session.query(model).filter(model.study_id == study_id, wanted).all()
+        existing: dict[str, Any] = {str(row.key): row for row in rows}
+        for key, value in attrs.items():
+            row = existing.pop(key, None)
+            if row is None:
+                session.add(model(study_id=study_id, key=key, value_json=json.dumps(value)))
+            else:
+                row.value_json = json.dumps(value)
+        for key, row in existing.items():
+            if clear_prefix is not None and key.startswith(clear_prefix):
+                row.value_json = json.dumps("")
 
 
 def trial_counts(

@@ -115,6 +115,27 @@ def _with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -
         return {int(row[0]) for row in conn.execute(query, {"ids": trial_ids})}
 
 
+def _running(
+    storage: optuna.storages.RDBStorage, study_id: int
+) -> dict[int, tuple[int, datetime.datetime | None]]:
+    """Number and start of every running trial of the study, by trial id: one query, where
+    reading the study's trials (even through the cache) sorts all of them."""
+    query = sqlalchemy.text(
+        "SELECT trial_id, number, datetime_start FROM trials "
+        "WHERE study_id = :s AND state = 'RUNNING'"
+    )
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"s": study_id}).all()
+    return {int(i): (int(n), _as_datetime(start)) for i, n, start in rows}
+
+
+def _as_datetime(value: object) -> datetime.datetime | None:
+    # SQLAlchemy's text() hands SQLite's timestamps over as strings.
+    if value is None or isinstance(value, datetime.datetime):
+        return value
+    return datetime.datetime.fromisoformat(str(value))
+
+
 def fail_stale_trials(study: optuna.Study, grace_seconds: float) -> list[tuple[int, str]]:
     """Fail and queue again every running trial that is dead: its heartbeat has been silent for
     the grace period (Optuna's rule), or it never sent one and started more than the grace
@@ -123,11 +144,10 @@ def fail_stale_trials(study: optuna.Study, grace_seconds: float) -> list[tuple[i
     keep every other worker waiting. Returns (number, why) of the trials failed here."""
     storage = study._storage
     rdb = rdb_of(storage)
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    by_id = {t._trial_id: t for t in running}
-    silent = set(rdb._get_stale_trial_ids(study._study_id)) & set(by_id)
+    running = _running(rdb, study._study_id)  # (number, start) by id, without the others
+    silent = set(rdb._get_stale_trial_ids(study._study_id)) & set(running)
     limit = datetime.datetime.now() - datetime.timedelta(seconds=grace_seconds)
-    old = [t._trial_id for t in running if t.datetime_start and t.datetime_start < limit]
+    old = [i for i, (_, start) in running.items() if start is not None and start < limit]
     never = set(old) - silent - _with_heartbeat(rdb, old)
     failed = []
     callback = rdb.get_heartbeat_stale_trial_callback()
@@ -138,7 +158,7 @@ def fail_stale_trials(study: optuna.Study, grace_seconds: float) -> list[tuple[i
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
         why = "never sent a heartbeat" if trial_id in never else "its heartbeat went silent"
-        failed.append((by_id[trial_id].number, why))
+        failed.append((running[trial_id][0], why))
         if callback is not None:
             callback(study, storage.get_trial(trial_id))
     return failed
