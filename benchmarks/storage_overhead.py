@@ -7,6 +7,9 @@ more trials of a tiny size (1 epoch on 100 images), so that training is negligib
 time outside training is its wall time per trial minus the trials' own epoch time: claiming
 (the study lock, counting, the sampler's ask), suggesting, the metrics, the model's upload,
 the tell, the note and the figures (at most every 30 s), and the final test-set evaluation.
+It is given twice: over the worker's whole run, and in its steady state (first finished trial
+to last), without what a worker pays once when it starts (loading the study into the
+storage's cache, the first drawing of the figures) and when it ends (the last drawing).
 Usage::
 
     python benchmarks/storage_overhead.py --data-dir ../shared/data [--prefill 10 5000]
@@ -114,12 +117,19 @@ def measure(url: str, prefill: int, trials: int, data_dir: Path, tmp: Path) -> d
     start = time.perf_counter()
     summary = worker.run()
     wall = time.perf_counter() - start
-    done = [
+    ran = [
         t
         for t in optuna.load_study(study_name=name, storage=open_storage(settings)).trials
-        if "worker" in t.user_attrs and t.state == optuna.trial.TrialState.COMPLETE
+        if "worker" in t.user_attrs and t.state.is_finished()
     ]
+    done = [t for t in ran if t.state == optuna.trial.TrialState.COMPLETE]
     epochs = sum(sum(t.user_attrs["epoch_seconds"]) for t in done)
+    # Steady state: from the first finished trial to the last, which leaves out what a worker
+    # pays once (loading the study into the storage's cache at its first claim, the first
+    # drawing of the figures) and the last drawing at its end.
+    ran.sort(key=lambda t: t.datetime_complete)
+    span = (ran[-1].datetime_complete - ran[0].datetime_complete).total_seconds()
+    later = sum(sum(t.user_attrs.get("epoch_seconds", [])) for t in ran[1:])
     return {
         "storage": url.split(":")[0],
         "trials_before": prefill,
@@ -127,6 +137,7 @@ def measure(url: str, prefill: int, trials: int, data_dir: Path, tmp: Path) -> d
         "fill_seconds": filled,
         "wall_seconds": wall,
         "outside_training_per_trial_s": (wall - epochs) / max(summary.trials_run, 1),
+        "steady_outside_training_per_trial_s": (span - later) / max(len(ran) - 1, 1),
     }
 
 
