@@ -7,6 +7,8 @@ engine's step of one network alone (``loss_and_grad``, the optimiser step, the p
 All of them run in short bursts, interleaved round by round, so that a slow phase of a shared
 machine hits them alike; the table gives medians over the rounds of milliseconds per member
 and step, and the median of the per-round ratios alone / together (above 1: batching pays).
+A last row times the matrix products of a ResNet population's step alone: the floor of its
+arithmetic, against which the rest of the step is overhead.
 
     python benchmarks/population_step.py --data-dir ../shared/data --k 1 2 4 8 16 32
 """
@@ -70,6 +72,37 @@ def _together(arch: str, k: int) -> Callable[[Batches], None]:
     return run
 
 
+def _products(
+    k: int, width: int = 100, depth: int = 6, classes: int = 10
+) -> Callable[[Batches], None]:
+    """The floor: the matrix products of a ResNet population's step alone (the input layer on
+    the shared batch, the hidden and output layers batched over the members, forward, the
+    gradients passed down and every weight's update), on preallocated tensors, nothing else."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(k, width, 784, generator=g) * 0.01
+    hidden = torch.randn(k, depth - 1, width, width, generator=g) * 0.01
+    w_out = torch.randn(k, classes, width, generator=g) * 0.01
+
+    def run(batches: Batches) -> None:
+        for x, _ in batches:
+            n = x.shape[0]
+            state = (x @ w0.reshape(k * width, -1).t()).view(n, k, width).transpose(0, 1)
+            states = [state]
+            for layer in range(depth - 1):
+                state = torch.bmm(state, hidden[:, layer].transpose(1, 2))
+                states.append(state)
+            logits = torch.bmm(state, w_out.transpose(1, 2))
+            grad = torch.bmm(logits, w_out)
+            w_out.baddbmm_(logits.transpose(1, 2), state, alpha=-1e-9)
+            for layer in reversed(range(depth - 1)):
+                below = states[layer]
+                hidden[:, layer].baddbmm_(grad.transpose(1, 2), below, alpha=-1e-9)
+                grad = torch.bmm(grad, hidden[:, layer])
+            w0.baddbmm_(grad.transpose(1, 2), x.expand(k, *x.shape), alpha=-1e-9)
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
@@ -93,6 +126,8 @@ def main() -> None:
             runs[(arch, 0)] = (_alone(arch), 1)  # K = 0: the engine's step, alone
         for k in args.k:
             runs[(arch, k)] = (_together(arch, k), k)
+    for k in args.k:
+        runs[("products", k)] = (_products(k), k)
     per_member: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
     for fn, _ in runs.values():  # warm-up
         fn(batches[:3])
@@ -127,6 +162,13 @@ def _print(per_member: dict[tuple[str, int], list[float]], ks: list[int], rounds
             ratio = statistics.median(a / t for a, t in zip(own, times, strict=True))
             cells.append(f"{statistics.median(times):.2f} ({ratio:.2f}x)")
         print(f"| {arch} | " + " | ".join(cells) + f" | {statistics.median(own):.2f} |")
+    # 2 flops per multiply-add: forward, gradients passed down (not to the input), updates
+    flops = 2 * 100 * (3 * (784 * 100 + 5 * 100 * 100 + 100 * 10) - 784 * 100) / 1e6
+    cells = []
+    for k in ks:
+        ms = statistics.median(per_member[("products", k)])
+        cells.append(f"{ms:.2f} ({flops / ms:.0f} GFLOP/s)")
+    print("| ResNet's matrix products alone | " + " | ".join(cells) + " | - |")
 
 
 if __name__ == "__main__":
