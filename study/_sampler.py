@@ -8,10 +8,11 @@ trials (and every running one, for the constant liar) through the storage's cach
 suggestion costs the same in a study of 10,000 trials as in one of ``window``.
 
 TPE also redoes, for every parameter of a trial, the work that depends only on the trials: the
-filtering by state and the split into good and bad trials (a non-dominated sort with two
-objectives). Within one ``ask`` the trials are the same for every parameter (the study's cache
-holds them until the next ``ask`` or ``tell``), so the window, each state filter and the split
-are made once per trial and reused by its parameters.
+filtering by state, the split into good and bad trials (a non-dominated sort with two
+objectives) and a pass over each side's trials to pick out the parameter's values. Within one
+``ask`` the trials are the same for every parameter (the study's cache holds them until the
+next ``ask`` or ``tell``), so the window, each state filter, the split and one pass for the
+values of every parameter are made once per trial and reused by its parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import copy
 from collections.abc import Container
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers._tpe import sampler as _tpe
@@ -30,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 HISTORY_WINDOW = 1000
 
 _Split = tuple[list[FrozenTrial], list[FrozenTrial]]
+_FINISHED = frozenset(s for s in TrialState if s.is_finished())
 
 
 class _RecentTrials:
@@ -43,6 +46,9 @@ class _RecentTrials:
         self._recent: list[FrozenTrial] = []
         self._by_states: dict[tuple[int, ...] | None, list[FrozenTrial]] = {}
         self._splits: dict[tuple[int, bool], _Split] = {}
+        # per list of trials (kept alive here, so its id stays its own): each parameter's
+        # values, in the trials' order
+        self._columns: dict[int, tuple[list[FrozenTrial], dict[str, list[Any]]]] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
@@ -51,13 +57,20 @@ class _RecentTrials:
         trials = self._study._get_trials(deepcopy=False, use_cache=True)
         if trials is self._source:
             return
-        self._source, self._by_states, self._splits = trials, {}, {}
-        finished = [t for t in trials if t.state.is_finished()]
-        if len(finished) <= self._window:
+        self._source, self._by_states, self._splits, self._columns = trials, {}, {}, {}
+        # The trials come by number: from the newest back to the window's oldest finished one,
+        # then only the unfinished trials before it.
+        seen, cut = 0, 0
+        for index in range(len(trials) - 1, -1, -1):
+            seen += trials[index].state in _FINISHED
+            if seen == self._window:
+                cut = index
+                break
+        else:
             self._recent = trials
             return
-        oldest_kept = finished[-self._window].number
-        self._recent = [t for t in trials if not t.state.is_finished() or t.number >= oldest_kept]
+        older = [t for t in trials[:cut] if t.state not in _FINISHED]
+        self._recent = older + trials[cut:]
 
     def _get_trials(
         self,
@@ -92,6 +105,18 @@ class _RecentTrials:
             view: Any = self
             self._splits[key] = _tpe._split_trials(view, trials, sampler.gamma_of(self)(n))
         return self._splits[key]
+
+    def values(self, trials: list[FrozenTrial], name: str) -> list[Any]:
+        """``name``'s value in each trial of ``trials`` that has it, in order: one pass over
+        ``trials`` serves every parameter."""
+        cached = self._columns.get(id(trials))
+        if cached is None or cached[0] is not trials:
+            columns: dict[str, list[Any]] = {}
+            for trial in trials:
+                for key, value in trial.params.items():
+                    columns.setdefault(key, []).append(value)
+            cached = self._columns[id(trials)] = (trials, columns)
+        return cached[1].get(name, [])
 
 
 class WindowedTPESampler(optuna.samplers.TPESampler):
@@ -135,6 +160,17 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         # first ``window``), and the parameter's proposal reads it.
         view: Any = self._recent(study)
         return super().sample_independent(view, trial, param_name, param_distribution)
+
+    def _get_internal_repr(
+        self, trials: list[FrozenTrial], search_space: dict[str, BaseDistribution], study: Any
+    ) -> dict[str, np.ndarray]:
+        # TPESampler's, for the one parameter an independent suggestion asks for, from the
+        # values the view collected in one pass (a trial's params of a finished or running
+        # trial: not multivariate, so no relative params stand in system attributes).
+        if self._multivariate or len(search_space) != 1 or not isinstance(study, _RecentTrials):
+            return super()._get_internal_repr(trials, search_space, study)
+        ((name, dist),) = search_space.items()
+        return {name: np.asarray([dist.to_internal_repr(v) for v in study.values(trials, name)])}
 
     def _sample(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
