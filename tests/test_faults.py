@@ -260,12 +260,32 @@ def _terminate_connections(database: str, rounds: int, every: float) -> None:
     engine.dispose()
 
 
+def _terminate_busy_connections(database: str, kills: int, timeout: float) -> int:
+    """Terminate the workers' connections caught in use (a query running, or a transaction
+    open: a claim under the study lock, a trial's metrics), until ``kills`` were or
+    ``timeout`` passed; returns how many. An idle pooled connection that dies is replaced
+    unseen (``pool_pre_ping``): only one lost in use makes a storage call fail."""
+    engine = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    busy = sqlalchemy.text(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND state <> 'idle'"
+    )
+    done, deadline = 0, time.monotonic() + timeout
+    with engine.connect() as conn:
+        while done < kills and time.monotonic() < deadline:
+            done += sum(1 for (ok,) in conn.execute(busy, {"db": database}) if ok)
+            time.sleep(0.002)
+    engine.dispose()
+    return done
+
+
 def test_connections_terminated_repeatedly(tmp_path: Path, data_dir: Path) -> None:
     name = _create(tmp_path, 6)
     workers = [Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=s) for s in (1, 2)]
     _running_trial_of(workers[0], name)
     database = sqlalchemy.engine.make_url(PG_URL).database
     assert database
+    assert _terminate_busy_connections(database, kills=3, timeout=60) >= 3
     _terminate_connections(database, rounds=60, every=0.2)
     _assert_exact_budget(name, 6, workers)
     assert any("retrying" in w.output or "heartbeat failed" in w.output for w in workers)
