@@ -138,8 +138,8 @@ def _parts(configs: Sequence[TrainConfig]) -> list[list[int]]:
     """The configs (indices) that train as one population each: ResNets that may prune apart
     from fractional networks where each side fills a population of its own (a fractional
     block is never pruned, so beside one the stack cannot shrink when ResNets prune; apart,
-    two groups of 8 step as fast as one mixed group of 16: ``benchmarks/population_step.py``);
-    else all together."""
+    16 default-study trials took 0.91-1.01 of one mixed population's time, with the same
+    results: ``benchmarks/population_groups.py``); else all together."""
     resnets = [i for i, c in enumerate(configs) if c.arch == "resnet"]
     others = [i for i, c in enumerate(configs) if c.arch != "resnet"]
     prunes = any(configs[i].prune_eps is not None for i in resnets)
