@@ -4,7 +4,7 @@ Layer: it uses the networks (:mod:`tauopt.models`) and the exception types (:mod
 and nothing above it (no Optuna, no storage, no command line).
 """
 
-from tauopt.engine._config import ARCHS, TrainConfig
+from tauopt.engine._config import ARCHS, PRUNE_RULES, TrainConfig
 from tauopt.engine._data import (
     DATASETS,
     RawDataset,
@@ -13,12 +13,9 @@ from tauopt.engine._data import (
     load_dataset,
     make_splits,
 )
+from tauopt.engine._loop import EpochStats, PruneEvent, TrainResult, accuracy
 from tauopt.engine._population import group_key, train_population
 from tauopt.engine._train import (
-    EpochStats,
-    PruneEvent,
-    TrainResult,
-    accuracy,
     build_model,
     parameter_count,
     resolve_device,
@@ -29,6 +26,7 @@ from tauopt.engine._train import (
 __all__ = [
     "ARCHS",
     "DATASETS",
+    "PRUNE_RULES",
     "EpochStats",
     "PruneEvent",
     "RawDataset",

@@ -12,6 +12,10 @@ from tauopt.errors import ConfigError
 
 Arch = Literal["resnet", "fracdnn"]
 ARCHS: tuple[str, ...] = ("resnet", "fracdnn")
+PruneRule = Literal["all", "smallest"]
+#: ``all``: every block under the threshold goes at once; ``smallest``: only the smallest one
+#: per check (the papers' published code).
+PRUNE_RULES: tuple[str, ...] = ("all", "smallest")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -31,9 +35,16 @@ def _is_real(value: Any) -> bool:
 class TrainConfig:
     """Everything that determines one training run. Defaults are the papers' reference setting.
 
-    ``prune_eps=None`` disables adaptive layer pruning; otherwise a ResNet block whose
-    ``|tau_l| / sum|tau|`` falls below ``prune_eps`` is removed every ``prune_every`` epochs.
-    ``train_size`` takes a subset of the training split (after the validation hold-out).
+    ``prune_eps=None`` disables adaptive layer pruning; otherwise every ``prune_every`` epochs
+    the ResNet blocks whose ``|tau_l| / sum|tau|`` fall below ``prune_eps`` are removed: all of
+    them (``prune_rule="all"``) or the smallest one (``"smallest"``, the papers' code).
+    ``train_size`` takes a subset of the training split (after the validation hold-out);
+    ``val_size=0`` holds nothing out (no validation accuracy).
+
+    The horizon ``sum(tau) = T`` exactly: ``dependent_last_tau`` computes the last tau as
+    ``T - sum(others)`` in the forward pass (the gradients see the constraint);
+    ``projected_last_tau`` overwrites it with that after every step (the papers' code: no
+    gradient through it).
     """
 
     arch: Arch = "resnet"
@@ -43,8 +54,10 @@ class TrainConfig:
     l1: float = 0.0
     horizon_weight: float = 0.0
     dependent_last_tau: bool = False
+    projected_last_tau: bool = False
     prune_eps: float | None = None
     prune_every: int = 1
+    prune_rule: PruneRule = "all"
     gamma: float = 0.5
     width: int = 100
     depth: int = 6
@@ -67,7 +80,15 @@ class TrainConfig:
             self.dataset in DATASETS,
             f"dataset must be one of {tuple(DATASETS)}, got {self.dataset!r}",
         )
-        for name in ("epochs", "width", "depth", "batch_size", "prune_every", "val_size"):
+        _require(
+            self.prune_rule in PRUNE_RULES,
+            f"prune_rule must be one of {PRUNE_RULES}, got {self.prune_rule!r}",
+        )
+        _require(
+            _is_int(self.val_size) and self.val_size >= 0,
+            f"val_size must be an integer >= 0 (0: no validation), got {self.val_size!r}",
+        )
+        for name in ("epochs", "width", "depth", "batch_size", "prune_every"):
             value = getattr(self, name)
             _require(
                 _is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}"
@@ -97,9 +118,15 @@ class TrainConfig:
             _is_real(self.gamma) and 0 < self.gamma < 1,
             f"gamma (fractional order) must lie in (0, 1), got {self.gamma!r}",
         )
+        for name in ("dependent_last_tau", "projected_last_tau"):
+            _require(
+                not getattr(self, name) or self.depth >= 2,
+                f"{name} needs depth >= 2: the last tau is T minus the others",
+            )
         _require(
-            not self.dependent_last_tau or self.depth >= 2,
-            "dependent_last_tau needs depth >= 2: the last tau is T minus the others",
+            not (self.dependent_last_tau and self.projected_last_tau),
+            "dependent_last_tau and projected_last_tau are two ways to the same constraint: "
+            "set one of them",
         )
         if self.prune_eps is not None:
             _require(

@@ -26,6 +26,9 @@ _IDX_UBYTE = 0x08
 #: a study selects models on the same held-out images.
 SPLIT_SEED = 20230628
 NUM_CLASSES = 10
+#: Training accuracy is measured on this many training images (fewer where the split is
+#: smaller), always the same ones: the first of the shuffled training split.
+TRAIN_EVAL_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ class RawDataset:
 
 @dataclass(frozen=True)
 class Splits:
-    """Float tensors on the training device, pixels in [0, 1]."""
+    """Float tensors on the training device, pixels in [0, 1]. ``train_eval_*`` is the fixed
+    subset of the training split that training accuracy is measured on (a view, no copy);
+    ``val_*`` may be empty."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -63,6 +68,14 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+
+    @property
+    def train_eval_x(self) -> torch.Tensor:
+        return self.train_x[:TRAIN_EVAL_SIZE]
+
+    @property
+    def train_eval_y(self) -> torch.Tensor:
+        return self.train_y[:TRAIN_EVAL_SIZE]
 
 
 def default_data_dir() -> Path:
@@ -238,8 +251,8 @@ def make_splits(
 ) -> Splits:
     """Hold out a fixed validation split, optionally subsample training, move to ``device``."""
     n = len(dataset.train)
-    if not 0 < val_size < n:
-        raise DataError(f"val_size must lie in (0, {n}), got {val_size}")
+    if not 0 <= val_size < n:
+        raise DataError(f"val_size must lie in [0, {n}), got {val_size}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     val_idx, train_idx = order[:val_size], order[val_size:]
     if train_size is not None:

@@ -9,30 +9,24 @@ same pruning decisions, and the evaluation runs on the member's own network.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import RawDataset, Splits, make_splits
+from tauopt.engine._loop import EpochStats, LoopOptions, RunRecord, TrainResult, run_epochs
 from tauopt.engine._train import (
-    EpochStats,
-    PruneEvent,
-    RunRecord,
-    TrainResult,
-    accuracy,
     build_model,
-    check_finite,
     check_fits,
     parameter_count,
     resolve_device,
     train,
 )
-from tauopt.errors import ConfigError, DivergedError
+from tauopt.errors import ConfigError
 from tauopt.models import TauNetwork, TauPopulation
 
 #: What members of one group must share; everything else is per member (the architecture
@@ -54,13 +48,6 @@ _SHARED = (
 def group_key(config: TrainConfig) -> tuple[object, ...]:
     """Configs with equal keys can train as one population."""
     return (*(getattr(config, name) for name in _SHARED), config.order_seed)
-
-
-@dataclass
-class _Member(RunRecord):
-    index: int = field(kw_only=True)  # the config's position in the call
-    #: The member's own network, updated from the population each epoch.
-    network: TauNetwork = field(kw_only=True)
 
 
 #: Fewer members than this train alone. Measured on a 2-core CPU (reference size, per member
@@ -107,14 +94,14 @@ def train_population(
         relay = None if on_epoch is None else partial(_relay, on_epoch, part)
         if len(part) >= MIN_BATCH:
             arch = configs[part[0]].arch
-            results = _train_together(
-                [configs[i] for i in part],
-                dataset,
-                dev=resolve_device(device),
+            options = LoopOptions(
                 on_epoch=relay,
-                label=f"{label} ({arch} members)".strip() if len(parts) > 1 else label,
                 progress=progress,
+                label=f"{label} ({arch} members)".strip() if len(parts) > 1 else label,
                 test_every_epoch=test_every_epoch,
+            )
+            results = _train_together(
+                [configs[i] for i in part], dataset, dev=resolve_device(device), options=options
             )
             outcome.update(zip(part, results, strict=True))
             continue
@@ -163,10 +150,7 @@ def _train_together(
     dataset: RawDataset,
     *,
     dev: torch.device,
-    on_epoch: Callable[[int, EpochStats], None] | None,
-    progress: bool,
-    label: str,
-    test_every_epoch: bool,
+    options: LoopOptions,
 ) -> list[TrainResult | Exception]:
     first = configs[0]
     for config in configs:  # K members hold K batches' states at once
@@ -174,146 +158,75 @@ def _train_together(
         check_fits(config.replace(batch_size=batch), dataset.in_features, dataset.num_classes, dev)
     splits = make_splits(dataset, val_size=first.val_size, train_size=first.train_size, device=dev)
     shape = (dataset.in_features, dataset.num_classes)
-    members = [
-        _Member(c, parameter_count(c, *shape), index=i, network=build_model(c, *shape).to(dev))
-        for i, c in enumerate(configs)
-    ]
-    population = TauPopulation([m.network for m in members])
-    outcome: dict[int, TrainResult | Exception] = {}
-    generator = torch.Generator().manual_seed(first.order_seed)
-    for epoch in range(1, first.epochs + 1):
-        start = time.perf_counter()
-        losses = _train_epoch(population, members, splits, generator)
-        trained = len(members)
-        train_seconds = (time.perf_counter() - start) / trained
-        left = _end_epoch(population, members, splits, epoch, losses, outcome, test_every_epoch)
-        seconds = (time.perf_counter() - start) / trained
-        for member in left:
-            member.train_seconds.append(train_seconds)
-            member.seconds.append(seconds)
-        left = _report(left, epoch, on_epoch, outcome)
-        # Repack: members that left and blocks that were pruned stop costing anything (the
-        # stack shrinks to the member with the most blocks left).
-        kept = [members.index(m) for m in left]
-        if kept and (len(kept) < len(members) or population.packed_depth(kept) < population.depth):
-            population.keep(kept)
-        if progress:
-            took = seconds * trained
-            _print_progress(label, epoch, first.epochs, members, left, population.depth, took)
-        members = left
-        if not members:
-            break
-    for member in members:
-        outcome[member.index] = member.result(member.network, splits, dev)
-    return [outcome[i] for i in range(len(configs))]
+    records = [RunRecord(c, parameter_count(c, *shape)) for c in configs]
+    networks = [build_model(c, *shape).to(dev) for c in configs]
+    return run_epochs(PopulationStepper(configs, networks, splits), records, splits, dev, options)
 
 
-def _step_coefficients(members: Sequence[_Member], device: torch.device) -> list[torch.Tensor]:
-    def column(name: str) -> torch.Tensor:
-        return torch.tensor([getattr(m.config, name) for m in members], device=device)
+class PopulationStepper:
+    """The members of one group as a :class:`TauPopulation`, one batched step for all. Each
+    member's own network is updated from the population whenever it is looked at."""
 
-    return [column("lr"), column("l1"), column("horizon_weight")]
+    def __init__(
+        self, configs: Sequence[TrainConfig], networks: list[TauNetwork], splits: Splits
+    ) -> None:
+        self.population = TauPopulation(networks)
+        self.configs, self.networks, self.splits = list(configs), networks, splits
+        self._taus: list[list[float]] = []
 
+    @property
+    def depth(self) -> int:
+        return self.population.depth
 
-def _train_epoch(
-    population: TauPopulation,
-    members: Sequence[_Member],
-    splits: Splits,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """One pass over the shuffled training split, as the single engine batches it; returns the
-    mean training loss of every member."""
-    x, y = splits.train_x, splits.train_y
-    lr, l1, horizon = _step_coefficients(members, x.device)
-    total = torch.zeros(len(members), device=x.device)
-    order = torch.randperm(x.shape[0], generator=generator).to(x.device)
-    batches = 0
-    for idx in order.split(members[0].config.batch_size):
-        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        total += population.sgd_step_(xb, yb, lr=lr, l1=l1, horizon_weight=horizon)
-        batches += 1
-    return total / batches
+    def _column(self, name: str) -> torch.Tensor:
+        device = self.splits.train_x.device
+        return torch.tensor([getattr(c, name) for c in self.configs], device=device)
 
+    def train_epoch(self, generator: torch.Generator, bar: tqdm[Any]) -> tuple[list[float], ...]:
+        """One pass over the shuffled training split, as the single engine batches it."""
+        x, y = self.splits.train_x, self.splits.train_y
+        lr, l1, horizon = self._column("lr"), self._column("l1"), self._column("horizon_weight")
+        total = torch.zeros(len(self.configs), device=x.device)
+        clean = torch.zeros_like(total)
+        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        batches = 0
+        for idx in order.split(self.configs[0].batch_size):
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            step = self.population.sgd_step_(
+                xb, yb, lr=lr, l1=l1, horizon_weight=horizon, clean_sum=clean
+            )
+            total += step
+            batches += 1
+            if batches % 50 == 0:
+                bar.update(50)
+        bar.update(batches % 50)
+        self._taus = self.population.taus().detach().cpu().tolist()
+        return (total / batches).tolist(), (clean / batches).tolist()
 
-def _end_epoch(
-    population: TauPopulation,
-    members: list[_Member],
-    splits: Splits,
-    epoch: int,
-    losses: torch.Tensor,
-    outcome: dict[int, TrainResult | Exception],
-    test_every_epoch: bool,
-) -> list[_Member]:
-    """Evaluate, check and prune every member, as :func:`train` does after an epoch; returns
-    the members that go on (a diverged one is recorded in ``outcome``)."""
-    left = []
-    taus_all = population.taus().detach().cpu().tolist()
-    for position, member in enumerate(members):
-        loss, taus = float(losses[position]), taus_all[position]
-        active = population.active[position].tolist()
-        own = [t for t, on in zip(taus, active, strict=True) if on]
-        try:
-            check_finite(epoch, loss, own)
-        except DivergedError as e:
-            outcome[member.index] = e
-            continue
-        population.export(position, member.network)
-        member.val.append(accuracy(member.network, splits.val_x, splits.val_y))
-        if test_every_epoch:
-            member.test.append(accuracy(member.network, splits.test_x, splits.test_y))
-        ids_before = population.member_block_ids(position)
-        member.record_taus(ids_before, own)
-        member.losses.append(loss)
-        eps, every = member.config.prune_eps, member.config.prune_every
-        if eps is not None and member.config.arch == "resnet" and epoch % every == 0:
-            for stack_position in population.prune(position, eps):
-                block = population.block_ids[position][stack_position]
-                member.pruned.append(PruneEvent(epoch, ids_before.index(block), block))
-            population.export(position, member.network)
-        left.append(member)
-    return left
+    def taus(self, position: int) -> list[float]:
+        active = self.population.active[position].tolist()
+        return [t for t, on in zip(self._taus[position], active, strict=True) if on]
 
+    def block_ids(self, position: int) -> list[int]:
+        return self.population.member_block_ids(position)
 
-def _report(
-    members: list[_Member],
-    epoch: int,
-    on_epoch: Callable[[int, EpochStats], None] | None,
-    outcome: dict[int, TrainResult | Exception],
-) -> list[_Member]:
-    if on_epoch is None:
-        return members
-    left = []
-    for member in members:
-        net = member.network
-        stats = EpochStats(
-            epoch, member.val[-1], member.losses[-1], net.depth, net.num_active_params()
-        )
-        try:
-            on_epoch(member.index, stats)
-        except Exception as e:  # the caller stops this member (a pruner, say); others go on
-            outcome[member.index] = e
-            continue
-        left.append(member)
-    return left
+    def network(self, position: int) -> TauNetwork:
+        return self.population.export(position, self.networks[position])
 
+    def prune(self, position: int, eps: float, rule: str) -> list[int]:
+        slots = [p for p, on in enumerate(self.population.active[position].tolist()) if on]
+        masked = self.population.prune(position, eps, rule)
+        if masked:
+            self._taus[position] = self.population.taus()[position].tolist()
+        return [slots.index(slot) for slot in masked]
 
-def _print_progress(
-    label: str,
-    epoch: int,
-    epochs: int,
-    members: list[_Member],
-    left: list[_Member],
-    depth: int,
-    took: float,
-) -> None:
-    prefix = f"{label} " if label else ""
-    vals = [m.val[-1] for m in members if m.val and len(m.val) == epoch]
-    best = f", best val accuracy {max(vals):.4f}" if vals else ""
-    full = members[0].config.depth
-    stack = f" (stack of {depth}/{full} blocks)" if left and depth < full else ""
-    print(
-        f"{prefix}epoch {epoch}/{epochs}: {len(members)} trials together, {len(left)} go on"
-        f"{stack}{best}, {took:.2f}s",
-        file=sys.stderr,
-        flush=True,
-    )
+    def keep(self, positions: list[int]) -> None:
+        """Repack: members that left and blocks that were pruned stop costing anything (the
+        stack shrinks to the member with the most blocks left)."""
+        pop = self.population
+        if not positions:
+            return
+        if len(positions) < pop.size or pop.packed_depth(positions) < pop.depth:
+            pop.keep(positions)
+        self.configs = [self.configs[p] for p in positions]
+        self.networks = [self.networks[p] for p in positions]

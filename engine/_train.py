@@ -1,17 +1,14 @@
 """The training engine: whole dataset on the device, batches by index, no per-sample work.
 
 Nothing here is global: a call of :func:`train` owns its model, optimiser and generator, so a
-worker process can run many trials one after another on the dataset it loaded once.
+worker process can run many trials one after another on the dataset it loaded once. The epoch
+loop is :func:`tauopt.engine._loop.run_epochs`; :class:`NetworkStepper` steps one network.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,122 +16,10 @@ from tqdm import tqdm
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import RawDataset, Splits, make_splits
+from tauopt.engine._loop import EpochStats, LoopOptions, RunRecord, TrainResult, run_epochs
 from tauopt.engine._step import GraphedTrainStep, TrainStep
-from tauopt.errors import ConfigError, DivergedError
+from tauopt.errors import ConfigError
 from tauopt.models import FractionalDNN, TauNetwork, TauResNet
-
-_EVAL_CHUNK = 10_000
-
-
-@dataclass(frozen=True)
-class PruneEvent:
-    """Block ``block`` (original numbering) was removed after ``epoch`` from ``position``."""
-
-    epoch: int
-    position: int
-    block: int
-
-
-@dataclass(frozen=True)
-class EpochStats:
-    """What a caller sees after each epoch (for example to report to an Optuna trial)."""
-
-    epoch: int
-    val_accuracy: float
-    train_loss: float
-    active_blocks: int
-    active_params: int
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Metrics of one finished run and the trained (possibly pruned) network."""
-
-    config: TrainConfig
-    device: str
-    val_accuracy: list[float]
-    test_accuracy: float
-    train_loss: list[float]
-    taus: list[float]
-    tau_history: list[list[float]]
-    active_blocks: int
-    active_block_ids: list[int]
-    active_params: int
-    pruned: list[PruneEvent]
-    epoch_seconds: list[float]
-    train_seconds: list[float]
-    model: TauNetwork = field(repr=False, compare=False)
-    #: Parameters of the network before any pruning.
-    initial_params: int = 0
-    #: Test accuracy after every epoch (only with ``train(..., test_every_epoch=True)``).
-    test_accuracy_history: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready metrics (the network itself is left out)."""
-        return {
-            "config": self.config.to_dict(),
-            "device": self.device,
-            "val_accuracy": self.val_accuracy,
-            "test_accuracy": self.test_accuracy,
-            "train_loss": self.train_loss,
-            "taus": self.taus,
-            "tau_sum": sum(self.taus),
-            "tau_history": self.tau_history,
-            "active_blocks": self.active_blocks,
-            "active_block_ids": self.active_block_ids,
-            "active_params": self.active_params,
-            "initial_params": self.initial_params,
-            "test_accuracy_history": self.test_accuracy_history,
-            "pruned": [vars(event) for event in self.pruned],
-            "epoch_seconds": self.epoch_seconds,
-            "train_seconds": self.train_seconds,
-        }
-
-
-@dataclass
-class RunRecord:
-    """What a run records epoch by epoch, and its :class:`TrainResult` once trained: one
-    bookkeeping for :func:`train` and for every member of a population."""
-
-    config: TrainConfig
-    #: Parameters of the network before any pruning.
-    initial_params: int
-    val: list[float] = field(default_factory=list)
-    test: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    history: list[list[float]] = field(default_factory=list)
-    pruned: list[PruneEvent] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    train_seconds: list[float] = field(default_factory=list)
-
-    def record_taus(self, block_ids: Sequence[int], taus: Sequence[float]) -> None:
-        """The taus of the blocks ``block_ids``, over every original block (a pruned block's
-        tau is exactly zero)."""
-        full = [0.0] * self.config.depth
-        for block, tau in zip(block_ids, taus, strict=True):
-            full[block] = tau
-        self.history.append(full)
-
-    def result(self, model: TauNetwork, splits: Splits, device: torch.device) -> TrainResult:
-        """The finished run of ``model``: the records, the test accuracy, the final taus."""
-        return TrainResult(
-            config=self.config,
-            device=str(device),
-            val_accuracy=self.val,
-            test_accuracy=accuracy(model, splits.test_x, splits.test_y),
-            train_loss=self.losses,
-            taus=model.taus.detach().cpu().tolist(),
-            tau_history=self.history,
-            active_blocks=model.depth,
-            active_block_ids=list(model.block_ids),
-            active_params=model.num_active_params(),
-            pruned=self.pruned,
-            epoch_seconds=self.seconds,
-            train_seconds=self.train_seconds,
-            model=model,
-            initial_params=self.initial_params,
-            test_accuracy_history=self.test,
-        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -209,6 +94,7 @@ def build_model(config: TrainConfig, in_features: int, num_classes: int) -> TauN
         "T": config.T,
         "trainable_tau": not config.fixed_tau,
         "dependent_last_tau": config.dependent_last_tau,
+        "projected_last_tau": config.projected_last_tau,
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -252,15 +138,6 @@ def make_optimizer(model: TauNetwork, config: TrainConfig) -> PlainSGD:
     return PlainSGD([p for p in model.parameters() if p.requires_grad], config.lr)
 
 
-@torch.inference_mode()
-def accuracy(model: TauNetwork, x: torch.Tensor, y: torch.Tensor) -> float:
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], _EVAL_CHUNK):
-        logits = model(x[start : start + _EVAL_CHUNK])
-        correct += (logits.argmax(1) == y[start : start + _EVAL_CHUNK]).sum()
-    return float(correct) / x.shape[0]
-
-
 def _make_step(
     model: TauNetwork, optimizer: PlainSGD, splits: Splits, config: TrainConfig, graphs: bool
 ) -> TrainStep:
@@ -272,29 +149,57 @@ def _make_step(
     return TrainStep(model, optimizer, x, y, l1=l1, horizon_weight=horizon)
 
 
-def _train_epoch(
-    step: TrainStep, config: TrainConfig, generator: torch.Generator, bar: tqdm[Any]
-) -> float:
-    """One pass over the shuffled training split; returns the mean training loss."""
-    n = step.x.shape[0]
-    # Batches are gathered by index from the resident tensors: a batch-sized copy per step is
-    # cheaper than shuffling the whole 150 MB training tensor once per epoch.
-    order = torch.randperm(n, generator=generator).to(step.x.device)
-    batches = 0
-    for idx in order.split(config.batch_size):
-        step(idx)
-        batches += 1
-        if batches % 50 == 0:
-            bar.update(50)
-    bar.update(batches % 50)
-    return float(step.total) / batches
+class NetworkStepper:
+    """One network's run, stepped by the fused step of :mod:`tauopt.engine._step` (replayed
+    from a CUDA graph on a GPU unless ``cuda_graphs`` is false)."""
 
+    def __init__(
+        self, model: TauNetwork, config: TrainConfig, splits: Splits, *, cuda_graphs: bool
+    ) -> None:
+        self.model, self.config, self.splits = model, config, splits
+        self.cuda_graphs = cuda_graphs
+        self.optimizer = make_optimizer(model, config)
 
-def check_finite(epoch: int, loss: float, taus: list[float]) -> None:
-    if not math.isfinite(loss):
-        raise DivergedError(epoch, f"training loss is {loss}; lower the learning rate or T")
-    if not all(math.isfinite(t) for t in taus):
-        raise DivergedError(epoch, f"step sizes became non-finite: {taus}")
+    @property
+    def depth(self) -> int:
+        return self.model.depth
+
+    def train_epoch(self, generator: torch.Generator, bar: tqdm[Any]) -> tuple[list[float], ...]:
+        step = _make_step(self.model, self.optimizer, self.splits, self.config, self.cuda_graphs)
+        n = step.x.shape[0]
+        # Batches are gathered by index from the resident tensors: a batch-sized copy per step
+        # is cheaper than shuffling the whole 150 MB training tensor once per epoch.
+        order = torch.randperm(n, generator=generator).to(step.x.device)
+        batches = 0
+        for idx in order.split(self.config.batch_size):
+            step(idx)
+            batches += 1
+            if batches % 50 == 0:
+                bar.update(50)
+        bar.update(batches % 50)
+        # one host round trip per epoch; the graph pins this epoch's buffers until then
+        return [float(step.total) / batches], [float(step.clean) / batches]
+
+    def taus(self, position: int) -> list[float]:
+        values: list[float] = self.model.taus.detach().cpu().tolist()
+        return values
+
+    def block_ids(self, position: int) -> list[int]:
+        return list(self.model.block_ids)
+
+    def network(self, position: int) -> TauNetwork:
+        return self.model
+
+    def prune(self, position: int, eps: float, rule: str) -> list[int]:
+        if not isinstance(self.model, TauResNet):
+            return []
+        removed = self.model.prune(eps, rule)
+        if removed:
+            self.optimizer = make_optimizer(self.model, self.config)
+        return removed
+
+    def keep(self, positions: list[int]) -> None:
+        """One member: nothing to repack."""
 
 
 def train(
@@ -331,50 +236,15 @@ def train(
         dataset, val_size=config.val_size, train_size=config.train_size, device=dev
     )
     model = build_model(config, dataset.in_features, dataset.num_classes).to(dev)
-    run = RunRecord(config, model.num_active_params())
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.order_seed)
-    n_batches = math.ceil(splits.train_x.shape[0] / config.batch_size)
-    prefix = f"{label} " if label else ""
-    for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
-        with tqdm(
-            total=n_batches,
-            desc=f"{prefix}epoch {epoch}/{config.epochs}",
-            # Not on a log file: a bar redrawn with carriage returns is noise there.
-            disable=not (progress and sys.stderr.isatty()),
-            file=sys.stderr,
-            leave=False,
-        ) as bar:
-            step = _make_step(model, optimizer, splits, config, cuda_graphs)
-            loss = _train_epoch(step, config, generator, bar)
-            del step  # a graph pins the buffers of this epoch's network
-        run.train_seconds.append(time.perf_counter() - start)
-        run.val.append(accuracy(model, splits.val_x, splits.val_y))
-        if test_every_epoch:
-            run.test.append(accuracy(model, splits.test_x, splits.test_y))
-        taus = model.taus.detach().cpu().tolist()
-        check_finite(epoch, loss, taus)
-        run.record_taus(model.block_ids, taus)
-        if (
-            config.prune_eps is not None
-            and isinstance(model, TauResNet)
-            and epoch % config.prune_every == 0
-        ):
-            ids = list(model.block_ids)
-            removed = model.prune(config.prune_eps)
-            if removed:
-                run.pruned += [PruneEvent(epoch, pos, ids[pos]) for pos in removed]
-                optimizer = make_optimizer(model, config)
-        run.seconds.append(time.perf_counter() - start)
-        run.losses.append(loss)
-        if progress:
-            print(
-                f"{prefix}epoch {epoch}/{config.epochs}: loss {loss:.4f}, "
-                f"val accuracy {run.val[-1]:.4f}, {model.depth} blocks, {run.seconds[-1]:.2f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-        if on_epoch is not None:
-            on_epoch(EpochStats(epoch, run.val[-1], loss, model.depth, model.num_active_params()))
-    return run.result(model, splits, dev)
+    record = RunRecord(config, model.num_active_params())
+    stepper = NetworkStepper(model, config, splits, cuda_graphs=cuda_graphs)
+    options = LoopOptions(
+        on_epoch=None if on_epoch is None else lambda _, stats: on_epoch(stats),
+        progress=progress,
+        label=label,
+        test_every_epoch=test_every_epoch,
+    )
+    (outcome,) = run_epochs(stepper, [record], splits, dev, options)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome

@@ -27,7 +27,10 @@ class TauNetwork(nn.Module):
       layers (``blocks``), then the output layer (``output``).
     * ``tau_free`` holds the trained step sizes. With ``dependent_last_tau`` the last tau is not a
       parameter but ``T - sum(other taus)``, computed in the forward pass so that the gradient of
-      the other taus sees the constraint ``sum(tau) = T``.
+      the other taus sees the constraint ``sum(tau) = T``. With ``projected_last_tau`` (the
+      papers' published code) the last tau is stored but gets no gradient: after every step
+      ``project_taus_()`` overwrites it with ``T - sum(other taus)``, and the other taus'
+      gradients do not see the constraint.
     * ``project_taus_()`` restores the admissible set after an optimiser step.
     """
 
@@ -41,6 +44,7 @@ class TauNetwork(nn.Module):
         T: float,
         trainable_tau: bool,
         dependent_last_tau: bool,
+        projected_last_tau: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -52,13 +56,23 @@ class TauNetwork(nn.Module):
             _check_positive_int(name, value)
         if not math.isfinite(T) or T <= 0:
             raise ValueError(f"T must be a positive finite time horizon, got {T!r}")
-        if dependent_last_tau and depth < 2:
+        for name, on in (
+            ("dependent_last_tau", dependent_last_tau),
+            ("projected_last_tau", projected_last_tau),
+        ):
+            if on and depth < 2:
+                raise ValueError(
+                    f"{name} needs depth >= 2 (the last tau is T minus the others), "
+                    f"got depth={depth}"
+                )
+        if dependent_last_tau and projected_last_tau:
             raise ValueError(
-                "dependent_last_tau needs depth >= 2 (the last tau is T minus the others), "
-                f"got depth={depth}"
+                "choose one of dependent_last_tau (gradient through the constraint) and "
+                "projected_last_tau (overwritten after each step), not both"
             )
         self.T = float(T)
         self.dependent_last_tau = dependent_last_tau
+        self.projected_last_tau = projected_last_tau
         n_free = depth - 1 if dependent_last_tau else depth
         self.tau_free = nn.Parameter(
             torch.full((n_free,), self.T / depth), requires_grad=trainable_tau
@@ -91,6 +105,12 @@ class TauNetwork(nn.Module):
             return self.tau_free
         last = (self.T - self.tau_free.sum()).reshape(1)
         return torch.cat([self.tau_free, last])
+
+    @property
+    def fixed_last_block(self) -> bool:
+        """Whether the last block carries ``sum(tau) = T`` (dependent or projected): it is
+        never pruned."""
+        return self.dependent_last_tau or self.projected_last_tau
 
     def as_features(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the ``(N, in_features)`` floats the blocks take.
@@ -148,9 +168,11 @@ class TauNetwork(nn.Module):
         *,
         l1: float = 0.0,
         horizon_weight: float = 0.0,
+        clean_sum: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cross-entropy + ``l1 sum|tau|`` + ``horizon_weight (sum(tau) - T)^2`` for a batch, with
-        its gradient written to every trainable parameter's ``.grad`` (replacing it).
+        its gradient written to every trainable parameter's ``.grad`` (replacing it). The
+        cross-entropy alone (the clean loss) is added to ``clean_sum`` where one is given.
 
         The same numbers as autograd through :meth:`forward` (the tests check this), without
         autograd's per-op bookkeeping: the whole step is the hand-written pass of
@@ -172,6 +194,8 @@ class TauNetwork(nn.Module):
         w_out = self.output.weight
         log_probs = torch.log_softmax(hidden.mm(w_out.t()), dim=1)
         loss = torch.nn.functional.nll_loss(log_probs, target)
+        if clean_sum is not None:
+            clean_sum.add_(loss)
         # d(mean cross-entropy)/d logits = (softmax - onehot) / batch
         grad_logits = log_probs.exp_()
         grad_logits.scatter_add_(
@@ -194,11 +218,17 @@ class TauNetwork(nn.Module):
         if self.tau_free.requires_grad:
             if self.dependent_last_tau:  # tau_last = T - sum(free): chain rule
                 grad_taus = grad_taus[:-1] - grad_taus[-1]
+            elif self.projected_last_tau:  # overwritten after the step: no gradient of its own
+                grad_taus = torch.cat([grad_taus[:-1], grad_taus.new_zeros(1)])
             self.tau_free.grad = grad_taus
         return loss
 
     def project_taus_(self) -> None:
-        """Project the taus onto the admissible set after an optimiser step (default: no-op)."""
+        """Project the taus onto the admissible set after an optimiser step: a projected last
+        tau becomes ``T`` minus the others."""
+        if self.projected_last_tau:
+            with torch.no_grad():
+                self.tau_free[-1] = self.T - self.tau_free[:-1].sum()
 
     def num_active_params(self) -> int:
         """Parameters of the active network: weights and biases of active blocks, output, taus."""
@@ -208,14 +238,14 @@ class TauNetwork(nn.Module):
         """Keep only the active blocks at ``positions`` (indices into ``taus``), dropping the rest.
 
         Used by pruning and to rebuild a pruned network from a checkpoint. The input block
-        (position 0) and, with ``dependent_last_tau``, the last block must be kept.
+        (position 0) and, with a dependent or projected last tau, the last block must be kept.
         """
         n = self.depth
         if sorted(set(positions)) != list(positions) or not positions:
             raise ValueError(f"positions must be strictly increasing and non-empty: {positions}")
         if positions[0] != 0 or positions[-1] >= n:
             raise ValueError(f"positions must start at the input block 0 and be < {n}: {positions}")
-        if self.dependent_last_tau and positions[-1] != n - 1:
+        if self.fixed_last_block and positions[-1] != n - 1:
             raise ValueError("the dependent last block carries sum(tau) = T and cannot be removed")
         n_free = self.tau_free.numel()
         free = [p for p in positions if p < n_free]

@@ -212,7 +212,8 @@ class FractionalDNN(TauNetwork):
     ``u_0 = 0`` in the hidden space; the input block reads the input ``x`` instead of ``u_0``.
     ``detach_memory=True`` stops gradients through the memory coefficients ``a`` (as the
     authors' published code does); the forcing factor ``tau_l^g`` always stays differentiable.
-    After each optimiser step :meth:`project_taus_` enforces ``tau >= tau_min``.
+    After each optimiser step :meth:`project_taus_` enforces ``tau >= tau_min`` (and sets a
+    projected last tau).
     """
 
     def __init__(
@@ -226,6 +227,7 @@ class FractionalDNN(TauNetwork):
         gamma: float = 0.5,
         trainable_tau: bool = True,
         dependent_last_tau: bool = False,
+        projected_last_tau: bool = False,
         tau_min: float = 1e-4,
         detach_memory: bool = False,
     ) -> None:
@@ -237,6 +239,7 @@ class FractionalDNN(TauNetwork):
             T=T,
             trainable_tau=trainable_tau,
             dependent_last_tau=dependent_last_tau,
+            projected_last_tau=projected_last_tau,
         )
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma (the fractional order) must lie in (0, 1), got {gamma!r}")
@@ -323,5 +326,10 @@ class FractionalDNN(TauNetwork):
         )
 
     def project_taus_(self) -> None:
+        """Every tau at least ``tau_min``; a projected last tau is ``T`` minus the others, then
+        held at ``tau_min`` too (the papers' code clamps every tau before each forward pass)."""
         with torch.no_grad():
             self.tau_free.clamp_(min=self.tau_min)
+            if self.projected_last_tau:
+                last = self.T - self.tau_free[:-1].sum()
+                self.tau_free[-1] = last.clamp(min=self.tau_min)

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from tauopt.models._base import TauNetwork
 from tauopt.models._fractional import FractionalDNN, _device_tau_grad, _l1_device, _L1DeviceTape
+from tauopt.models._resnet import prunable
 
 
 class TauPopulation(nn.Module):
@@ -43,6 +44,7 @@ class TauPopulation(nn.Module):
     tau_min: torch.Tensor
     active: torch.Tensor
     dependent: torch.Tensor
+    projected: torch.Tensor
     fractional: torch.Tensor
 
     def __init__(self, members: Sequence[TauNetwork]) -> None:
@@ -94,7 +96,13 @@ class TauPopulation(nn.Module):
         )
         dependent = [net.dependent_last_tau for net in members]
         self.register_buffer("dependent", torch.tensor(dependent, device=device))
+        projected = [net.projected_last_tau for net in members]
+        self.register_buffer("projected", torch.tensor(projected, device=device))
         self.block_ids: list[list[int]] = [list(range(first.depth)) for _ in members]
+
+    @property
+    def _any_projected(self) -> bool:
+        return bool(self.projected.any())
 
     @property
     def size(self) -> int:
@@ -189,9 +197,11 @@ class TauPopulation(nn.Module):
         lr: torch.Tensor,
         l1: torch.Tensor,
         horizon_weight: torch.Tensor,
+        clean_sum: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One step of plain SGD for every member (``p -= lr_k * grad``, then the tau
-        projection) on the batch ``(x, target)``; returns the (K,) losses before the step.
+        projection) on the batch ``(x, target)``; returns the (K,) losses before the step and
+        adds their cross-entropy alone (the clean loss) to ``clean_sum`` where one is given.
 
         A hand-written pass, as the single networks' ``loss_and_grad``, with its matrix
         products batched over the members (the input layer's on the shared batch, no copy).
@@ -209,6 +219,8 @@ class TauPopulation(nn.Module):
         log_probs = torch.log_softmax(torch.bmm(state, self.w_out.transpose(1, 2)), dim=2)
         picked = target[None, :, None].expand(k, batch, 1)
         losses = -log_probs.gather(2, picked).squeeze(2).mean(1)
+        if clean_sum is not None:
+            clean_sum.add_(losses)
         # lr * d(mean cross-entropy)/d logits = lr (softmax - onehot) / batch, per member
         grad_logits = log_probs.exp_()
         grad_logits.scatter_add_(2, picked, grad_logits.new_full((k, batch, 1), -1.0))
@@ -328,31 +340,33 @@ class TauPopulation(nn.Module):
         last = grad[:, -1:]
         dependent = self.dependent[:, None]
         head = torch.where(dependent, grad[:, :-1] - last, grad[:, :-1])
-        grad = torch.cat([head, torch.where(dependent, 0.0, last)], 1)
+        # a projected last tau is overwritten after the step: it gets no gradient of its own
+        grad = torch.cat([head, torch.where(dependent | self.projected[:, None], 0.0, last)], 1)
         return grad * self.active.to(grad.dtype)
 
     @torch.no_grad()
     def project_taus_(self) -> None:
-        """As the members' ``project_taus_``: fractional taus stay >= ``tau_min``."""
+        """As the members' ``project_taus_``: fractional taus stay >= ``tau_min``, and a
+        projected last tau becomes ``T`` minus the others (a masked or empty slot's tau is
+        zero: it adds nothing)."""
         floor = torch.where(self.fractional, self.tau_min, -math.inf)[:, None]
         self.tau_free.copy_(torch.maximum(self.tau_free, floor))
+        if self._any_projected:
+            head = self.tau_free[:, :-1].sum(1)
+            last = torch.where(self.projected, self.T - head, self.tau_free[:, -1])
+            self.tau_free[:, -1] = torch.maximum(last, floor[:, 0])
 
     @torch.no_grad()
-    def prune(self, member: int, eps: float) -> list[int]:
-        """:meth:`TauResNet.prune` for one member: mask every block but the input one (and a
-        dependent last one) with ``|tau_l| / sum|tau| < eps``. Returns the stack positions
-        masked now. The same float arithmetic as the single network, so the same decisions."""
+    def prune(self, member: int, eps: float, rule: str = "all") -> list[int]:
+        """:meth:`TauResNet.prune` for one member: mask the blocks it removes (see
+        :func:`tauopt.models._resnet.prunable`, which decides for both). Returns the stack
+        positions masked now."""
         if bool(self.fractional[member]):
             raise ValueError("a fractional block is never an identity map: it cannot be pruned")
-        size = self.taus()[member].abs()
-        total = float(size.sum())
-        if total == 0.0:
-            return []
-        active = self.active[member].tolist()
-        last_removable = self.depth - 1 if bool(self.dependent[member]) else self.depth
-        removed = [
-            p for p in range(1, last_removable) if active[p] and float(size[p]) / total < eps
-        ]
+        positions = [p for p, on in enumerate(self.active[member].tolist()) if on]
+        size = self.taus()[member].abs()[positions].tolist()
+        fixed_last = bool(self.dependent[member] | self.projected[member])
+        removed = [positions[i] for i in prunable(size, eps, rule, fixed_last=fixed_last)]
         for position in removed:
             self.active[member, position] = False
             self.tau_free[member, position] = 0.0
@@ -375,7 +389,8 @@ class TauPopulation(nn.Module):
         """
         index = torch.tensor(list(members), dtype=torch.long, device=self.active.device)
         depth = self.packed_depth(members)
-        layout = [_packed(self.active[m].tolist(), depth, bool(self.dependent[m])) for m in members]
+        fixed_last = (self.dependent | self.projected).tolist()
+        layout = [_packed(self.active[m].tolist(), depth, fixed_last[m]) for m in members]
         source = torch.tensor(layout, dtype=torch.long, device=index.device)  # old slot or -1
         filled = source >= 0
         slots = source.clamp(min=0)
@@ -398,7 +413,7 @@ class TauPopulation(nn.Module):
         self.bias = param(packed(self.bias.detach(), slots, filled), self.bias)
         self.w_out = param(self.w_out.detach().index_select(0, index), self.w_out)
         self.tau_free = param(packed(self.tau_free.detach(), slots, filled), self.tau_free)
-        for name in ("T", "gamma", "tau_min", "dependent", "fractional"):
+        for name in ("T", "gamma", "tau_min", "dependent", "projected", "fractional"):
             buffer = getattr(self, name)
             setattr(self, name, buffer.index_select(0, index) if buffer.numel() else buffer)
         self.active = filled

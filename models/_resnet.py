@@ -26,6 +26,7 @@ class TauResNet(TauNetwork):
         T: float = 1.0,
         trainable_tau: bool = True,
         dependent_last_tau: bool = False,
+        projected_last_tau: bool = False,
     ) -> None:
         super().__init__(
             in_features,
@@ -35,6 +36,7 @@ class TauResNet(TauNetwork):
             T=T,
             trainable_tau=trainable_tau,
             dependent_last_tau=dependent_last_tau,
+            projected_last_tau=projected_last_tau,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,21 +54,38 @@ class TauResNet(TauNetwork):
     ) -> torch.Tensor:
         return grad_forcing
 
-    def prune(self, eps: float) -> list[int]:
-        """Remove every block but the input one with ``|tau_l| / sum|tau| < eps``.
+    def prune(self, eps: float, rule: str = "all") -> list[int]:
+        """Remove blocks with ``|tau_l| / sum|tau| < eps``: every such block (``rule="all"``),
+        or only the one with the smallest share (``"smallest"``, the papers' published code:
+        at most one block per call).
 
-        Returns the removed positions (indices into ``taus`` before the call). With
-        ``dependent_last_tau`` the last block is kept: it carries the horizon constraint.
+        Returns the removed positions (indices into ``taus`` before the call). The input block
+        is never removed, nor a dependent or projected last block: it carries the horizon.
         """
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"eps must lie in (0, 1), got {eps!r}")
         with torch.no_grad():
-            size = self.taus.abs()
-            total = float(size.sum())
-        if total == 0.0:
-            return []
-        last_removable = self.depth - 1 if self.dependent_last_tau else self.depth
-        removed = [p for p in range(1, last_removable) if float(size[p]) / total < eps]
+            size = self.taus.abs().tolist()
+        removed = prunable(size, eps, rule, fixed_last=self.fixed_last_block)
         if removed:
             self.keep_blocks([p for p in range(self.depth) if p not in removed])
         return removed
+
+
+PRUNE_RULES: tuple[str, ...] = ("all", "smallest")
+
+
+def prunable(size: list[float], eps: float, rule: str, *, fixed_last: bool) -> list[int]:
+    """The positions pruning removes, from the active blocks' ``|tau|`` (see
+    :meth:`TauResNet.prune`); shared with the population, so both decide alike."""
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must lie in (0, 1), got {eps!r}")
+    if rule not in PRUNE_RULES:
+        raise ValueError(f"rule must be one of {PRUNE_RULES}, got {rule!r}")
+    total = sum(size)
+    if total == 0.0:
+        return []
+    last_removable = len(size) - 1 if fixed_last else len(size)
+    shares = [(size[p] / total, p) for p in range(1, last_removable)]
+    below = [p for share, p in shares if share < eps]
+    if rule == "smallest" and below:
+        return [min(shares)[1]]
+    return below

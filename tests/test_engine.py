@@ -207,3 +207,38 @@ def test_parameter_count_is_the_built_networks(changes: dict[str, object]) -> No
     config = TrainConfig(**changes)  # type: ignore[arg-type]
     built = build_model(config, 784, 10).num_active_params()
     assert parameter_count(config, 784, 10) == built
+
+
+def test_every_epoch_records_training_accuracy_clean_loss_and_penalties(
+    mnist: RawDataset,
+) -> None:
+    config = _config(epochs=2, train_size=1200, l1=0.05, horizon_weight=0.2, T=2.0)
+    result = train(config, mnist, device="cpu")
+    assert len(result.train_accuracy) == len(result.clean_loss) == len(result.penalties) == 2
+    assert all(0.1 < a <= 1.0 for a in result.train_accuracy)
+    for total, clean, terms, taus in zip(
+        result.train_loss, result.clean_loss, result.penalties, result.tau_history, strict=True
+    ):
+        assert clean < total  # the penalties are positive
+        assert terms["l1"] == pytest.approx(0.05 * sum(abs(t) for t in taus))
+        assert terms["horizon"] == pytest.approx(0.2 * (sum(taus) - 2.0) ** 2)
+
+
+def test_without_validation_images_the_run_records_none(mnist: RawDataset) -> None:
+    result = train(_config(epochs=1, train_size=500, val_size=0), mnist, device="cpu")
+    assert result.val_accuracy == [] and result.final_val_accuracy != result.final_val_accuracy
+    assert len(result.train_accuracy) == 1
+
+
+def test_the_papers_pruning_removes_at_most_one_block_per_epoch(mnist: RawDataset) -> None:
+    both = {"epochs": 3, "l1": 0.3, "prune_eps": 0.12}
+    every = train(_config(**both), mnist, device="cpu")
+    one = train(_config(**both, prune_rule="smallest"), mnist, device="cpu")
+    per_epoch = [sum(e.epoch == k for e in one.pruned) for k in (1, 2, 3)]
+    assert max(per_epoch) == 1 and one.pruned
+    assert max(sum(e.epoch == k for e in every.pruned) for k in (1, 2, 3)) > 1
+
+
+def test_projected_last_tau_keeps_the_horizon_exactly(mnist: RawDataset) -> None:
+    result = train(_config(epochs=1, T=3.0, projected_last_tau=True), mnist, device="cpu")
+    assert sum(result.taus) == pytest.approx(3.0, abs=1e-5)

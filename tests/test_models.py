@@ -367,3 +367,59 @@ def test_image_batches_are_taken_as_torchvision_gives_them(cls: type[TauNetwork]
         model(torch.zeros(6, 5, 5))
     with pytest.raises(ValueError, match="unsqueeze"):
         model(torch.zeros(16))
+
+
+# --- the papers' variants: projected last tau, pruning the smallest block ---------------------
+
+
+@pytest.mark.parametrize("cls", [TauResNet, FractionalDNN])
+def test_projected_last_tau_trains_the_others_and_is_then_overwritten(
+    cls: type[TauNetwork],
+) -> None:
+    """The papers' code: the other taus' gradients do not see the constraint; after the
+    step the last tau is ``T`` minus the others."""
+    torch.manual_seed(3)
+    model = cls(5, 4, 4, 3, T=2.0, projected_last_tau=True).double()
+    x, y = torch.rand(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model.loss_and_grad(x, y, l1=0.1, horizon_weight=0.3)
+    grad = model.tau_free.grad.clone()
+    assert float(grad[-1]) == 0.0
+    # the same as autograd with every tau free, the last one's gradient dropped
+    free = model.tau_free.detach().clone().requires_grad_()
+    loss = torch.func.functional_call(
+        _Loss(model, x, y, 0.1, 0.3), {"model.tau_free": free}, ()
+    )
+    (expected,) = torch.autograd.grad(loss, free)
+    torch.testing.assert_close(grad[:-1], expected[:-1], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        model.tau_free -= 0.5 * model.tau_free.grad
+    model.project_taus_()
+    assert float(model.taus.detach().sum()) == pytest.approx(2.0, abs=1e-12)
+    if isinstance(model, TauResNet):  # every block but the input and the projected last
+        assert model.prune(0.99) == [1, 2]
+
+
+class _Loss(torch.nn.Module):
+    def __init__(
+        self, model: TauNetwork, x: torch.Tensor, y: torch.Tensor, l1: float, horizon: float
+    ) -> None:
+        super().__init__()
+        self.model, self.x, self.y, self.l1, self.horizon = model, x, y, l1, horizon
+
+    def forward(self) -> torch.Tensor:
+        taus = self.model.taus
+        loss = F.cross_entropy(reference_forward(self.model, self.x), self.y)
+        return loss + self.l1 * taus.abs().sum() + self.horizon * (taus.sum() - self.model.T) ** 2
+
+
+def test_pruning_rules_by_hand() -> None:
+    """taus (1, 0.004, 0.002, 0.994): shares 0.2 %, 0.1 % of sum|tau| = 2 fall under 1 %."""
+    for rule, removed in (("all", [1, 2]), ("smallest", [2])):
+        model = TauResNet(4, 3, 4, 2)
+        with torch.no_grad():
+            model.tau_free.copy_(torch.tensor([1.0, 0.004, 0.002, 0.994]))
+        assert model.prune(0.01, rule) == removed
+    with pytest.raises(ValueError, match="rule must be one of"):
+        TauResNet(4, 3, 4, 2).prune(0.01, "largest")
+    with pytest.raises(ValueError, match="choose one of"):
+        TauResNet(4, 3, 4, 2, dependent_last_tau=True, projected_last_tau=True)

@@ -1,0 +1,365 @@
+"""The epoch loop, written once for a lone network and for a population of them.
+
+A run trains epoch by epoch; after each epoch every member is checked, evaluated, recorded,
+pruned and reported, in that order, whatever steps it: :class:`Stepper` is what differs between
+one network's fused step (``engine._train``) and the batched step of a population
+(``engine._population``). A member whose loss or taus stop being finite, or whose caller stops
+it from ``on_epoch``, leaves the run; the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from tauopt.engine._config import TrainConfig
+from tauopt.engine._data import Splits
+from tauopt.errors import DivergedError
+from tauopt.models import TauNetwork
+
+_EVAL_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class PruneEvent:
+    """Block ``block`` (original numbering) was removed after ``epoch`` from ``position``."""
+
+    epoch: int
+    position: int
+    block: int
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What a caller sees after each epoch (for example to report to an Optuna trial).
+    ``val_accuracy`` is NaN for a run without validation images."""
+
+    epoch: int
+    val_accuracy: float
+    train_loss: float
+    active_blocks: int
+    active_params: int
+    train_accuracy: float = math.nan
+    clean_loss: float = math.nan
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Metrics of one finished run and the trained (possibly pruned) network.
+
+    Per epoch: ``val_accuracy`` (empty without validation images), ``train_accuracy`` (on a
+    fixed subset of the training split, see :data:`tauopt.engine._data.TRAIN_EVAL_SIZE`),
+    ``train_loss`` (the loss trained on, mean over the epoch's batches), ``clean_loss`` (its
+    cross-entropy alone), ``penalties`` (the l1 and horizon terms at the epoch's end) and, with
+    ``train(..., test_every_epoch=True)``, ``test_accuracy_history``.
+    """
+
+    config: TrainConfig
+    device: str
+    val_accuracy: list[float]
+    test_accuracy: float
+    train_loss: list[float]
+    taus: list[float]
+    tau_history: list[list[float]]
+    active_blocks: int
+    active_block_ids: list[int]
+    active_params: int
+    pruned: list[PruneEvent]
+    epoch_seconds: list[float]
+    train_seconds: list[float]
+    model: TauNetwork = field(repr=False, compare=False)
+    #: Parameters of the network before any pruning.
+    initial_params: int = 0
+    test_accuracy_history: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    clean_loss: list[float] = field(default_factory=list)
+    penalties: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final_val_accuracy(self) -> float:
+        """The last epoch's validation accuracy (NaN without validation images)."""
+        return self.val_accuracy[-1] if self.val_accuracy else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready metrics (the network itself is left out)."""
+        return {
+            "config": self.config.to_dict(),
+            "device": self.device,
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "train_accuracy": self.train_accuracy,
+            "train_loss": self.train_loss,
+            "clean_loss": self.clean_loss,
+            "penalties": self.penalties,
+            "taus": self.taus,
+            "tau_sum": sum(self.taus),
+            "tau_history": self.tau_history,
+            "active_blocks": self.active_blocks,
+            "active_block_ids": self.active_block_ids,
+            "active_params": self.active_params,
+            "initial_params": self.initial_params,
+            "test_accuracy_history": self.test_accuracy_history,
+            "pruned": [vars(event) for event in self.pruned],
+            "epoch_seconds": self.epoch_seconds,
+            "train_seconds": self.train_seconds,
+        }
+
+
+@dataclass
+class RunRecord:
+    """What one run records epoch by epoch, and its :class:`TrainResult` once trained."""
+
+    config: TrainConfig
+    #: Parameters of the network before any pruning.
+    initial_params: int
+    val: list[float] = field(default_factory=list)
+    test: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    clean: list[float] = field(default_factory=list)
+    penalties: list[dict[str, float]] = field(default_factory=list)
+    history: list[list[float]] = field(default_factory=list)
+    pruned: list[PruneEvent] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+    def record_taus(self, block_ids: Sequence[int], taus: Sequence[float]) -> None:
+        """The taus of the blocks ``block_ids``, over every original block (a pruned block's
+        tau is exactly zero), and the penalty terms they give."""
+        full = [0.0] * self.config.depth
+        for block, tau in zip(block_ids, taus, strict=True):
+            full[block] = tau
+        self.history.append(full)
+        c = self.config
+        self.penalties.append(
+            {
+                "l1": c.l1 * sum(abs(t) for t in taus),
+                "horizon": c.horizon_weight * (sum(taus) - c.T) ** 2,
+            }
+        )
+
+    def stats(self, epoch: int, network: TauNetwork) -> EpochStats:
+        return EpochStats(
+            epoch,
+            self.val[-1] if self.val else math.nan,
+            self.losses[-1],
+            network.depth,
+            network.num_active_params(),
+            self.train_acc[-1],
+            self.clean[-1],
+        )
+
+    def result(self, model: TauNetwork, splits: Splits, device: torch.device) -> TrainResult:
+        """The finished run of ``model``: the records, the test accuracy, the final taus."""
+        return TrainResult(
+            config=self.config,
+            device=str(device),
+            val_accuracy=self.val,
+            test_accuracy=accuracy(model, splits.test_x, splits.test_y),
+            train_loss=self.losses,
+            taus=model.taus.detach().cpu().tolist(),
+            tau_history=self.history,
+            active_blocks=model.depth,
+            active_block_ids=list(model.block_ids),
+            active_params=model.num_active_params(),
+            pruned=self.pruned,
+            epoch_seconds=self.seconds,
+            train_seconds=self.train_seconds,
+            model=model,
+            initial_params=self.initial_params,
+            test_accuracy_history=self.test,
+            train_accuracy=self.train_acc,
+            clean_loss=self.clean,
+            penalties=self.penalties,
+        )
+
+
+@torch.inference_mode()
+def accuracy(model: TauNetwork, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of ``x`` that ``model`` classifies as ``y`` (NaN for no images)."""
+    if x.shape[0] == 0:
+        return math.nan
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], _EVAL_CHUNK):
+        logits = model(x[start : start + _EVAL_CHUNK])
+        correct += (logits.argmax(1) == y[start : start + _EVAL_CHUNK]).sum()
+    return float(correct) / x.shape[0]
+
+
+def check_finite(epoch: int, loss: float, taus: list[float]) -> None:
+    if not math.isfinite(loss):
+        raise DivergedError(epoch, f"training loss is {loss}; lower the learning rate or T")
+    if not all(math.isfinite(t) for t in taus):
+        raise DivergedError(epoch, f"step sizes became non-finite: {taus}")
+
+
+class Stepper(Protocol):
+    """Trains the members of a run (positions ``0 .. size-1``) one epoch at a time."""
+
+    @property
+    def depth(self) -> int:
+        """Blocks the step computes now (a population's stack; one network's blocks)."""
+
+    def train_epoch(self, generator: torch.Generator, bar: tqdm[Any]) -> tuple[list[float], ...]:
+        """One pass over the shuffled training split, batches in ``generator``'s order; the
+        mean loss and the mean clean loss of every member."""
+
+    def taus(self, position: int) -> list[float]:
+        """The member's active taus."""
+
+    def block_ids(self, position: int) -> list[int]:
+        """The original numbers of the member's active blocks."""
+
+    def network(self, position: int) -> TauNetwork:
+        """The member as a network, up to date."""
+
+    def prune(self, position: int, eps: float, rule: str) -> list[int]:
+        """Remove the member's blocks that ``rule`` picks; their positions in its taus."""
+
+    def keep(self, positions: list[int]) -> None:
+        """Only the members at ``positions`` go on, renumbered in that order."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopOptions:
+    """How :func:`run_epochs` reports: ``on_epoch(index, stats)`` after every epoch (it may
+    raise to stop that member), progress lines (and a bar on a terminal) to stderr."""
+
+    on_epoch: Callable[[int, EpochStats], None] | None = None
+    progress: bool = False
+    label: str = ""
+    test_every_epoch: bool = False
+
+
+def run_epochs(
+    stepper: Stepper,
+    records: Sequence[RunRecord],
+    splits: Splits,
+    device: torch.device,
+    options: LoopOptions,
+) -> list[TrainResult | Exception]:
+    """Train every member for its config's epochs; per member, its result or what ended it.
+
+    Each member's ``seconds`` is the epoch's time shared out over the members trained in it.
+    """
+    first = records[0].config
+    live = list(range(len(records)))  # record index of each stepper position
+    outcome: dict[int, TrainResult | Exception] = {}
+    generator = torch.Generator().manual_seed(first.order_seed)
+    n_batches = math.ceil(splits.train_x.shape[0] / first.batch_size)
+    prefix = f"{options.label} " if options.label else ""
+    for epoch in range(1, first.epochs + 1):
+        start = time.perf_counter()
+        with tqdm(
+            total=n_batches,
+            desc=f"{prefix}epoch {epoch}/{first.epochs}",
+            # Not on a log file: a bar redrawn with carriage returns is noise there.
+            disable=not (options.progress and sys.stderr.isatty()),
+            file=sys.stderr,
+            leave=False,
+        ) as bar:
+            losses, clean = stepper.train_epoch(generator, bar)
+        trained = len(live)
+        train_seconds = (time.perf_counter() - start) / trained
+        going = []
+        for position, index in enumerate(live):
+            try:
+                _end_epoch(stepper, position, records[index], epoch, losses, clean, splits, options)
+            except DivergedError as e:
+                outcome[index] = e
+                continue
+            going.append(position)
+        seconds = (time.perf_counter() - start) / trained
+        stays = []
+        for position in going:
+            record = records[live[position]]
+            record.train_seconds.append(train_seconds)
+            record.seconds.append(seconds)
+            try:
+                if options.on_epoch is not None:
+                    options.on_epoch(live[position], record.stats(epoch, stepper.network(position)))
+            except Exception as e:  # the caller stops this member (a pruner, say)
+                outcome[live[position]] = e
+                continue
+            stays.append(position)
+        stepper.keep(stays)
+        if options.progress:
+            _print_progress(prefix, epoch, records, live, going, stays, stepper, seconds * trained)
+        live = [live[p] for p in stays]
+        if not live:
+            break
+    for position, index in enumerate(live):
+        outcome[index] = records[index].result(stepper.network(position), splits, device)
+    return [outcome[i] for i in range(len(records))]
+
+
+def _end_epoch(
+    stepper: Stepper,
+    position: int,
+    record: RunRecord,
+    epoch: int,
+    losses: Sequence[float],
+    clean: Sequence[float],
+    splits: Splits,
+    options: LoopOptions,
+) -> None:
+    """Check, evaluate, record and prune one member after an epoch."""
+    taus = stepper.taus(position)
+    check_finite(epoch, losses[position], taus)
+    network = stepper.network(position)
+    if splits.val_x.shape[0]:
+        record.val.append(accuracy(network, splits.val_x, splits.val_y))
+    record.train_acc.append(accuracy(network, splits.train_eval_x, splits.train_eval_y))
+    if options.test_every_epoch:
+        record.test.append(accuracy(network, splits.test_x, splits.test_y))
+    ids = stepper.block_ids(position)
+    record.record_taus(ids, taus)
+    record.losses.append(losses[position])
+    record.clean.append(clean[position])
+    c = record.config
+    if c.prune_eps is not None and c.arch == "resnet" and epoch % c.prune_every == 0:
+        for removed in stepper.prune(position, c.prune_eps, c.prune_rule):
+            record.pruned.append(PruneEvent(epoch, removed, ids[removed]))
+
+
+def _print_progress(
+    prefix: str,
+    epoch: int,
+    records: Sequence[RunRecord],
+    live: list[int],
+    going: list[int],
+    stays: list[int],
+    stepper: Stepper,
+    took: float,
+) -> None:
+    """A line per epoch: a lone run's loss and accuracy, or a population's head count."""
+    epochs, full = records[0].config.epochs, records[0].config.depth
+    if len(records) == 1:
+        line = "diverged"
+        if going:
+            record = records[0]
+            acc = (
+                f"val accuracy {record.val[-1]:.4f}"
+                if record.val
+                else (f"train accuracy {record.train_acc[-1]:.4f}")
+            )
+            line = f"loss {record.losses[-1]:.4f}, {acc}, {stepper.depth} blocks"
+        print(f"{prefix}epoch {epoch}/{epochs}: {line}, {took:.2f}s", file=sys.stderr, flush=True)
+        return
+    vals = [records[live[p]].val[-1] for p in going if records[live[p]].val]
+    best = f", best val accuracy {max(vals):.4f}" if vals else ""
+    depth = stepper.depth
+    stack = f" (stack of {depth}/{full} blocks)" if stays and depth < full else ""
+    print(
+        f"{prefix}epoch {epoch}/{epochs}: {len(live)} trials together, {len(stays)} go on"
+        f"{stack}{best}, {took:.2f}s",
+        file=sys.stderr,
+        flush=True,
+    )
