@@ -1,24 +1,42 @@
 """Where studies live: one place turns a URL into an Optuna storage.
 
 SQLite (``tauopt.db`` in the working directory) is the embedded default; PostgreSQL
-(``postgresql+psycopg2://...``, from ``--storage`` or ``$TAUOPT_STORAGE``) is for many workers.
+(``postgresql://...``, from ``--storage`` or ``$TAUOPT_STORAGE``) is for many workers.
+Everything taken from Optuna's private API is in :mod:`tauopt.storage._optuna`, checked when
+it is first imported.
 """
 
 from tauopt.errors import StorageError
 from tauopt.storage._artifacts import artifact_store
+from tauopt.storage._optuna import (
+    HISTORY_WINDOW,
+    WindowedTPESampler,
+    constraint_key,
+    figure_attrs,
+    first_note_attrs,
+    pareto_front,
+    rdb_of,
+    running_trials,
+    set_study_system_attrs,
+    set_trial_attrs,
+    stale_trial_ids,
+    storage_of,
+    study_id,
+    trial_counts,
+    trial_id,
+    with_heartbeat,
+)
 from tauopt.storage._rdb import (
     ARTIFACTS_ENV,
     MAX_STUDY_NAME,
     STORAGE_ENV,
     StorageSettings,
     default_artifact_dir,
+    normalize_url,
     open_storage,
     redact,
     resolve_url,
-    set_study_system_attrs,
-    set_trial_attrs,
     study_lock,
-    trial_counts,
 )
 from tauopt.storage._retry import (
     RetryPolicy,
@@ -29,21 +47,35 @@ from tauopt.storage._retry import (
 
 __all__ = [
     "ARTIFACTS_ENV",
+    "HISTORY_WINDOW",
     "MAX_STUDY_NAME",
     "STORAGE_ENV",
     "RetryPolicy",
     "StorageError",
     "StorageSettings",
+    "WindowedTPESampler",
     "artifact_store",
+    "constraint_key",
     "default_artifact_dir",
+    "figure_attrs",
+    "first_note_attrs",
     "is_storage_error",
     "is_transient",
+    "normalize_url",
     "open_storage",
+    "pareto_front",
+    "rdb_of",
     "redact",
     "resolve_url",
     "root_message",
+    "running_trials",
     "set_study_system_attrs",
     "set_trial_attrs",
+    "stale_trial_ids",
+    "storage_of",
+    "study_id",
     "study_lock",
     "trial_counts",
+    "trial_id",
+    "with_heartbeat",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import sqlite3
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,12 +16,10 @@ from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.storages._rdb import models as _rdb_models
-from optuna.storages._rdb import storage as _rdb_storage
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from tauopt.errors import StorageError
+from tauopt.errors import ConfigError, StorageError
 from tauopt.storage._retry import root_message
 
 #: Environment variable that names the storage when ``--storage`` is not given.
@@ -62,7 +60,7 @@ def _sqlite_path(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite":
         return None
     if not parsed.database or parsed.database == ":memory:":
-        raise StorageError(f"{url!r}: use a SQLite file (sqlite:///path/tauopt.db), not memory")
+        raise ConfigError(f"{url!r}: use a SQLite file (sqlite:///path/tauopt.db), not memory")
     return Path(parsed.database)
 
 
@@ -90,17 +88,22 @@ class StorageSettings:
     max_retry: int = 3
 
     def __post_init__(self) -> None:
-        if self.heartbeat_interval < 1:
-            raise StorageError(
-                f"heartbeat_interval must be >= 1 second, got {self.heartbeat_interval}"
+        if (
+            isinstance(self.heartbeat_interval, bool)
+            or not isinstance(self.heartbeat_interval, int)
+            or self.heartbeat_interval < 1
+        ):
+            raise ConfigError(
+                f"heartbeat_interval must be a whole number of seconds >= 1, got "
+                f"{self.heartbeat_interval!r}"
             )
         if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
-            raise StorageError(
+            raise ConfigError(
                 f"grace_period ({self.grace_period}s) must exceed heartbeat_interval "
                 f"({self.heartbeat_interval}s), or a live worker's trial is failed"
             )
         if self.max_retry < 0:
-            raise StorageError(f"max_retry must be >= 0, got {self.max_retry}")
+            raise ConfigError(f"max_retry must be >= 0, got {self.max_retry}")
 
 
 def _prepare_sqlite(path: Path, *, create: bool) -> None:
@@ -138,39 +141,69 @@ def _sqlite_settings(dbapi_connection: Any, connection_record: Any) -> None:
         dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
+def _connect_args(url: str) -> dict[str, Any]:
+    if make_url(url).get_driver_name() == "psycopg2":
+        # A host that does not answer must not hang a command: give up connecting after
+        # 10 s, and notice a dead server under an open connection within about a minute.
+        return dict(_PG_CONNECT_ARGS)
+    return {}
+
+
+def normalize_url(url: str) -> str:
+    """``url`` with PostgreSQL's driver named: SQLAlchemy 2.1 takes a plain ``postgresql://``
+    for psycopg 3, which tauopt does not install; psycopg2 is its driver."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError as e:
+        raise ConfigError(
+            f"{url!r} is not a database URL: use sqlite:///path.db or "
+            "postgresql://user:password@host/db"
+        ) from e
+    if parsed.drivername == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
 def open_storage(
     settings: StorageSettings, *, create_schema: bool = True
 ) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage for ``settings.url``, with heartbeats and stale-trial retries.
 
-    ``create_schema=False`` is for workers: the schema is made once by ``tauopt create``, so
-    several workers starting together do not race to create tables.
+    ``create_schema=False`` is for workers and readers: they never create tables. With
+    ``create_schema=True`` the tables are made under a lock of the whole database, so that any
+    number of processes may create studies on a fresh database at the same moment.
     """
-    url = settings.url
-    try:
-        backend = make_url(url).get_backend_name()
-    except sa_exc.ArgumentError as e:
-        raise StorageError(
-            f"{url!r} is not a database URL: use sqlite:///path.db or "
-            "postgresql+psycopg2://user:password@host/db"
-        ) from e
+    url = normalize_url(settings.url)
     engine_kwargs: dict[str, object] = {}
     db = _sqlite_path(url)
     if db is not None:
-        _prepare_sqlite(db, create=create_schema)
         engine_kwargs["connect_args"] = {"timeout": _SQLITE_BUSY_SECONDS}
-
-    elif backend == "postgresql":
+    elif make_url(url).get_backend_name() == "postgresql":
         engine_kwargs["pool_pre_ping"] = True  # survive server restarts and idle cut-offs
-        if make_url(url).get_driver_name() == "psycopg2":
-            # A host that does not answer must not hang a command: give up connecting after
-            # 10 s, and notice a dead server under an open connection within about a minute.
-            engine_kwargs["connect_args"] = _PG_CONNECT_ARGS
+        engine_kwargs["connect_args"] = _connect_args(url)
+    if not create_schema:
+        if db is not None:
+            _prepare_sqlite(db, create=False)
+        storage = _rdb(url, settings, engine_kwargs, create_schema=False)
+    else:
+        with _schema_lock(url):
+            if db is not None:
+                _prepare_sqlite(db, create=True)
+            storage = _rdb(url, settings, engine_kwargs, create_schema=True)
+    if db is not None:
+        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_settings)
+        storage.engine.dispose()  # the connections opened so far predate the setting
+    return storage
+
+
+def _rdb(
+    url: str, settings: StorageSettings, engine_kwargs: dict[str, object], *, create_schema: bool
+) -> optuna.storages.RDBStorage:
     # Heartbeats and the retry callback are marked experimental; we rely on them knowingly.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            storage = optuna.storages.RDBStorage(
+            return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=settings.heartbeat_interval,
@@ -180,83 +213,18 @@ def open_storage(
                 ),
                 skip_table_creation=not create_schema,
             )
-        except (sa_exc.SQLAlchemyError, ImportError, ValueError, RuntimeError) as e:
+        except (
+            sa_exc.SQLAlchemyError,
+            ImportError,
+            ValueError,
+            RuntimeError,
+            optuna.exceptions.StorageInternalError,
+        ) as e:
             raise StorageError(f"cannot open storage {redact(url)}: {root_message(e)}") from e
-        except optuna.exceptions.StorageInternalError as e:
-            raise StorageError(f"cannot open storage {redact(url)}: {root_message(e)}") from e
-    if db is not None:
-        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_settings)
-        storage.engine.dispose()  # the connections opened so far predate the setting
-    return storage
 
 
-def set_trial_attrs(
-    storage: optuna.storages.RDBStorage,
-    trial_id: int,
-    *,
-    user: dict[str, Any] | None = None,
-    system: dict[str, Any] | None = None,
-) -> None:
-    """Set many attributes of a running trial in one transaction (Optuna commits each
-    ``set_user_attr`` alone: some twenty commits per finished trial)."""
-    # Optuna's own per-attribute upsert, inside one session: the same rows, one commit.
-    with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
-        for model, attrs in (
-            (_rdb_models.TrialUserAttributeModel, user or {}),
-            (_rdb_models.TrialSystemAttributeModel, system or {}),
-        ):
-            for key, value in attrs.items():
-                storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
-
-
-def set_study_system_attrs(
-    storage: optuna.storages.RDBStorage,
-    study_id: int,
-    attrs: dict[str, Any],
-    *,
-    clear_prefix: str | None = None,
-) -> None:
-    """Set many system attributes of a study in one transaction (Optuna commits each
-    ``set_study_system_attr`` alone: a figure of a large study is a hundred chunks).
-
-    With ``clear_prefix``, every other attribute whose key starts with it is emptied (``""``),
-    as optuna-dashboard clears the chunks a shorter figure no longer fills; only those keys
-    are read, not the study's other attributes (its notes grow with the study).
-    """
-    model = _rdb_models.StudySystemAttributeModel
-    wanted: sqlalchemy.ColumnElement[bool] = model.key.in_(list(attrs))
-    if clear_prefix is not None:
-        wanted = sqlalchemy.or_(wanted, model.key.startswith(clear_prefix, autoescape=True))
-    with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
-        rows = session.query(model).filter(model.study_id == study_id, wanted).all()
-        existing: dict[str, Any] = {str(row.key): row for row in rows}
-        for key, value in attrs.items():
-            row = existing.pop(key, None)
-            if row is None:
-                session.add(model(study_id=study_id, key=key, value_json=json.dumps(value)))
-            else:
-                row.value_json = json.dumps(value)
-        for key, row in existing.items():
-            if clear_prefix is not None and key.startswith(clear_prefix):
-                row.value_json = json.dumps("")
-
-
-def trial_counts(
-    storage: optuna.storages.RDBStorage, study_id: int, *, failed_with_attr: str
-) -> tuple[dict[str, int], int]:
-    """Trials of a study per state, and the failed ones that carry the user attribute
-    ``failed_with_attr``: two counting queries instead of reading every trial."""
-    by_state = sqlalchemy.text(
-        "SELECT state, COUNT(*) FROM trials WHERE study_id = :s GROUP BY state"
-    )
-    failed = sqlalchemy.text(
-        "SELECT COUNT(*) FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
-        "WHERE t.study_id = :s AND t.state = 'FAIL' AND a.key = :k"
-    )
-    with storage.engine.connect() as conn:
-        counts = {str(state): int(n) for state, n in conn.execute(by_state, {"s": study_id})}
-        marked = int(conn.execute(failed, {"s": study_id, "k": failed_with_attr}).scalar() or 0)
-    return counts, marked
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 @contextlib.contextmanager
@@ -264,36 +232,72 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
     """A lock every worker of one study shares, to claim trials against the budget atomically.
 
     PostgreSQL: a transaction-scoped advisory lock. SQLite (one machine): ``flock`` on a file
-    beside the database.
+    in the machine's temporary folder, named after the database file and the study.
     """
     engine: sqlalchemy.engine.Engine = storage.engine
-    key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+    key = _lock_key(study_name)
     if engine.dialect.name == "postgresql":
-        conn = None
-        try:
-            conn = engine.connect()
-            transaction = conn.begin()
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-        except sa_exc.SQLAlchemyError as e:
-            if conn is not None:
-                with contextlib.suppress(sa_exc.SQLAlchemyError):
-                    conn.close()
-            raise StorageError(f"cannot lock study {study_name!r}: {root_message(e)}") from e
-        try:
+        with _advisory_lock(engine, key, f"cannot lock study {study_name!r}"):
             yield
-        finally:
-            # Committing releases the lock. If the connection died meanwhile, the server has
-            # released it already; the work done under it stands and must not be redone.
-            with contextlib.suppress(sa_exc.SQLAlchemyError):
-                transaction.commit()
+        return
+    with _file_lock(str(engine.url), f"study-{key & 0xFFFFFFFF:08x}"):
+        yield
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine: sqlalchemy.engine.Engine, key: int, what: str) -> Iterator[None]:
+    conn = None
+    try:
+        conn = engine.connect()
+        transaction = conn.begin()
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    except sa_exc.SQLAlchemyError as e:
+        if conn is not None:
             with contextlib.suppress(sa_exc.SQLAlchemyError):
                 conn.close()
-        return
-    db = _sqlite_path(str(engine.url))
-    lock_path = Path(f"{db}.{key & 0xFFFFFFFF:08x}.lock") if db else Path(f".tauopt-{key}.lock")
-    with open(lock_path, "a") as fh:
+        raise StorageError(f"{what}: {root_message(e)}") from e
+    try:
+        yield
+    finally:
+        # Committing releases the lock. If the connection died meanwhile, the server has
+        # released it already; the work done under it stands and must not be redone.
+        with contextlib.suppress(sa_exc.SQLAlchemyError):
+            transaction.commit()
+        with contextlib.suppress(sa_exc.SQLAlchemyError):
+            conn.close()
+
+
+@contextlib.contextmanager
+def _file_lock(url: str, what: str) -> Iterator[None]:
+    """``flock`` on a file of the temporary folder: one per SQLite database and ``what``, so
+    that no lock file piles up beside the user's database. (A SQLite study is for one machine:
+    its workers share the machine's temporary folder.)"""
+    db = _sqlite_path(url)
+    where = str(db.resolve()) if db is not None else url
+    folder = Path(tempfile.gettempdir()) / "tauopt-locks"
+    folder.mkdir(mode=0o1777, exist_ok=True)
+    path = folder / f"{_lock_key(where) & 0xFFFFFFFFFFFF:012x}-{what}.lock"
+    with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Held while the tables are made: processes that create a study on a fresh database at
+    the same moment make them once (else "table studies already exists")."""
+    if make_url(url).get_backend_name() != "postgresql":
+        with _file_lock(url, "schema"):
+            yield
+        return
+    engine = sqlalchemy.create_engine(
+        url, connect_args=_connect_args(url), poolclass=sqlalchemy.pool.NullPool
+    )
+    try:
+        with _advisory_lock(engine, _lock_key("tauopt schema"), "cannot lock the database"):
+            yield
+    finally:
+        engine.dispose()

@@ -1,6 +1,6 @@
 """The Optuna study over variable-time-step networks: config, objective, workers, queries.
 
->>> from study import best_trials
+>>> from tauopt.study import best_trials
 >>> for trial in best_trials("sqlite:///tauopt.db", "tauopt"):   # doctest: +SKIP
 ...     print(trial.number, trial.val_accuracy, trial.active_params)
 ...     model = trial.load_model()
@@ -16,16 +16,16 @@ from tauopt.study._config import (
     PARAMS,
     SearchParam,
     StudyConfig,
-    StudyConfigError,
     TrialBudget,
     load_config,
     parse_config,
 )
 from tauopt.study._create import create_study
 from tauopt.study._liveness import WorkerStopped
-from tauopt.study._objective import objective_values, suggest_config, trial_attributes
-from tauopt.study._query import TrialResult, best_trials, export_csv, load_study
-from tauopt.study._reproduce import enqueue_grid, grid
+from tauopt.study._objective import objective_values, suggest_config
+from tauopt.study._query import BestTrials, TrialResult, best_trials, export_csv, load_study
+from tauopt.study._record import TrialRecord
+from tauopt.study._reproduce import CELLS, PROTOCOLS, GridRun, enqueue_grid, grid
 from tauopt.study._worker import Worker, WorkerOptions, WorkerSummary
 
 
@@ -37,13 +37,17 @@ def write_report(study: optuna.Study, out: Path) -> list[Path]:
 
 
 __all__ = [
+    "CELLS",
     "DEFAULT_SEARCH",
     "OBJECTIVES",
     "PARAMS",
+    "PROTOCOLS",
+    "BestTrials",
+    "GridRun",
     "SearchParam",
     "StudyConfig",
-    "StudyConfigError",
     "TrialBudget",
+    "TrialRecord",
     "TrialResult",
     "Worker",
     "WorkerOptions",
@@ -59,6 +63,5 @@ __all__ = [
     "objective_values",
     "parse_config",
     "suggest_config",
-    "trial_attributes",
     "write_report",
 ]

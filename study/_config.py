@@ -16,7 +16,7 @@ Shape of the file (every table and key optional; unknown ones are errors)::
     [trial]
     dataset = "mnist"
     epochs = 3
-    train_size = 10000
+    train_size = 10000          # 0: all 50,000 (60,000 less the validation images)
 
     [storage]
     heartbeat_interval = 10
@@ -34,21 +34,23 @@ from typing import Any, Literal
 
 import tomllib
 
-from tauopt.engine._config import ARCHS
+from tauopt.engine._config import ARCHS, PRUNE_RULES
 from tauopt.engine._data import DATASETS
-from tauopt.errors import TauoptError
+from tauopt.errors import ConfigError
+from tauopt.storage import StorageSettings
 
-Objective = Literal["pareto", "accuracy"]
+Objective = Literal["pareto", "accuracy", "grid"]
+#: What a user's study optimises: validation accuracy and the parameters left (``pareto``) or
+#: validation accuracy alone (``accuracy``). ``grid`` is a ``tauopt reproduce`` study: fixed
+#: runs, nothing searched or selected, their final test accuracy told as the value.
 OBJECTIVES: tuple[str, ...] = ("pareto", "accuracy")
+GRID_OBJECTIVE = "grid"
 #: Half the images right, five times chance: below it a trial is no model anyone wants, however
 #: small (a chance-level network once sat on the Pareto front as "best").
 DEFAULT_MIN_VAL_ACCURACY = 0.5
-#: Time-regularisation modes: none, the quadratic horizon penalty, or the dependent last tau.
-TIME_REGS: tuple[str, ...] = ("none", "penalty", "dependent")
-
-
-class StudyConfigError(TauoptError, ValueError):
-    """A study configuration value is invalid; the message names the key."""
+#: Time-regularisation modes: none, the quadratic horizon penalty, the dependent last tau
+#: (a gradient through ``sum(tau) = T``), or the projected last tau (the papers' code).
+TIME_REGS: tuple[str, ...] = ("none", "penalty", "dependent", "projected")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class _ParamSpec:
     open_high: bool = False
     log: bool = False  # ranges sampled on a log scale
     options: tuple[str, ...] = ()
+    #: A range from 0 means "off or on": off is a value of its own, on a log range.
+    zero_is_off: bool = False
 
 
 #: Every searchable name. ``layer_prune_eps`` is the threshold for removing ResNet *layers*;
@@ -67,7 +71,7 @@ class _ParamSpec:
 PARAMS: dict[str, _ParamSpec] = {
     "arch": _ParamSpec("choice", options=ARCHS),
     "T": _ParamSpec("float", low=0.0, open_low=True, log=True),
-    "l1": _ParamSpec("float", low=0.0),
+    "l1": _ParamSpec("float", low=0.0, zero_is_off=True),
     "layer_prune_eps": _ParamSpec(
         "float", low=0.0, high=1.0, open_low=True, open_high=True, log=True
     ),
@@ -75,6 +79,7 @@ PARAMS: dict[str, _ParamSpec] = {
     "width": _ParamSpec("int", low=1),
     "gamma": _ParamSpec("float", low=0.0, high=1.0, open_low=True, open_high=True),
     "time_reg": _ParamSpec("choice", options=TIME_REGS),
+    "prune_rule": _ParamSpec("choice", options=PRUNE_RULES),
     "horizon_weight": _ParamSpec("float", low=0.0, open_low=True, log=True),
     "lr": _ParamSpec("float", low=0.0, open_low=True, log=True),
 }
@@ -90,8 +95,9 @@ PARAMS: dict[str, _ParamSpec] = {
 DEFAULT_SEARCH: dict[str, Any] = {
     "arch": "resnet",
     "T": [0.5, 10.0],
-    "l1": [0.0, 0.02],
+    "l1": [0.0, 0.02],  # off, or on in [0.0002, 0.02] (log)
     "layer_prune_eps": [0.02, 0.2],
+    "prune_rule": "all",
     # The papers' reference architecture, fixed: what separates the front is then pruning and
     # the time regularisation, not a width or depth drawn at random. Search them in a config.
     "depth": 6,
@@ -101,6 +107,13 @@ DEFAULT_SEARCH: dict[str, Any] = {
     "horizon_weight": [0.001, 0.1],
     "lr": [0.01, 0.3],
 }
+
+
+#: Bounds past which a study cannot finish: a billion trials, or a million epochs per trial.
+MAX_TRIALS = 1_000_000_000
+MAX_EPOCHS = 1_000_000
+#: An "off or on" range ``[0, high]`` draws its on-values from ``[high / 100, high]``.
+OFF_DECADES = 100.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,15 @@ class SearchParam:
     log: bool = False
     choices: tuple[Any, ...] | None = None
     fixed: Any = None
+    #: ``[0, high]`` where 0 means "off": off is drawn as a value of its own
+    #: (``{name}_on`` False), on from the log range :attr:`on_range`.
+    off: bool = False
+
+    @property
+    def on_range(self) -> tuple[float, float]:
+        """Where an "off or on" parameter is drawn when on: two decades below ``high``."""
+        high = float(self.high or 0.0)
+        return high / OFF_DECADES, high
 
     def to_toml_value(self) -> Any:
         if self.choices is not None:
@@ -145,15 +167,16 @@ class StudyConfig:
     #: Trials below this validation accuracy are infeasible (an Optuna constraint): stored and
     #: shown as such, never "best".
     min_val_accuracy: float = DEFAULT_MIN_VAL_ACCURACY
-    heartbeat_interval: int = 10
-    grace_period: int | None = None
+    heartbeat_interval: int = StorageSettings.heartbeat_interval
+    grace_period: int | None = StorageSettings.grace_period
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML-shaped dict, as stored with the study so every worker uses the same."""
         storage: dict[str, Any] = {"heartbeat_interval": self.heartbeat_interval}
         if self.grace_period is not None:
             storage["grace_period"] = self.grace_period
-        trial = {k: v for k, v in dataclasses.asdict(self.trial).items() if v is not None}
+        trial = dataclasses.asdict(self.trial)
+        trial["train_size"] = trial["train_size"] or 0  # TOML has no null: 0 is every image
         return {
             "study": {
                 "objective": self.objective,
@@ -182,8 +205,8 @@ class StudyConfig:
         return parse_config(data)
 
 
-def _fail(key: str, message: str) -> StudyConfigError:
-    return StudyConfigError(f"{key}: {message}")
+def _fail(key: str, message: str) -> ConfigError:
+    return ConfigError(f"{key}: {message}")
 
 
 def _is_number(value: Any) -> bool:
@@ -221,7 +244,8 @@ def _parse_param(name: str, value: Any) -> SearchParam:
             if low >= high:
                 raise _fail(key, f"low {low!r} must be below high {high!r} (or give one value)")
             log = spec.log and low > 0
-            return SearchParam(name, spec.kind, low=low, high=high, log=log)
+            off = spec.zero_is_off and low == 0
+            return SearchParam(name, spec.kind, low=low, high=high, log=log, off=off)
         choices = tuple(_check_value(key, spec, v) for v in value)
         if len(set(choices)) != len(choices):
             raise _fail(key, f"repeated choices in {list(choices)}")
@@ -229,10 +253,12 @@ def _parse_param(name: str, value: Any) -> SearchParam:
     return SearchParam(name, spec.kind, fixed=_check_value(key, spec, value))
 
 
-def _take(table: Mapping[str, Any], key: str, where: str, kind: type, default: Any) -> Any:
+def _take(table: Mapping[str, Any], key: str, where: str, default: Any) -> Any:
+    """``table[key]`` (or the default), of the default's type."""
     if key not in table:
         return default
     value = table[key]
+    kind = type(default) if default is not None else int
     if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
         raise _fail(f"{where}.{key}", f"expected an integer, got {value!r}")
     if kind is str and not isinstance(value, str):
@@ -249,57 +275,67 @@ def _only(table: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
     return table
 
 
-def _positive(key: str, value: int | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if value is None or value < 1:
-        raise _fail(key, f"must be an integer >= 1, got {value!r}")
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise _fail(key, f"must be an integer >= {low}, got {value!r}")
+
+
+#: Each default once, where it lives: the dataclasses above.
+_BUDGET = TrialBudget()
+_STUDY = {f.name: f.default for f in dataclasses.fields(StudyConfig) if f.init}
 
 
 def parse_config(data: Mapping[str, Any]) -> StudyConfig:
     """Validate a TOML-shaped dict; defaults fill whatever is missing."""
     _only(data, "config", {"study", "search", "trial", "storage"})
     study = _only(data.get("study", {}), "study", {"objective", "n_trials", "min_val_accuracy"})
-    trial = _only(
-        data.get("trial", {}),
-        "trial",
-        {"dataset", "epochs", "train_size", "batch_size", "val_size"},
-    )
+    trial = _only(data.get("trial", {}), "trial", {f.name for f in dataclasses.fields(_BUDGET)})
     storage = _only(data.get("storage", {}), "storage", {"heartbeat_interval", "grace_period"})
     search_raw = {**DEFAULT_SEARCH, **_only(data.get("search", {}), "search", set(PARAMS))}
     search = {name: _parse_param(name, value) for name, value in search_raw.items()}
 
-    objective = _take(study, "objective", "study", str, "pareto")
-    if objective not in OBJECTIVES:
+    objective = _take(study, "objective", "study", _STUDY["objective"])
+    if objective not in (*OBJECTIVES, GRID_OBJECTIVE):
         raise _fail("study.objective", f"{objective!r} is not one of {list(OBJECTIVES)}")
-    n_trials = _take(study, "n_trials", "study", int, 30)
-    _positive("study.n_trials", n_trials)
-    min_acc = study.get("min_val_accuracy", DEFAULT_MIN_VAL_ACCURACY)
+    n_trials = _take(study, "n_trials", "study", _STUDY["n_trials"])
+    _at_least("study.n_trials", n_trials, 1)
+    if n_trials > MAX_TRIALS:
+        raise _fail(
+            "study.n_trials", f"{n_trials} is more than a study can run (at most {MAX_TRIALS:,})"
+        )
+    min_acc = study.get("min_val_accuracy", _STUDY["min_val_accuracy"])
     if not _is_number(min_acc) or not 0 <= min_acc < 1:
         raise _fail(
             "study.min_val_accuracy",
             f"must be a number in [0, 1) (0 keeps every trial), got {min_acc!r}",
         )
-    budget = TrialBudget(
-        dataset=_take(trial, "dataset", "trial", str, "mnist"),
-        epochs=_take(trial, "epochs", "trial", int, 3),
-        train_size=_take(trial, "train_size", "trial", int, 10_000),
-        batch_size=_take(trial, "batch_size", "trial", int, 100),
-        val_size=_take(trial, "val_size", "trial", int, 10_000),
-    )
-    if budget.dataset not in DATASETS:
-        raise _fail("trial.dataset", f"{budget.dataset!r} is not one of {list(DATASETS)}")
+    values = {
+        f.name: _take(trial, f.name, "trial", getattr(_BUDGET, f.name))
+        for f in dataclasses.fields(_BUDGET)
+    }
+    if values["dataset"] not in DATASETS:
+        raise _fail("trial.dataset", f"{values['dataset']!r} is not one of {list(DATASETS)}")
     for key in ("epochs", "batch_size", "val_size"):
-        _positive(f"trial.{key}", getattr(budget, key))
-    _positive("trial.train_size", budget.train_size, optional=True)
-    interval = _take(storage, "heartbeat_interval", "storage", int, 10)
-    _positive("storage.heartbeat_interval", interval)
-    grace = _take(storage, "grace_period", "storage", int, None)
+        _at_least(
+            f"trial.{key}",
+            values[key],
+            0 if key == "val_size" and objective == GRID_OBJECTIVE else 1,
+        )
+    if values["epochs"] > MAX_EPOCHS:
+        raise _fail(
+            "trial.epochs",
+            f"{values['epochs']} epochs would not end in a lifetime (at most {MAX_EPOCHS:,})",
+        )
+    _at_least("trial.train_size", values["train_size"], 0)
+    values["train_size"] = values["train_size"] or None  # 0: every training image
+    interval = _take(storage, "heartbeat_interval", "storage", StorageSettings.heartbeat_interval)
+    _at_least("storage.heartbeat_interval", interval, 1)
+    grace = _take(storage, "grace_period", "storage", StorageSettings.grace_period)
     if grace is not None and grace <= interval:
         raise _fail("storage.grace_period", f"{grace} must exceed heartbeat_interval ({interval})")
     return StudyConfig(
         search=search,
-        trial=budget,
+        trial=TrialBudget(**values),
         objective=objective,
         n_trials=n_trials,
         min_val_accuracy=float(min_acc),
@@ -316,10 +352,16 @@ def load_config(path: Path | None) -> StudyConfig:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as e:
-        raise StudyConfigError(f"cannot read config {path}: {e}") from e
+        raise ConfigError(f"cannot read config {path}: {e}") from e
     except tomllib.TOMLDecodeError as e:
-        raise StudyConfigError(f"{path} is not valid TOML: {e}") from e
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
     try:
-        return parse_config(data)
-    except StudyConfigError as e:
-        raise StudyConfigError(f"{path}: {e}") from e
+        config = parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    if config.objective == GRID_OBJECTIVE:
+        raise ConfigError(
+            f"{path}: study.objective: {GRID_OBJECTIVE!r} is set by `tauopt reproduce`; a study "
+            f"of your own is one of {list(OBJECTIVES)}"
+        )
+    return config

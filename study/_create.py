@@ -7,14 +7,15 @@ from typing import Any
 
 import optuna
 
-from tauopt.errors import StorageError
-from tauopt.storage import StorageSettings, open_storage, study_lock, trial_counts
-from tauopt.study._budget import CONFIG_ATTR, FAIL_REASON_ATTR, budget_used
+from tauopt.errors import ConfigError
+from tauopt.storage import StorageSettings, open_storage, study_id, study_lock, trial_counts
 from tauopt.study._config import StudyConfig
+from tauopt.study._ledger import budget_used
 from tauopt.study._objective import DIRECTIONS, METRIC_NAMES
+from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR
 
 
-def _quiet_optuna() -> None:
+def quiet_optuna() -> None:
     # Optuna logs every trial at INFO; the worker prints its own one-line summary instead.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -37,7 +38,7 @@ def create_study(settings: StorageSettings, study_name: str, config: StudyConfig
     changed to any total not below the trials already used; any other difference is refused,
     with the keys that differ named.
     """
-    _quiet_optuna()
+    quiet_optuna()
     storage = open_storage(settings, create_schema=True)
     # Under the study's lock: processes that create the same study at the same moment see it
     # either absent or complete with its config, never in between.
@@ -63,23 +64,23 @@ def _update_existing(
     stored = study.user_attrs.get(CONFIG_ATTR)
     new = config.to_dict()
     if stored is None:
-        raise StorageError(
+        raise ConfigError(
             f"study {study_name!r} exists but was not created by tauopt; pick another --study name"
         )
     if stored == new:
         return
     diff = _differences(stored, new)
     if any(not d.startswith("study.n_trials:") for d in diff):
-        raise StorageError(
+        raise ConfigError(
             f"study {study_name!r} already exists with another configuration "
             f"({'; '.join(diff)}). Only the budget, study.n_trials, can change on an existing "
             "study: put the other keys back, or start a new study with another --study name "
             "(TAUOPT_STUDY in .env under docker compose)"
         )
-    counts, own_failures = trial_counts(storage, study._study_id, failed_with_attr=FAIL_REASON_ATTR)
+    counts, own_failures = trial_counts(storage, study_id(study), failed_with_attr=FAIL_REASON_ATTR)
     used = budget_used(counts, own_failures)
     if config.n_trials < used:
-        raise StorageError(
+        raise ConfigError(
             f"study {study_name!r} has already used {used} trials of its budget; "
             f"n_trials must be at least {used}, got {config.n_trials}"
         )

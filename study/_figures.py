@@ -6,9 +6,16 @@ from collections.abc import Sequence
 
 import optuna
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from tauopt.storage import set_study_system_attrs
-from tauopt.study._liveness import rdb_of
+from tauopt.storage import (
+    figure_attrs,
+    first_note_attrs,
+    rdb_of,
+    set_study_system_attrs,
+    study_id,
+    trial_id,
+)
 from tauopt.study._views import TrialView, trial_views
 
 #: Fixed ids: each publication replaces the figure instead of adding one.
@@ -89,14 +96,14 @@ def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
     fig = go.Figure()
     pruned = sorted((v for v in views if v.pruned), key=lambda v: -v.params_removed)[:_MAX_LINES]
     for v in pruned:
-        blocks = v.active_blocks_per_epoch()
+        blocks = v.blocks_before_pruning()
         fig.add_trace(
             go.Scatter(
                 x=list(range(1, len(v.epoch_seconds) + 1)),
                 y=v.epoch_seconds,
                 mode="lines+markers",
                 name=f"trial {v.number} ({v.params_removed:.0%} removed)",
-                text=[f"{b} active blocks" for b in blocks],
+                text=[f"{b} blocks trained in this epoch" for b in blocks],
             )
         )
     unpruned = [s for v in views if not v.pruned for s in v.epoch_seconds]
@@ -115,36 +122,48 @@ def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
 
 
 def learning_curves(views: Sequence[TrialView]) -> go.Figure:
-    """Test accuracy per epoch of a ``tauopt reproduce`` grid: fixed against trainable taus,
-    the mean over seeds, for each network, dataset and T (no regularisation, no pruning)."""
-    fig = go.Figure()
+    """Test accuracy per epoch of a ``tauopt reproduce`` grid, fixed against trainable taus
+    with nothing else on, the mean over seeds: one panel per network and dataset."""
+    panels = sorted({(v.grid["arch"], v.grid["dataset"]) for v in views if v.grid})
     groups: dict[tuple[str, str, str, float], list[list[float]]] = {}
     for v in views:
         g = v.grid or {}
-        base = g.get("variant") in ("no-prune", "full") and not g.get("l1")
-        if base and g.get("time_reg") == "none" and v.test_history:
-            key = (str(g["dataset"]), str(g["arch"]), str(g["tau"]), float(g["T"]))
+        plain = not g.get("l1") and not g.get("horizon_weight") and g.get("pruning") == "off"
+        if plain and g.get("last_tau") == "free" and v.test_history:
+            key = (str(g["arch"]), str(g["dataset"]), str(g["taus"]), float(g["T"]))
             groups.setdefault(key, []).append(v.test_history)
-    for (dataset, arch, tau, T), rows in sorted(groups.items()):
-        n = min(len(r) for r in rows)
+    cols = min(2, max(1, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    fig = make_subplots(
+        rows=rows, cols=cols, subplot_titles=[f"{a}, {d}" for a, d in panels] or [""]
+    )
+    for (arch, dataset, taus, T), runs in sorted(groups.items()):
+        n = min(len(r) for r in runs)
+        at = panels.index((arch, dataset))
         fig.add_trace(
             go.Scatter(
                 x=list(range(1, n + 1)),
-                y=[sum(r[i] for r in rows) / len(rows) for i in range(n)],
-                mode="lines+markers",
-                line={"dash": "solid" if tau == "trainable" else "dot"},
-                name=f"{dataset}, {arch}, {tau} tau, T={T:g} ({len(rows)} seeds)",
-            )
+                y=[sum(r[i] for r in runs) / len(runs) for i in range(n)],
+                mode="lines",
+                line={"dash": "solid" if taus == "trainable" else "dot"},
+                name=f"{taus} taus, T={T:g}",
+                legendgroup=f"{taus} taus, T={T:g}",
+                showlegend=at == 0,
+                hovertext=f"{arch}, {dataset}: {len(runs)} seeds",
+            ),
+            row=at // cols + 1,
+            col=at % cols + 1,
         )
     fig.update_layout(
         title="Fixed against trainable step sizes: test accuracy per epoch (mean over seeds)",
-        xaxis_title="epoch",
-        yaxis_title="test accuracy",
+        legend_title="dotted: fixed taus",
     )
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="test accuracy")
     return fig
 
 
-def publish(study: optuna.Study) -> None:
+def publish(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
     """Draw the study's figures from its trials and save them to its dashboard page."""
     views = trial_views(study)
     figures = [pruning_accuracy(views), taus_over_epochs(views), epoch_seconds(views)]
@@ -153,22 +172,23 @@ def publish(study: optuna.Study) -> None:
         figures.append(learning_curves(views))
         ids.append(CURVES_ID)
     for figure_id, figure in zip(ids, figures, strict=True):
-        save_figure(study, figure, figure_id)
+        save_figure(study, storage, figure, figure_id)
 
 
-def save_figure(study: optuna.Study, figure: go.Figure, figure_id: str) -> None:
+def save_figure(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, figure: go.Figure, figure_id: str
+) -> None:
     """``optuna_dashboard.save_plotly_graph_object(study, figure, graph_object_id=...)`` in
     one transaction: the same keys and chunks, but one commit instead of one per chunk (a
     figure of 5,000 trials is a hundred), and without reading every system attribute of the
     study (all its notes) to find the chunks of the figure's previous, longer version."""
-    from optuna_dashboard._custom_plot_data import SYSTEM_ATTR_PLOT_DATA, split_plot_data
-
-    prefix = f"{SYSTEM_ATTR_PLOT_DATA}{figure_id}:"
-    chunks = split_plot_data(figure.to_json(), prefix)
-    set_study_system_attrs(rdb_of(study._storage), study._study_id, chunks, clear_prefix=prefix)
+    chunks, prefix = figure_attrs(figure.to_json(), figure_id)
+    set_study_system_attrs(rdb_of(storage), study_id(study), chunks, clear_prefix=prefix)
 
 
-def write_trial_note(trial: optuna.Trial, body: str) -> None:
+def write_trial_note(
+    storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial, body: str
+) -> None:
     """Set the optuna-dashboard note of ``trial``, which has none yet, in one transaction.
 
     ``optuna_dashboard.save_note`` reads every system attribute of the study (all notes and
@@ -177,8 +197,5 @@ def write_trial_note(trial: optuna.Trial, body: str) -> None:
     trial finished, so the note is version 1 and there is nothing to clear. The body and the
     version commit together: a reader never sees a version without its text.
     """
-    from optuna_dashboard._note import note_ver_key, split_body  # the key layout it reads
-
-    attrs: dict[str, object] = dict(split_body(body, trial._trial_id))
-    attrs[note_ver_key(trial._trial_id)] = 1
-    set_study_system_attrs(rdb_of(trial.storage), trial.study._study_id, attrs)
+    attrs = first_note_attrs(body, trial_id(trial))
+    set_study_system_attrs(rdb_of(storage), study_id(study), attrs)

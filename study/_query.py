@@ -23,9 +23,15 @@ from tauopt.storage import (
     open_storage,
     resolve_url,
 )
-from tauopt.study._budget import ARTIFACT_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR
 from tauopt.study._checkpoint import load_checkpoint
-from tauopt.study._views import front_numbers
+from tauopt.study._record import (
+    CONFIG_ATTR,
+    FAIL_REASON_ATTR,
+    RETRY_REASON_ATTR,
+    WORKER_ATTR,
+    TrialRecord,
+)
+from tauopt.study._views import front_numbers, settings_line, view_of
 
 
 @dataclass(frozen=True)
@@ -100,16 +106,16 @@ def load_study(storage: str | optuna.storages.BaseStorage | None, study_name: st
 
 
 def _summary(trial: FrozenTrial, artifact_dir: Path) -> TrialResult:
-    attrs = trial.user_attrs
+    record = TrialRecord.from_attrs(trial.user_attrs)
     return TrialResult(
         number=trial.number,
         params=dict(trial.params),
-        val_accuracy=float(attrs["val_accuracy"]),
-        test_accuracy=float(attrs["test_accuracy"]),
-        active_blocks=int(attrs["active_blocks"]),
-        active_params=int(attrs["active_params"]),
-        taus=list(attrs["taus"]),
-        artifact_id=attrs.get(ARTIFACT_ATTR),
+        val_accuracy=float("nan") if record.val_accuracy is None else record.val_accuracy,
+        test_accuracy=record.test_accuracy,
+        active_blocks=record.active_blocks,
+        active_params=record.active_params,
+        taus=record.taus,
+        artifact_id=record.model_artifact_id,
         artifact_dir=artifact_dir,
     )
 
@@ -131,7 +137,31 @@ def best_trials(
         artifact_dir = default_artifact_dir(resolve_url(url if isinstance(url, str) else None))
     front = _front(study)
     results = [_summary(t, Path(artifact_dir)) for t in front]
-    return sorted(results, key=lambda r: (-r.val_accuracy, r.active_params))
+    best = BestTrials(sorted(results, key=lambda r: (-r.val_accuracy, r.active_params)))
+    if not best:
+        best.why_empty = why_no_best(study)
+    return best
+
+
+class BestTrials(list[TrialResult]):
+    """The best trials; where there are none, ``why_empty`` says why."""
+
+    why_empty: str | None = None
+
+
+def why_no_best(study: optuna.Study) -> str:
+    """Why a study has no best trial yet: nothing finished, or nothing reached its floor."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        return f"study {study.study_name!r} has no completed trial yet"
+    reached = [TrialRecord.from_attrs(t.user_attrs).val_accuracy for t in complete]
+    best = max((a for a in reached if a is not None), default=float("nan"))
+    floor = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("min_val_accuracy")
+    return (
+        f"all {len(complete)} completed trials of study {study.study_name!r} fall below its "
+        f"min_val_accuracy {floor} (the best reached {best:.4f}), so none is feasible: train "
+        "longer (--epochs, --train-size), or lower min_val_accuracy in a new study"
+    )
 
 
 def _front(study: optuna.Study) -> list[FrozenTrial]:
@@ -141,18 +171,65 @@ def _front(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
 
 
-_SCALAR_ATTRS = (
+#: Columns of every trial's settings (from its training config), so that rows can be told
+#: apart in any study, a grid of ``tauopt reproduce`` included.
+_CONFIG_COLUMNS = (
+    "arch",
+    "dataset",
+    "T",
+    "l1",
+    "horizon_weight",
+    "dependent_last_tau",
+    "projected_last_tau",
+    "fixed_tau",
+    "prune_eps",
+    "prune_rule",
+    "gamma",
+    "detach_memory",
+    "lr",
+    "width",
+    "depth",
+    "epochs",
+    "train_size",
+    "seed",
+)
+#: The record's values per trial; lists as JSON.
+_RECORD_COLUMNS = (
     "val_accuracy",
     "test_accuracy",
+    "train_accuracy",
     "active_blocks",
     "active_params",
+    "initial_params",
     "tau_sum",
     "device",
-    "seed",
-    FAIL_REASON_ATTR,
-    RETRY_REASON_ATTR,
 )
-_LIST_ATTRS = ("taus", "pruned_layers", "epoch_seconds")
+_LIST_COLUMNS = (
+    "taus",
+    "pruned_layers",
+    "epoch_seconds",
+    "val_accuracy_history",
+    "test_accuracy_history",
+    "train_accuracy_history",
+    "clean_loss_history",
+    "penalty_history",
+    "tau_history",
+)
+_REASONS = (FAIL_REASON_ATTR, RETRY_REASON_ATTR, WORKER_ATTR)
+
+
+def _record_cells(trial: FrozenTrial) -> list[Any]:
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        return [None] * (len(_CONFIG_COLUMNS) + len(_RECORD_COLUMNS) + len(_LIST_COLUMNS) + 1)
+    record = TrialRecord.from_attrs(trial.user_attrs)
+    config = record.train_config
+    view = view_of(trial.number, record, feasible=True)
+    return [
+        settings_line(view),
+        *(config.get(name) for name in _CONFIG_COLUMNS),
+        *(getattr(record, name) for name in _RECORD_COLUMNS),
+        *(json.dumps(getattr(record, name)) for name in _LIST_COLUMNS),
+    ]
 
 
 def export_csv(
@@ -160,7 +237,8 @@ def export_csv(
 ) -> int:
     """Write every trial as a CSV row to ``out``; returns the number of rows.
 
-    ``pareto_optimal`` is true for the trials :func:`best_trials` returns.
+    ``pareto_optimal`` is true for the trials :func:`best_trials` returns; ``settings`` says
+    in words what the run trained, and the ``config_*`` columns give each setting.
     """
     study = load_study(storage, study_name)
     trials = study.get_trials(deepcopy=False)
@@ -177,8 +255,11 @@ def export_csv(
             "feasible",
             *value_names,
             *(f"param_{p}" for p in param_names),
-            *_SCALAR_ATTRS,
-            *_LIST_ATTRS,
+            "settings",
+            *(f"config_{c}" for c in _CONFIG_COLUMNS),
+            *_RECORD_COLUMNS,
+            *_LIST_COLUMNS,
+            *_REASONS,
             "datetime_start",
             "duration_seconds",
         ]
@@ -194,8 +275,8 @@ def export_csv(
                 all(v <= 0.0 for v in t.constraints.values()),
                 *values,
                 *(t.params.get(p) for p in param_names),
-                *(t.user_attrs.get(a) for a in _SCALAR_ATTRS),
-                *(json.dumps(t.user_attrs[a]) if a in t.user_attrs else None for a in _LIST_ATTRS),
+                *_record_cells(t),
+                *(t.user_attrs.get(a) for a in _REASONS),
                 t.datetime_start.isoformat() if t.datetime_start else None,
                 duration,
             ]

@@ -151,7 +151,7 @@ def _grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
         _plot_curve(
             left,
             pruned,
-            lambda v: [float(b) for b in v.active_blocks_per_epoch()],
+            lambda v: [float(b) for b in v.blocks_before_pruning()],
             f"{dataset}, pruning",
         )
         _plot_curve(right, pruned, lambda v: v.epoch_seconds, f"{dataset}, pruning")
@@ -416,5 +416,5 @@ def write_report(study: optuna.Study, out: Path) -> list[Path]:
     lines += _grid_questions(views) if grid else _search_summary(views)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    publish(study)
+    publish(study, study._storage)
     return [*figures, report]

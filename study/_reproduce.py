@@ -1,131 +1,259 @@
 """The papers' experiments as one study: a grid of fixed training runs, enqueued once, that
-any number of workers run like any other trials."""
+any number of workers run like any other trials.
+
+Two protocols. ``authors`` is the grid of the papers' published code
+(frederikkoehne/time_variable_learning, ``main.py``): per dataset and seed, 22 ResNet runs
+and 12 Fractional DNN runs, 200 epochs on all 60,000 training images, test accuracy after
+every epoch. ``tauopt`` is a wider grid on tauopt's own variants (the horizon as a gradient
+constraint, pruning every block under the threshold, full memory gradients). Every run has
+coordinates: the factors that tell it from the others, which the report pairs runs by.
+"""
 
 from __future__ import annotations
 
 import itertools
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
 from tauopt.engine import TrainConfig
-from tauopt.engine._config import Arch
-from tauopt.errors import StorageError
-from tauopt.storage import StorageSettings, study_lock
+from tauopt.errors import ConfigError
+from tauopt.storage import StorageSettings, rdb_of, storage_of, study_id, study_lock
 from tauopt.study._config import parse_config
 from tauopt.study._create import create_study
-from tauopt.study._liveness import rdb_of
+from tauopt.study._objective import STUDY_DATA_SEED
+from tauopt.study._record import GRID_CONFIG_ATTR, GRID_ID_ATTR, GRID_POINT_ATTR
 
-#: Trial user attributes of a grid point: its TrainConfig, and its coordinates in the grid.
-GRID_CONFIG_ATTR = "grid_config"
-GRID_POINT_ATTR = "grid_point"
-#: Study user attribute, set once the grid is enqueued: the settings it was made with.
+#: Study user attribute: the grid's settings, and whether every run is enqueued.
 REPRODUCE_ATTR = "tauopt_reproduce"
-
+PROTOCOLS: tuple[str, ...] = ("authors", "tauopt")
+DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
 DEPTH = 6
-L1 = 0.01  # weight of sum|tau| where the grid turns the l1 penalty on
-HORIZON_WEIGHT = 0.01  # weight of (sum(tau) - T)^2 where it turns the penalty on
-DATASETS = ("mnist", "fashion-mnist")
-PRUNE_EPS = 0.05  # ResNet blocks under 5 % of sum|tau| are removed, where pruning is on
+#: The settings each protocol is run at unless ``--epochs`` / ``--train-size`` scale it down.
+DEFAULT_EPOCHS = {"authors": 200, "tauopt": 5}
+DEFAULT_TRAIN_SIZE: dict[str, int | None] = {"authors": None, "tauopt": 10_000}
+#: Held-out validation images: none in the papers' code (it trains on all 60,000).
+VAL_SIZE = {"authors": 0, "tauopt": 10_000}
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    l1: float  # weight of sum|tau| where l1 is on
+    horizon_weight: float  # weight of (sum(tau) - T)^2 where the penalty is on
+    prune_eps: float
+    prune_rule: str
+    last_tau: str  # how the grid's exact horizon is kept: "projected" or "dependent"
+
+
+_PROTOCOLS = {
+    # main.py: l1_reg_for_taus 0.01, tau_l2_factor 0.5; experiments.py: prune_network(crit=.01)
+    # removes the smallest block once per epoch; the dependent tau is overwritten after each
+    # step; the FracDNN's memory coefficients are computed under no_grad.
+    "authors": _Protocol(0.01, 0.5, 0.01, "smallest", "projected"),
+    "tauopt": _Protocol(0.01, 0.01, 0.05, "all", "dependent"),
+}
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of the grid: where it sits (``coords``) and what it trains (``config``)."""
+
+    coords: dict[str, Any]
+    config: TrainConfig
+
+    @property
+    def key(self) -> str:
+        """A stable name of the run, unique in its grid."""
+        return json.dumps(self.coords, sort_keys=True)
+
+
+def _coords(
+    protocol: str,
+    config: TrainConfig,
+    *,
+    last_tau: str = "free",
+) -> dict[str, Any]:
+    memory = None if config.arch == "resnet" else ("detached" if config.detach_memory else "full")
+    pruning = "off" if config.prune_eps is None else config.prune_rule
+    return {
+        "protocol": protocol,
+        "dataset": config.dataset,
+        "arch": config.arch,
+        "seed": config.seed,
+        "T": config.T,
+        "taus": "fixed" if config.fixed_tau else "trainable",
+        "l1": config.l1,
+        "horizon_weight": config.horizon_weight,
+        "last_tau": last_tau,
+        "pruning": pruning,
+        "memory": memory,
+    }
+
+
+def _run(protocol: str, config: TrainConfig, *, last_tau: str = "free") -> GridRun:
+    return GridRun(_coords(protocol, config, last_tau=last_tau), config)
+
+
+def _authors(base: TrainConfig, p: _Protocol) -> Iterator[GridRun]:
+    """``main.py``'s ``is_of_interest``: fixed taus without penalties (x pruning for the
+    ResNet), trainable taus with l1 x penalty (x pruning), the dependent last tau alone."""
+    prunes = (None, p.prune_eps) if base.arch == "resnet" else (None,)
+    for T in (1.0, float(DEPTH)):
+        at = base.replace(T=T, prune_rule=p.prune_rule)
+        for eps in prunes:
+            yield _run("authors", at.replace(fixed_tau=True, prune_eps=eps))
+        for l1, penalty, eps in itertools.product((0.0, p.l1), (0.0, p.horizon_weight), prunes):
+            yield _run("authors", at.replace(l1=l1, horizon_weight=penalty, prune_eps=eps))
+        yield _run("authors", at.replace(projected_last_tau=True), last_tau="projected")
+
+
+def _tauopt(base: TrainConfig, p: _Protocol) -> Iterator[GridRun]:
+    """Fixed taus; trainable taus with l1 off/on x time regularisation (none, penalty,
+    dependent last tau) x pruning off/on (ResNet) or full/detached memory (FracDNN)."""
+    for T in (1.0, float(DEPTH)):
+        at = base.replace(T=T, prune_rule=p.prune_rule)
+        yield _run("tauopt", at.replace(fixed_tau=True))
+        variants: list[dict[str, Any]] = (
+            [{}, {"prune_eps": p.prune_eps}]
+            if base.arch == "resnet"
+            else [{}, {"detach_memory": True}]
+        )
+        for l1, reg, variant in itertools.product(
+            (0.0, p.l1), ("none", "penalty", "dependent"), variants
+        ):
+            config = at.replace(
+                l1=l1,
+                horizon_weight=p.horizon_weight if reg == "penalty" else 0.0,
+                dependent_last_tau=reg == "dependent",
+                **variant,
+            )
+            yield _run("tauopt", config, last_tau="dependent" if reg == "dependent" else "free")
+
+
+#: Named parts of a grid, to run only those (``tauopt reproduce --only``).
+CELLS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    # fixed against trainable taus, nothing else on
+    "fixed-vs-trainable": lambda c: (
+        c["l1"] == 0.0
+        and c["horizon_weight"] == 0.0
+        and c["last_tau"] == "free"
+        and c["pruning"] == "off"
+    ),
+    # the ResNet with l1, pruning off against on
+    "pruning": lambda c: (
+        c["arch"] == "resnet"
+        and c["taus"] == "trainable"
+        and c["l1"] > 0.0
+        and c["horizon_weight"] == 0.0
+        and c["last_tau"] == "free"
+    ),
+}
 
 
 def grid(
     *,
-    epochs: int,
-    train_size: int | None,
-    seeds: int,
+    protocol: str = "authors",
+    epochs: int | None = None,
+    train_size: int | None = None,
+    seeds: int = 1,
     datasets: tuple[str, ...] = DATASETS,
-) -> list[tuple[dict[str, Any], TrainConfig]]:
-    """Every run of the grid, with its coordinates.
-
-    For each of ``datasets`` (default both), both networks and every seed: fixed taus (the
-    baseline) for T in {1, depth}; trainable taus for T in {1, depth} x l1 off/on x time
-    regularisation (none, horizon penalty, dependent last tau) x, for the ResNet, pruning
-    off/on and, for the fractional network, memory gradients full/detached. The papers'
-    reference setting otherwise: width 100, depth 6, SGD lr 0.01, batch 100.
-    """
-    points: list[tuple[dict[str, Any], TrainConfig]] = []
-    archs: tuple[Arch, ...] = ("resnet", "fracdnn")
-    for dataset, arch, seed in itertools.product(datasets, archs, range(seeds)):
+    only: tuple[str, ...] = (),
+) -> list[GridRun]:
+    """Every run of ``protocol``'s grid (68 per seed for ``authors``, 104 for ``tauopt`` with
+    both datasets), or only the runs of the named ``only`` cells. ``epochs`` and
+    ``train_size`` default to the protocol's (see :data:`DEFAULT_EPOCHS`)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    unknown = sorted(set(only) - set(CELLS))
+    if unknown:
+        raise ConfigError(f"unknown cell {unknown[0]!r}: choose from {', '.join(CELLS)}")
+    spec = _PROTOCOLS[protocol]
+    make = _authors if protocol == "authors" else _tauopt
+    runs: list[GridRun] = []
+    # Runs of one shape next to each other: a worker that claims several at once
+    # (--batch-trials) then trains them as one population.
+    for dataset, arch, seed in itertools.product(datasets, ("resnet", "fracdnn"), range(seeds)):
         base = TrainConfig(
-            arch=arch, dataset=dataset, epochs=epochs, train_size=train_size, depth=DEPTH, seed=seed
+            arch=arch,  # type: ignore[arg-type]
+            dataset=dataset,
+            epochs=epochs or DEFAULT_EPOCHS[protocol],
+            train_size=train_size if train_size is not None else DEFAULT_TRAIN_SIZE[protocol],
+            val_size=VAL_SIZE[protocol],
+            depth=DEPTH,
+            seed=seed,
+            # one batch order for every run (the seed draws the weights), as in a search
+            # study: runs of one shape then train together as a population
+            data_seed=STUDY_DATA_SEED,
+            detach_memory=arch == "fracdnn" and protocol == "authors",
         )
-        variants = ("no-prune", "prune") if arch == "resnet" else ("full", "detached")
-        for T in (1.0, float(DEPTH)):
-            point = {"dataset": dataset, "arch": arch, "seed": seed, "T": T}
-            fixed = {**point, "tau": "fixed", "l1": False, "time_reg": "none"}
-            points.append(({**fixed, "variant": variants[0]}, base.replace(T=T, fixed_tau=True)))
-            for l1, time_reg, variant in itertools.product(
-                (False, True), ("none", "penalty", "dependent"), variants
-            ):
-                config = base.replace(
-                    T=T,
-                    l1=L1 if l1 else 0.0,
-                    horizon_weight=HORIZON_WEIGHT if time_reg == "penalty" else 0.0,
-                    dependent_last_tau=time_reg == "dependent",
-                    prune_eps=PRUNE_EPS if variant == "prune" else None,
-                    detach_memory=variant == "detached",
-                )
-                coords = {
-                    **point,
-                    "tau": "trainable",
-                    "l1": l1,
-                    "time_reg": time_reg,
-                    "variant": variant,
-                }
-                points.append((coords, config))
-    return points
+        runs += [r for r in make(base, spec) if not only or any(CELLS[c](r.coords) for c in only)]
+    runs.sort(key=lambda r: (r.config.dataset, r.config.arch, r.config.fixed_tau, r.config.seed))
+    return runs
+
+
+def factor_choices(runs: list[GridRun]) -> dict[str, list[Any]]:
+    """Every coordinate's values in the grid: the distributions its runs are stored with, so
+    that the dashboard lists a run's settings as its parameters and can rank them."""
+    names = list(runs[0].coords) if runs else []
+    return {
+        name: sorted({r.coords[name] for r in runs}, key=lambda v: (v is None, str(type(v)), v))
+        for name in names
+    }
 
 
 def enqueue_grid(
     settings: StorageSettings,
     study_name: str,
-    *,
-    epochs: int,
-    train_size: int | None,
-    seeds: int,
-    datasets: tuple[str, ...] = DATASETS,
+    runs: list[GridRun],
+    spec: dict[str, Any],
 ) -> tuple[optuna.Study, int]:
-    """Create the study and enqueue the grid, exactly once: several processes may call this
-    at the same moment, and a later call with the same settings enqueues nothing. Returns the
-    study and how many trials this call enqueued."""
-    if epochs < 1 or seeds < 1 or (train_size is not None and train_size < 1):
-        raise StorageError(
-            f"epochs, seeds and train size must be >= 1, got {epochs}, {seeds}, {train_size}"
-        )
-    unknown = sorted(set(datasets) - set(DATASETS))
-    if unknown or not datasets:
-        raise StorageError(f"datasets must be among {DATASETS}, got {list(datasets)}")
-    points = grid(epochs=epochs, train_size=train_size, seeds=seeds, datasets=datasets)
-    spec = {
-        "epochs": epochs,
-        "train_size": train_size,
-        "seeds": seeds,
-        "datasets": list(datasets),
-        "points": len(points),
-    }
+    """Create the study and enqueue ``runs``, each exactly once, however often and from however
+    many processes this is called, and wherever an earlier call was interrupted (every run is
+    enqueued under the study's lock, skipping those already there). A study made with another
+    ``spec`` is refused. Returns the study and how many runs this call enqueued."""
+    if not runs:
+        raise ConfigError("the grid is empty: check --only and --datasets")
+    spec = {**spec, "runs": len(runs), "choices": factor_choices(runs)}
     config = parse_config(
         {
-            "study": {"objective": "accuracy", "n_trials": len(points), "min_val_accuracy": 0.0},
-            "trial": {"epochs": epochs, **({"train_size": train_size} if train_size else {})},
+            "study": {"objective": "grid", "n_trials": len(runs), "min_val_accuracy": 0.0},
+            "trial": {
+                "dataset": runs[0].config.dataset,
+                "epochs": runs[0].config.epochs,
+                **({"train_size": runs[0].config.train_size} if runs[0].config.train_size else {}),
+            },
         }
     )
     study = create_study(settings, study_name, config)
-    storage = study._storage
+    storage = storage_of(study)
     with study_lock(rdb_of(storage), study_name):
-        stored = storage.get_study_user_attrs(study._study_id).get(REPRODUCE_ATTR)
-        if stored is not None:
-            if stored != spec:
-                raise StorageError(
-                    f"study {study_name!r} holds a grid made with {stored}, not {spec}; "
-                    "choose another --study name"
-                )
+        stored = storage.get_study_user_attrs(study_id(study)).get(REPRODUCE_ATTR)
+        if stored is not None and stored["spec"] != spec:
+            raise ConfigError(
+                f"study {study_name!r} holds a grid made with {_short(stored['spec'])}, not "
+                f"{_short(spec)}; choose another --study name"
+            )
+        if stored is not None and stored["complete"]:
             return study, 0
-        for coords, train_config in points:
+        study.set_user_attr(REPRODUCE_ATTR, {"spec": spec, "complete": False})
+        present = {t.user_attrs.get(GRID_ID_ATTR) for t in study.get_trials(deepcopy=False)}
+        missing = [r for r in runs if r.key not in present]
+        for run in missing:
             study.enqueue_trial(
-                params={},
-                user_attrs={GRID_CONFIG_ATTR: train_config.to_dict(), GRID_POINT_ATTR: coords},
+                params=run.coords,
+                user_attrs={
+                    GRID_CONFIG_ATTR: run.config.to_dict(),
+                    GRID_POINT_ATTR: run.coords,
+                    GRID_ID_ATTR: run.key,
+                },
                 skip_if_exists=False,
             )
-        study.set_user_attr(REPRODUCE_ATTR, spec)
-    return study, len(points)
+        study.set_user_attr(REPRODUCE_ATTR, {"spec": spec, "complete": True})
+    return study, len(missing)
+
+
+def _short(spec: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in spec.items() if k != "choices")

@@ -10,37 +10,69 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.study._constrained_optimization import _is_constrained_optimization
-from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from tauopt.engine import TrainConfig, parameter_count
-
-#: MNIST and Fashion-MNIST: 28 x 28 pixels, 10 classes.
-_IN_FEATURES, _CLASSES = 784, 10
+from tauopt.storage import pareto_front
+from tauopt.study._record import TrialRecord
 
 
 @dataclass(frozen=True)
 class TrialView:
-    """One COMPLETE trial, as the figures and the report need it."""
+    """One COMPLETE trial, as the figures and the report need it: its record, and where it
+    stands in the study."""
 
     number: int
+    record: TrialRecord
     feasible: bool
-    pareto: bool
-    val_accuracy: float
-    test_accuracy: float
-    active_params: int
-    initial_params: int
-    depth: int
-    tau_history: list[list[float]]
-    epoch_seconds: list[float]
-    pruned: list[dict[str, int]]
-    config: dict[str, Any]
-    test_history: list[float]
-    val_history: list[float]
-    #: Coordinates in the grid of ``tauopt reproduce`` (None in a search study).
-    grid: dict[str, Any] | None = None
+    pareto: bool = False
     params: dict[str, Any] | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.record.train_config
+
+    @property
+    def grid(self) -> dict[str, Any] | None:
+        """Coordinates in the grid of ``tauopt reproduce`` (None in a search study)."""
+        return self.record.grid_point
+
+    @property
+    def val_accuracy(self) -> float:
+        """Final validation accuracy (NaN without validation images)."""
+        value = self.record.val_accuracy
+        return float("nan") if value is None else value
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.record.test_accuracy
+
+    @property
+    def active_params(self) -> int:
+        return self.record.active_params
+
+    @property
+    def initial_params(self) -> int:
+        return self.record.initial_params
+
+    @property
+    def depth(self) -> int:
+        return int(self.config.get("depth", len(self.record.taus)))
+
+    @property
+    def tau_history(self) -> list[list[float]]:
+        return self.record.tau_history
+
+    @property
+    def epoch_seconds(self) -> list[float]:
+        return self.record.epoch_seconds
+
+    @property
+    def pruned(self) -> list[dict[str, int]]:
+        return self.record.pruned_layers
+
+    @property
+    def test_history(self) -> list[float]:
+        return self.record.test_accuracy_history
 
     @property
     def blocks_removed(self) -> int:
@@ -55,47 +87,26 @@ class TrialView:
     def arch(self) -> str:
         return str(self.config.get("arch", "resnet"))
 
-    def active_blocks_per_epoch(self) -> list[int]:
+    def blocks_before_pruning(self) -> list[int]:
+        """Active blocks during each epoch (pruning runs after the epoch is recorded)."""
         return [sum(1 for tau in taus if tau != 0.0) for taus in self.tau_history]
 
 
-def view_from(
+def view_of(
     number: int,
-    attrs: dict[str, Any],
+    record: TrialRecord,
     *,
     feasible: bool,
     pareto: bool = False,
     params: dict[str, Any] | None = None,
 ) -> TrialView:
-    """The view of trial ``number`` from its user attributes (a worker has them in hand)."""
-    config = dict(attrs.get("train_config", {}))
-    initial = attrs.get("initial_params")  # absent on trials stored by earlier versions
-    if not initial:
-        initial = parameter_count(TrainConfig(**config), _IN_FEATURES, _CLASSES)
-    return TrialView(
-        number=number,
-        feasible=feasible,
-        pareto=pareto,
-        val_accuracy=float(attrs.get("val_accuracy", 0.0)),
-        test_accuracy=float(attrs.get("test_accuracy", 0.0)),
-        active_params=int(attrs.get("active_params", 0)),
-        initial_params=int(initial),
-        depth=int(config.get("depth", len(attrs.get("taus", [])))),
-        tau_history=[list(map(float, row)) for row in attrs.get("tau_history", [])],
-        epoch_seconds=[float(s) for s in attrs.get("epoch_seconds", [])],
-        pruned=list(attrs.get("pruned_layers", [])),
-        config=config,
-        test_history=[float(a) for a in attrs.get("test_accuracy_history", [])],
-        val_history=[float(a) for a in attrs.get("val_accuracy_history", [])],
-        grid=attrs.get("grid_point"),
-        params=params,
-    )
+    return TrialView(number, record, feasible, pareto, params)
 
 
 def _view(trial: FrozenTrial, front: set[int]) -> TrialView:
-    return view_from(
+    return view_of(
         trial.number,
-        trial.user_attrs,
+        TrialRecord.from_attrs(trial.user_attrs),
         feasible=all(v <= 0.0 for v in trial.constraints.values()),
         pareto=trial.number in front,
         params=dict(trial.params),
@@ -108,11 +119,7 @@ def front_numbers(study: optuna.Study) -> set[int]:
     if not any(t.state == TrialState.COMPLETE for t in trials):
         return set()
     if len(study.directions) > 1:
-        # ``study.best_trials``' own rule, on the trials in hand: it deep-copies every trial
-        # of the study first (a second per call at 5,000 trials).
-        constrained = _is_constrained_optimization(trials)
-        front = _get_pareto_front_trials_by_trials(trials, study.directions, constrained)
-        return {t.number for t in front}
+        return {t.number for t in pareto_front(trials, study.directions)}
     try:
         return {study.best_trial.number}
     except ValueError:  # no feasible trial yet
@@ -128,18 +135,61 @@ def trial_views(
     return [_view(t, front) for t in chosen if t.state == TrialState.COMPLETE]
 
 
+def settings_line(view: TrialView) -> str:
+    """What the run trained, in one line: the network, dataset and every setting that tells
+    it from its neighbours."""
+    c = view.config
+    parts = [f"{c.get('arch')} on {c.get('dataset')}", f"T={c.get('T'):g}"]
+    parts.append("fixed taus" if c.get("fixed_tau") else "trainable taus")
+    parts.append(f"l1 {c.get('l1'):g}" if c.get("l1") else "no l1")
+    if c.get("horizon_weight"):
+        parts.append(f"horizon penalty {c['horizon_weight']:g}")
+    if c.get("dependent_last_tau"):
+        parts.append("dependent last tau")
+    if c.get("projected_last_tau"):
+        parts.append("projected last tau")
+    if c.get("prune_eps") is not None:
+        parts.append(f"pruning {c.get('prune_rule', 'all')} < {c['prune_eps']:g}")
+    if c.get("arch") == "fracdnn":
+        memory = "detached" if c.get("detach_memory") else "full"
+        parts.append(f"gamma {c.get('gamma'):g}, {memory} memory")
+    parts.append(f"lr {c.get('lr'):g}, seed {c.get('seed')}")
+    return ", ".join(parts)
+
+
+def _cell(values: list[float], epoch: int, fmt: str = ".4f") -> str:
+    return format(values[epoch], fmt) if epoch < len(values) else "-"
+
+
 def trial_note(view: TrialView) -> str:
-    """Markdown for the dashboard's note of one trial: taus per epoch, pruning, savings."""
-    lines = [f"### Trial {view.number}: {view.arch}, {view.depth} blocks", ""]
+    """Markdown for the dashboard's note of one trial: its settings, the per-epoch records
+    (accuracies, clean loss, penalties, taus), pruning and its savings."""
+    r = view.record
+    lines = [f"### Trial {view.number}: {settings_line(view)}", ""]
+    val = f"validation accuracy {view.val_accuracy:.4f}, " if r.val_accuracy is not None else ""
+    train = f", training accuracy {r.train_accuracy:.4f}" if r.train_accuracy is not None else ""
     lines.append(
-        f"Validation accuracy {view.val_accuracy:.4f}, test accuracy {view.test_accuracy:.4f}"
+        f"{val}test accuracy {view.test_accuracy:.4f}{train}".capitalize()
         + ("" if view.feasible else " (**infeasible**: below the study's min_val_accuracy)")
     )
-    lines += ["", "**Step sizes per epoch** (0 once a block is removed)", ""]
-    header = "| epoch | " + " | ".join(f"tau_{b}" for b in range(view.depth)) + " |"
-    lines += [header, "|---" * (view.depth + 1) + "|"]
-    for epoch, taus in enumerate(view.tau_history, start=1):
-        lines.append(f"| {epoch} | " + " | ".join(f"{t:.4g}" for t in taus) + " |")
+    lines += ["", "**Per epoch** (a tau is 0 once its block is removed)", ""]
+    taus = [f"tau_{b}" for b in range(view.depth)]
+    head = ["epoch", "train acc", "val acc", "test acc", "clean loss", "l1 term", "horizon term"]
+    lines += ["| " + " | ".join(head + taus) + " |", "|---" * (len(head) + len(taus)) + "|"]
+    l1 = [p.get("l1", 0.0) for p in r.penalty_history]
+    horizon = [p.get("horizon", 0.0) for p in r.penalty_history]
+    for e, row in enumerate(view.tau_history):
+        cells = [
+            str(e + 1),
+            _cell(r.train_accuracy_history, e),
+            _cell(r.val_accuracy_history, e),
+            _cell(r.test_accuracy_history, e),
+            _cell(r.clean_loss_history, e),
+            _cell(l1, e, ".3g"),
+            _cell(horizon, e, ".3g"),
+            *(f"{t:.4g}" for t in row),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if not view.pruned:
         lines.append("**Pruning:** no block was removed.")

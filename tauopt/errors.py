@@ -26,3 +26,7 @@ class DivergedError(TauoptError):
 
 class StorageError(TauoptError):
     """The storage URL, database, study or artifact store cannot be used; the message says how."""
+
+
+class DependencyError(TauoptError):
+    """An installed library is not a version tauopt supports; the message names the versions."""

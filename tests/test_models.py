@@ -386,9 +386,7 @@ def test_projected_last_tau_trains_the_others_and_is_then_overwritten(
     assert float(grad[-1]) == 0.0
     # the same as autograd with every tau free, the last one's gradient dropped
     free = model.tau_free.detach().clone().requires_grad_()
-    loss = torch.func.functional_call(
-        _Loss(model, x, y, 0.1, 0.3), {"model.tau_free": free}, ()
-    )
+    loss = torch.func.functional_call(_Loss(model, x, y, 0.1, 0.3), {"model.tau_free": free}, ())
     (expected,) = torch.autograd.grad(loss, free)
     torch.testing.assert_close(grad[:-1], expected[:-1], rtol=1e-10, atol=1e-12)
     with torch.no_grad():

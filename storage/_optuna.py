@@ -1,0 +1,459 @@
+"""Everything tauopt takes from Optuna's and optuna-dashboard's private API and tables.
+
+No other module of tauopt touches a private name of either library or writes SQL against
+Optuna's schema. Each use is here because the public API does the same job at a cost that
+grows with the study (measured at 5,000 trials on a 2-core CPU, ``docs/benchmarks.md``):
+
+* many attributes of a trial or a study in one transaction (Optuna commits each alone: some
+  twenty commits per finished trial; a figure of a large study is a hundred chunks);
+* counting a study's trials per state, finding its running trials and their heartbeats, in
+  SQL (the public API reads and sorts every trial of the study);
+* the Pareto front from the trials in hand (``study.best_trials`` deep-copies every trial
+  first: 0.95 s at 5,000 trials);
+* optuna-dashboard's figure chunks and note keys written in one transaction (its
+  ``save_plotly_graph_object`` and ``save_note`` commit every chunk alone and read every
+  system attribute of the study);
+* TPE on a window of the study (:class:`WindowedTPESampler`: with ``constant_liar`` TPE reads
+  every trial uncached at every suggestion, 83 ms an ask at 5,000 trials against 41 ms).
+
+:func:`check` runs once, when this module is imported: it verifies the versions and every
+name, arity and schema version used here, and a mismatch raises :class:`DependencyError` with
+one line naming the supported versions, before any command touches a study.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import importlib.metadata
+import inspect
+import json
+from collections.abc import Container, Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+import sqlalchemy
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from tauopt.errors import DependencyError
+
+#: The releases the tests pass on (``pyproject.toml`` pins the same ranges).
+SUPPORTED: dict[str, str] = {"optuna": ">=5.0,<5.1", "optuna-dashboard": ">=0.20,<0.22"}
+#: Optuna's RDB schema that the SQL below is written against.
+SCHEMA_VERSION = 12
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        versions = "; ".join(f"{name} {spec}" for name, spec in SUPPORTED.items())
+        installed = "; ".join(f"{name} {importlib.metadata.version(name)}" for name in SUPPORTED)
+        raise DependencyError(
+            f"tauopt needs {versions} (installed: {installed}): {what}; install a supported "
+            "version (pip install -c constraints.txt tauopt)"
+        )
+
+
+def _arity(fn: Any) -> int:
+    return len(inspect.signature(fn).parameters)
+
+
+def check() -> None:
+    """Verify what this module relies on; raise :class:`DependencyError` if anything differs."""
+    for name, spec in SUPPORTED.items():
+        version = Version(importlib.metadata.version(name))
+        _require(version in SpecifierSet(spec), f"{name} {version} is not supported")
+    from optuna.samplers._tpe import sampler as tpe
+    from optuna.storages._rdb import models, storage
+    from optuna.study import _constrained_optimization, _multi_objective
+    from optuna_dashboard import _custom_plot_data, _note
+
+    _require(models.SCHEMA_VERSION == SCHEMA_VERSION, "Optuna's database schema changed")
+    for owner, names in (
+        (storage, ["_create_scoped_session"]),
+        (
+            optuna.storages.RDBStorage,
+            ["_set_trial_attr_without_commit", "_get_stale_trial_ids"],
+        ),
+        (
+            models,
+            ["TrialUserAttributeModel", "TrialSystemAttributeModel", "StudySystemAttributeModel"],
+        ),
+        (_constrained_optimization, ["_CONSTRAINTS_KEY", "_is_constrained_optimization"]),
+        (_multi_objective, ["_get_pareto_front_trials_by_trials"]),
+        (tpe, ["_split_trials", "default_gamma", "default_gamma_multiobjective"]),
+        (
+            optuna.samplers.TPESampler,
+            ["_sample", "_build_parzen_estimator", "_compute_acquisition_func", "_compare"],
+        ),
+        (optuna.samplers.TPESampler, ["_get_internal_repr"]),
+        (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
+        (_note, ["note_ver_key", "split_body"]),
+    ):
+        for name in names:
+            _require(hasattr(owner, name), f"{owner.__name__}.{name} is missing")
+    for fn, n in (
+        (tpe._split_trials, 3),
+        (optuna.samplers.TPESampler._sample, 4),
+        (optuna.samplers.TPESampler._build_parzen_estimator, 5),
+        (optuna.samplers.TPESampler._get_internal_repr, 4),
+        (_multi_objective._get_pareto_front_trials_by_trials, 3),
+        (optuna.storages.RDBStorage._set_trial_attr_without_commit, 6),
+        (_custom_plot_data.split_plot_data, 2),
+        (_note.split_body, 2),
+        (_note.note_ver_key, 1),
+    ):
+        _require(_arity(fn) == n, f"{fn.__qualname__} takes {_arity(fn)} arguments, not {n}")
+    sampler = optuna.samplers.TPESampler()
+    for name in ("_constant_liar", "_gamma", "_multivariate", "_rng", "_n_ei_candidates"):
+        _require(hasattr(sampler, name), f"TPESampler has no {name}")
+    cached = optuna.storages._CachedStorage.__init__
+    _require("backend" in inspect.signature(cached).parameters, "_CachedStorage changed")
+
+
+check()
+
+# Imported only once check() has passed.
+from optuna.samplers._tpe import sampler as _tpe  # noqa: E402
+from optuna.storages._rdb import models as _models  # noqa: E402
+from optuna.storages._rdb import storage as _rdb_storage  # noqa: E402
+from optuna.study._constrained_optimization import (  # noqa: E402
+    _CONSTRAINTS_KEY,
+    _is_constrained_optimization,
+)
+from optuna.study._multi_objective import _get_pareto_front_trials_by_trials  # noqa: E402
+
+# -- handles: ids and the storage behind a study ---------------------------------------------
+
+
+def rdb_of(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+    """The RDB storage itself (``optuna.load_study`` wraps one in a cache)."""
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        raise TypeError(f"tauopt workers need an RDB storage, got {type(storage).__name__}")
+    return backend
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    return study._storage
+
+
+def study_id(study: optuna.Study) -> int:
+    return study._study_id
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    return trial._trial_id
+
+
+def constraint_key(name: str) -> str:
+    """The system attribute that ``trial.set_constraint(name, value)`` writes."""
+    return f"{_CONSTRAINTS_KEY}:{name}"
+
+
+# -- several attributes in one transaction ---------------------------------------------------
+
+
+def set_trial_attrs(
+    storage: optuna.storages.RDBStorage,
+    trial_id: int,
+    *,
+    user: dict[str, Any] | None = None,
+    system: dict[str, Any] | None = None,
+) -> None:
+    """Set many attributes of a running trial in one transaction: Optuna's own
+    per-attribute upsert, inside one session."""
+    with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
+        for model, attrs in (
+            (_models.TrialUserAttributeModel, user or {}),
+            (_models.TrialSystemAttributeModel, system or {}),
+        ):
+            for key, value in attrs.items():
+                storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+
+def set_study_system_attrs(
+    storage: optuna.storages.RDBStorage,
+    study_id: int,
+    attrs: dict[str, Any],
+    *,
+    clear_prefix: str | None = None,
+) -> None:
+    """Set many system attributes of a study in one transaction. With ``clear_prefix``,
+    every other attribute whose key starts with it is emptied (``""``), as optuna-dashboard
+    clears the chunks a shorter figure no longer fills; only those keys are read."""
+    model = _models.StudySystemAttributeModel
+    wanted: sqlalchemy.ColumnElement[bool] = model.key.in_(list(attrs))
+    if clear_prefix is not None:
+        wanted = sqlalchemy.or_(wanted, model.key.startswith(clear_prefix, autoescape=True))
+    with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
+        rows = session.query(model).filter(model.study_id == study_id, wanted).all()
+        existing: dict[str, Any] = {str(row.key): row for row in rows}
+        for key, value in attrs.items():
+            row = existing.pop(key, None)
+            if row is None:
+                session.add(model(study_id=study_id, key=key, value_json=json.dumps(value)))
+            else:
+                row.value_json = json.dumps(value)
+        for key, row in existing.items():
+            if clear_prefix is not None and key.startswith(clear_prefix):
+                row.value_json = json.dumps("")
+
+
+# -- counting and finding trials in SQL ------------------------------------------------------
+
+
+def trial_counts(
+    storage: optuna.storages.RDBStorage, study_id: int, *, failed_with_attr: str
+) -> tuple[dict[str, int], int]:
+    """Trials of a study per state, and the failed ones that carry the user attribute
+    ``failed_with_attr``: two counting queries instead of reading every trial."""
+    by_state = sqlalchemy.text(
+        "SELECT state, COUNT(*) FROM trials WHERE study_id = :s GROUP BY state"
+    )
+    failed = sqlalchemy.text(
+        "SELECT COUNT(*) FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+        "WHERE t.study_id = :s AND t.state = 'FAIL' AND a.key = :k"
+    )
+    with storage.engine.connect() as conn:
+        counts = {str(state): int(n) for state, n in conn.execute(by_state, {"s": study_id})}
+        marked = int(conn.execute(failed, {"s": study_id, "k": failed_with_attr}).scalar() or 0)
+    return counts, marked
+
+
+def running_trials(
+    storage: optuna.storages.RDBStorage, study_id: int
+) -> dict[int, tuple[int, datetime.datetime | None]]:
+    """Number and start of every running trial of the study, by trial id: one query."""
+    query = sqlalchemy.text(
+        "SELECT trial_id, number, datetime_start FROM trials "
+        "WHERE study_id = :s AND state = 'RUNNING'"
+    )
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"s": study_id}).all()
+    return {int(i): (int(n), _as_datetime(start)) for i, n, start in rows}
+
+
+def _as_datetime(value: object) -> datetime.datetime | None:
+    # SQLAlchemy's text() hands SQLite's timestamps over as strings.
+    if value is None or isinstance(value, datetime.datetime):
+        return value
+    return datetime.datetime.fromisoformat(str(value))
+
+
+def with_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> set[int]:
+    """The trials of ``trial_ids`` that have recorded a heartbeat."""
+    if not trial_ids:
+        return set()
+    query = sqlalchemy.text(
+        "SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids"
+    ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+    with storage.engine.connect() as conn:
+        return {int(row[0]) for row in conn.execute(query, {"ids": trial_ids})}
+
+
+def stale_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
+    """Running trials whose heartbeat has been silent for the storage's grace period."""
+    return list(storage._get_stale_trial_ids(study_id))
+
+
+# -- the Pareto front ------------------------------------------------------------------------
+
+
+def pareto_front(
+    trials: Sequence[FrozenTrial], directions: Sequence[optuna.study.StudyDirection]
+) -> list[FrozenTrial]:
+    """``study.best_trials``' rule (feasible trials only, where any has constraints) on the
+    trials in hand."""
+    constrained = _is_constrained_optimization(trials)
+    return list(_get_pareto_front_trials_by_trials(trials, directions, constrained))
+
+
+# -- optuna-dashboard's keys -----------------------------------------------------------------
+
+
+def figure_attrs(figure_json: str, figure_id: str) -> tuple[dict[str, Any], str]:
+    """The study system attributes that hold a figure for the dashboard, and their prefix
+    (older, longer versions leave chunks under it to clear)."""
+    from optuna_dashboard._custom_plot_data import SYSTEM_ATTR_PLOT_DATA, split_plot_data
+
+    prefix = f"{SYSTEM_ATTR_PLOT_DATA}{figure_id}:"
+    return dict(split_plot_data(figure_json, prefix)), prefix
+
+
+def first_note_attrs(body: str, trial_id: int) -> dict[str, Any]:
+    """The study system attributes of a trial's first note (version 1) for the dashboard."""
+    from optuna_dashboard._note import note_ver_key, split_body
+
+    attrs: dict[str, Any] = dict(split_body(body, trial_id))
+    attrs[note_ver_key(trial_id)] = 1
+    return attrs
+
+
+# -- TPE on a window of the study ------------------------------------------------------------
+
+#: Finished trials TPE learns from. Its good ("below") set is the best tenth or so of them,
+#: which a window of a thousand keeps large enough to model.
+HISTORY_WINDOW = 1000
+_Split = tuple[list[FrozenTrial], list[FrozenTrial]]
+_FINISHED = frozenset(s for s in TrialState if s.is_finished())
+
+
+class _RecentTrials:
+    """``study`` as TPE sees it: the same, but ``_get_trials`` keeps only the latest finished
+    trials and reads through the study's cache (which re-reads unfinished trials at each
+    ``ask``). What it derives from one state of that cache is kept until the cache changes:
+    within one ``ask`` the trials are the same for every parameter."""
+
+    def __init__(self, study: optuna.Study, window: int) -> None:
+        self._study, self._window = study, window
+        self._source: list[FrozenTrial] | None = None  # the study's cached trials, by number
+        self._recent: list[FrozenTrial] = []
+        self._by_states: dict[tuple[int, ...] | None, list[FrozenTrial]] = {}
+        self._splits: dict[tuple[int, bool], _Split] = {}
+        # per list of trials (kept alive here, so its id stays its own): each parameter's
+        # values, in the trials' order
+        self._columns: dict[int, tuple[list[FrozenTrial], dict[str, list[Any]]]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _refresh(self) -> None:
+        trials = self._study._get_trials(deepcopy=False, use_cache=True)
+        if trials is self._source:
+            return
+        self._source, self._by_states, self._splits, self._columns = trials, {}, {}, {}
+        # The trials come by number: from the newest back to the window's oldest finished one,
+        # then only the unfinished trials before it.
+        seen, cut = 0, 0
+        for index in range(len(trials) - 1, -1, -1):
+            seen += trials[index].state in _FINISHED
+            if seen == self._window:
+                cut = index
+                break
+        else:
+            self._recent = trials
+            return
+        older = [t for t in trials[:cut] if t.state not in _FINISHED]
+        self._recent = older + trials[cut:]
+
+    def _get_trials(
+        self,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+        use_cache: bool = False,
+    ) -> list[FrozenTrial]:
+        self._refresh()
+        key = None if states is None else tuple(s.value for s in TrialState if s in states)
+        if key not in self._by_states:
+            chosen = self._recent
+            if states is not None:
+                chosen = [t for t in chosen if t.state in states]
+            self._by_states[key] = chosen
+        trials = self._by_states[key]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def split(self, sampler: WindowedTPESampler, trial: FrozenTrial) -> _Split:
+        """TPE's good and bad trials for proposing ``trial``'s parameters (as
+        ``TPESampler._sample`` makes them), made once for all of its parameters."""
+        self._refresh()
+        liar = sampler._constant_liar
+        key = (trial.number, liar)
+        if key not in self._splits:
+            states = [TrialState.COMPLETE, TrialState.PRUNED]
+            if liar:
+                states.append(TrialState.RUNNING)
+            trials = self._get_trials(deepcopy=False, states=states)
+            if liar:
+                trials = [t for t in trials if t.number != trial.number]
+            n = sum(t.state != TrialState.RUNNING for t in trials)  # running ones are lies
+            view: Any = self
+            self._splits[key] = _tpe._split_trials(view, trials, sampler.gamma_of(self)(n))
+        return self._splits[key]
+
+    def values(self, trials: list[FrozenTrial], name: str) -> list[Any]:
+        """``name``'s value in each trial of ``trials`` that has it, in order: one pass over
+        ``trials`` serves every parameter."""
+        cached = self._columns.get(id(trials))
+        if cached is None or cached[0] is not trials:
+            columns: dict[str, list[Any]] = {}
+            for trial in trials:
+                for key, value in trial.params.items():
+                    columns.setdefault(key, []).append(value)
+            cached = self._columns[id(trials)] = (trials, columns)
+        return cached[1].get(name, [])
+
+
+class WindowedTPESampler(optuna.samplers.TPESampler):
+    """:class:`optuna.samplers.TPESampler` that models only the latest ``window`` finished
+    trials (and every running one, for the constant liar), read through the study's cache:
+    a suggestion costs the same in a study of 10,000 trials as in one of ``window``.
+    Keyword-only arguments as TPESampler's.
+
+    Its proposals are TPESampler's own for a study no larger than the window (same seed, same
+    trials: ``tests/test_sampler.py``); ``_sample`` is Optuna 5's, with the trials' split
+    taken from the per-trial cache.
+    """
+
+    def __init__(self, *, window: int = HISTORY_WINDOW, **kwargs: Any) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        super().__init__(**kwargs)
+        self._window = window
+        self._view: _RecentTrials | None = None
+
+    def _recent(self, study: optuna.Study | _RecentTrials) -> _RecentTrials:
+        if isinstance(study, _RecentTrials):
+            return study
+        if self._view is None or self._view._study is not study:
+            self._view = _RecentTrials(study, self._window)
+        return self._view
+
+    def gamma_of(self, study: Any) -> Any:
+        """The size of the good set for ``n`` trials, as TPESampler chooses it."""
+        if self._gamma is None:
+            multi = len(study.directions) > 1
+            self._gamma = _tpe.default_gamma_multiobjective if multi else _tpe.default_gamma
+        return self._gamma
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        # The window also counts the startup trials (it never holds fewer than the study's
+        # first ``window``), and the parameter's proposal reads it.
+        view: Any = self._recent(study)
+        return super().sample_independent(view, trial, param_name, param_distribution)
+
+    def _get_internal_repr(
+        self, trials: list[FrozenTrial], search_space: dict[str, BaseDistribution], study: Any
+    ) -> dict[str, np.ndarray]:
+        # TPESampler's, for the one parameter an independent suggestion asks for, from the
+        # values the view collected in one pass (a trial's params of a finished or running
+        # trial: not multivariate, so no relative params stand in system attributes).
+        if self._multivariate or len(search_space) != 1 or not isinstance(study, _RecentTrials):
+            return super()._get_internal_repr(trials, search_space, study)
+        ((name, dist),) = search_space.items()
+        return {name: np.asarray([dist.to_internal_repr(v) for v in study.values(trials, name)])}
+
+    def _sample(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        view = self._recent(study)
+        below, above = view.split(self, trial)
+        board: Any = view
+        mpe_below = self._build_parzen_estimator(board, search_space, below, handle_below=True)
+        mpe_above = self._build_parzen_estimator(board, search_space, above, handle_below=False)
+        samples_below = mpe_below.sample(self._rng.rng, self._n_ei_candidates)
+        acquisition = self._compute_acquisition_func(samples_below, mpe_below, mpe_above)
+        proposal = optuna.samplers.TPESampler._compare(samples_below, acquisition)
+        result: dict[str, Any] = {
+            name: dist.to_external_repr(proposal[name]) for name, dist in search_space.items()
+        }
+        return result

@@ -1,0 +1,264 @@
+"""The ledger of a study: which trials are claimed, what the budget allows, and how each
+claimed trial is booked (complete, pruned, failed, queued again, or dropped).
+
+The budget is the study's ``n_trials``: every trial counts against it but those failed
+through no fault of their own (a dead or stopped worker, a storage or disk failure), which
+are queued again and rerun with the same parameters and seed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from tauopt.errors import StorageError
+from tauopt.storage import (
+    RetryPolicy,
+    is_storage_error,
+    rdb_of,
+    running_trials,
+    set_trial_attrs,
+    stale_trial_ids,
+    study_id,
+    study_lock,
+    trial_counts,
+    trial_id,
+    with_heartbeat,
+)
+from tauopt.study._liveness import Heartbeat
+from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR
+
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+#: A claim holds the study's lock at most this long, then lets other workers claim: asking
+#: slows as running trials pile up, and a claim of hundreds would keep the others waiting.
+CLAIM_HOLD_SECONDS = 1.0
+
+
+def budget_used(counts: dict[str, int], failures_with_reason: int) -> int:
+    """The trials that use up a study's budget, from its trials per state and the failed ones
+    carrying ``FAIL_REASON_ATTR``."""
+    return sum(counts.get(state.name, 0) for state in _COUNTED) + failures_with_reason
+
+
+def finished(counts: dict[str, int], failures_with_reason: int) -> int:
+    """The trials that are done and counted: complete, pruned, failed through their own fault."""
+    return counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) + failures_with_reason
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A trial taken by this worker; ``place`` is roughly its place in the study's budget
+    (trials finished before it, plus one), for progress lines."""
+
+    trial: optuna.Trial
+    place: int
+
+
+class FinishedElsewhereError(Exception):
+    """The trial was finished by another worker while this one had stalled."""
+
+
+def fail_stale_trials(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, grace_seconds: float
+) -> list[tuple[int, str]]:
+    """Fail and queue again every running trial that is dead: its heartbeat has been silent for
+    the grace period (Optuna's rule), or it never sent one and started more than the grace
+    period ago (its worker died between claiming it and its first heartbeat, or something
+    else ``ask()``-ed it). Returns (number, why) of the trials failed here."""
+    rdb = rdb_of(storage)
+    sid = study_id(study)
+    running = running_trials(rdb, sid)  # (number, start) by id, without the others
+    silent = set(stale_trial_ids(rdb, sid)) & set(running)
+    limit = datetime.datetime.now() - datetime.timedelta(seconds=grace_seconds)
+    old = [i for i, (_, start) in running.items() if start is not None and start < limit]
+    never = set(old) - silent - with_heartbeat(rdb, old)
+    failed = []
+    for tid in sorted(silent | never):
+        why = "never sent a heartbeat" if tid in never else "its heartbeat went silent"
+        if requeue(study, storage, tid, None):
+            failed.append((running[tid][0], why))
+    return failed
+
+
+def requeue(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, tid: int, reason: str | None
+) -> bool:
+    """Fail trial ``tid`` through no fault of its own and queue it again with the same
+    parameters and seed (Optuna's retry callback, as for a dead worker's trial); the reason
+    is stored with it. False if another worker finished it first."""
+    try:
+        if reason is not None:
+            storage.set_trial_user_attr(tid, RETRY_REASON_ATTR, reason)
+        if not storage.set_trial_state_values(tid, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    callback = rdb_of(storage).get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        callback(study, storage.get_trial(tid))
+    return True
+
+
+class Ledger:
+    """Claims trials of one study for one worker and books what became of them. Every storage
+    call goes through ``retry``; ``say`` prints what the worker must not keep quiet."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: optuna.storages.BaseStorage,
+        *,
+        grace: float,
+        retry: RetryPolicy,
+        heartbeat: Heartbeat,
+        say: Callable[[str], None],
+    ) -> None:
+        self.study, self.storage, self.grace = study, storage, grace
+        self.retry, self.heartbeat, self.say = retry, heartbeat, say
+        self.n_trials = 0
+        self._held: dict[int, optuna.Trial] = {}  # claimed and not yet booked, by trial id
+
+    def held(self) -> list[optuna.Trial]:
+        """The trials this worker has claimed and not yet booked."""
+        return list(self._held.values())
+
+    def db(self, what: str, fn: Callable[[], object]) -> object:
+        return self.retry.call(what, fn, self.say)
+
+    def claim(self, k: int) -> tuple[list[Claim], bool]:
+        """Up to ``k`` waiting or new trials, as far as the budget allows, and whether any trial
+        of the study still runs. Each trial beats from the moment it is claimed."""
+        claims: list[Claim] = []
+        while len(claims) < k:
+            batch, running = self._claim_some(k - len(claims))
+            claims += batch
+            if not batch or len(claims) >= k:
+                return claims, bool(claims) or running
+        return claims, True
+
+    def _claim_some(self, k: int) -> tuple[list[Claim], bool]:
+        def take() -> tuple[list[Claim], bool]:
+            with study_lock(rdb_of(self.storage), self.study.study_name):
+                return self._claim_locked(k)
+
+        result = self.retry.call("claiming trials", take, self.say)
+        return result
+
+    def _claim_locked(self, k: int) -> tuple[list[Claim], bool]:
+        """Under the study lock: fail dead trials, then take trials while the budget allows,
+        for at most :data:`CLAIM_HOLD_SECONDS`."""
+        start = time.monotonic()
+        for number, why in fail_stale_trials(self.study, self.storage, self.grace):
+            self.say(f"trial {number} {why} for {self.grace:g} s: failed and queued again")
+        sid = study_id(self.study)
+        # `tauopt create --n-trials` may raise the budget while workers run.
+        attrs = self.storage.get_study_user_attrs(sid)
+        self.n_trials = int(attrs[CONFIG_ATTR]["study"]["n_trials"])
+        # Counted in the database, not by reading every trial of the study.
+        counts, own = trial_counts(rdb_of(self.storage), sid, failed_with_attr=FAIL_REASON_ATTR)
+        used, waiting, done = (
+            budget_used(counts, own),
+            counts.get("WAITING", 0),
+            finished(counts, own),
+        )
+        claims: list[Claim] = []
+        # ask() takes a waiting trial (a retry, counted already) before it makes a new one.
+        while len(claims) < k and (waiting or used < self.n_trials):
+            if waiting:
+                waiting -= 1
+            else:
+                used += 1
+            claims.append(Claim(self._ask(), done + len(claims) + 1))
+            if time.monotonic() - start > CLAIM_HOLD_SECONDS:
+                break
+        return claims, bool(claims) or counts.get("RUNNING", 0) > 0
+
+    def _ask(self) -> optuna.Trial:
+        with warnings.catch_warnings():
+            # ask() warns that heartbeats are meant for optimize(): the worker records them.
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = self.study.ask()
+        tid = trial_id(trial)
+        self._held[tid] = trial
+        self.heartbeat.add([tid])
+        # The first heartbeat inside the lock, so no other worker sees this trial running
+        # without one. If it fails, the trial is still ours (asking again would leave it
+        # orphaned): the heartbeat thread records it within an interval.
+        try:
+            self.storage.record_heartbeat(tid)
+        except Exception as e:
+            if not is_storage_error(e):
+                raise
+        return trial
+
+    # -- booking -------------------------------------------------------------------------
+
+    def guarded(self, what: str, fn: Callable[[], object]) -> object:
+        """A storage call on a running trial: retried, and a trial that another worker has
+        finished meanwhile (this worker stalled past the grace period) ends this attempt."""
+        try:
+            return self.db(what, fn)
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            raise FinishedElsewhereError() from e
+
+    def complete(
+        self,
+        trial: optuna.Trial,
+        values: list[float],
+        attrs: dict[str, object],
+        system: dict[str, object],
+    ) -> None:
+        """Store a finished trial's attributes (one transaction) and tell its values."""
+        tid = trial_id(trial)
+        self.guarded(
+            "storing the metrics",
+            lambda: set_trial_attrs(rdb_of(self.storage), tid, user=attrs, system=system),
+        )
+        self.finish(trial, values, TrialState.COMPLETE)
+
+    def fail(self, trial: optuna.Trial, reason: str) -> None:
+        """The trial's own failure: it stays failed and uses its budget."""
+        self.guarded("storing the failure", lambda: trial.set_user_attr(FAIL_REASON_ATTR, reason))
+        self.finish(trial, None, TrialState.FAIL)
+
+    def finish(self, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
+        """``tell``, retried. If a retry finds the trial finished, it was this worker's own
+        earlier attempt that got through (same state) or another worker's (dropped)."""
+        try:
+            self.db("storing the result", lambda: self.study.tell(trial, values, state=state))
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
+            now = self.db("reading the trial", lambda: self.storage.get_trial(trial_id(trial)))
+            if getattr(now, "state", None) != state:
+                raise FinishedElsewhereError() from e
+        finally:
+            self._release(trial)
+
+    def _release(self, trial: optuna.Trial) -> None:
+        self.heartbeat.discard(trial_id(trial))
+        self._held.pop(trial_id(trial), None)
+
+    def hand_back(self, trial: optuna.Trial, reason: str, *, quick: bool = False) -> None:
+        """Queue ``trial`` again through no fault of its own. On a stop signal (``quick``) the
+        worker does not wait minutes for a database that is away: if this fails, the trial's
+        heartbeat goes stale and another worker retries it after the grace period."""
+        policy = RetryPolicy(limit=10.0) if quick else self.retry
+        tid = trial_id(trial)
+        self._release(trial)
+        try:
+            done = policy.call(
+                "queueing the trial again",
+                lambda: requeue(self.study, self.storage, tid, reason),
+                self.say,
+            )
+        except StorageError as e:
+            self.say(f"trial {trial.number} could not be queued again ({e}); it is retried "
+                     "once its heartbeat is stale")  # fmt: skip
+            return
+        if done:
+            self.say(f"trial {trial.number} failed and queued again: {reason}")

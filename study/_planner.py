@@ -1,0 +1,104 @@
+"""The planner: claimed trials into training configs, and those into groups of one shape that
+train together as one population (see :func:`tauopt.engine.train_population`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from tauopt.engine import TrainConfig, group_key
+from tauopt.storage import trial_id
+from tauopt.study._config import StudyConfig
+from tauopt.study._ledger import Claim, Ledger
+from tauopt.study._objective import suggest_config
+from tauopt.study._record import RETRIED_FROM_SYSTEM_ATTR, WORKER_ATTR, grid_config
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A claimed trial and what it trains; ``grid``: a fixed run of ``tauopt reproduce``."""
+
+    claim: Claim
+    config: TrainConfig
+    grid: bool
+
+    @property
+    def trial(self) -> optuna.Trial:
+        return self.claim.trial
+
+
+@dataclass(frozen=True)
+class Group:
+    """Trials that train together: one shape, one dataset, grid runs or searched ones."""
+
+    members: list[Planned]
+
+    @property
+    def grid(self) -> bool:
+        return self.members[0].grid
+
+    @property
+    def name(self) -> str:
+        numbers = ", ".join(str(p.trial.number) for p in self.members)
+        return f"trials {numbers}" if len(self.members) > 1 else f"trial {numbers}"
+
+
+class Planner:
+    """Fixes each claimed trial's config (suggested, or stored by ``tauopt reproduce``) and
+    groups them. ``grid_choices`` are the grid's factors with their values: a grid run's
+    coordinates are suggested from them, so that they show as its parameters."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        config: StudyConfig,
+        grid_choices: dict[str, list[Any]] | None,
+    ) -> None:
+        self.ledger, self.config, self.grid_choices = ledger, config, grid_choices
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def prepare(self, claim: Claim) -> Planned:
+        """The trial's training config; a retried trial keeps the seed of the trial it
+        retries, so the rerun is the same run."""
+        trial = claim.trial
+        stored: Any = self.ledger.db(
+            "reading the trial", lambda: self.ledger.storage.get_trial(trial_id(trial))
+        )
+        seed = int(stored.system_attrs.get(RETRIED_FROM_SYSTEM_ATTR, trial.number))
+        fixed = grid_config(stored.user_attrs)
+        if fixed is not None:
+            self._suggest_coordinates(trial)
+            config = fixed
+        else:
+            config = self._guarded(lambda: suggest_config(trial, self.config, seed=seed))
+        # Recorded once the parameters are fixed: a retry of this trial reruns them.
+        self.ledger.guarded(
+            "recording the worker", lambda: trial.set_user_attr(WORKER_ATTR, self.worker)
+        )
+        return Planned(claim, config, fixed is not None)
+
+    def _guarded(self, fn: Callable[[], TrainConfig]) -> TrainConfig:
+        result: Any = self.ledger.guarded("reading the trial's parameters", fn)
+        return result  # type: ignore[no-any-return]
+
+    def _suggest_coordinates(self, trial: optuna.Trial) -> None:
+        """A grid run's coordinates, enqueued as fixed parameters, as its parameters."""
+        for name, choices in (self.grid_choices or {}).items():
+            self.ledger.guarded(
+                "reading the trial's parameters",
+                lambda name=name, choices=choices: trial.suggest_categorical(name, choices),
+            )
+
+    @staticmethod
+    def groups(planned: list[Planned]) -> list[Group]:
+        """Trials of one :func:`group_key` (and grid runs apart from searched ones) together,
+        in the order they were claimed."""
+        by_key: dict[tuple[object, ...], list[Planned]] = {}
+        for p in planned:
+            by_key.setdefault((*group_key(p.config), p.grid), []).append(p)
+        return [Group(members) for members in by_key.values()]

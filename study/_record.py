@@ -1,0 +1,147 @@
+"""What a trial stores, in one place: :class:`TrialRecord` and its conversion to and from
+Optuna's user attributes. No other module spells an attribute name.
+
+Trials stored by earlier versions lack some keys; :meth:`TrialRecord.from_attrs` fills them
+with what they can be derived from, or leaves them empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tauopt.engine import TrainConfig, TrainResult, parameter_count
+
+#: Study user attribute: the study's config, as stored by ``tauopt create``.
+CONFIG_ATTR = "tauopt_config"
+#: Why a trial failed through its own fault (diverged, invalid parameters): it uses budget.
+FAIL_REASON_ATTR = "fail_reason"
+#: Why a trial was failed and queued again through no fault of its own (its worker stopped,
+#: its model could not be saved): it uses no budget, and its retry reruns the same parameters.
+RETRY_REASON_ATTR = "retry_reason"
+#: Who ran the trial (host:pid), recorded once its parameters are fixed.
+WORKER_ATTR = "worker"
+#: A run of ``tauopt reproduce``: its TrainConfig, its coordinates and its unique name.
+GRID_CONFIG_ATTR = "grid_config"
+GRID_POINT_ATTR = "grid_point"
+GRID_ID_ATTR = "grid_id"
+#: Optuna's system attribute of a retried trial: the number of the trial it retries.
+RETRIED_FROM_SYSTEM_ATTR = "failed_trial"
+#: Input width and classes of the studies stored before they were recorded: MNIST's.
+_LEGACY_SHAPE = (784, 10)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """The metrics and settings of one finished trial (see :class:`tauopt.engine.TrainResult`
+    for what each history means). ``val_accuracy`` is None for a run without validation."""
+
+    train_config: dict[str, Any]
+    test_accuracy: float
+    val_accuracy: float | None
+    active_blocks: int
+    active_params: int
+    initial_params: int
+    in_features: int
+    num_classes: int
+    taus: list[float]
+    device: str = ""
+    active_block_ids: list[int] = field(default_factory=list)
+    val_accuracy_history: list[float] = field(default_factory=list)
+    test_accuracy_history: list[float] = field(default_factory=list)
+    train_accuracy_history: list[float] = field(default_factory=list)
+    train_loss_history: list[float] = field(default_factory=list)
+    clean_loss_history: list[float] = field(default_factory=list)
+    penalty_history: list[dict[str, float]] = field(default_factory=list)
+    tau_history: list[list[float]] = field(default_factory=list)
+    pruned_layers: list[dict[str, int]] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    model_artifact_id: str | None = None
+    grid_point: dict[str, Any] | None = None
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig(**self.train_config)
+
+    @property
+    def seed(self) -> int:
+        return int(self.train_config.get("seed", 0))
+
+    @property
+    def tau_sum(self) -> float:
+        return sum(self.taus)
+
+    @property
+    def train_accuracy(self) -> float | None:
+        """The last epoch's training accuracy (None where it was not recorded)."""
+        return self.train_accuracy_history[-1] if self.train_accuracy_history else None
+
+    @classmethod
+    def from_result(
+        cls, result: TrainResult, in_features: int, num_classes: int, *, artifact_id: str | None
+    ) -> TrialRecord:
+        val = result.final_val_accuracy
+        return cls(
+            train_config=result.config.to_dict(),
+            test_accuracy=result.test_accuracy,
+            val_accuracy=None if math.isnan(val) else val,
+            active_blocks=result.active_blocks,
+            active_params=result.active_params,
+            initial_params=result.initial_params,
+            in_features=in_features,
+            num_classes=num_classes,
+            taus=result.taus,
+            device=result.device,
+            active_block_ids=result.active_block_ids,
+            val_accuracy_history=result.val_accuracy,
+            test_accuracy_history=result.test_accuracy_history,
+            train_accuracy_history=result.train_accuracy,
+            train_loss_history=result.train_loss,
+            clean_loss_history=result.clean_loss,
+            penalty_history=result.penalties,
+            tau_history=result.tau_history,
+            pruned_layers=[vars(event) for event in result.pruned],
+            epoch_seconds=result.epoch_seconds,
+            model_artifact_id=artifact_id,
+        )
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The user attributes (JSON-ready); ``tau_sum`` and ``seed`` also, for export."""
+        attrs = dataclasses.asdict(self)
+        attrs.pop("grid_point")  # stored at enqueue time, not by the worker
+        return {**attrs, "tau_sum": self.tau_sum, "seed": self.seed}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> TrialRecord:
+        """The record of a finished trial from its user attributes."""
+        config = dict(attrs.get("train_config", {}))
+        in_features = int(attrs.get("in_features", _LEGACY_SHAPE[0]))
+        num_classes = int(attrs.get("num_classes", _LEGACY_SHAPE[1]))
+        initial = attrs.get("initial_params") or parameter_count(
+            TrainConfig(**config), in_features, num_classes
+        )
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in attrs.items() if k in names}
+        return cls(
+            **{
+                **known,
+                "train_config": config,
+                "in_features": in_features,
+                "num_classes": num_classes,
+                "initial_params": int(initial),
+                "val_accuracy": attrs.get("val_accuracy"),
+                "test_accuracy": float(attrs.get("test_accuracy", math.nan)),
+                "active_blocks": int(attrs.get("active_blocks", len(attrs.get("taus", [])))),
+                "active_params": int(attrs.get("active_params", 0)),
+                "taus": list(attrs.get("taus", [])),
+                "train_loss_history": list(attrs.get("train_loss_history", [])),
+            }
+        )
+
+
+def grid_config(attrs: dict[str, Any]) -> TrainConfig | None:
+    """The fixed TrainConfig of a ``tauopt reproduce`` run (None for a searched trial)."""
+    stored = attrs.get(GRID_CONFIG_ATTR)
+    return None if stored is None else TrainConfig(**stored)

@@ -1,0 +1,212 @@
+"""The runner: trains a group of planned trials and turns each into an outcome, booked in the
+ledger: completed (model saved, metrics stored, told), pruned (stopped by the median rule),
+failed (its own fault: diverged, invalid parameters), requeued (not its fault: its model could
+not be saved), or dropped (another worker finished it while this one stalled)."""
+
+from __future__ import annotations
+
+import enum
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
+
+from tauopt.engine import EpochStats, RawDataset, TrainResult, train_population
+from tauopt.errors import StorageError, TauoptError
+from tauopt.storage import constraint_key, is_storage_error
+from tauopt.study._checkpoint import save_checkpoint
+from tauopt.study._config import StudyConfig
+from tauopt.study._ledger import Claim, FinishedElsewhereError, Ledger
+from tauopt.study._objective import objective_values
+from tauopt.study._planner import Group, Planned
+from tauopt.study._record import TrialRecord
+
+#: Saves in a row that may fail (disk full, folder gone) before the worker stops.
+MAX_SAVE_FAILURES = 3
+#: The constraint a trial below the study's ``min_val_accuracy`` violates.
+MIN_ACCURACY_CONSTRAINT = "min_val_accuracy"
+
+
+class Outcome(enum.Enum):
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    REQUEUED = "requeued"
+    DROPPED = "dropped"
+
+
+@dataclass(frozen=True)
+class Booked:
+    """What became of a trial; ``record`` for a completed one (the publisher notes it)."""
+
+    trial: optuna.Trial
+    outcome: Outcome
+    record: TrialRecord | None = None
+    feasible: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """How the runner trains: on which device, where models go, how chatty."""
+
+    device: str
+    artifact_dir: Path
+    store: Any  # an Optuna artifact store
+    progress: bool
+    label: str
+
+
+class Runner:
+    """Trains groups of one study's trials and books each trial's outcome."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        config: StudyConfig,
+        settings: RunSettings,
+        dataset: Callable[[str], RawDataset],
+        log: Callable[[str], None],
+    ) -> None:
+        self.ledger, self.config, self.settings = ledger, config, settings
+        self.dataset, self.log = dataset, log
+        self._save_failures = 0
+
+    def run(self, group: Group) -> list[Booked]:
+        """Train ``group`` as one population (or each alone, where it is small) and book
+        every member."""
+        start = time.perf_counter()
+        single = self.config.objective == "accuracy" and not group.grid
+        reporters = [self._reporter(p.trial) if single else None for p in group.members]
+
+        def on_epoch(index: int, stats: EpochStats) -> None:
+            report = reporters[index]
+            if report is not None:
+                report(stats)
+
+        results = train_population(
+            [p.config for p in group.members],
+            self.dataset(group.members[0].config.dataset),
+            device=self.settings.device,
+            on_epoch=on_epoch,
+            progress=self.settings.progress,
+            label=f"{self.settings.label} {group.name}",
+            test_every_epoch=group.grid,
+        )
+        seconds = time.perf_counter() - start
+        return [self.book(p, r, seconds) for p, r in zip(group.members, results, strict=True)]
+
+    def book(self, planned: Planned, result: TrainResult | Exception, seconds: float) -> Booked:
+        """Store a trial's result or book what ended it."""
+        if isinstance(result, TrainResult):
+            return self._dropping(planned.trial, lambda: self._complete(planned, result, seconds))
+        return self.book_unplanned(planned.claim, result)
+
+    def book_unplanned(self, claim: Claim, error: Exception) -> Booked:
+        """Book a trial that ended with ``error`` (in training, or while its parameters were
+        drawn)."""
+        return self._dropping(claim.trial, lambda: self._ended(claim, error))
+
+    def _dropping(self, trial: optuna.Trial, book: Callable[[], Booked]) -> Booked:
+        """``book()``; a trial that another worker finished meanwhile (this one stalled) is
+        dropped."""
+        try:
+            return book()
+        except FinishedElsewhereError:
+            self.ledger.say(
+                f"trial {trial.number} was finished by another worker while this one stalled "
+                "(its heartbeat went stale); this worker's result is dropped"
+            )
+            return Booked(trial, Outcome.DROPPED)
+
+    def _ended(self, claim: Claim, e: Exception) -> Booked:
+        trial, place = claim.trial, claim.place
+        if isinstance(e, optuna.TrialPruned):
+            self.ledger.finish(trial, None, TrialState.PRUNED)
+            self.log(
+                f"trial {trial.number} pruned by the median rule [{place}/{self.ledger.n_trials}]"
+            )
+            return Booked(trial, Outcome.PRUNED)
+        if isinstance(e, (StorageError, FinishedElsewhereError)) or (
+            is_storage_error(e) and not isinstance(e, TauoptError)
+        ):
+            raise e  # the storage's fault, not the trial's: the worker stops, the trial is retried
+        if not isinstance(e, TauoptError):  # a bug: its traceback, but never the worker's end
+            traceback.print_exception(e, file=sys.stderr)
+        reason = str(e) if isinstance(e, TauoptError) else f"{type(e).__name__}: {e}"
+        self.ledger.fail(trial, reason)
+        self.log(f"trial {trial.number} failed [{place}/{self.ledger.n_trials}]: {reason}")
+        return Booked(trial, Outcome.FAILED)
+
+    def _complete(self, planned: Planned, result: TrainResult, seconds: float) -> Booked:
+        """Save the model, write the metrics and tell the result."""
+        trial, config = planned.trial, result.config
+        dataset = self.dataset(config.dataset)
+        artifact_id = self._save_model(trial, result, dataset)
+        if artifact_id is None:
+            return Booked(trial, Outcome.REQUEUED)
+        record = TrialRecord.from_result(
+            result, dataset.in_features, dataset.num_classes, artifact_id=artifact_id
+        )
+        values = objective_values(result, self.config.objective)
+        # Feasible when <= 0: a trial below the floor is stored, shown, and never "best".
+        margin = self.config.min_val_accuracy - (record.val_accuracy or 0.0)
+        system = {} if planned.grid else {constraint_key(MIN_ACCURACY_CONSTRAINT): margin}
+        self.ledger.complete(trial, values, record.to_attrs(), system)
+        accuracy = (
+            f"val {record.val_accuracy:.4f}" if record.val_accuracy is not None else "no validation"
+        )
+        self.log(
+            f"trial {trial.number} complete [{planned.claim.place}/{self.ledger.n_trials}]: "
+            f"{config.arch} {accuracy} test {result.test_accuracy:.4f}, "
+            f"{result.active_blocks}/{config.depth} blocks, {result.active_params} params, "
+            f"{seconds:.1f}s"
+        )
+        return Booked(trial, Outcome.COMPLETE, record, feasible=planned.grid or margin <= 0)
+
+    def _reporter(self, trial: optuna.Trial) -> Callable[[EpochStats], None]:
+        """The median rule of an ``accuracy`` study, after each epoch."""
+
+        def report(stats: EpochStats) -> None:
+            self.ledger.guarded("reporting", lambda: trial.report(stats.val_accuracy, stats.epoch))
+            if self.ledger.guarded("asking the pruner", trial.should_prune):
+                raise optuna.TrialPruned()
+
+        return report
+
+    def _save_model(
+        self, trial: optuna.Trial, result: TrainResult, dataset: RawDataset
+    ) -> str | None:
+        """Store the trained network as an artifact. A disk failure fails the trial and queues
+        it again (not its fault); several in a row stop the worker."""
+        folder = self.settings.artifact_dir
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"trial-{trial.number}.pt"
+                save_checkpoint(result, dataset.in_features, dataset.num_classes, path)
+                artifact_id = self.ledger.guarded(
+                    "storing the model",
+                    lambda: upload_artifact(
+                        artifact_store=self.settings.store,
+                        file_path=str(path),
+                        study_or_trial=trial,
+                    ),
+                )
+        except OSError as e:
+            self._save_failures += 1
+            self.ledger.hand_back(trial, f"cannot save its model to {folder}: {e.strerror or e}")
+            if self._save_failures >= MAX_SAVE_FAILURES:
+                raise StorageError(
+                    f"{MAX_SAVE_FAILURES} models in a row could not be saved to {folder} "
+                    f"({e.strerror or e}); fix the folder or choose another --artifact-dir"
+                ) from e
+            return None
+        self._save_failures = 0
+        return str(artifact_id)
