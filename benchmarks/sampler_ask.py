@@ -22,10 +22,9 @@ from pathlib import Path
 
 import optuna
 
-from tauopt.storage import StorageSettings
+from tauopt.storage import StorageSettings, WindowedTPESampler
 from tauopt.study import create_study, load_config
 from tauopt.study._objective import suggest_config
-from tauopt.study._sampler import WindowedTPESampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from storage_overhead import REPO, TINY, _distributions, _fake_trial

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import optuna
@@ -191,7 +191,7 @@ class Ledger:
         # without one. If it fails, the trial is still ours (asking again would leave it
         # orphaned): the heartbeat thread records it within an interval.
         try:
-            self.storage.record_heartbeat(tid)
+            rdb_of(self.storage).record_heartbeat(tid)
         except Exception as e:
             if not is_storage_error(e):
                 raise
@@ -211,14 +211,16 @@ class Ledger:
         self,
         trial: optuna.Trial,
         values: list[float],
-        attrs: dict[str, object],
-        system: dict[str, object],
+        attrs: Mapping[str, object],
+        system: Mapping[str, object],
     ) -> None:
         """Store a finished trial's attributes (one transaction) and tell its values."""
         tid = trial_id(trial)
         self.guarded(
             "storing the metrics",
-            lambda: set_trial_attrs(rdb_of(self.storage), tid, user=attrs, system=system),
+            lambda: set_trial_attrs(
+                rdb_of(self.storage), tid, user=dict(attrs), system=dict(system)
+            ),
         )
         self.finish(trial, values, TrialState.COMPLETE)
 

@@ -57,7 +57,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        storage: optuna.storages.BaseStorage,
+        storage: optuna.storages.RDBStorage,
         interval: float,
         log: Callable[[str], None],
     ) -> None:

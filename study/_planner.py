@@ -89,10 +89,7 @@ class Planner:
     def _suggest_coordinates(self, trial: optuna.Trial) -> None:
         """A grid run's coordinates, enqueued as fixed parameters, as its parameters."""
         for name, choices in (self.grid_choices or {}).items():
-            self.ledger.guarded(
-                "reading the trial's parameters",
-                lambda name=name, choices=choices: trial.suggest_categorical(name, choices),
-            )
+            self.ledger.guarded("reading the trial's parameters", _suggester(trial, name, choices))
 
     @staticmethod
     def groups(planned: list[Planned]) -> list[Group]:
@@ -102,3 +99,10 @@ class Planner:
         for p in planned:
             by_key.setdefault((*group_key(p.config), p.grid), []).append(p)
         return [Group(members) for members in by_key.values()]
+
+
+def _suggester(trial: optuna.Trial, name: str, choices: list[Any]) -> Callable[[], object]:
+    def suggest() -> object:
+        return trial.suggest_categorical(name, choices)
+
+    return suggest

@@ -1,404 +1,283 @@
 """``tauopt report``: a study's figures as PNG files and a report.md that answers, from the
-study's own trials, the questions the papers leave open."""
+study's own trials, the questions the papers leave open.
+
+A grid of ``tauopt reproduce`` is answered with paired evidence (see
+:mod:`tauopt.study._evidence`): for every factor, per network and dataset, the mean
+difference of runs that differ in that factor only, its 95 % interval and a verdict. A
+search study has no such pairs: its report describes the front and says so.
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-
-import matplotlib.pyplot as plt
 import optuna
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
+from tauopt.storage import storage_of
+from tauopt.study._evidence import SOON_SHARE, Factor, difference, epochs_to, pairs
 from tauopt.study._figures import publish
-from tauopt.study._reproduce import REPRODUCE_ATTR
+from tauopt.study._plots import (
+    REGULARISERS,
+    grid_figures,
+    panels,
+    pick,
+    regulariser,
+    search_figures,
+)
+from tauopt.study._reproduce import DEFAULT_EPOCHS, REPRODUCE_ATTR
 from tauopt.study._views import TrialView, trial_views
 
-#: Every PNG is this size: 1000 x 700 pixels.
-FIGSIZE, DPI = (10.0, 7.0), 100
-DATASETS, ARCHS = ("mnist", "fashion-mnist"), ("resnet", "fracdnn")
+#: What each comparison varies; the difference reads "other - baseline".
+FACTORS = (
+    Factor("trainable vs fixed taus", "taus", "fixed", "trainable - fixed"),
+    Factor("l1 penalty on vs off", "l1", 0.0, "l1 on - off"),
+    Factor("horizon penalty on vs off", "horizon_weight", 0.0, "penalty on - off"),
+    Factor("exact horizon (last tau) vs free", "last_tau", "free", "exact - free"),
+    Factor("pruning on vs off", "pruning", "off", "pruning - none"),
+    Factor("T = 6 vs T = 1", "T", 1.0, "T=6 - T=1"),
+    Factor("detached vs full memory gradients", "memory", "full", "detached - full"),
+)
+_Measure = Callable[[TrialView, TrialView], tuple[float, float]]
 
 
-def _legend(ax: Axes) -> None:
-    """A legend where something was drawn; an empty panel says so instead."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no runs of this kind in the study", ha="center", transform=ax.transAxes)
+def _final(view: TrialView) -> float:
+    return view.test_accuracy
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+def _gap(view: TrialView) -> float:
+    train = view.record.train_accuracy
+    return math.nan if train is None else train - view.test_accuracy
 
 
-def _mean(values: Iterable[float]) -> float:
-    data = list(values)
-    return statistics.fmean(data) if data else float("nan")
+def _soon(base: TrialView, other: TrialView) -> tuple[float, float]:
+    target = SOON_SHARE * min(base.test_accuracy, other.test_accuracy)
+    return epochs_to(base.test_history, target), epochs_to(other.test_history, target)
+
+
+MEASURES: tuple[tuple[str, str, _Measure], ...] = (
+    ("Final test accuracy", "+.4f", lambda b, o: (_final(b), _final(o))),
+    (
+        f"Epochs to {SOON_SHARE:.0%} of the lower final test accuracy of the pair (the "
+        'papers\' "sooner": negative is sooner)',
+        "+.1f",
+        _soon,
+    ),
+    (
+        "Training minus test accuracy (the generalisation gap)",
+        "+.4f",
+        lambda b, o: (_gap(b), _gap(o)),
+    ),
+    ("Blocks removed by pruning", "+.2f", lambda b, o: (b.blocks_removed, o.blocks_removed)),
+)
 
 
 def _row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def _pick(views: Sequence[TrialView], **coords: object) -> list[TrialView]:
-    return [v for v in views if v.grid and all(v.grid.get(k) == c for k, c in coords.items())]
+def _coords(view: TrialView) -> dict[str, object]:
+    return dict(view.grid or {})
 
 
-def _curve(
-    views: Sequence[TrialView], series: Callable[[TrialView], list[float]]
-) -> tuple[list[float], list[float], list[float]]:
-    """Mean, min and max over the trials (seeds), epoch by epoch."""
-    rows = [series(v) for v in views if series(v)]
-    if not rows:
-        return [], [], []
-    n = min(len(r) for r in rows)
-    cols = [[r[i] for r in rows] for i in range(n)]
-    return [_mean(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols]
-
-
-def _plot_curve(
-    ax: Axes,
-    views: Sequence[TrialView],
-    series: Callable[[TrialView], list[float]],
-    label: str,
-    style: str = "-",
-) -> None:
-    mean, low, high = _curve(views, series)
-    if not mean:
-        return
-    epochs = list(range(1, len(mean) + 1))
-    (line,) = ax.plot(epochs, mean, style, marker="o", label=f"{label} (n={len(views)})")
-    ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
-
-
-BASE = {"tau": "trainable", "l1": False, "time_reg": "none"}
-
-
-def _grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
-    files = []
-    fig, axes = plt.subplots(2, 2, figsize=FIGSIZE, sharex=True)
-    for (i, dataset), (j, arch) in ((a, b) for a in enumerate(DATASETS) for b in enumerate(ARCHS)):
-        ax = axes[i][j]
-        base = "no-prune" if arch == "resnet" else "full"
-        for T, style in ((1.0, "-"), (6.0, "--")):
-            for tau in ("fixed", "trainable"):
-                chosen = _pick(
-                    views,
-                    dataset=dataset,
-                    arch=arch,
-                    T=T,
-                    tau=tau,
-                    l1=False,
-                    time_reg="none",
-                    variant=base,
+def paired_rows(views: Sequence[TrialView], measure: _Measure, fmt: str) -> list[str]:
+    """One row per factor, network and dataset that has pairs."""
+    rows = []
+    for factor in FACTORS:
+        for arch, dataset in panels(views):
+            runs = pick(views, arch=arch, dataset=dataset)
+            found = pairs(runs, factor, _coords)
+            if not found:
+                continue
+            diffs = []
+            for base, other in found:
+                b, o = measure(base, other)
+                diffs.append(o - b)
+            d = difference(diffs)
+            mean = "-" if d.n == 0 else f"{d.mean:{fmt}}"
+            rows.append(
+                _row(
+                    factor.title,
+                    factor.contrast,
+                    arch,
+                    dataset,
+                    d.n,
+                    mean,
+                    d.interval(fmt),
+                    d.verdict,
                 )
-                _plot_curve(ax, chosen, lambda v: v.test_history, f"{tau} tau, T={T:g}", style)
-        ax.set_title(f"{arch}, {dataset}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
-        _legend(ax)
-    fig.suptitle("Fixed against trainable step sizes (mean over seeds, band: min to max)")
-    files.append(_save(fig, out / "accuracy.png"))
-
-    fig, axes = plt.subplots(2, 2, figsize=FIGSIZE, sharex=True)
-    for (i, dataset), (j, arch) in ((a, b) for a in enumerate(DATASETS) for b in enumerate(ARCHS)):
-        ax = axes[i][j]
-        base = "no-prune" if arch == "resnet" else "full"
-        chosen = [
-            v
-            for v in _pick(views, dataset=dataset, arch=arch, T=1.0, variant=base, **BASE)
-            if v.grid and v.grid["seed"] == 0
-        ]
-        for v in chosen[:1]:
-            for block in range(v.depth):
-                ax.plot(
-                    range(1, len(v.tau_history) + 1),
-                    [row[block] for row in v.tau_history],
-                    marker="o",
-                    label=f"tau_{block}",
-                )
-        ax.set_title(f"{arch}, {dataset}, T=1, seed 0")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("step size tau_l")
-        _legend(ax)
-    fig.suptitle("The step sizes over training")
-    files.append(_save(fig, out / "taus.png"))
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
-    for dataset in DATASETS:
-        coords = {
-            "dataset": dataset,
-            "arch": "resnet",
-            "T": 1.0,
-            "tau": "trainable",
-            "l1": True,
-            "time_reg": "none",
-        }
-        pruned, kept = (
-            _pick(views, variant="prune", **coords),
-            _pick(views, variant="no-prune", **coords),
-        )
-        _plot_curve(
-            left,
-            pruned,
-            lambda v: [float(b) for b in v.blocks_before_pruning()],
-            f"{dataset}, pruning",
-        )
-        _plot_curve(right, pruned, lambda v: v.epoch_seconds, f"{dataset}, pruning")
-        _plot_curve(right, kept, lambda v: v.epoch_seconds, f"{dataset}, no pruning", "--")
-    left.set_title("Active blocks (ResNet, T=1, l1 on)")
-    left.set_xlabel("epoch")
-    left.set_ylabel("active blocks after the epoch")
-    right.set_title("Seconds per epoch")
-    right.set_xlabel("epoch")
-    right.set_ylabel("seconds")
-    for ax in (left, right):
-        _legend(ax)
-    files.append(_save(fig, out / "pruning.png"))
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
-    for dataset in DATASETS:
-        for variant, style in (("full", "-"), ("detached", "--")):
-            chosen = _pick(views, dataset=dataset, arch="fracdnn", T=1.0, variant=variant, **BASE)
-            _plot_curve(
-                left,
-                chosen,
-                lambda v: v.test_history,
-                f"{dataset}, {variant} memory gradient",
-                style,
             )
-    for offset, variant in ((-0.2, "full"), (0.2, "detached")):
-        chosen = _pick(views, dataset="mnist", arch="fracdnn", T=1.0, variant=variant, **BASE)
-        if chosen:
-            depth = chosen[0].depth
-            means = [
-                _mean(v.tau_history[-1][b] for v in chosen if v.tau_history) for b in range(depth)
-            ]
-            right.bar([b + offset for b in range(depth)], means, width=0.4, label=variant)
-    left.set_title("Fractional DNN: test accuracy")
-    left.set_xlabel("epoch")
-    left.set_ylabel("test accuracy")
-    right.set_title("Final step sizes (mnist, mean over seeds)")
-    right.set_xlabel("block l")
-    right.set_ylabel("tau_l after the last epoch")
-    right.set_yscale("log")
-    for ax in (left, right):
-        _legend(ax)
-    files.append(_save(fig, out / "fracdnn_memory.png"))
-    return files
+    return rows
 
 
-def _grid_questions(views: Sequence[TrialView]) -> list[str]:
-    lines = ["## Which T is best?", "", "Mean final test accuracy over seeds and all settings:", ""]
-    lines += ["| dataset | network | taus | T = 1 | T = 6 |", "|---|---|---|---|---|"]
-    for dataset in DATASETS:
-        for arch in ARCHS:
-            for tau in ("fixed", "trainable"):
-                accs = [
-                    _mean(
-                        v.test_accuracy
-                        for v in _pick(views, dataset=dataset, arch=arch, tau=tau, T=T)
-                    )
-                    for T in (1.0, 6.0)
-                ]
-                lines.append(f"| {dataset} | {arch} | {tau} | {accs[0]:.4f} | {accs[1]:.4f} |")
-    lines += ["", "## l1 against the horizon penalty", ""]
-    lines += [
-        "Trainable taus, T = 1 and 6, both networks: mean final test accuracy, mean "
-        "|sum(tau) - T| and mean blocks removed (ResNet with pruning):",
+def _paired_section(views: Sequence[TrialView]) -> list[str]:
+    lines = [
+        "## Paired differences",
+        "",
+        "Each row compares runs that differ in one factor only: same network, dataset and seed "
+        "(so the same initial weights and batches), every other setting equal. The difference "
+        "is the second run's value minus the first's (the \"difference\" column says which), "
+        "averaged over the pairs; the interval is the 95 % Student t interval of that mean (none "
+        'for one pair). The verdict says "higher" or "lower" only where the interval '
+        'excludes 0; otherwise "no difference detected", which is not evidence of no effect '
+        "when the interval is wide.",
         "",
     ]
-    lines += [
-        "| regularisation | test accuracy | abs(sum(tau) - T) | blocks removed | trials |",
-        "|---|---|---|---|---|",
+    header = [
+        "factor",
+        "difference",
+        "network",
+        "dataset",
+        "pairs",
+        "mean",
+        "95 % interval (t)",
+        "verdict",
     ]
-    for label, l1, reg in (
-        ("none", False, "none"),
-        ("l1 only", True, "none"),
-        ("horizon penalty only", False, "penalty"),
-        ("l1 + penalty", True, "penalty"),
-        ("dependent last tau", False, "dependent"),
-    ):
-        chosen = _pick(views, tau="trainable", l1=l1, time_reg=reg)
-        gap = _mean(
-            abs(sum(v.tau_history[-1]) - float(v.config.get("T", 1.0)))
-            for v in chosen
-            if v.tau_history
-        )
-        removed = _mean(v.blocks_removed for v in chosen if v.grid and v.grid["variant"] == "prune")
-        lines.append(
-            _row(
-                label,
-                f"{_mean(v.test_accuracy for v in chosen):.4f}",
-                f"{gap:.4f}",
-                f"{removed:.2f}",
-                len(chosen),
-            )
-        )
-    lines += ["", "## Does pruning change the gap between validation and test accuracy?", ""]
-    lines += _gap_table(
-        [v for v in views if v.arch == "resnet" and v.grid and v.grid["tau"] == "trainable"]
-    )
+    for title, fmt, measure in MEASURES:
+        rows = paired_rows(views, measure, fmt)
+        lines += [f"### {title}", "", _row(*header), "|---" * len(header) + "|", *rows, ""]
     return lines
 
 
-def _gap_table(views: Sequence[TrialView]) -> list[str]:
+def _budget(study: optuna.Study, views: Sequence[TrialView]) -> list[str]:
+    spec = study.user_attrs[REPRODUCE_ATTR]["spec"]
+    protocol = spec.get("protocol", "tauopt")
+    epochs, size = spec.get("epochs"), spec.get("train_size")
+    seeds = sorted({int((v.grid or {}).get("seed", 0)) for v in views})
     lines = [
-        "| runs | mean validation - test accuracy | mean test accuracy | trials |",
+        f"Protocol `{protocol}`: {len(views)} finished runs of {spec.get('runs', '?')}, "
+        f"{epochs} epochs on {size or 'all'} training images each, seeds {seeds}.",
+        "",
+    ]
+    short = protocol == "authors" and (epochs < DEFAULT_EPOCHS["authors"] or size is not None)
+    if short or protocol != "authors":
+        lines += [
+            f"**Scaled down:** the papers train 200 epochs on all 60,000 images; these runs "
+            f"trained {epochs} epochs on {size or 'all'} images. What holds here may not hold at "
+            "convergence, and the verdicts are about this budget only.",
+            "",
+        ]
+    if len(seeds) < 2:
+        lines += [
+            "**One seed:** every pair is one run against one other; intervals come only from "
+            "pairs across the other settings.",
+            "",
+        ]
+    return lines
+
+
+def _mean(values: Iterable[float]) -> str:
+    data = [v for v in values if not math.isnan(v)]
+    return f"{statistics.fmean(data):.4f}" if data else "-"
+
+
+def _clean_loss_section(views: Sequence[TrialView]) -> list[str]:
+    lines = [
+        "## How the loss decays",
+        "",
+        "Clean loss (training cross-entropy without the penalties, mean over an epoch's batches) "
+        "of the trainable runs without pruning, mean over runs: after the first epoch, at the "
+        "middle and at the end ([clean_loss.png](clean_loss.png)).",
+        "",
+        _row("network", "regulariser", "runs", "epoch 1", "middle", "last"),
+        "|---|---|---|---|---|---|",
+    ]
+    for arch in sorted({a for a, _ in panels(views)}, key=lambda a: a != "resnet"):
+        trainable = pick(views, arch=arch, taus="trainable", pruning="off")
+        for name in dict.fromkeys(REGULARISERS.values()):
+            runs = [v.record.clean_loss_history for v in trainable if regulariser(v) == name]
+            runs = [r for r in runs if r]
+            if runs:
+                mid = min(len(r) for r in runs) // 2
+                lines.append(
+                    _row(
+                        arch,
+                        name,
+                        len(runs),
+                        _mean(r[0] for r in runs),
+                        _mean(r[mid] for r in runs),
+                        _mean(r[-1] for r in runs),
+                    )
+                )
+    return [*lines, ""]
+
+
+def _tau_section(views: Sequence[TrialView]) -> list[str]:
+    lines = [
+        "## Negative step sizes",
+        "",
+        "The ResNet's taus are not projected (neither in the papers' code): gradient steps and "
+        "the l1 penalty's sign term can carry a tau below 0, where its block subtracts. The "
+        "Fractional DNN holds every tau at tau_min or above.",
+        "",
+        _row("network", "trainable runs", "a tau below 0 at some epoch", "below 0 at the end"),
         "|---|---|---|---|",
     ]
-    for label, chosen in (
-        ("with blocks removed", [v for v in views if v.pruned]),
-        ("no block removed", [v for v in views if not v.pruned]),
-    ):
-        lines.append(
-            _row(
-                label,
-                f"{_mean(v.val_accuracy - v.test_accuracy for v in chosen):+.4f}",
-                f"{_mean(v.test_accuracy for v in chosen):.4f}",
-                len(chosen),
-            )
-        )
+    for arch in sorted({a for a, _ in panels(views)}, key=lambda a: a != "resnet"):
+        runs = pick(views, arch=arch, taus="trainable")
+        ever = sum(any(t < 0 for row in v.tau_history for t in row) for v in runs)
+        end = sum(any(t < 0 for t in v.record.taus) for v in runs)
+        lines.append(_row(arch, len(runs), ever, end))
+    return [*lines, ""]
+
+
+def _grid_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -> list[str]:
+    figures = grid_figures(views, out)
+    lines = [f"# Study {study.study_name!r}: reproduction of the papers' experiments", ""]
+    lines += _budget(study, views)
+    lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    lines += _paired_section(views) + _clean_loss_section(views) + _tau_section(views)
     return lines
 
 
-def _objective(study: optuna.Study, index: int) -> Callable[[optuna.trial.FrozenTrial], float]:
-    # The evaluator ranks parameters by how they lower the target: negate what is maximised.
-    sign = -1.0 if study.directions[index] == optuna.study.StudyDirection.MAXIMIZE else 1.0
-
-    def value(trial: optuna.trial.FrozenTrial) -> float:
-        return sign * float(trial.values[index])
-
-    return value
-
-
-def _search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -> list[Path]:
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    feasible = [v for v in views if v.feasible]
-    for pruned, marker, label in (
-        (False, "o", "no block removed"),
-        (True, "^", "blocks removed by pruning"),
-    ):
-        chosen = [v for v in feasible if bool(v.pruned) == pruned]
-        ax.scatter(
-            [v.active_params for v in chosen],
-            [v.val_accuracy for v in chosen],
-            marker=marker,
-            alpha=0.6,
-            label=label,
-        )
-    front = sorted((v for v in feasible if v.pareto), key=lambda v: v.active_params)
-    ax.plot(
-        [v.active_params for v in front],
-        [v.val_accuracy for v in front],
-        "k-",
-        marker="s",
-        mfc="none",
-        label="Pareto front",
-    )
-    ax.set_xlabel("active parameters after pruning")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Pareto front of the feasible trials")
-    ax.legend()
-    files = [_save(fig, out / "pareto.png")]
-    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
-    fig, axes = plt.subplots(1, len(names), figsize=FIGSIZE, squeeze=False)
-    for i, name in enumerate(names):
-        ax = axes[0][i]
-        try:
-            with warnings.catch_warnings():  # it warns on any target; _objective set the sign
-                warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator", UserWarning)
-                importances = optuna.importance.get_param_importances(
-                    study, target=_objective(study, i)
-                )
-        except (ValueError, RuntimeError) as e:  # too few trials or one parameter
-            ax.text(0.5, 0.5, f"no importances: {e}", ha="center", wrap=True)
-            importances = {}
-        ax.barh(list(importances), list(importances.values()))
-        ax.set_title(f"Parameter importance for {name}")
-        ax.set_xlabel("importance (Optuna's default evaluator)")
-        ax.set_ylabel("parameter")
-    files.append(_save(fig, out / "importance.png"))
-    return files
-
-
-def _search_summary(views: Sequence[TrialView]) -> list[str]:
+def _search_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -> list[str]:
+    figures = search_figures(study, views, out)
+    lines = [f"# Study {study.study_name!r}: hyperparameter search", ""]
+    lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
     feasible = [v for v in views if v.feasible]
     front = [v for v in feasible if v.pareto]
-    pruned_front = [v for v in front if v.pruned]
-    unpruned = [v for v in feasible if not v.pruned]
-    lines = ["## The front", ""]
-    lines.append(
-        f"{len(views)} complete trials, {len(feasible)} feasible, {len(front)} on the Pareto "
-        f"front; {len(pruned_front)} of those pruned blocks."
-    )
-    if pruned_front:
-        removed = [v.params_removed for v in pruned_front]
-        lines.append(
-            f"Pruning removed {min(removed):.1%} to {max(removed):.1%} of the parameters on "
-            "the front."
-        )
-    if unpruned and pruned_front:
-        best = max(v.val_accuracy for v in unpruned)
-        costs = [best - v.val_accuracy for v in pruned_front]
-        lines.append(
-            f"Accuracy cost against the best unpruned trial ({best:.4f}): {min(costs):+.4f} "
-            f"to {max(costs):+.4f} (negative: the pruned network is better)."
-        )
-    lines += ["", "## Which T is best?", ""]
-    with_t = sorted(
-        (v for v in feasible if "T" in (v.params or {})), key=lambda v: float((v.params or {})["T"])
-    )
-    third = max(1, len(with_t) // 3)
-    lines += ["| T range | mean validation accuracy | trials |", "|---|---|---|"]
-    for part in (with_t[:third], with_t[third : 2 * third], with_t[2 * third :]):
-        if part:
-            lo, hi = float((part[0].params or {})["T"]), float((part[-1].params or {})["T"])
-            lines.append(
-                f"| {lo:.3g} - {hi:.3g} | {_mean(v.val_accuracy for v in part):.4f} | {len(part)} |"
-            )
-    lines += ["", "## l1 against the horizon penalty", ""]
     lines += [
+        "## The front",
+        "",
+        f"{len(views)} complete trials, {len(feasible)} feasible, {len(front)} on the front; "
+        f"{sum(bool(v.pruned) for v in front)} of those pruned blocks.",
+        "",
+        "A search draws its trials at random and steers them: no two of them differ in one "
+        "setting only, so it cannot say what a setting does. For paired answers, run the grid "
+        "(`tauopt reproduce`). What the trials show, as descriptions:",
+        "",
         _row(
-            "time regularisation",
-            "l1 > 0",
-            "mean validation accuracy",
-            "mean blocks removed",
             "trials",
+            "n",
+            "mean validation accuracy",
+            "mean train - test accuracy",
+            "mean blocks removed",
         ),
         "|---|---|---|---|---|",
     ]
-    for reg in ("none", "penalty", "dependent"):
-        for l1 in (False, True):
-            chosen = [
-                v
-                for v in feasible
-                if (v.params or {}).get("time_reg", "none") == reg
-                and (float(v.config.get("l1", 0.0)) > 0) == l1
-            ]
-            if chosen:
-                lines.append(
-                    _row(
-                        reg,
-                        l1,
-                        f"{_mean(v.val_accuracy for v in chosen):.4f}",
-                        f"{_mean(v.blocks_removed for v in chosen):.2f}",
-                        len(chosen),
-                    )
-                )
-    lines += ["", "## Does pruning change the gap between validation and test accuracy?", ""]
-    lines += _gap_table(feasible)
-    return lines
+    groups = {
+        "no block removed": [v for v in feasible if not v.pruned],
+        "blocks removed": [v for v in feasible if v.pruned],
+        "l1 off": [v for v in feasible if not v.config.get("l1")],
+        "l1 on": [v for v in feasible if v.config.get("l1")],
+    }
+    for name, chosen in groups.items():
+        lines.append(
+            _row(
+                name,
+                len(chosen),
+                _mean(v.val_accuracy for v in chosen),
+                _mean(
+                    v.record.train_accuracy - v.test_accuracy
+                    for v in chosen
+                    if v.record.train_accuracy is not None
+                ),
+                _mean(float(v.blocks_removed) for v in chosen),
+            )
+        )
+    return [*lines, ""]
 
 
 def write_report(study: optuna.Study, out: Path) -> list[Path]:
@@ -409,12 +288,8 @@ def write_report(study: optuna.Study, out: Path) -> list[Path]:
         raise ValueError(f"study {study.study_name!r} has no complete trial to report on")
     out.mkdir(parents=True, exist_ok=True)
     grid = REPRODUCE_ATTR in study.user_attrs
-    figures = _grid_figures(views, out) if grid else _search_figures(study, views, out)
-    kind = "reproduction of the papers' experiments" if grid else "hyperparameter search"
-    lines = [f"# Study {study.study_name!r}: {kind}", ""]
-    lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    lines += _grid_questions(views) if grid else _search_summary(views)
+    lines = _grid_report(study, views, out) if grid else _search_report(study, views, out)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    publish(study, study._storage)
-    return [*figures, report]
+    publish(study, storage_of(study))
+    return [*sorted(out.glob("*.png")), report]

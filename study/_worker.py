@@ -31,6 +31,7 @@ from tauopt.storage import (
     WindowedTPESampler,
     artifact_store,
     open_storage,
+    rdb_of,
 )
 from tauopt.study._config import parse_config
 from tauopt.study._create import quiet_optuna
@@ -153,7 +154,7 @@ class Worker:
         """
         counts: Counter[Outcome] = Counter()
         stopped = None
-        heartbeat = Heartbeat(self.storage, self.settings.heartbeat_interval, self._say)
+        heartbeat = Heartbeat(rdb_of(self.storage), self.settings.heartbeat_interval, self._say)
         ledger = Ledger(
             self.study,
             self.storage,

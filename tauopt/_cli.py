@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tauopt import __version__
-from tauopt.engine._config import ARCHS, TrainConfig
+from tauopt.engine._config import ARCHS, PRUNE_RULES, TrainConfig
 from tauopt.engine._data import DATASETS, default_data_dir, load_dataset
 from tauopt.errors import TauoptError
 
@@ -67,7 +67,15 @@ def _add_train_parser(sub: Any) -> None:
         help="weight of (sum(tau) - T)^2",
     )
     p.add_argument(
-        "--dependent-last-tau", action="store_true", help="set the last tau to T - sum(other taus)"
+        "--dependent-last-tau",
+        action="store_true",
+        help="the last tau is T - sum(other taus) in the forward pass (gradients see it)",
+    )
+    p.add_argument(
+        "--projected-last-tau",
+        action="store_true",
+        help="the last tau is overwritten with T - sum(other taus) after each step, with no "
+        "gradient through it (the papers' code)",
     )
     p.add_argument(
         "--prune-eps",
@@ -77,6 +85,13 @@ def _add_train_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--prune-every", type=int, default=defaults.prune_every, help="check pruning every N epochs"
+    )
+    p.add_argument(
+        "--prune-rule",
+        choices=PRUNE_RULES,
+        default=defaults.prune_rule,
+        help="all: every block under --prune-eps goes; smallest: only the smallest one per check "
+        "(the papers' code)",
     )
     p.add_argument("--gamma", type=float, default=defaults.gamma, help="fractional order (fracdnn)")
     p.add_argument(
@@ -109,7 +124,7 @@ def _add_train_parser(sub: Any) -> None:
         "--val-size",
         type=int,
         default=defaults.val_size,
-        help="validation images held out of training",
+        help="validation images held out of training (0: none, train on all 60,000)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument(

@@ -97,7 +97,7 @@ def test_api_serves_the_study_figures_and_trial_notes(dashboard: str) -> None:
     plotted = sum(len(trace["x"]) for trace in accuracy["data"])
     assert plotted == 6  # every complete trial is a point
     notes = [t["note"]["body"] for t in detail["trials"]]
-    assert all("Step sizes per epoch" in n and "Pruning:" in n for n in notes)
+    assert all("**Per epoch**" in n and "train acc" in n and "Pruning:" in n for n in notes)
 
 
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:

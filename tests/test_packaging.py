@@ -107,3 +107,13 @@ def test_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
     for module in ("models/_base.py", "engine/_train.py", "storage/_rdb.py", "study/_worker.py"):
         assert f"tauopt/{module}" in names
     assert "tauopt/__main__.py" in names and "tauopt/_cli.py" in names
+
+
+def test_the_version_check_admits_what_pyproject_admits() -> None:
+    import tomllib
+
+    from tauopt.storage._optuna import SUPPORTED
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name, spec in SUPPORTED.items():
+        assert f"{name}{spec}" in deps, (name, spec)

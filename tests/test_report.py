@@ -17,9 +17,11 @@ from conftest import PG_URL, RunStudy
 from PIL import Image
 
 from tauopt._cli import main
+from tauopt.storage import storage_of, study_id
 from tauopt.study import best_trials, grid, load_study
 from tauopt.study._figures import CURVES_ID
-from tauopt.study._reproduce import GRID_POINT_ATTR, REPRODUCE_ATTR
+from tauopt.study._record import GRID_POINT_ATTR
+from tauopt.study._reproduce import REPRODUCE_ATTR
 
 SMALL = "[trial]\nepochs = 2\ntrain_size = 1000\nval_size = 2000\n"
 
@@ -45,7 +47,9 @@ def test_trials_below_min_val_accuracy_are_never_best(
             0.99 - t.user_attrs["val_accuracy"]
         )
         assert t.constraints["min_val_accuracy"] > 0
-    assert best_trials(None, "tauopt") == []
+    best = best_trials(None, "tauopt")
+    assert best == [] and "all 3 completed trials" in str(best.why_empty)
+    assert "min_val_accuracy 0.99" in str(best.why_empty)
     capsys.readouterr()
     assert main(["best", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
@@ -65,33 +69,45 @@ def test_search_report_renders(
     for name in ("pareto.png", "importance.png"):
         _assert_png(workdir / "rep" / name)
     report = (workdir / "rep" / "report.md").read_text()
-    for heading in ("## The front", "## Which T is best?", "## l1 against the horizon penalty"):
-        assert heading in report
-    assert "between validation and test accuracy" in report
+    assert "## The front" in report and "cannot say what a setting does" in report
+    assert "mean train - test accuracy" in report
 
 
 def test_grid_runs_and_its_report_renders(
     workdir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["reproduce", "--study", "paper", "--epochs", "2", "--train-size", "300", "--seeds", "1"]
-    assert main([*argv, "--datasets", "mnist"]) == 0
-    assert main([*argv, "--datasets", "mnist"]) == 0  # the same settings again: nothing added
+    argv = ["reproduce", "--epochs", "2", "--train-size", "300", "--datasets", "mnist"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same settings again: nothing added
+    assert "all 34 runs were enqueued already" in capsys.readouterr().err
     worker = ["worker", "--study", "paper", "--data-dir", str(data_dir), "--quiet"]
-    assert main([*worker, "--threads", "2"]) == 0
+    assert main([*worker, "--threads", "2", "--batch-trials", "8"]) == 0
     study = load_study(None, "paper")
     trials = study.get_trials()
-    assert len(trials) == len(grid(epochs=2, train_size=300, seeds=1, datasets=("mnist",))) == 52
+    assert len(trials) == len(grid(epochs=2, train_size=300, datasets=("mnist",))) == 34
     assert all(t.state.name == "COMPLETE" for t in trials)
-    assert all(len(t.user_attrs["test_accuracy_history"]) == 2 for t in trials)
+    for t in trials:  # every run's settings are its parameters, its records per epoch
+        assert t.params == t.user_attrs[GRID_POINT_ATTR]
+        assert len(t.user_attrs["test_accuracy_history"]) == 2
+        assert len(t.user_attrs["train_accuracy_history"]) == 2
+        assert len(t.user_attrs["clean_loss_history"]) == 2
+        assert t.user_attrs["val_accuracy"] is None  # the authors' runs hold nothing out
     assert main(["report", "--study", "paper", "--out", "rep"]) == 0
-    for name in ("accuracy.png", "taus.png", "pruning.png", "fracdnn_memory.png"):
+    for name in ("accuracy.png", "taus.png", "pruning.png", "clean_loss.png"):
         _assert_png(workdir / "rep" / name)
     # the papers' main figure also went to the dashboard
-    stored = study._storage.get_study_system_attrs(study._study_id)
+    stored = storage_of(study).get_study_system_attrs(study_id(study))
     assert any(CURVES_ID in key for key in stored)
     report = (workdir / "rep" / "report.md").read_text()
-    assert "| mnist | resnet | trainable |" in report and "dependent last tau" in report
-    assert main([*argv, "--datasets", "mnist", "fashion-mnist"]) == 2  # other settings
+    assert "## Paired differences" in report and "**Scaled down:**" in report
+    assert "| trainable vs fixed taus | trainable - fixed | resnet | mnist | 4 |" in report
+    assert "nan" not in report
+    assert main(["export", "--study", "paper", "-o", "grid.csv"]) == 0
+    with open(workdir / "grid.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["config_arch"] for r in rows} == {"resnet", "fracdnn"}
+    assert len({r["settings"] for r in rows}) == 34  # every run told apart
+    assert main([*argv, "--seeds", "2"]) == 2  # other settings
     assert "holds a grid made with" in capsys.readouterr().err
 
 
@@ -99,7 +115,7 @@ def test_grid_runs_and_its_report_renders(
 def test_three_processes_enqueue_the_grid_exactly_once(tmp_path: Path) -> None:
     name = f"grid-{uuid.uuid4().hex[:10]}"
     argv = [sys.executable, "-m", "tauopt", "reproduce", "--storage", PG_URL, "--study", name]
-    argv += ["--epochs", "1", "--train-size", "100", "--seeds", "1"]
+    argv += ["--epochs", "1", "--train-size", "100"]
     # The three import tauopt first and then wait for one go signal, to start together.
     go = tmp_path / "go"
     starter = (
@@ -120,10 +136,10 @@ def test_three_processes_enqueue_the_grid_exactly_once(tmp_path: Path) -> None:
     go.write_text("")
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    assert sum("enqueued 104 runs" in o for o in outputs) == 1, outputs
+    assert sum("enqueued 68 runs" in o for o in outputs) == 1, outputs
     study = optuna.load_study(study_name=name, storage=PG_URL)
     trials = study.get_trials()
-    assert len(trials) == 104 and all(t.state.name == "WAITING" for t in trials)
+    assert len(trials) == 68 and all(t.state.name == "WAITING" for t in trials)
     points = {json.dumps(t.user_attrs[GRID_POINT_ATTR], sort_keys=True) for t in trials}
-    assert len(points) == 104  # every grid point once
-    assert study.user_attrs[REPRODUCE_ATTR]["points"] == 104
+    assert len(points) == 68  # every grid point once
+    assert study.user_attrs[REPRODUCE_ATTR]["spec"]["runs"] == 68

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tauopt.study import DEFAULT_SEARCH, StudyConfigError, load_config, parse_config
+from tauopt.errors import ConfigError
+from tauopt.study import DEFAULT_SEARCH, load_config, parse_config
 
 
 def test_defaults_search_everything_the_issue_names() -> None:
@@ -86,19 +87,19 @@ grace_period = 5
     ],
 )
 def test_invalid_values_are_rejected_with_the_key(data: dict[str, object], message: str) -> None:
-    with pytest.raises(StudyConfigError, match=message.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         parse_config(data)
 
 
 def test_bad_toml_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("[search\nT = 1")
-    with pytest.raises(StudyConfigError, match=r"broken\.toml is not valid TOML"):
+    with pytest.raises(ConfigError, match=r"broken\.toml is not valid TOML"):
         load_config(path)
 
 
 def test_overrides_are_validated() -> None:
     config = parse_config({}).with_overrides(n_trials=3, epochs=1, train_size=None)
     assert (config.n_trials, config.trial.epochs) == (3, 1)
-    with pytest.raises(StudyConfigError, match=r"study\.n_trials"):
+    with pytest.raises(ConfigError, match=r"study\.n_trials"):
         parse_config({}).with_overrides(n_trials=0)

@@ -1,0 +1,121 @@
+"""Paired evidence: runs that differ in one factor only, their differences, and what a 95 %
+interval of the mean difference allows one to say.
+
+A pair is two runs of a grid whose coordinates agree in everything but the factor (the seed
+included: same initial weights, same batches). The interval is Student's t interval of the
+mean of the pairs' differences; with one pair there is none. A verdict says "higher" or
+"lower" only where the interval lies entirely on one side of zero.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom; then 40, 60, 120.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+_T975_LARGE = ((40, 2.021), (60, 2.000), (120, 1.980))
+_Z975 = 1.960
+
+
+def t_quantile(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (a table: beyond 30,
+    the next tabulated value at or below ``df``, so the interval errs wide)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    value = _T975[-1]
+    for at, q in _T975_LARGE:
+        if df >= at:
+            value = q
+    return value if df < 1000 else _Z975
+
+
+@dataclass(frozen=True)
+class Difference:
+    """The mean of ``n`` paired differences and its 95 % t interval (None for one pair)."""
+
+    n: int
+    mean: float
+    low: float | None
+    high: float | None
+
+    @property
+    def verdict(self) -> str:
+        if self.n == 0:
+            return "no pairs"
+        if self.low is None or self.high is None:
+            return "one pair: no interval"
+        if self.low > 0:
+            return "higher"
+        if self.high < 0:
+            return "lower"
+        return "no difference detected"
+
+    def interval(self, fmt: str = "+.4f") -> str:
+        if self.low is None or self.high is None:
+            return "-"
+        return f"[{self.low:{fmt}}, {self.high:{fmt}}]"
+
+
+def difference(values: Sequence[float]) -> Difference:
+    """The mean of ``values`` (paired differences) with its 95 % t interval."""
+    data = [v for v in values if not math.isnan(v)]
+    n = len(data)
+    if n == 0:
+        return Difference(0, math.nan, None, None)
+    mean = statistics.fmean(data)
+    if n == 1:
+        return Difference(1, mean, None, None)
+    half = t_quantile(n - 1) * statistics.stdev(data) / math.sqrt(n)
+    return Difference(n, mean, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One factor of a grid: the coordinate ``key``, its baseline value, and a title.
+    ``base`` may be a predicate for a coordinate whose non-baseline values vary."""
+
+    title: str
+    key: str
+    base: Any
+    contrast: str  # how the difference reads, "trainable - fixed"
+
+    def is_base(self, value: Any) -> bool:
+        return bool(self.base(value)) if callable(self.base) else value == self.base
+
+
+def pairs(
+    runs: Sequence[Any], factor: Factor, coords: Callable[[Any], dict[str, Any]]
+) -> list[tuple[Any, Any]]:
+    """Every (baseline run, other run) that agree on every coordinate but ``factor.key``."""
+    by_rest: dict[str, tuple[list[Any], list[Any]]] = {}
+    for run in runs:
+        c = coords(run)
+        if factor.key not in c:
+            continue
+        rest = repr(sorted((k, v) for k, v in c.items() if k != factor.key))
+        base, other = by_rest.setdefault(rest, ([], []))
+        (base if factor.is_base(c[factor.key]) else other).append(run)
+    return [(b, o) for base, others in by_rest.values() for b in base for o in others]
+
+
+def epochs_to(history: Sequence[float], target: float) -> float:
+    """The first epoch (1-based) whose value reaches ``target`` (NaN if none does)."""
+    for epoch, value in enumerate(history, start=1):
+        if value >= target:
+            return float(epoch)
+    return math.nan
+
+
+#: A pair's "how soon": epochs until each run reaches this share of the lower of the two final
+#: test accuracies (so both reach it).
+SOON_SHARE = 0.98

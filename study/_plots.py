@@ -1,0 +1,308 @@
+"""The report's figures as PNG files (matplotlib): a grid's panels per network and dataset, a
+search's front and importances. Pure functions of the trial views."""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt
+import optuna
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from tauopt.study._views import TrialView
+
+#: Every PNG is this size: 1000 x 700 pixels.
+FIGSIZE, DPI = (10.0, 7.0), 100
+#: The regularisers of the trainable runs, as the report names them: (l1 on, penalty on,
+#: last tau) -> name.
+REGULARISERS = {
+    (False, False, "free"): "none",
+    (True, False, "free"): "l1",
+    (False, True, "free"): "horizon penalty",
+    (True, True, "free"): "l1 + penalty",
+    (False, False, "projected"): "exact horizon (projected last tau)",
+    (False, False, "dependent"): "exact horizon (dependent last tau)",
+}
+
+
+def regulariser(view: TrialView) -> str | None:
+    g = view.grid or {}
+    key = (bool(g.get("l1")), bool(g.get("horizon_weight")), str(g.get("last_tau")))
+    return REGULARISERS.get(key)
+
+
+def panels(views: Sequence[TrialView]) -> list[tuple[str, str]]:
+    """(network, dataset) of the grid, in a fixed order."""
+    found = {(v.grid["arch"], v.grid["dataset"]) for v in views if v.grid}
+    return sorted(found, key=lambda p: (p[0] != "resnet", p[1]))
+
+
+def pick(views: Sequence[TrialView], **coords: object) -> list[TrialView]:
+    return [v for v in views if v.grid and all(v.grid.get(k) == c for k, c in coords.items())]
+
+
+def _legend(ax: Axes) -> None:
+    """A legend where something was drawn; an empty panel says so instead."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no runs of this kind in the study", ha="center", transform=ax.transAxes)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _grid_axes(items: Sequence[object]) -> tuple[Figure, list[Axes]]:
+    cols = 2 if len(items) > 1 else 1
+    rows = max(1, -(-len(items) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=FIGSIZE, squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(items) :]:
+        ax.set_visible(False)
+    return fig, flat
+
+
+def _curve(
+    ax: Axes,
+    views: Sequence[TrialView],
+    series: Callable[[TrialView], list[float]],
+    label: str,
+    style: str = "-",
+) -> None:
+    """Mean over the runs (seeds) epoch by epoch, with a band from min to max."""
+    rows = [series(v) for v in views if series(v)]
+    if not rows:
+        return
+    n = min(len(r) for r in rows)
+    cols = [[r[i] for r in rows] for i in range(n)]
+    epochs = list(range(1, n + 1))
+    (line,) = ax.plot(
+        epochs, [statistics.fmean(c) for c in cols], style, label=f"{label} (n={len(rows)})"
+    )
+    ax.fill_between(
+        epochs, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.15
+    )
+
+
+def grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
+    """accuracy.png, taus.png, pruning.png, clean_loss.png and, where the memory varies,
+    fracdnn_memory.png."""
+    files = [_accuracy(views, out), _taus(views, out), _clean_loss(views, out)]
+    if any((v.grid or {}).get("pruning") != "off" for v in pick(views, arch="resnet")):
+        files.append(_pruning(views, out))
+    if len({(v.grid or {}).get("memory") for v in pick(views, arch="fracdnn")}) > 1:
+        files.append(_memory(views, out))
+    return files
+
+
+def _accuracy(views: Sequence[TrialView], out: Path) -> Path:
+    where = panels(views)
+    fig, axes = _grid_axes(where)
+    for ax, (arch, dataset) in zip(axes, where, strict=False):
+        for T, style in ((1.0, "-"), (6.0, "--")):
+            for taus in ("fixed", "trainable"):
+                chosen = pick(
+                    views, arch=arch, dataset=dataset, T=T, taus=taus, l1=0.0,
+                    horizon_weight=0.0, last_tau="free", pruning="off",
+                )  # fmt: skip
+                _curve(ax, chosen, lambda v: v.test_history, f"{taus} taus, T={T:g}", style)
+        ax.set_title(f"{arch}, {dataset}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        _legend(ax)
+    fig.suptitle(
+        "Fixed against trainable step sizes, nothing else on (mean over seeds, band: min to max)"
+    )
+    return _save(fig, out / "accuracy.png")
+
+
+def _taus(views: Sequence[TrialView], out: Path) -> Path:
+    where = panels(views)
+    fig, axes = _grid_axes(where)
+    for ax, (arch, dataset) in zip(axes, where, strict=False):
+        chosen = pick(
+            views, arch=arch, dataset=dataset, T=1.0, taus="trainable", l1=0.0,
+            horizon_weight=0.0, last_tau="free", pruning="off",
+        )  # fmt: skip
+        for v in sorted(chosen, key=lambda v: (v.grid or {}).get("seed", 0))[:1]:
+            for block in range(v.depth):
+                ax.plot(
+                    range(1, len(v.tau_history) + 1),
+                    [row[block] for row in v.tau_history],
+                    label=f"tau_{block}",
+                )
+            ax.set_title(f"{arch}, {dataset}, T=1, seed {(v.grid or {}).get('seed')}")
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("step size tau_l")
+        _legend(ax)
+    fig.suptitle("The step sizes over training (trainable taus, nothing else on)")
+    return _save(fig, out / "taus.png")
+
+
+def _clean_loss(views: Sequence[TrialView], out: Path) -> Path:
+    archs = sorted({a for a, _ in panels(views)}, key=lambda a: a != "resnet")
+    fig, axes = _grid_axes(archs)
+    for ax, arch in zip(axes, archs, strict=False):
+        trainable = [v for v in pick(views, arch=arch, taus="trainable", pruning="off")]
+        for name in dict.fromkeys(REGULARISERS.values()):
+            chosen = [v for v in trainable if regulariser(v) == name]
+            _curve(ax, chosen, lambda v: v.record.clean_loss_history, name)
+        ax.set_yscale("log")
+        ax.set_title(f"{arch}: clean loss (cross-entropy, no penalties), every dataset and T")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training cross-entropy, mean over the epoch")
+        _legend(ax)
+    fig.suptitle("How the loss decays under each regulariser (trainable taus, no pruning)")
+    return _save(fig, out / "clean_loss.png")
+
+
+def _pruning(views: Sequence[TrialView], out: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
+    for dataset in sorted({d for a, d in panels(views) if a == "resnet"}):
+        coords = {
+            "dataset": dataset,
+            "arch": "resnet",
+            "taus": "trainable",
+            "horizon_weight": 0.0,
+            "last_tau": "free",
+        }
+        pruned = [
+            v
+            for v in pick(views, **coords)
+            if (v.grid or {}).get("pruning") != "off" and (v.grid or {}).get("l1")
+        ]
+        kept = [v for v in pick(views, pruning="off", **coords) if (v.grid or {}).get("l1")]
+        _curve(
+            left,
+            pruned,
+            lambda v: [float(b) for b in v.blocks_before_pruning()],
+            f"{dataset}, pruning",
+        )
+        _curve(right, pruned, lambda v: v.epoch_seconds, f"{dataset}, pruning")
+        _curve(right, kept, lambda v: v.epoch_seconds, f"{dataset}, no pruning", "--")
+    left.set_title("Blocks trained per epoch (ResNet, l1 on, every T)")
+    left.set_xlabel("epoch")
+    left.set_ylabel("blocks trained in the epoch (pruning follows it)")
+    right.set_title("Seconds per epoch")
+    right.set_xlabel("epoch")
+    right.set_ylabel("seconds (a population's time shared out)")
+    for ax in (left, right):
+        _legend(ax)
+    return _save(fig, out / "pruning.png")
+
+
+def _memory(views: Sequence[TrialView], out: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
+    base = {
+        "arch": "fracdnn",
+        "T": 1.0,
+        "taus": "trainable",
+        "l1": 0.0,
+        "horizon_weight": 0.0,
+        "last_tau": "free",
+    }
+    datasets = sorted({d for a, d in panels(views) if a == "fracdnn"})
+    for dataset in datasets:
+        for memory, style in (("full", "-"), ("detached", "--")):
+            chosen = pick(views, dataset=dataset, memory=memory, **base)
+            _curve(
+                left,
+                chosen,
+                lambda v: v.test_history,
+                f"{dataset}, {memory} memory gradient",
+                style,
+            )
+    for offset, memory in ((-0.2, "full"), (0.2, "detached")):
+        chosen = pick(views, dataset=datasets[0], memory=memory, **base) if datasets else []
+        if chosen:
+            depth = chosen[0].depth
+            means = [
+                statistics.fmean(v.tau_history[-1][b] for v in chosen if v.tau_history)
+                for b in range(depth)
+            ]
+            right.bar([b + offset for b in range(depth)], means, width=0.4, label=memory)
+    left.set_title("Fractional DNN: test accuracy")
+    left.set_xlabel("epoch")
+    left.set_ylabel("test accuracy")
+    right.set_title(f"Final step sizes ({datasets[0] if datasets else '-'}, mean over seeds)")
+    right.set_xlabel("block l")
+    right.set_ylabel("tau_l after the last epoch")
+    right.set_yscale("log")
+    for ax in (left, right):
+        _legend(ax)
+    return _save(fig, out / "fracdnn_memory.png")
+
+
+def _objective(study: optuna.Study, index: int) -> Callable[[optuna.trial.FrozenTrial], float]:
+    # The evaluator ranks parameters by how they lower the target: negate what is maximised.
+    sign = -1.0 if study.directions[index] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+
+    def value(trial: optuna.trial.FrozenTrial) -> float:
+        return sign * float(trial.values[index])
+
+    return value
+
+
+def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -> list[Path]:
+    """pareto.png (the feasible trials and their front) and importance.png."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    feasible = [v for v in views if v.feasible]
+    for pruned, marker, label in (
+        (False, "o", "no block removed"),
+        (True, "^", "blocks removed by pruning"),
+    ):
+        chosen = [v for v in feasible if bool(v.pruned) == pruned]
+        ax.scatter(
+            [v.active_params for v in chosen],
+            [v.val_accuracy for v in chosen],
+            marker=marker,
+            alpha=0.6,
+            label=label,
+        )
+    front = sorted((v for v in feasible if v.pareto), key=lambda v: v.active_params)
+    ax.plot(
+        [v.active_params for v in front],
+        [v.val_accuracy for v in front],
+        "k-",
+        marker="s",
+        mfc="none",
+        label="Pareto front",
+    )
+    ax.set_xlabel("active parameters after pruning")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Pareto front of the feasible trials")
+    ax.legend()
+    files = [_save(fig, out / "pareto.png")]
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    fig, axes = plt.subplots(1, len(names), figsize=FIGSIZE, squeeze=False)
+    for i, name in enumerate(names):
+        ax = axes[0][i]
+        try:
+            with warnings.catch_warnings():  # it warns on any target; _objective set the sign
+                warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator", UserWarning)
+                warnings.filterwarnings("ignore", "Some regimes for parameter", UserWarning)
+                importances = optuna.importance.get_param_importances(
+                    study, target=_objective(study, i)
+                )
+        except (ValueError, RuntimeError) as e:  # too few trials or one parameter
+            ax.text(0.5, 0.5, f"no importances: {e}", ha="center", wrap=True)
+            importances = {}
+        ax.barh(list(importances), list(importances.values()))
+        ax.set_title(f"Parameter importance for {name}")
+        ax.set_xlabel("importance (Optuna's default evaluator)")
+        ax.set_ylabel("parameter")
+    files.append(_save(fig, out / "importance.png"))
+    return files

@@ -1,0 +1,287 @@
+"""The contract with Optuna's and optuna-dashboard's private API (``tauopt.storage._optuna``):
+each helper gives what the public API gives, and a mismatch of versions or names stops at
+once with one line. These tests import no torch: CI runs them in small environments at the
+lowest and the highest supported version of each library (``.ci/contract``)."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import optuna
+import plotly.graph_objects as go
+import plotly.io
+import pytest
+from optuna.trial import TrialState
+from optuna_dashboard import get_note, save_plotly_graph_object
+from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+from tauopt.errors import DependencyError
+from tauopt.storage import (
+    StorageSettings,
+    _optuna,
+    figure_attrs,
+    first_note_attrs,
+    open_storage,
+    pareto_front,
+    rdb_of,
+    running_trials,
+    set_study_system_attrs,
+    set_trial_attrs,
+    stale_trial_ids,
+    storage_of,
+    study_id,
+    trial_counts,
+    trial_id,
+    with_heartbeat,
+)
+from tauopt.storage._optuna import WindowedTPESampler, _RecentTrials
+
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize()
+
+
+def test_the_installed_versions_pass_the_check() -> None:
+    _optuna.check()
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [
+        ("optuna.samplers._tpe.sampler", "_split_trials"),
+        ("optuna.storages._rdb.storage", "_create_scoped_session"),
+        ("optuna_dashboard._note", "note_ver_key"),
+    ],
+)
+def test_a_missing_name_stops_with_one_line_naming_the_versions(
+    monkeypatch: pytest.MonkeyPatch, owner: str, name: str
+) -> None:
+    import importlib
+
+    monkeypatch.delattr(importlib.import_module(owner), name)
+    with pytest.raises(DependencyError) as info:
+        _optuna.check()
+    message = str(info.value)
+    assert "\n" not in message and name in message
+    assert "optuna >=" in message and "optuna-dashboard >=" in message
+
+
+def test_a_changed_arity_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optuna.samplers._tpe import sampler as tpe
+
+    real = tpe._split_trials
+    monkeypatch.setattr(
+        tpe, "_split_trials", lambda study, trials, n, constrained: real(study, trials, n)
+    )
+    with pytest.raises(DependencyError, match="takes 4 arguments, not 3"):
+        _optuna.check()
+
+
+def test_an_unsupported_version_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _optuna.importlib.metadata.version
+    monkeypatch.setattr(
+        _optuna.importlib.metadata, "version", lambda n: "6.1.0" if n == "optuna" else real(n)
+    )
+    with pytest.raises(DependencyError, match=r"optuna 6\.1\.0 is not supported"):
+        _optuna.check()
+
+
+# -- attributes, counts and heartbeats: as the public API has them --------------------------
+
+
+def test_many_attributes_in_one_transaction_are_optunas_own(tmp_path: Path) -> None:
+    study = _study(tmp_path / "t.db")
+    trial = study.ask()
+    rdb = rdb_of(storage_of(study))
+    set_trial_attrs(rdb, trial_id(trial), user={"a": [1, 2], "b": "x"}, system={"c": 0.5})
+    trial.set_constraint("floor", -0.25)  # the public way to one constraint
+    set_trial_attrs(rdb, trial_id(trial), system={_optuna.constraint_key("other"): 0.75})
+    stored = rdb.get_trial(trial_id(trial))
+    assert stored.user_attrs == {"a": [1, 2], "b": "x"}
+    assert stored.system_attrs["c"] == 0.5
+    assert stored.constraints == {"floor": -0.25, "other": 0.75}
+
+
+def test_counts_running_trials_and_heartbeats_agree_with_the_public_api(tmp_path: Path) -> None:
+    storage = open_storage(
+        StorageSettings(url=f"sqlite:///{tmp_path / 'h.db'}", heartbeat_interval=1, grace_period=2)
+    )
+    study = optuna.create_study(study_name="h", storage=storage)
+    rdb = rdb_of(storage)
+    beating, silent, never = study.ask(), study.ask(), study.ask()
+    done = study.ask()
+    done.set_user_attr("why", "x")
+    study.tell(done, state=TrialState.FAIL)
+    study.tell(study.ask(), 1.0)
+    rdb.record_heartbeat(trial_id(beating))
+    rdb.record_heartbeat(trial_id(silent))
+    counts, marked = trial_counts(rdb, study_id(study), failed_with_attr="why")
+    public = {s.name: len(study.get_trials(states=(s,))) for s in TrialState}
+    assert counts == {k: v for k, v in public.items() if v} and marked == 1
+    running = running_trials(rdb, study_id(study))
+    assert {n for n, _ in running.values()} == {0, 1, 2}
+    assert all(isinstance(start, datetime.datetime) for _, start in running.values())
+    ids = [trial_id(t) for t in (beating, silent, never)]
+    assert with_heartbeat(rdb, ids) == set(ids[:2])
+    time.sleep(3.2)  # SQLite keeps whole seconds: past the grace period whatever the rounding
+    rdb.record_heartbeat(trial_id(beating))
+    assert stale_trial_ids(rdb, study_id(study)) == [trial_id(silent)]
+
+
+def _study(path: Path, name: str = "s") -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(StorageSettings(url=f"sqlite:///{path}"))
+    return optuna.create_study(study_name=name, storage=storage, directions=["maximize"] * 2)
+
+
+def _attrs(study: optuna.Study) -> dict[str, object]:
+    return storage_of(study).get_study_system_attrs(study_id(study))
+
+
+def _save_figure(study: optuna.Study, figure: go.Figure, figure_id: str) -> None:
+    chunks, prefix = figure_attrs(figure.to_json(), figure_id)
+    set_study_system_attrs(rdb_of(storage_of(study)), study_id(study), chunks, clear_prefix=prefix)
+
+
+def _write_note(trial: optuna.Trial, body: str) -> None:
+    attrs = first_note_attrs(body, trial_id(trial))
+    set_study_system_attrs(rdb_of(trial.storage), study_id(trial.study), attrs)
+
+
+def _scatter(points: int) -> go.Figure:
+    return go.Figure(go.Scatter(x=list(range(points)), y=[p * 0.5 for p in range(points)]))
+
+
+def test_a_figure_is_saved_as_optuna_dashboard_saves_it(tmp_path: Path) -> None:
+    ours, theirs = _study(tmp_path / "a.db"), _study(tmp_path / "b.db")
+    for points in (3000, 40):  # a long figure, then a shorter one over it
+        _save_figure(ours, _scatter(points), "fig")
+        save_plotly_graph_object(theirs, _scatter(points), graph_object_id="fig")
+        assert _attrs(ours) == _attrs(theirs)
+    shown = get_plotly_graph_objects(_attrs(ours))["fig"]
+    assert plotly.io.from_json(shown).data[0].x == tuple(range(40))  # the old chunks are emptied
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize()
+def test_a_note_is_written_once_and_read_by_the_dashboard(tmp_path: Path) -> None:
+    study = _study(tmp_path / "n.db")
+    trial = study.ask()
+    body = "## trial\n" + "x" * 5000  # several chunks
+    _write_note(trial, body)
+    assert get_note(trial) == body
+    other = study.ask()
+    _write_note(other, "short")
+    assert get_note(other) == "short" and get_note(trial) == body
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_the_front_is_the_studys_best_trials(tmp_path: Path, constrained: bool) -> None:
+    study = _study(tmp_path / "f.db")
+    dists = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    values = [(0.9, 1.0), (0.8, 2.0), (0.9, 1.0), (0.5, 3.0), (0.95, 0.5), (0.1, 0.1), (0.7, 2.5)]
+    for i, v in enumerate(values):
+        attrs = {"constraints": [0.1 if i == 4 else -0.1]} if constrained else {}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": 0.1}, distributions=dists, values=list(v), system_attrs=attrs
+            )
+        )
+    want = {t.number for t in study.best_trials}
+    assert {t.number for t in pareto_front(study.trials, study.directions)} == want
+    assert (4 in want) is not constrained  # the infeasible best trial counts only unconstrained
+
+
+# -- TPE on a window of the study ----------------------------------------------------------
+
+
+def _tpe_study(n_finished: int, window: int) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = WindowedTPESampler(window=window, seed=0, constant_liar=True, n_startup_trials=3)
+    study = optuna.create_study(sampler=sampler)
+    for i in range(n_finished):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": float(i)},
+                distributions={"x": optuna.distributions.FloatDistribution(-100, 100)},
+                value=float(i),
+            )
+        )
+    return study
+
+
+def test_tpe_sees_the_latest_finished_trials_and_every_running_one() -> None:
+    study = _tpe_study(20, window=5)
+    running = study.ask()
+    view = _RecentTrials(study, 5)
+    seen = view._get_trials(deepcopy=False, states=None)
+    finished = [t.number for t in seen if t.state.is_finished()]
+    assert finished == [15, 16, 17, 18, 19]
+    assert [t.number for t in seen if t.state == TrialState.RUNNING] == [running.number]
+    assert view.directions == study.directions  # everything else is the study's
+
+
+def test_suggestions_come_from_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The good trials (x near 0) are all older than the window: TPE no longer knows them."""
+    study = _tpe_study(60, window=10)
+    sizes: list[int] = []
+    real = _RecentTrials._get_trials
+
+    def spy(self: _RecentTrials, *args: object, **kwargs: object) -> list[object]:
+        trials = real(self, *args, **kwargs)  # type: ignore[arg-type]
+        sizes.append(sum(t.state.is_finished() for t in trials))
+        return trials  # type: ignore[return-value]
+
+    monkeypatch.setattr(_RecentTrials, "_get_trials", spy)
+    trial = study.ask()
+    x = trial.suggest_float("x", -100, 100)
+    assert sizes and max(sizes) == 10
+    assert -100 <= x <= 100
+
+
+def test_window_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 0"):
+        WindowedTPESampler(window=0)
+
+
+def _objective(trial: optuna.Trial) -> tuple[float, float]:
+    """Two objectives over a conditional space, like the default study's."""
+    arch = trial.suggest_categorical("arch", ["a", "b"])
+    x = trial.suggest_float("x", 0.01, 10.0, log=True)
+    y = trial.suggest_float("y", -1.0, 1.0) if arch == "b" else 0.0
+    n = trial.suggest_int("n", 1, 6)
+    return (x - 2.0) ** 2 + y, float(n) + (arch == "a")
+
+
+@pytest.mark.parametrize("liar", [True, False])
+def test_within_the_window_the_proposals_are_tpes_own(liar: bool) -> None:
+    """Same seed, same trials: the cached split and window change nothing TPE proposes."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    proposals = []
+    for sampler in (
+        optuna.samplers.TPESampler(seed=3, constant_liar=liar, n_startup_trials=5),
+        WindowedTPESampler(window=1000, seed=3, constant_liar=liar, n_startup_trials=5),
+    ):
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+        study.optimize(_objective, n_trials=40)
+        proposals.append([t.params for t in study.trials])
+    assert proposals[0] == proposals[1]
+
+
+def test_each_trial_splits_the_trials_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TPE's split into good and bad trials (a non-dominated sort of the window) is made once
+    per trial, not once per parameter."""
+    from optuna.samplers._tpe import sampler as tpe
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    calls: list[int] = []
+    real = tpe._split_trials
+
+    def counting(*args: object) -> object:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tpe, "_split_trials", counting)
+    sampler = WindowedTPESampler(seed=0, constant_liar=True, n_startup_trials=5)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    study.optimize(_objective, n_trials=12)
+    assert len(calls) == 12 - 5  # one per trial after the random startup, for 3-4 parameters
