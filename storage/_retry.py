@@ -115,8 +115,12 @@ class RetryPolicy:
                 f"first_wait={self.first_wait}, max_wait={self.max_wait}"
             )
 
-    def call(self, what: str, fn: Callable[[], T], log: Callable[[str], None]) -> T:
-        """``fn()``, retried while it fails transiently and the limit allows."""
+    def call(
+        self, what: str, fn: Callable[[], T], log: Callable[[str], None], *, first: bool = False
+    ) -> T:
+        """``fn()``, retried while it fails transiently and the limit allows. ``first``: the
+        first contact with the database, where "connection refused" means nothing listens
+        there (a wrong address, a server not started), not a restart: it is not waited for."""
         deadline = time.monotonic() + self.limit
         wait = self.first_wait
         failures = 0
@@ -124,6 +128,11 @@ class RetryPolicy:
             try:
                 result = fn()
             except Exception as e:
+                if first and is_storage_error(e) and _refused(e):
+                    raise StorageError(
+                        f"nothing answers at the database's address ({root_message(e)}): "
+                        "start the database, or check the host and port in --storage"
+                    ) from e
                 if not is_transient(e):
                     raise
                 failures += 1
@@ -140,3 +149,8 @@ class RetryPolicy:
             if failures:
                 log(f"storage answers again ({what} succeeded after {failures} retries)")
             return result
+
+
+def _refused(error: BaseException) -> bool:
+    message = root_message(error).lower()
+    return "connection refused" in message or "could not connect to server" in message

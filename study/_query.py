@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ from tauopt.study._record import (
 )
 from tauopt.study._views import front_numbers, settings_line, view_of
 
+#: Optuna's artifact ids are UUIDs: anything else was not written by a worker.
+_ARTIFACT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 
 @dataclass(frozen=True)
 class TrialResult:
@@ -60,6 +64,11 @@ class TrialResult:
         """
         if self.artifact_id is None:
             raise StorageError(f"trial {self.number} has no stored model artifact")
+        if not _ARTIFACT_ID.fullmatch(self.artifact_id):
+            raise StorageError(
+                f"trial {self.number}'s model id {self.artifact_id!r} is not one a worker "
+                "writes (a UUID): the study's record was changed; rerun the trial"
+            )
         store = artifact_store(self.artifact_dir, create=False)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
@@ -71,6 +80,11 @@ class TrialResult:
                 raise StorageError(
                     f"model of trial {self.number} not found in {self.artifact_dir}; pass the "
                     "artifact directory the workers used (--artifact-dir / $TAUOPT_ARTIFACTS)"
+                ) from e
+            except OSError as e:  # a folder where the file should be, a read error
+                raise StorageError(
+                    f"model of trial {self.number} in {self.artifact_dir} cannot be read "
+                    f"({e.strerror or e}); restore the file {self.artifact_id}"
                 ) from e
             return load_checkpoint(path, f"the model of trial {self.number} ({self.artifact_id})")
 
@@ -120,13 +134,20 @@ def _summary(trial: FrozenTrial, artifact_dir: Path) -> TrialResult:
     )
 
 
+class BestTrials(list[TrialResult]):
+    """The best trials; where there are none, ``why_empty`` says why."""
+
+    why_empty: str | None = None
+
+
 def best_trials(
     storage: str | optuna.storages.BaseStorage | None,
     study_name: str,
     *,
     artifact_dir: Path | str | None = None,
-) -> list[TrialResult]:
-    """The Pareto-optimal trials (two objectives) or the best one, by validation accuracy.
+) -> BestTrials:
+    """The Pareto-optimal trials (two objectives) or the best one, by validation accuracy;
+    where there is none, the list's ``why_empty`` says why.
 
     ``storage`` is a URL (default ``$TAUOPT_STORAGE`` or ``./tauopt.db``) or an Optuna storage.
     ``artifact_dir`` defaults to where the workers store models for that URL.
@@ -141,12 +162,6 @@ def best_trials(
     if not best:
         best.why_empty = why_no_best(study)
     return best
-
-
-class BestTrials(list[TrialResult]):
-    """The best trials; where there are none, ``why_empty`` says why."""
-
-    why_empty: str | None = None
 
 
 def why_no_best(study: optuna.Study) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -212,12 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_left() -> int:
+    """`tauopt export | head`: the reader left; nothing to report. Whatever is still buffered
+    for stdout goes nowhere, so that the interpreter's last flush cannot fail either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
-    parser = build_parser()
+    """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted).
+
+    The only place where an exception becomes a message: a :class:`TauoptError` or a database
+    failure is one line and exit 2; anything else is a bug, and its traceback is shown.
+    """
+    try:
+        parser = build_parser()  # imports what the commands rely on, checked on import
+    except TauoptError as e:
+        print(f"tauopt: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+    except BrokenPipeError:
+        return _reader_left()
     except TauoptError as e:
         print(f"tauopt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -227,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"tauopt {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as e:
         from tauopt.storage import is_storage_error, root_message
 
@@ -234,10 +258,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a bug: the traceback is what a report needs
         print(f"tauopt {args.command}: error: database: {root_message(e)}", file=sys.stderr)
         return EXIT_ERROR
-    except BrokenPipeError:  # `tauopt export | head`: the reader left, nothing to report
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        print(f"tauopt {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     return code

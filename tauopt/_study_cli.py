@@ -6,16 +6,19 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tauopt.engine._data import DATASETS
 from tauopt.errors import ConfigError, TauoptError
+from tauopt.storage import StorageSettings
+from tauopt.study import OBJECTIVES, StudyConfig, TrialBudget
 
-if TYPE_CHECKING:  # imported lazily at run time: `tauopt --help` should not load torch
-    from tauopt.storage import StorageSettings
-    from tauopt.study import StudyConfig, TrialResult, WorkerSummary
+if TYPE_CHECKING:
+    from tauopt.study import BestTrials, WorkerSummary
 
 DEFAULT_STUDY = "tauopt"
 #: `tauopt reproduce`'s study: not the main job's, so the two never mix.
@@ -46,44 +49,53 @@ def _add_artifacts(p: argparse.ArgumentParser) -> None:
 def _add_heartbeat(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heartbeat-interval",
-        type=int,
+        type=_positive_int,
         default=None,
-        help=f"seconds between heartbeats ({_FROM_CONFIG} 10)",
+        help=f"seconds between heartbeats ({_FROM_CONFIG} {StorageSettings.heartbeat_interval})",
     )
     p.add_argument(
         "--grace-period",
-        type=int,
+        type=_positive_int,
         default=None,
         help=f"seconds of silence before a trial is failed ({_FROM_CONFIG} twice the interval)",
     )
 
 
 def _add_create_flags(p: argparse.ArgumentParser) -> None:
+    budget, study = TrialBudget(), StudyConfig(search={})
     p.add_argument(
         "--config", type=Path, default=None, help="study config (TOML; default: built-in)"
     )
     p.add_argument(
         "--n-trials",
-        type=int,
+        type=_positive_int,
         default=None,
         help=f"total trials across all workers; may be raised on an existing study "
-        f"({_FROM_CONFIG} 30)",
+        f"({_FROM_CONFIG} {study.n_trials})",
     )
-    p.add_argument("--epochs", type=int, default=None, help=f"epochs per trial ({_FROM_CONFIG} 3)")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help=f"epochs per trial ({_FROM_CONFIG} {budget.epochs})",
+    )
     p.add_argument(
         "--train-size",
-        type=int,
+        type=_non_negative_int,
         default=None,
-        help=f"training images per trial ({_FROM_CONFIG} 10000)",
+        help=f"training images per trial, 0 for all ({_FROM_CONFIG} {budget.train_size})",
     )
     p.add_argument(
-        "--dataset", choices=tuple(DATASETS), default=None, help=f"({_FROM_CONFIG} mnist)"
+        "--dataset",
+        choices=tuple(DATASETS),
+        default=None,
+        help=f"({_FROM_CONFIG} {budget.dataset})",
     )
     p.add_argument(
         "--objective",
-        choices=("pareto", "accuracy"),
+        choices=OBJECTIVES,
         default=None,
-        help=f"({_FROM_CONFIG} pareto)",
+        help=f"({_FROM_CONFIG} {study.objective})",
     )
     _add_heartbeat(p)
 
@@ -95,14 +107,14 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument(
         "--sampler-seed",
-        type=int,
+        type=_seed,
         default=None,
-        help="this worker's sampler seed (default: random)",
+        help="this worker's sampler seed, 0 to 2**32 - 1 (default: random)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-trial and per-epoch progress")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=None,
         help="CPU threads of this worker (default: every core; with several workers on one "
         "machine give each cores/workers)",
@@ -133,6 +145,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _non_negative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32 = {2**32}, got {text!r}")
     return value
 
 
@@ -275,11 +294,31 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
     p.add_argument("--out", type=Path, required=True, help="folder for the files")
     p.set_defaults(handler=_cmd_report)
 
-    p = parser("dashboard", "optuna-dashboard on the same storage and artifacts")
+    p = parser(
+        "dashboard",
+        "optuna-dashboard on the same storage and artifacts",
+        "optuna-dashboard on the same storage and artifacts. It answers only requests for "
+        "the address it listens on, localhost, an IP address or a name given with "
+        "--allow-host (a web page cannot reach it by DNS rebinding). Give the storage's "
+        "password in $TAUOPT_STORAGE or libpq's PGPASSWORD rather than on the command line, "
+        "where `ps` shows it.",
+    )
     p.add_argument("--storage", default=None, help="database URL (as for the other commands)")
     _add_artifacts(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address")
     p.add_argument("--port", type=int, default=8080, help="port")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="refuse every change: no study, trial or note can be deleted or edited",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this host name (the name users type in the browser)",
+    )
     p.set_defaults(handler=_cmd_dashboard)
 
 
@@ -340,12 +379,18 @@ def _run_worker(args: argparse.Namespace) -> WorkerSummary:
 
     url = resolve_url(args.storage)
     retry = RetryPolicy(limit=args.storage_retry_seconds)
-    study = retry.call("loading the study", lambda: load_study(url, args.study), _warn)
+    study = retry.call("loading the study", lambda: load_study(url, args.study), _warn, first=True)
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:
+        _warn(
+            f"warning: --threads {args.threads} is more than this machine's {cores} cores: "
+            "each epoch gets slower, not faster (give each worker its share of the cores)"
+        )
     stored = parse_config(study.user_attrs.get(CONFIG_ATTR, {}))
     settings = _settings(
         url,
-        args.heartbeat_interval or stored.heartbeat_interval,
-        args.grace_period or stored.grace_period,
+        stored.heartbeat_interval if args.heartbeat_interval is None else args.heartbeat_interval,
+        stored.grace_period if args.grace_period is None else args.grace_period,
     )
     options = WorkerOptions(
         data_dir=args.data_dir,
@@ -375,39 +420,67 @@ def _warn(message: str) -> None:
     print(f"tauopt: {message}", file=sys.stderr, flush=True)
 
 
+def program() -> str:
+    """How to run tauopt again from the shell that ran this one: ``tauopt`` where the PATH
+    finds this installation, else this executable's path (``.venv/bin/tauopt`` after
+    ``make run``), else ``python -m tauopt`` with this interpreter."""
+    here = Path(sys.argv[0])
+    found = shutil.which("tauopt")
+    if here.name == "tauopt" and here.is_file():
+        if found and Path(found).resolve() == here.resolve():
+            return "tauopt"
+        try:
+            return shlex.quote(str(here.resolve().relative_to(Path.cwd().resolve())))
+        except ValueError:
+            return shlex.quote(str(here.resolve()))
+    return f"{shlex.quote(sys.executable)} -m tauopt"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from tauopt.storage import default_artifact_dir, redact, resolve_url
     from tauopt.study import best_trials
 
-    _create(args)
-    if _report_stop(args, _run_worker(args)):
+    config = _create(args)
+    summary = _run_worker(args)
+    if _report_stop(args, summary):
         return 0
     url = resolve_url(args.storage)
+    shown = redact(url)  # the exact commands for what comes next; never a password
+    tauopt = program()
+    storage_flag = "" if args.storage is None else f" --storage {shlex.quote(shown)}"
+    study_flag = "" if args.study == DEFAULT_STUDY else f" --study {shlex.quote(args.study)}"
+    if summary.trials_run == 0:
+        print(
+            f"\nstudy {args.study!r} had used its budget of {config.n_trials} trials already: "
+            f"nothing new ran. To add trials: {tauopt} run{storage_flag}{study_flag} "
+            f"--n-trials {2 * config.n_trials}; to start a new study: {tauopt} "
+            f"run{storage_flag} --study {shlex.quote(args.study + '-2')}"
+        )
     artifacts = (args.artifact_dir or default_artifact_dir(url)).resolve()
     trials = best_trials(url, args.study, artifact_dir=artifacts)
     print()
     _print_best(args.study, trials)
-    # The exact commands for what comes next; a password never reaches the terminal.
-    shown = redact(url)
-    storage_flag = "" if args.storage is None else f" --storage {shlex.quote(shown)}"
     artifact_flag = f" --artifact-dir {shlex.quote(str(artifacts))}"
-    study_flag = "" if args.study == DEFAULT_STUDY else f" --study {shlex.quote(args.study)}"
     print(f"\ntrained models: {artifacts}")
-    print(f"dashboard:      tauopt dashboard{storage_flag}{artifact_flag}")
+    print(f"dashboard:      {tauopt} dashboard{storage_flag}{artifact_flag}")
     print("                then open http://127.0.0.1:8080/dashboard")
-    print(f"table again:    tauopt best{storage_flag}{study_flag}")
-    print("best model in Python:")
-    print("    from tauopt import best_trials")
-    print(f"    best = best_trials({shown!r}, {args.study!r}, artifact_dir={str(artifacts)!r})[0]")
-    print("    model = best.load_model()   # logits of images (N, 28, 28) or rows (N, 784)")
+    print(f"table again:    {tauopt} best{storage_flag}{study_flag}")
+    if trials:
+        python = shlex.quote(sys.executable)
+        print(f"best model in Python ({python}, where tauopt is installed):")
+        print("    from tauopt import best_trials")
+        print(
+            f"    best = best_trials({shown!r}, {args.study!r}, artifact_dir={str(artifacts)!r})[0]"
+        )
+        print("    model = best.load_model()   # logits of images (N, 28, 28) or rows (N, 784)")
     if shown != url:
         print("(the password is masked above: pass the real URL, or set $TAUOPT_STORAGE)")
     return 0
 
 
-def _print_best(study: str, trials: list[TrialResult]) -> None:
+def _print_best(study: str, trials: BestTrials) -> None:
     if not trials:
-        print(f"study {study!r} has no completed trial yet")
+        print(trials.why_empty or f"study {study!r} has no best trial")
         return
     print(f"Pareto-optimal trials of study {study!r} (best validation accuracy first):")
     header = (
@@ -451,15 +524,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_to_file(args: argparse.Namespace, target: Path) -> int:
-    """Write a temporary file beside ``target`` and rename it on success: a failed export
-    (a typo in the study name, a lost database) leaves an existing ``target`` as it was."""
+    """Write the CSV to ``target``. A regular file (or a link to one) is replaced atomically:
+    a temporary file beside it, renamed on success, so a failed export (a typo in the study
+    name, a lost database) leaves it as it was. A FIFO or a terminal (``/dev/stdout``) is
+    written through; anything else that is not a regular file is refused."""
     from tauopt.study import export_csv
 
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None  # a new file (or a dangling link's target)
+    except OSError as e:
+        raise TauoptError(f"cannot write {target}: {e.strerror or e}") from e
+    if mode is not None and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        try:
+            with open(target, "w", newline="") as fh:
+                return export_csv(args.storage, args.study, fh)
+        except OSError as e:
+            raise TauoptError(f"cannot write {target}: {e.strerror or e}") from e
+    if mode is not None and not stat.S_ISREG(mode):
+        raise TauoptError(
+            f"cannot write {target}: not a regular file (a folder, socket or device); choose a "
+            "file path with -o, or leave -o out to write to stdout"
+        )
+    real = Path(os.path.realpath(target))  # a link stays a link; its target is replaced
+    partial = real.with_name(f".{real.name}.{os.getpid()}.partial")
     try:
         with open(partial, "w", newline="") as fh:
             rows = export_csv(args.storage, args.study, fh)
-        os.replace(partial, target)
+        os.replace(partial, real)
     except OSError as e:
         raise TauoptError(
             f"cannot write {target}: {e.strerror or e}; choose a writable file path with -o"
@@ -523,6 +616,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
+    from tauopt._dashboard import Door, bind, warn_if_public
     from tauopt.storage import (
         StorageSettings,
         artifact_store,
@@ -538,10 +632,18 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     # the folder only where no worker has yet.
     folder = Path(args.artifact_dir or default_artifact_dir(url))
     store = artifact_store(folder, create=not folder.is_dir())
+    app = optuna_dashboard.wsgi(storage, artifact_store=store)
+    door = Door(app, allowed=[args.host, *args.allow_host], read_only=args.read_only)
+    server = bind(door, args.host, args.port)
+    warn_if_public(args.host)
+    mode = " (read-only)" if args.read_only else ""
     print(
-        f"optuna-dashboard for {redact(url)} on http://{args.host}:{args.port}/dashboard",
+        f"optuna-dashboard{mode} for {redact(url)} on http://{args.host}:{args.port}/dashboard",
         file=sys.stderr,
         flush=True,
     )
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
