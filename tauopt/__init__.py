@@ -21,7 +21,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from tauopt.errors import ConfigError, DataError, DivergedError, StorageError, TauoptError
+from tauopt.errors import (
+    ConfigError,
+    DataError,
+    DependencyError,
+    DivergedError,
+    StorageError,
+    TauoptError,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConfigError",
     "DataError",
+    "DependencyError",
     "DivergedError",
     "EpochStats",
     "FractionalDNN",

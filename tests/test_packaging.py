@@ -117,3 +117,12 @@ def test_the_version_check_admits_what_pyproject_admits() -> None:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for name, spec in SUPPORTED.items():
         assert f"{name}{spec}" in deps, (name, spec)
+
+
+def test_the_readme_is_a_front_door() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    for page in ("findings", "benchmarks", "reliability", "deployment", "architecture"):
+        assert f"docs/{page}.md" in readme and (REPO / "docs" / f"{page}.md").is_file()
+    for text in [readme, *(p.read_text() for p in (REPO / "docs").glob("*.md"))]:
+        assert "session" not in text.lower()  # the project speaks of itself only

@@ -217,7 +217,7 @@ def test_readme_python_example_runs_beside_a_users_own_modules(
     storage.py (which a package named like them would have picked up)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     example = (
-        readme.split("### Query from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+        readme.split("**4. Load the best model**", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     )
     assert run_study(2, "--quiet") == 0
     for name in ("models", "study", "storage"):
