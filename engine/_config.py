@@ -16,6 +16,9 @@ PruneRule = Literal["all", "smallest"]
 #: ``all``: every block under the threshold goes at once; ``smallest``: only the smallest one
 #: per check (the papers' published code).
 PRUNE_RULES: tuple[str, ...] = ("all", "smallest")
+#: A run of more epochs would not end in a lifetime (a million epochs of the smallest
+#: network on a GPU are weeks).
+MAX_EPOCHS = 1_000_000
 
 
 def _require(ok: bool, message: str) -> None:
@@ -88,7 +91,11 @@ class TrainConfig:
             _is_int(self.val_size) and self.val_size >= 0,
             f"val_size must be an integer >= 0 (0: no validation), got {self.val_size!r}",
         )
-        for name in ("epochs", "width", "depth", "batch_size", "prune_every"):
+        _require(
+            _is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS,
+            f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}",
+        )
+        for name in ("width", "depth", "batch_size", "prune_every"):
             value = getattr(self, name)
             _require(
                 _is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}"

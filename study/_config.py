@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import tomllib
 
-from tauopt.engine._config import ARCHS, PRUNE_RULES
+from tauopt.engine._config import ARCHS, MAX_EPOCHS, PRUNE_RULES
 from tauopt.engine._data import DATASETS
 from tauopt.errors import ConfigError
 from tauopt.storage import StorageSettings
@@ -111,7 +111,6 @@ DEFAULT_SEARCH: dict[str, Any] = {
 
 #: Bounds past which a study cannot finish: a billion trials, or a million epochs per trial.
 MAX_TRIALS = 1_000_000_000
-MAX_EPOCHS = 1_000_000
 #: An "off or on" range ``[0, high]`` draws its on-values from ``[high / 100, high]``.
 OFF_DECADES = 100.0
 

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tauopt import __version__
 from tauopt.engine._config import ARCHS, PRUNE_RULES, TrainConfig
@@ -197,8 +197,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line that names the flag and where help is, and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tauopt",
         description="Hyperparameter studies for networks with learnable time steps.",
         formatter_class=HelpFormatter,
