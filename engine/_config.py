@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tauopt.engine._data import DATASETS
+from tauopt.engine._data import DATASETS, is_arrays
 from tauopt.errors import ConfigError
 
 Arch = Literal["resnet", "fracdnn"]
@@ -72,6 +72,9 @@ class TrainConfig:
     val_size: int = 10_000
     tau_min: float = 1e-4
     detach_memory: bool = False
+    #: Standardise every input feature by the training split's mean and std (stored with the
+    #: model, which applies them to whatever it is given).
+    normalize: bool = False
     #: Seed of the order of the training batches; unset, ``seed`` (which also initialises the
     #: network). A study gives all its trials one order, so that any of them can train together
     #: (see ``tauopt.engine.train_population``) and differences come from the hyperparameters.
@@ -80,8 +83,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}")
         _require(
-            self.dataset in DATASETS,
-            f"dataset must be one of {tuple(DATASETS)}, got {self.dataset!r}",
+            isinstance(self.dataset, str) and (self.dataset in DATASETS or is_arrays(self.dataset)),
+            f"dataset must be one of {tuple(DATASETS)} or the path of an .npz file, got "
+            f"{self.dataset!r}",
         )
         _require(
             self.prune_rule in PRUNE_RULES,

@@ -42,6 +42,7 @@ _SHARED = (
     "fixed_tau",
     "detach_memory",
     "prune_every",
+    "normalize",
 )
 
 
@@ -156,10 +157,19 @@ def _train_together(
     for config in configs:  # K members hold K batches' states at once
         batch = config.batch_size * len(configs)
         check_fits(config.replace(batch_size=batch), dataset.in_features, dataset.num_classes, dev)
-    splits = make_splits(dataset, val_size=first.val_size, train_size=first.train_size, device=dev)
+    splits = make_splits(
+        dataset,
+        val_size=first.val_size,
+        train_size=first.train_size,
+        device=dev,
+        normalize=first.normalize,
+    )
     shape = (dataset.in_features, dataset.num_classes)
     records = [RunRecord(c, parameter_count(c, *shape)) for c in configs]
     networks = [build_model(c, *shape).to(dev) for c in configs]
+    if splits.mean is not None and splits.std is not None:
+        for network in networks:
+            network.standardize_inputs(splits.mean, splits.std)
     return run_epochs(PopulationStepper(configs, networks, splits), records, splits, dev, options)
 
 
@@ -191,7 +201,8 @@ class PopulationStepper:
         order = torch.randperm(x.shape[0], generator=generator).to(x.device)
         batches = 0
         for idx in order.split(self.configs[0].batch_size):
-            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            # the members share the training split, so its standardisation too
+            xb, yb = self.networks[0].standardized(x.index_select(0, idx)), y.index_select(0, idx)
             step = self.population.sgd_step_(
                 xb, yb, lr=lr, l1=l1, horizon_weight=horizon, clean_sum=clean
             )

@@ -89,7 +89,8 @@ def check_fits(
 
 
 def build_model(config: TrainConfig, in_features: int, num_classes: int) -> TauNetwork:
-    """The network of ``config``, initialised from ``config.seed`` without touching global RNG."""
+    """The network of ``config``, initialised from ``config.seed`` without touching global RNG
+    (with ``normalize``, standardising its inputs by placeholders: set the statistics)."""
     common: dict[str, Any] = {
         "T": config.T,
         "trainable_tau": not config.fixed_tau,
@@ -98,18 +99,23 @@ def build_model(config: TrainConfig, in_features: int, num_classes: int) -> TauN
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        model: TauNetwork
         if config.arch == "resnet":
-            return TauResNet(in_features, config.width, config.depth, num_classes, **common)
-        return FractionalDNN(
-            in_features,
-            config.width,
-            config.depth,
-            num_classes,
-            gamma=config.gamma,
-            tau_min=config.tau_min,
-            detach_memory=config.detach_memory,
-            **common,
-        )
+            model = TauResNet(in_features, config.width, config.depth, num_classes, **common)
+        else:
+            model = FractionalDNN(
+                in_features,
+                config.width,
+                config.depth,
+                num_classes,
+                gamma=config.gamma,
+                tau_min=config.tau_min,
+                detach_memory=config.detach_memory,
+                **common,
+            )
+    if config.normalize:  # placeholders until the training split's statistics are set
+        model.standardize_inputs(torch.zeros(in_features), torch.ones(in_features))
+    return model
 
 
 class PlainSGD:
@@ -233,9 +239,15 @@ def train(
     dev = resolve_device(device)
     check_fits(config, dataset.in_features, dataset.num_classes, dev)
     splits = make_splits(
-        dataset, val_size=config.val_size, train_size=config.train_size, device=dev
+        dataset,
+        val_size=config.val_size,
+        train_size=config.train_size,
+        device=dev,
+        normalize=config.normalize,
     )
     model = build_model(config, dataset.in_features, dataset.num_classes).to(dev)
+    if splits.mean is not None and splits.std is not None:
+        model.standardize_inputs(splits.mean, splits.std)
     record = RunRecord(config, model.num_active_params())
     stepper = NetworkStepper(model, config, splits, cuda_graphs=cuda_graphs)
     options = LoopOptions(

@@ -86,6 +86,11 @@ class TauNetwork(nn.Module):
         self.block_ids: list[int] = list(range(depth))
         # Buffers of loss_and_grad, kept between steps (see models._stack.StackWorkspace).
         self._workspace: StackWorkspace | None = None
+        # Standardisation of the inputs (see standardize_inputs), saved with the weights.
+        self.input_mean: torch.Tensor | None
+        self.input_std: torch.Tensor | None
+        self.register_buffer("input_mean", None)
+        self.register_buffer("input_std", None)
 
     @property
     def depth(self) -> int:
@@ -112,13 +117,27 @@ class TauNetwork(nn.Module):
         never pruned."""
         return self.dependent_last_tau or self.projected_last_tau
 
+    def standardize_inputs(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """From now on every input is ``(x - mean) / std`` per feature before the first block
+        (the training split's statistics, stored with the model)."""
+        weight = cast(nn.Linear, self.blocks[0]).weight
+        self.input_mean = mean.detach().to(weight).reshape(-1).clone()
+        self.input_std = std.detach().to(weight).reshape(-1).clone()
+
+    def standardized(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (rows of features) standardised, if the model standardises its inputs."""
+        if self.input_mean is None or self.input_std is None:
+            return x
+        return (x - self.input_mean) / self.input_std
+
     def as_features(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the ``(N, in_features)`` floats the blocks take.
 
-        Accepts flattened rows ``(N, in_features)`` and image batches ``(N, H, W)`` or
-        ``(N, 1, H, W)`` (as torchvision gives them) with ``H * W = in_features``. Floats are
-        taken as they are (the networks are trained on pixels in [0, 1]); uint8 pixels
-        (0..255, as in ``torchvision.datasets.MNIST.data``) are scaled to [0, 1].
+        Accepts flattened rows ``(N, in_features)`` and batches of images ``(N, ...)`` of any
+        shape with ``in_features`` values each, such as ``(N, H, W)`` or ``(N, C, H, W)`` as
+        torchvision gives them (channels first). Floats are taken as they are (the networks
+        are trained on pixels in [0, 1]); uint8 pixels (0..255) are scaled to [0, 1]. A model
+        trained with standardisation applies it here.
         """
         first = cast(nn.Linear, self.blocks[0])
         shape = tuple(x.shape)
@@ -126,13 +145,13 @@ class TauNetwork(nn.Module):
             x = x.flatten(1)
         if x.ndim != 2 or x.shape[1] != first.in_features:
             raise ValueError(
-                f"expected a batch of shape (N, {first.in_features}) or of images (N, H, W) / "
-                f"(N, 1, H, W) with H*W = {first.in_features}, got {shape}; "
+                f"expected a batch of shape (N, {first.in_features}) or of images (N, ...) "
+                f"with {first.in_features} values each, got {shape}; "
                 "for one image use x.unsqueeze(0)"
             )
         if x.dtype == torch.uint8:
-            return x.to(first.weight.dtype).div_(255.0)
-        return x.to(first.weight.dtype)
+            return self.standardized(x.to(first.weight.dtype).div_(255.0))
+        return self.standardized(x.to(first.weight.dtype))
 
     def _hidden(
         self, x: torch.Tensor, forcing: torch.Tensor, coeff: torch.Tensor | None
@@ -180,6 +199,7 @@ class TauNetwork(nn.Module):
         blocks live in buffers that the next call overwrites.
         """
         linears = [cast(nn.Linear, block) for block in self.blocks]
+        x = self.standardized(x)
         taus = self.taus
         forcing, coeff, saved = self._step_sizes(taus)
         hidden, tape = stack_forward(

@@ -18,6 +18,7 @@ from tauopt.models._fractional import FractionalDNN
 
 def reference_forward(model: TauNetwork, x: torch.Tensor) -> torch.Tensor:
     """Logits of ``model`` for ``x``, computed formula by formula with the model's parameters."""
+    x = model.standardized(x)
     taus = model.taus
     blocks = list(model.blocks)
     if not isinstance(model, FractionalDNN):

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import tomllib
 
 from tauopt.engine._config import ARCHS, MAX_EPOCHS, PRUNE_RULES
-from tauopt.engine._data import DATASETS
+from tauopt.engine._data import DATASETS, is_arrays
 from tauopt.errors import ConfigError
 from tauopt.storage import StorageSettings
 
@@ -148,11 +148,15 @@ class SearchParam:
 class TrialBudget:
     """What every trial trains on and for how long."""
 
-    dataset: str = "mnist"
+    dataset: str = "mnist"  # a name, or the path of an .npz file
     epochs: int = 3
     train_size: int | None = 10_000
     batch_size: int = 100
     val_size: int = 10_000
+    normalize: bool = False  # standardise the inputs by the training split's statistics
+    #: A user's .npz file's content hash, set by ``tauopt create``: a worker whose file
+    #: differs refuses to train.
+    dataset_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,8 @@ def _take(table: Mapping[str, Any], key: str, where: str, default: Any) -> Any:
         return default
     value = table[key]
     kind = type(default) if default is not None else int
+    if kind is bool and not isinstance(value, bool):
+        raise _fail(f"{where}.{key}", f"expected true or false, got {value!r}")
     if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
         raise _fail(f"{where}.{key}", f"expected an integer, got {value!r}")
     if kind is str and not isinstance(value, str):
@@ -312,8 +318,11 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
         f.name: _take(trial, f.name, "trial", getattr(_BUDGET, f.name))
         for f in dataclasses.fields(_BUDGET)
     }
-    if values["dataset"] not in DATASETS:
-        raise _fail("trial.dataset", f"{values['dataset']!r} is not one of {list(DATASETS)}")
+    if values["dataset"] not in DATASETS and not is_arrays(values["dataset"]):
+        raise _fail(
+            "trial.dataset",
+            f"{values['dataset']!r} is not one of {list(DATASETS)} nor the path of an .npz file",
+        )
     for key in ("epochs", "batch_size", "val_size"):
         _at_least(
             f"trial.{key}",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
 
+from tauopt.engine import load_dataset
+from tauopt.engine._data import check_split_sizes, is_arrays
 from tauopt.errors import ConfigError
 from tauopt.storage import StorageSettings, open_storage, study_id, study_lock, trial_counts
-from tauopt.study._config import StudyConfig
+from tauopt.study._config import StudyConfig, parse_config
 from tauopt.study._ledger import budget_used
 from tauopt.study._objective import DIRECTIONS, METRIC_NAMES
 from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR
@@ -31,7 +35,25 @@ def _differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def create_study(settings: StorageSettings, study_name: str, config: StudyConfig) -> optuna.Study:
+def with_dataset_hash(config: StudyConfig, data_dir: Path | None) -> StudyConfig:
+    """``config`` with its .npz file's content hash, once the file is checked (against the
+    validation split too); a named dataset is left to the workers, which download it."""
+    budget = config.trial
+    if not is_arrays(budget.dataset):
+        return config
+    dataset = load_dataset(budget.dataset, data_dir)
+    check_split_sizes(dataset, val_size=budget.val_size, train_size=budget.train_size)
+    trial = dataclasses.replace(budget, dataset_sha256=str(dataset.sha256))
+    return dataclasses.replace(config, trial=trial)
+
+
+def create_study(
+    settings: StorageSettings,
+    study_name: str,
+    config: StudyConfig,
+    *,
+    data_dir: Path | None = None,
+) -> optuna.Study:
     """Create the schema and the study before workers start.
 
     Idempotent for the same config. On an existing study the budget (``study.n_trials``) may be
@@ -39,6 +61,7 @@ def create_study(settings: StorageSettings, study_name: str, config: StudyConfig
     with the keys that differ named.
     """
     quiet_optuna()
+    config = with_dataset_hash(config, data_dir)
     storage = open_storage(settings, create_schema=True)
     # Under the study's lock: processes that create the same study at the same moment see it
     # either absent or complete with its config, never in between.
@@ -69,7 +92,11 @@ def _update_existing(
         )
     if stored == new:
         return
-    diff = _differences(stored, new)
+    # both in today's shape: keys added since the study was made take their defaults
+    diff = _differences(parse_config(stored).to_dict(), new)
+    if not diff:
+        study.set_user_attr(CONFIG_ATTR, new)
+        return
     if any(not d.startswith("study.n_trials:") for d in diff):
         raise ConfigError(
             f"study {study_name!r} already exists with another configuration "

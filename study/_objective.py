@@ -63,6 +63,7 @@ def suggest_config(trial: optuna.Trial, config: StudyConfig, *, seed: int) -> Tr
         train_size=budget.train_size,
         batch_size=budget.batch_size,
         val_size=budget.val_size,
+        normalize=budget.normalize,
         seed=seed,
         data_seed=STUDY_DATA_SEED,
         T=_suggest(trial, search["T"]),

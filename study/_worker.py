@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import optuna
 
 from tauopt.engine import RawDataset, load_dataset, resolve_device, set_threads
-from tauopt.errors import ConfigError, StorageError
+from tauopt.errors import ConfigError, DataError, StorageError
 from tauopt.storage import (
     RetryPolicy,
     StorageSettings,
@@ -143,7 +143,15 @@ class Worker:
         ``tauopt reproduce`` uses both datasets)."""
         name = name or self.config.trial.dataset
         if name not in self._datasets:
-            self._datasets[name] = load_dataset(name, self.options.data_dir)
+            dataset = load_dataset(name, self.options.data_dir)
+            expected = self.config.trial.dataset_sha256
+            if expected and dataset.sha256 != expected:
+                raise DataError(
+                    f"{name} here is not the file the study was created with (sha256 "
+                    f"{dataset.sha256} here, {expected} in the study): copy the study's file "
+                    "to this worker, or create a new study for this file"
+                )
+            self._datasets[name] = dataset
         return self._datasets[name]
 
     def run(self) -> WorkerSummary:

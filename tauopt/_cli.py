@@ -43,7 +43,19 @@ def _add_train_parser(sub: Any) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--arch", choices=ARCHS, default=defaults.arch, help="network")
-    p.add_argument("--dataset", choices=tuple(DATASETS), default=defaults.dataset, help="data")
+    p.add_argument(
+        "--dataset",
+        type=dataset_name,
+        default=defaults.dataset,
+        help=f"{', '.join(DATASETS)}, or the path of an .npz file with x_train, y_train, "
+        "x_test and y_test",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="standardise every input feature by the training split's mean and std (stored "
+        "with the model)",
+    )
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -161,21 +173,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def dataset_name(text: str) -> str:
+    """A dataset's name, or the path of a user's .npz file (argparse type)."""
+    if text in DATASETS or text.endswith(".npz"):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is no dataset: choose one of {', '.join(DATASETS)}, or the path of an .npz "
+        "file with x_train, y_train, x_test and y_test"
+    )
+
+
 def _add_data_parser(sub: Any) -> None:
     p = sub.add_parser(
         "data",
         help="download the datasets (if missing) and check them",
         description="Download the datasets into the data root if they are not there, and check "
-        "every file. docker compose runs it once before the workers start.",
+        "every file. docker compose runs it once, for the dataset of the study's config, "
+        "before the workers start.",
         formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--dataset",
-        choices=tuple(DATASETS),
+        type=dataset_name,
         nargs="+",
-        default=list(DATASETS),
-        help="which (default: all)",
+        default=None,
+        help=f"which ({', '.join(DATASETS)}, or an .npz file; default: the --config's, else "
+        "mnist and fashion-mnist)",
     )
+    p.add_argument("--config", type=Path, default=None, help="the dataset of this study config")
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -187,11 +212,17 @@ def _add_data_parser(sub: Any) -> None:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     root = args.data_dir or default_data_dir()
-    for name in args.dataset:
+    names = args.dataset
+    if names is None and args.config is not None:
+        from tauopt.study import load_config
+
+        names = [load_config(args.config).trial.dataset]
+    for name in names or ["mnist", "fashion-mnist"]:
         data = load_dataset(name, root)
+        shape = " x ".join(str(d) for d in data.shape)
         print(
-            f"{name}: {len(data.train)} training and {len(data.test)} test images "
-            f"in {root / DATASETS[name] / 'raw'}",
+            f"{name}: {len(data.train):,} training and {len(data.test):,} test images of "
+            f"{shape}, {data.num_classes} classes",
             file=sys.stderr,
         )
     return 0

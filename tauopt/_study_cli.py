@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tauopt._cli import dataset_name
 from tauopt.engine._data import DATASETS
 from tauopt.errors import ConfigError, TauoptError
 from tauopt.storage import StorageSettings
@@ -87,9 +88,9 @@ def _add_create_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dataset",
-        choices=tuple(DATASETS),
+        type=dataset_name,
         default=None,
-        help=f"({_FROM_CONFIG} {budget.dataset})",
+        help=f"{', '.join(DATASETS)}, or an .npz file ({_FROM_CONFIG} {budget.dataset})",
     )
     p.add_argument(
         "--objective",
@@ -342,7 +343,7 @@ def _create(args: argparse.Namespace) -> StudyConfig:
         grace_period=args.grace_period,
     )
     settings = _settings(args.storage, config.heartbeat_interval, config.grace_period)
-    create_study(settings, args.study, config)
+    create_study(settings, args.study, config, data_dir=getattr(args, "data_dir", None))
     print(
         f"study {args.study!r} ready in {redact(settings.url)}: {config.objective} objective, "
         f"{config.n_trials} trials of {config.trial.epochs} epochs on {config.trial.dataset}",

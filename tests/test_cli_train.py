@@ -83,7 +83,7 @@ def test_train_fracdnn_fashion_human_output(
     ("argv", "message"),
     [
         (["--arch", "fracdnn", "--prune-eps", "0.1"], "prune_eps applies to arch 'resnet' only"),
-        (["--epochs", "0"], "epochs must be an integer >= 1"),
+        (["--epochs", "0"], "epochs must be an integer in [1, 1000000]"),
         (["--data-seed", "-1"], "data_seed must be an integer >= 0"),
         (["--device", "tpu"], "unknown device"),
     ],
@@ -101,18 +101,16 @@ def test_missing_data_dir_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Offline: the download fails, and the error says where to put the files.
-    monkeypatch.setattr("tauopt.engine._data._download", _offline)
+    monkeypatch.setattr("tauopt.engine._data.download", _offline)
     code = main(["train", "--data-dir", str(tmp_path), "--epochs", "1"])
     assert code == 2
     assert str(tmp_path / "MNIST" / "raw") in capsys.readouterr().err
 
 
-def _offline(name: str, root: Path) -> None:
+def _offline(name: str, folder: Path) -> None:
     from tauopt.errors import DataError
 
-    raise DataError(
-        f"the {name} files are not under {root / 'MNIST' / 'raw'} and downloading them failed"
-    )
+    raise DataError(f"the {name} files are not under {folder} and downloading them failed")
 
 
 def test_help_shows_defaults_and_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,5 +134,5 @@ def test_help_shows_defaults_and_version(capsys: pytest.CaptureFixture[str]) -> 
 def test_data_command_checks_the_files(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "--data-dir", str(data_dir)]) == 0
     err = capsys.readouterr().err
-    assert "mnist: 60000 training and 10000 test images" in err
-    assert "fashion-mnist: 60000 training" in err
+    assert "mnist: 60,000 training and 10,000 test images of 28 x 28, 10 classes" in err
+    assert "fashion-mnist: 60,000 training" in err

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tauopt._cli import main
-from tauopt.engine import _data, load_dataset
+from tauopt.engine import _download, load_dataset
 
 
 @pytest.fixture()
@@ -42,8 +42,8 @@ def test_download_tries_the_next_mirror_and_checks_md5(
 ) -> None:
     url, served = mirror
     # The first mirror answers 404 for every file; the second serves them.
-    monkeypatch.setitem(_data.MIRRORS, "mnist", (url + "missing/", url))
-    monkeypatch.setitem(_data.MD5, "mnist", _md5s(served))
+    monkeypatch.setitem(_download.IDX_MIRRORS, "mnist", (url + "missing/", url))
+    monkeypatch.setitem(_download.IDX_MD5, "mnist", _md5s(served))
     root = tmp_path / "data"
     dataset = load_dataset("mnist", root)
     assert len(dataset.train) == 60_000 and len(dataset.test) == 10_000
@@ -58,10 +58,10 @@ def test_a_corrupt_download_is_refused_and_leaves_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url, served = mirror
-    monkeypatch.setitem(_data.MIRRORS, "mnist", (url,))
+    monkeypatch.setitem(_download.IDX_MIRRORS, "mnist", (url,))
     expected = _md5s(served)
     expected["t10k-labels-idx1-ubyte.gz"] = "0" * 32  # as if the mirror served other bytes
-    monkeypatch.setitem(_data.MD5, "mnist", expected)
+    monkeypatch.setitem(_download.IDX_MD5, "mnist", expected)
     missing = tmp_path / "nonexistent"
     assert main(["train", "--data-dir", str(missing), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
@@ -74,7 +74,9 @@ def test_offline_download_names_every_mirror_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Port 9 on loopback (discard) has no listener here: the connection is refused at once.
-    monkeypatch.setitem(_data.MIRRORS, "mnist", ("http://127.0.0.1:9/a/", "http://127.0.0.1:9/b/"))
+    monkeypatch.setitem(
+        _download.IDX_MIRRORS, "mnist", ("http://127.0.0.1:9/a/", "http://127.0.0.1:9/b/")
+    )
     missing = tmp_path / "nonexistent"
     assert main(["data", "--data-dir", str(missing), "--dataset", "mnist"]) == 2
     err = capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_on_epoch_sees_every_epoch(mnist: RawDataset) -> None:
     ("changes", "message"),
     [
         ({"arch": "vgg"}, "arch must be one of"),
-        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"epochs": 0}, "epochs must be an integer in \\[1, 1000000\\]"),
         ({"prune_eps": 0.1, "arch": "fracdnn"}, "prune_eps applies to arch 'resnet' only"),
         ({"l1": -1.0}, "l1 must be a number >= 0"),
         ({"dataset": "cifar"}, "dataset must be one of"),
