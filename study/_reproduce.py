@@ -29,14 +29,16 @@ from tauopt.study._record import GRID_CONFIG_ATTR, GRID_ID_ATTR, GRID_POINT_ATTR
 
 #: Study user attribute: the grid's settings, and whether every run is enqueued.
 REPRODUCE_ATTR = "tauopt_reproduce"
-PROTOCOLS: tuple[str, ...] = ("authors", "tauopt")
+PROTOCOLS: tuple[str, ...] = ("authors", "tauopt", "t-vs-lr")
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
 DEPTH = 6
 #: The settings each protocol is run at unless ``--epochs`` / ``--train-size`` scale it down.
-DEFAULT_EPOCHS = {"authors": 200, "tauopt": 5}
-DEFAULT_TRAIN_SIZE: dict[str, int | None] = {"authors": None, "tauopt": 10_000}
+DEFAULT_EPOCHS = {"authors": 200, "tauopt": 5, "t-vs-lr": 10}
+DEFAULT_TRAIN_SIZE: dict[str, int | None] = {"authors": None, "tauopt": 10_000, "t-vs-lr": 10_000}
 #: Held-out validation images: none in the papers' code (it trains on all 60,000).
-VAL_SIZE = {"authors": 0, "tauopt": 10_000}
+VAL_SIZE = {"authors": 0, "tauopt": 10_000, "t-vs-lr": 0}
+#: ``t-vs-lr``: T in {1, 6} at each of these products lr * T (the papers' lr is 0.01 at T = 1).
+LR_TIMES_T = (0.01, 0.06)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ _PROTOCOLS = {
     # step; the FracDNN's memory coefficients are computed under no_grad.
     "authors": _Protocol(0.01, 0.5, 0.01, "smallest", "projected"),
     "tauopt": _Protocol(0.01, 0.01, 0.05, "all", "dependent"),
+    "t-vs-lr": _Protocol(0.0, 0.0, 0.01, "smallest", "projected"),
 }
 
 
@@ -133,6 +136,16 @@ def _tauopt(base: TrainConfig, p: _Protocol) -> Iterator[GridRun]:
             yield _run("tauopt", config, last_tau="dependent" if reg == "dependent" else "free")
 
 
+def _t_vs_lr(base: TrainConfig, p: _Protocol) -> Iterator[GridRun]:
+    """Trainable taus, nothing else on, T in {1, 6} at equal products lr * T: a step size
+    scales its block's update as a learning rate does, so this tells what T does beyond
+    that. The coordinate is ``lr_T`` (no ``lr``): runs that differ in T alone pair up."""
+    for T, product in itertools.product((1.0, float(DEPTH)), LR_TIMES_T):
+        config = base.replace(T=T, lr=product / T, prune_rule=p.prune_rule)
+        coords = {**_coords("t-vs-lr", config), "lr_T": product}
+        yield GridRun(coords, config)
+
+
 #: Named parts of a grid, to run only those (``tauopt reproduce --only``).
 CELLS: dict[str, Callable[[dict[str, Any]], bool]] = {
     # fixed against trainable taus, nothing else on
@@ -171,7 +184,7 @@ def grid(
     if unknown:
         raise ConfigError(f"unknown cell {unknown[0]!r}: choose from {', '.join(CELLS)}")
     spec = _PROTOCOLS[protocol]
-    make = _authors if protocol == "authors" else _tauopt
+    make = {"authors": _authors, "tauopt": _tauopt, "t-vs-lr": _t_vs_lr}[protocol]
     runs: list[GridRun] = []
     # Runs of one shape next to each other: a worker that claims several at once
     # (--batch-trials) then trains them as one population.
@@ -187,7 +200,7 @@ def grid(
             # one batch order for every run (the seed draws the weights), as in a search
             # study: runs of one shape then train together as a population
             data_seed=STUDY_DATA_SEED,
-            detach_memory=arch == "fracdnn" and protocol == "authors",
+            detach_memory=arch == "fracdnn" and protocol in ("authors", "t-vs-lr"),
         )
         runs += [r for r in make(base, spec) if not only or any(CELLS[c](r.coords) for c in only)]
     runs.sort(key=lambda r: (r.config.dataset, r.config.arch, r.config.fixed_tau, r.config.seed))

@@ -16,7 +16,7 @@ from tauopt._cli import dataset_name
 from tauopt.engine._data import DATASETS
 from tauopt.errors import ConfigError, TauoptError
 from tauopt.storage import StorageSettings
-from tauopt.study import OBJECTIVES, StudyConfig, TrialBudget
+from tauopt.study import OBJECTIVES, PROTOCOLS, StudyConfig, TrialBudget
 
 if TYPE_CHECKING:
     from tauopt.study import BestTrials, WorkerSummary
@@ -247,7 +247,11 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
     )
     _add_storage(p, study=REPRODUCE_STUDY)
     p.add_argument(
-        "--protocol", choices=("authors", "tauopt"), default="authors", help="which grid"
+        "--protocol",
+        choices=PROTOCOLS,
+        default="authors",
+        help="which grid: the authors' code, tauopt's variants, or T against the learning rate "
+        "(T in {1, 6} at equal lr * T)",
     )
     p.add_argument(
         "--epochs",
