@@ -60,6 +60,8 @@ class TrialRecord:
     epoch_seconds: list[float] = field(default_factory=list)
     model_artifact_id: str | None = None
     grid_point: dict[str, Any] | None = None
+    #: Where it trained: the CPU model and cores, or the GPU's name.
+    machine: str = ""
 
     @property
     def config(self) -> TrainConfig:
@@ -80,7 +82,13 @@ class TrialRecord:
 
     @classmethod
     def from_result(
-        cls, result: TrainResult, in_features: int, num_classes: int, *, artifact_id: str | None
+        cls,
+        result: TrainResult,
+        in_features: int,
+        num_classes: int,
+        *,
+        artifact_id: str | None,
+        machine: str = "",
     ) -> TrialRecord:
         val = result.final_val_accuracy
         return cls(
@@ -105,6 +113,7 @@ class TrialRecord:
             pruned_layers=[vars(event) for event in result.pruned],
             epoch_seconds=result.epoch_seconds,
             model_artifact_id=artifact_id,
+            machine=machine,
         )
 
     def to_attrs(self) -> dict[str, Any]:

@@ -150,6 +150,7 @@ def _budget(study: optuna.Study, views: Sequence[TrialView]) -> list[str]:
         f"Protocol `{protocol}`: {len(views)} finished runs of {spec.get('runs', '?')}, "
         f"{epochs} epochs on {size or 'all'} training images each, seeds {seeds}.",
         "",
+        *_compute(study, views),
     ]
     short = protocol == "authors" and (epochs < DEFAULT_EPOCHS["authors"] or size is not None)
     if short or protocol != "authors":
@@ -166,6 +167,26 @@ def _budget(study: optuna.Study, views: Sequence[TrialView]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _compute(study: optuna.Study, views: Sequence[TrialView]) -> list[str]:
+    """Compute per run (its epochs' seconds: a population's shared out) and the wall time
+    from the first run's start to the last run's end."""
+    per_run = sorted(sum(v.epoch_seconds) for v in views)
+    done = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+    if not per_run or not done:
+        return []
+    start = min(t.datetime_start for t in done if t.datetime_start)
+    wall = (max(t.datetime_complete for t in done if t.datetime_complete) - start).total_seconds()
+    devices = sorted({v.record.machine or v.record.device for v in views})
+    return [
+        f"Compute per run (the seconds of its epochs; runs trained together as a population "
+        f"share an epoch's time): median {statistics.median(per_run):.1f} s, range "
+        f"{per_run[0]:.1f}-{per_run[-1]:.1f} s, {sum(per_run) / 3600:.2f} h in all, on "
+        f"{'; '.join(devices)}; wall time from the first start to the last end "
+        f"{wall / 3600:.2f} h ({start:%Y-%m-%d}).",
+        "",
+    ]
 
 
 def _mean(values: Iterable[float]) -> str:

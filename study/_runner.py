@@ -5,7 +5,10 @@ not be saved), or dropped (another worker finished it while this one stalled).""
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -33,6 +36,21 @@ from tauopt.study._record import TrialRecord
 MAX_SAVE_FAILURES = 3
 #: The constraint a trial below the study's ``min_val_accuracy`` violates.
 MIN_ACCURACY_CONSTRAINT = "min_val_accuracy"
+
+
+def machine(device: str) -> str:
+    """The CPU's model name and cores, or the GPU's name: what a measurement names."""
+    if device.startswith("cuda"):
+        import torch
+
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores"
 
 
 class Outcome(enum.Enum):
@@ -153,7 +171,11 @@ class Runner:
         if artifact_id is None:
             return Booked(trial, Outcome.REQUEUED)
         record = TrialRecord.from_result(
-            result, dataset.in_features, dataset.num_classes, artifact_id=artifact_id
+            result,
+            dataset.in_features,
+            dataset.num_classes,
+            artifact_id=artifact_id,
+            machine=machine(result.device),
         )
         values = objective_values(result, self.config.objective)
         # Feasible when <= 0: a trial below the floor is stored, shown, and never "best".
