@@ -98,11 +98,9 @@ class TauPopulation(nn.Module):
         self.register_buffer("dependent", torch.tensor(dependent, device=device))
         projected = [net.projected_last_tau for net in members]
         self.register_buffer("projected", torch.tensor(projected, device=device))
+        self._any_projected = any(projected)  # a host bool: no device sync per step
         self.block_ids: list[list[int]] = [list(range(first.depth)) for _ in members]
 
-    @property
-    def _any_projected(self) -> bool:
-        return bool(self.projected.any())
 
     @property
     def size(self) -> int:
@@ -417,6 +415,7 @@ class TauPopulation(nn.Module):
             buffer = getattr(self, name)
             setattr(self, name, buffer.index_select(0, index) if buffer.numel() else buffer)
         self.active = filled
+        self._any_projected = bool(self.projected.any())
         self.block_ids = [
             [self.block_ids[m][p] if p >= 0 else -1 for p in row]
             for m, row in zip(members, layout, strict=True)

@@ -126,3 +126,11 @@ def test_the_readme_is_a_front_door() -> None:
         assert f"docs/{page}.md" in readme and (REPO / "docs" / f"{page}.md").is_file()
     for text in [readme, *(p.read_text() for p in (REPO / "docs").glob("*.md"))]:
         assert "session" not in text.lower()  # the project speaks of itself only
+
+
+def test_no_class_of_the_study_is_a_god_class() -> None:
+    for path in sorted((REPO / "study").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                assert length <= 250, f"{path.name}: {node.name} has {length} lines"

@@ -1,0 +1,88 @@
+"""Run one benchmark script from two checkouts of tauopt, alternately, in one session.
+
+Each checkout gets a tree of links laid out as the wheel installs it (``tauopt/``,
+``tauopt/models``, ...), so its own code is imported; its copy of the benchmark script runs in
+a fresh process with that tree first on ``sys.path``. Rounds alternate old, new, new, old, ...
+so that a drifting machine hits both alike; each run writes JSON, and the results go to one
+file with the checkouts' commits.
+
+    python benchmarks/checkout_ab.py --old ../base --new . --rounds 3 --out ab.json \\
+        -- benchmarks/epoch_speed.py --data-dir ../shared/data --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_SUBPACKAGES = ("models", "engine", "storage", "study")
+
+
+def link_tree(checkout: Path, into: Path) -> Path:
+    """``into/tauopt`` laid out as installed, linking to ``checkout``'s files."""
+    package = into / "tauopt"
+    package.mkdir(parents=True)
+    for file in (checkout / "tauopt").glob("*.py"):
+        (package / file.name).symlink_to(file.resolve())
+    for name in _SUBPACKAGES:
+        (package / name).symlink_to((checkout / name).resolve())
+    return into
+
+
+def commit(checkout: Path) -> str:
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True
+    )
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True)
+    return done.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", type=Path, required=True)
+    parser.add_argument("--new", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...]")
+    args = parser.parse_args()
+    script = [a for a in args.script if a != "--"]
+    runs: dict[str, list[object]] = {"old": [], "new": []}
+    with tempfile.TemporaryDirectory(prefix="tauopt-ab-") as tmp:
+        trees = {side: link_tree(getattr(args, side), Path(tmp) / side) for side in ("old", "new")}
+        order = [("old", "new"), ("new", "old")]
+        for round_ in range(args.rounds):
+            for side in order[round_ % 2]:
+                out = Path(tmp) / f"{side}-{round_}.json"
+                checkout = getattr(args, side)
+                env = {**os.environ, "PYTHONPATH": str(trees[side])}
+                command = [
+                    sys.executable,
+                    str(checkout / script[0]),
+                    *script[1:],
+                    "--json",
+                    str(out),
+                ]
+                print(f"round {round_ + 1}, {side}: {' '.join(command)}", file=sys.stderr)
+                subprocess.run(command, env=env, check=True)
+                runs[side].append(json.loads(out.read_text()))
+    args.out.write_text(
+        json.dumps(
+            {
+                "script": script,
+                "old": {"checkout": str(args.old), "commit": commit(args.old)},
+                "new": {"checkout": str(args.new), "commit": commit(args.new)},
+                "runs": runs,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
