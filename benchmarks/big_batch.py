@@ -41,11 +41,30 @@ _FINISHED = re.compile(
 
 def _worker(url: str, study: str, data_dir: Path, artifacts: Path, k: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tauopt", "worker", "--storage", url, "--study", study,
-         "--data-dir", str(data_dir), "--artifact-dir", str(artifacts), "--device", "cpu",
-         "--threads", "1", "--quiet", "--batch-trials", str(k)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tauopt",
+            "worker",
+            "--storage",
+            url,
+            "--study",
+            study,
+            "--data-dir",
+            str(data_dir),
+            "--artifact-dir",
+            str(artifacts),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--quiet",
+            "--batch-trials",
+            str(k),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def main() -> None:
@@ -60,21 +79,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "tiny.toml"
         config.write_text(TINY)
-        create = [sys.executable, "-m", "tauopt", "create", "--storage", args.storage,
-                  "--study", args.study, "--config", str(config), "--n-trials", str(args.n_trials)]  # fmt: skip
+        create = [
+            sys.executable,
+            "-m",
+            "tauopt",
+            "create",
+            "--storage",
+            args.storage,
+            "--study",
+            args.study,
+            "--config",
+            str(config),
+            "--n-trials",
+            str(args.n_trials),
+        ]
         subprocess.run(create, check=True)
         start = time.monotonic()
-        workers = {k: _worker(args.storage, args.study, args.data_dir, Path(tmp) / "a", k)
-                   for k in (args.k, 1)}  # fmt: skip
+        workers = {
+            k: _worker(args.storage, args.study, args.data_dir, Path(tmp) / "a", k)
+            for k in (args.k, 1)
+        }
         results = {}
         for k, proc in workers.items():
             err = proc.communicate()[1]
             match = _FINISHED.search(err)
             if proc.returncode != 0 or match is None:
                 raise SystemExit(f"the K={k} worker failed:\n{err[-2000:]}")
-            run, complete, pruned, failed, requeued, dropped = (int(g or 0) for g in match.groups())
-            results[f"K={k}"] = {"trainings": run, "complete": complete, "failed": failed,
-                                 "requeued": requeued, "dropped": dropped}  # fmt: skip
+            run, complete, _, failed, requeued, dropped = (int(g or 0) for g in match.groups())
+            results[f"K={k}"] = {
+                "trainings": run,
+                "complete": complete,
+                "failed": failed,
+                "requeued": requeued,
+                "dropped": dropped,
+            }
         wall = time.monotonic() - start
     trials = optuna.load_study(study_name=args.study, storage=args.storage).get_trials()
     states = {s: sum(t.state.name == s for t in trials) for s in {t.state.name for t in trials}}
