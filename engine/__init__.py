@@ -13,7 +13,7 @@ from tauopt.engine._data import (
     load_dataset,
     make_splits,
 )
-from tauopt.engine._loop import EpochStats, PruneEvent, TrainResult, accuracy
+from tauopt.engine._loop import EpochStats, PruneEvent, TrainResult, accuracy, partial_result
 from tauopt.engine._population import group_key, train_population
 from tauopt.engine._train import (
     build_model,
@@ -40,6 +40,7 @@ __all__ = [
     "load_dataset",
     "make_splits",
     "parameter_count",
+    "partial_result",
     "resolve_device",
     "set_threads",
     "train",

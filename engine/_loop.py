@@ -193,6 +193,12 @@ def accuracy(model: TauNetwork, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(correct) / x.shape[0]
 
 
+def partial_result(error: BaseException) -> TrainResult | None:
+    """The run as far as it got, for a run that ``on_epoch`` stopped (None otherwise)."""
+    result = getattr(error, "partial_result", None)
+    return result if isinstance(result, TrainResult) else None
+
+
 def check_finite(epoch: int, loss: float, taus: list[float]) -> None:
     if not math.isfinite(loss):
         raise DivergedError(epoch, f"training loss is {loss}; lower the learning rate or T")
@@ -286,6 +292,9 @@ def run_epochs(
                 if options.on_epoch is not None:
                     options.on_epoch(live[position], record.stats(epoch, stepper.network(position)))
             except Exception as e:  # the caller stops this member (a pruner, say)
+                # what it trained so far goes with the exception (see partial_result)
+                network = stepper.network(position)
+                e.partial_result = record.result(network, splits, device)  # type: ignore[attr-defined]
                 outcome[live[position]] = e
                 continue
             stays.append(position)

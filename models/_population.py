@@ -101,7 +101,6 @@ class TauPopulation(nn.Module):
         self._any_projected = any(projected)  # a host bool: no device sync per step
         self.block_ids: list[list[int]] = [list(range(first.depth)) for _ in members]
 
-
     @property
     def size(self) -> int:
         return int(self.w0.shape[0])

@@ -109,6 +109,24 @@ DEFAULT_SEARCH: dict[str, Any] = {
 }
 
 
+#: Stop rules a study may name; ``auto`` is ``median`` for ``accuracy``, ``off`` for ``pareto``.
+STOP_RULES: tuple[str, ...] = ("auto", "off", "median", "dominated")
+
+
+def stop_rule(rule: str, objective: str) -> str:
+    """The rule a study runs: ``auto`` resolved, a combination that cannot work refused."""
+    if rule not in STOP_RULES:
+        raise ConfigError(f"study.stop_trials: {rule!r} is not one of {list(STOP_RULES)}")
+    if rule == "auto":
+        return "median" if objective == "accuracy" else "off"
+    if rule == "median" and objective != "accuracy":
+        raise ConfigError(
+            "study.stop_trials: 'median' needs one objective (objective = \"accuracy\"); a "
+            "Pareto study stops trials with 'dominated'"
+        )
+    return rule
+
+
 #: Bounds past which a study cannot finish: a billion trials, or a million epochs per trial.
 MAX_TRIALS = 1_000_000_000
 #: An "off or on" range ``[0, high]`` draws its on-values from ``[high / 100, high]``.
@@ -172,6 +190,9 @@ class StudyConfig:
     min_val_accuracy: float = DEFAULT_MIN_VAL_ACCURACY
     heartbeat_interval: int = StorageSettings.heartbeat_interval
     grace_period: int | None = StorageSettings.grace_period
+    #: Stopping poor trials early: "auto" (the median rule for ``accuracy``, nothing for
+    #: ``pareto``), "off", "median" or "dominated" (see ``tauopt.study._stopping``).
+    stop_trials: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML-shaped dict, as stored with the study so every worker uses the same."""
@@ -185,6 +206,7 @@ class StudyConfig:
                 "objective": self.objective,
                 "n_trials": self.n_trials,
                 "min_val_accuracy": self.min_val_accuracy,
+                "stop_trials": self.stop_trials,
             },
             "search": {name: p.to_toml_value() for name, p in self.search.items()},
             "trial": trial,
@@ -293,7 +315,11 @@ _STUDY = {f.name: f.default for f in dataclasses.fields(StudyConfig) if f.init}
 def parse_config(data: Mapping[str, Any]) -> StudyConfig:
     """Validate a TOML-shaped dict; defaults fill whatever is missing."""
     _only(data, "config", {"study", "search", "trial", "storage"})
-    study = _only(data.get("study", {}), "study", {"objective", "n_trials", "min_val_accuracy"})
+    study = _only(
+        data.get("study", {}),
+        "study",
+        {"objective", "n_trials", "min_val_accuracy", "stop_trials"},
+    )
     trial = _only(data.get("trial", {}), "trial", {f.name for f in dataclasses.fields(_BUDGET)})
     storage = _only(data.get("storage", {}), "storage", {"heartbeat_interval", "grace_period"})
     search_raw = {**DEFAULT_SEARCH, **_only(data.get("search", {}), "search", set(PARAMS))}
@@ -341,7 +367,11 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
     grace = _take(storage, "grace_period", "storage", StorageSettings.grace_period)
     if grace is not None and grace <= interval:
         raise _fail("storage.grace_period", f"{grace} must exceed heartbeat_interval ({interval})")
+    stop = _take(study, "stop_trials", "study", _STUDY["stop_trials"])
+    if objective != GRID_OBJECTIVE:
+        stop_rule(stop, objective)  # refuses what cannot work
     return StudyConfig(
+        stop_trials=stop,
         search=search,
         trial=TrialBudget(**values),
         objective=objective,

@@ -29,6 +29,8 @@ GRID_POINT_ATTR = "grid_point"
 GRID_ID_ATTR = "grid_id"
 #: Optuna's system attribute of a retried trial: the number of the trial it retries.
 RETRIED_FROM_SYSTEM_ATTR = "failed_trial"
+#: A trial's (validation accuracy, active parameters) at a rung of ``stop_trials = "dominated"``.
+_RUNG_PREFIX = "rung_"
 #: Input width and classes of the studies stored before they were recorded: MNIST's.
 _LEGACY_SHAPE = (784, 10)
 
@@ -154,3 +156,16 @@ def grid_config(attrs: dict[str, Any]) -> TrainConfig | None:
     """The fixed TrainConfig of a ``tauopt reproduce`` run (None for a searched trial)."""
     stored = attrs.get(GRID_CONFIG_ATTR)
     return None if stored is None else TrainConfig(**stored)
+
+
+def rung_attr(epoch: int) -> str:
+    return f"{_RUNG_PREFIX}{epoch}"
+
+
+def rungs_of(attrs: dict[str, Any]) -> dict[int, tuple[float, float]]:
+    """A trial's rungs: epoch -> (validation accuracy, active parameters)."""
+    return {
+        int(key[len(_RUNG_PREFIX) :]): (float(value[0]), float(value[1]))
+        for key, value in attrs.items()
+        if key.startswith(_RUNG_PREFIX)
+    }

@@ -22,15 +22,16 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
-from tauopt.engine import EpochStats, RawDataset, TrainResult, train_population
+from tauopt.engine import EpochStats, RawDataset, TrainResult, partial_result, train_population
 from tauopt.errors import StorageError, TauoptError
-from tauopt.storage import constraint_key, is_storage_error
+from tauopt.storage import constraint_key, is_storage_error, rdb_of, set_trial_attrs, trial_id
 from tauopt.study._checkpoint import save_checkpoint
-from tauopt.study._config import StudyConfig
+from tauopt.study._config import StudyConfig, stop_rule
 from tauopt.study._ledger import Claim, FinishedElsewhereError, Ledger
 from tauopt.study._objective import objective_values
 from tauopt.study._planner import Group, Planned
 from tauopt.study._record import TrialRecord
+from tauopt.study._stopping import DominanceRule
 
 #: Saves in a row that may fail (disk full, folder gone) before the worker stops.
 MAX_SAVE_FAILURES = 3
@@ -96,13 +97,14 @@ class Runner:
         self.ledger, self.config, self.settings = ledger, config, settings
         self.dataset, self.log = dataset, log
         self._save_failures = 0
+        self.stop_rule = stop_rule(config.stop_trials, config.objective)
+        self._dominance = DominanceRule(ledger.study, ledger, config.trial.epochs)
 
     def run(self, group: Group) -> list[Booked]:
         """Train ``group`` as one population (or each alone, where it is small) and book
         every member."""
         start = time.perf_counter()
-        single = self.config.objective == "accuracy" and not group.grid
-        reporters = [self._reporter(p.trial) if single else None for p in group.members]
+        reporters = [None if group.grid else self._reporter(p.trial) for p in group.members]
 
         def on_epoch(index: int, stats: EpochStats) -> None:
             report = reporters[index]
@@ -147,11 +149,7 @@ class Runner:
     def _ended(self, claim: Claim, e: Exception) -> Booked:
         trial, place = claim.trial, claim.place
         if isinstance(e, optuna.TrialPruned):
-            self.ledger.finish(trial, None, TrialState.PRUNED)
-            self.log(
-                f"trial {trial.number} pruned by the median rule [{place}/{self.ledger.n_trials}]"
-            )
-            return Booked(trial, Outcome.PRUNED)
+            return self._stopped(claim, e)
         if isinstance(e, (StorageError, FinishedElsewhereError)) or (
             is_storage_error(e) and not isinstance(e, TauoptError)
         ):
@@ -193,8 +191,32 @@ class Runner:
         )
         return Booked(trial, Outcome.COMPLETE, record, feasible=planned.grid or margin <= 0)
 
-    def _reporter(self, trial: optuna.Trial) -> Callable[[EpochStats], None]:
-        """The median rule of an ``accuracy`` study, after each epoch."""
+    def _stopped(self, claim: Claim, e: optuna.TrialPruned) -> Booked:
+        """A trial the stop rule ended: PRUNED, with the record of what it trained."""
+        trial, place = claim.trial, claim.place
+        result = partial_result(e)
+        if result is not None:
+            dataset = self.dataset(result.config.dataset)
+            record = TrialRecord.from_result(
+                result, dataset.in_features, dataset.num_classes, artifact_id=None
+            )
+            self.ledger.guarded(
+                "storing the metrics",
+                lambda: set_trial_attrs(
+                    rdb_of(self.ledger.storage), trial_id(trial), user=record.to_attrs()
+                ),
+            )
+        self.ledger.finish(trial, None, TrialState.PRUNED)
+        why = str(e) or "by the median rule"
+        self.log(f"trial {trial.number} stopped early, {why} [{place}/{self.ledger.n_trials}]")
+        return Booked(trial, Outcome.PRUNED)
+
+    def _reporter(self, trial: optuna.Trial) -> Callable[[EpochStats], None] | None:
+        """The study's stop rule after each epoch, or None."""
+        if self.stop_rule == "dominated":
+            return self._dominance.reporter(trial)
+        if self.stop_rule != "median":
+            return None
 
         def report(stats: EpochStats) -> None:
             self.ledger.guarded("reporting", lambda: trial.report(stats.val_accuracy, stats.epoch))

@@ -33,7 +33,7 @@ from tauopt.storage import (
     open_storage,
     rdb_of,
 )
-from tauopt.study._config import parse_config
+from tauopt.study._config import GRID_OBJECTIVE, parse_config, stop_rule
 from tauopt.study._create import quiet_optuna
 from tauopt.study._ledger import Claim, Ledger
 from tauopt.study._liveness import Heartbeat, WorkerStopped, stop_on_signals
@@ -100,7 +100,9 @@ def _load_study(
         ) from None
     if CONFIG_ATTR not in study.user_attrs:
         raise StorageError(f"study {study_name!r} was not created by tauopt (no stored config)")
-    if parse_config(study.user_attrs[CONFIG_ATTR]).objective == "accuracy":
+    config = parse_config(study.user_attrs[CONFIG_ATTR])
+    grid = config.objective == GRID_OBJECTIVE
+    if not grid and stop_rule(config.stop_trials, config.objective) == "median":
         study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     return study
 
