@@ -17,6 +17,7 @@ from tauopt.engine._data import DATASETS
 from tauopt.errors import ConfigError, TauoptError
 from tauopt.storage import StorageSettings
 from tauopt.study import OBJECTIVES, PROTOCOLS, StudyConfig, TrialBudget
+from tauopt.study._reproduce import DATASETS as PAPER_DATASETS
 
 if TYPE_CHECKING:
     from tauopt.study import BestTrials, WorkerSummary
@@ -275,8 +276,8 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
         "--datasets",
         nargs="+",
         choices=tuple(DATASETS),
-        default=list(DATASETS),
-        help="which datasets (default: both)",
+        default=list(PAPER_DATASETS),
+        help=f"which datasets (default: the papers', {' and '.join(PAPER_DATASETS)})",
     )
     p.add_argument(
         "--only",

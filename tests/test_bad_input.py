@@ -184,5 +184,5 @@ def test_test_images_of_another_shape_are_refused(tmp_path: Path, data_dir: Path
     _write_idx(raw / "t10k-images-idx3-ubyte.gz", torch.zeros(10_000, 32, 32, dtype=torch.uint8))
     from tauopt.engine import load_dataset
 
-    with pytest.raises(DataError, match="training images have 784 pixels, test images 1024"):
+    with pytest.raises(DataError, match="training images have 784 features, test images 1024"):
         load_dataset("mnist", tmp_path, download=False)

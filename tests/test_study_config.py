@@ -76,7 +76,7 @@ grace_period = 5
         ({"search": {"momentum": 0.9}}, "search.momentum: unknown key"),
         ({"search": {"lr": []}}, "search.lr: an empty list"),
         ({"trial": {"epochs": 0}}, "trial.epochs: must be an integer >= 1"),
-        ({"trial": {"dataset": "cifar10"}}, "trial.dataset: 'cifar10' is not one of"),
+        ({"trial": {"dataset": "imagenet"}}, "trial.dataset: 'imagenet' is not one of"),
         ({"trial": {"batch": 10}}, "trial.batch: unknown key"),
         ({"study": {"objective": "loss"}}, "study.objective: 'loss' is not one of"),
         (
