@@ -7,9 +7,19 @@ it is first imported.
 """
 
 from tauopt.errors import StorageError
+from tauopt.storage._access import (
+    HEARTBEAT_ATTR,
+    OVER_BUDGET_ATTR,
+    DirectAccess,
+    ProxyAccess,
+    StudyAccess,
+    access,
+    over_budget,
+)
 from tauopt.storage._artifacts import artifact_store
 from tauopt.storage._optuna import (
     HISTORY_WINDOW,
+    RETRIED_FROM,
     WindowedTPESampler,
     constraint_key,
     figure_attrs,
@@ -47,13 +57,20 @@ from tauopt.storage._retry import (
 
 __all__ = [
     "ARTIFACTS_ENV",
+    "HEARTBEAT_ATTR",
     "HISTORY_WINDOW",
     "MAX_STUDY_NAME",
+    "OVER_BUDGET_ATTR",
+    "RETRIED_FROM",
     "STORAGE_ENV",
+    "DirectAccess",
+    "ProxyAccess",
     "RetryPolicy",
     "StorageError",
     "StorageSettings",
+    "StudyAccess",
     "WindowedTPESampler",
+    "access",
     "artifact_store",
     "constraint_key",
     "default_artifact_dir",
@@ -63,6 +80,7 @@ __all__ = [
     "is_transient",
     "normalize_url",
     "open_storage",
+    "over_budget",
     "pareto_front",
     "rdb_of",
     "redact",

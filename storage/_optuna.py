@@ -149,6 +149,22 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     return trial._trial_id
 
 
+#: Optuna's system attributes of a trial: the parameters ``enqueue_trial`` fixed, and the number
+#: of the trial a retry (``RetryHeartbeatStaleTrialCallback``) reruns.
+_FIXED_PARAMS = "fixed_params"
+RETRIED_FROM = "failed_trial"
+
+
+def is_rdb(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether ``storage`` is (or caches) a database, as opposed to a proxy's client."""
+    return isinstance(getattr(storage, "_backend", storage), optuna.storages.RDBStorage)
+
+
+def is_new(trial: FrozenTrial) -> bool:
+    """Whether ``ask()`` made ``trial`` afresh: not enqueued, not a retry."""
+    return _FIXED_PARAMS not in trial.system_attrs and RETRIED_FROM not in trial.system_attrs
+
+
 def constraint_key(name: str) -> str:
     """The system attribute that ``trial.set_constraint(name, value)`` writes."""
     return f"{_CONSTRAINTS_KEY}:{name}"

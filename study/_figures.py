@@ -9,10 +9,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from tauopt.storage import (
+    StudyAccess,
     figure_attrs,
     first_note_attrs,
-    rdb_of,
-    set_study_system_attrs,
     study_id,
     trial_id,
 )
@@ -163,7 +162,7 @@ def learning_curves(views: Sequence[TrialView]) -> go.Figure:
     return fig
 
 
-def publish(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+def publish(study: optuna.Study, access: StudyAccess) -> None:
     """Draw the study's figures from its trials and save them to its dashboard page."""
     views = trial_views(study)
     figures = [pruning_accuracy(views), taus_over_epochs(views), epoch_seconds(views)]
@@ -172,22 +171,22 @@ def publish(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
         figures.append(learning_curves(views))
         ids.append(CURVES_ID)
     for figure_id, figure in zip(ids, figures, strict=True):
-        save_figure(study, storage, figure, figure_id)
+        save_figure(study, access, figure, figure_id)
 
 
 def save_figure(
-    study: optuna.Study, storage: optuna.storages.BaseStorage, figure: go.Figure, figure_id: str
+    study: optuna.Study, access: StudyAccess, figure: go.Figure, figure_id: str
 ) -> None:
     """``optuna_dashboard.save_plotly_graph_object(study, figure, graph_object_id=...)`` in
     one transaction: the same keys and chunks, but one commit instead of one per chunk (a
     figure of 5,000 trials is a hundred), and without reading every system attribute of the
     study (all its notes) to find the chunks of the figure's previous, longer version."""
     chunks, prefix = figure_attrs(figure.to_json(), figure_id)
-    set_study_system_attrs(rdb_of(storage), study_id(study), chunks, clear_prefix=prefix)
+    access.set_study_system_attrs(study_id(study), chunks, clear_prefix=prefix)
 
 
 def write_trial_note(
-    storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial, body: str
+    access: StudyAccess, study: optuna.Study, trial: optuna.Trial, body: str
 ) -> None:
     """Set the optuna-dashboard note of ``trial``, which has none yet, in one transaction.
 
@@ -198,4 +197,4 @@ def write_trial_note(
     version commit together: a reader never sees a version without its text.
     """
     attrs = first_note_attrs(body, trial_id(trial))
-    set_study_system_attrs(rdb_of(storage), study_id(study), attrs)
+    access.set_study_system_attrs(study_id(study), attrs)

@@ -8,7 +8,6 @@ are queued again and rerun with the same parameters and seed.
 
 from __future__ import annotations
 
-import datetime
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -19,17 +18,13 @@ from optuna.trial import TrialState
 
 from tauopt.errors import StorageError
 from tauopt.storage import (
+    OVER_BUDGET_ATTR,
     RetryPolicy,
+    StudyAccess,
     is_storage_error,
-    rdb_of,
-    running_trials,
-    set_trial_attrs,
-    stale_trial_ids,
+    over_budget,
     study_id,
-    study_lock,
-    trial_counts,
     trial_id,
-    with_heartbeat,
 )
 from tauopt.study._liveness import Heartbeat
 from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR
@@ -65,29 +60,28 @@ class FinishedElsewhereError(Exception):
 
 
 def fail_stale_trials(
-    study: optuna.Study, storage: optuna.storages.BaseStorage, grace_seconds: float
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    access: StudyAccess,
+    grace_seconds: float,
 ) -> list[tuple[int, str]]:
     """Fail and queue again every running trial that is dead: its heartbeat has been silent for
-    the grace period (Optuna's rule), or it never sent one and started more than the grace
-    period ago (its worker died between claiming it and its first heartbeat, or something
-    else ``ask()``-ed it). Returns (number, why) of the trials failed here."""
-    rdb = rdb_of(storage)
-    sid = study_id(study)
-    running = running_trials(rdb, sid)  # (number, start) by id, without the others
-    silent = set(stale_trial_ids(rdb, sid)) & set(running)
-    limit = datetime.datetime.now() - datetime.timedelta(seconds=grace_seconds)
-    old = [i for i, (_, start) in running.items() if start is not None and start < limit]
-    never = set(old) - silent - with_heartbeat(rdb, old)
+    the grace period, or it never sent one and started more than the grace period ago (its
+    worker died between claiming it and its first heartbeat, or something else ``ask()``-ed
+    it). Returns (number, why) of the trials failed here."""
     failed = []
-    for tid in sorted(silent | never):
-        why = "never sent a heartbeat" if tid in never else "its heartbeat went silent"
-        if requeue(study, storage, tid, None):
-            failed.append((running[tid][0], why))
+    for tid, (number, why) in sorted(access.dead_trials(study_id(study), grace_seconds).items()):
+        if requeue(study, storage, access, tid, None):
+            failed.append((number, why))
     return failed
 
 
 def requeue(
-    study: optuna.Study, storage: optuna.storages.BaseStorage, tid: int, reason: str | None
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    access: StudyAccess,
+    tid: int,
+    reason: str | None,
 ) -> bool:
     """Fail trial ``tid`` through no fault of its own and queue it again with the same
     parameters and seed (Optuna's retry callback, as for a dead worker's trial); the reason
@@ -99,9 +93,7 @@ def requeue(
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    callback = rdb_of(storage).get_heartbeat_stale_trial_callback()
-    if callback is not None:
-        callback(study, storage.get_trial(tid))
+    access.retry(study, storage.get_trial(tid))
     return True
 
 
@@ -118,8 +110,9 @@ class Ledger:
         retry: RetryPolicy,
         heartbeat: Heartbeat,
         say: Callable[[str], None],
+        access: StudyAccess,
     ) -> None:
-        self.study, self.storage, self.grace = study, storage, grace
+        self.study, self.storage, self.grace, self.access = study, storage, grace, access
         self.retry, self.heartbeat, self.say = retry, heartbeat, say
         self.n_trials = 0
         self._held: dict[int, optuna.Trial] = {}  # claimed and not yet booked, by trial id
@@ -144,7 +137,7 @@ class Ledger:
 
     def _claim_some(self, k: int) -> tuple[list[Claim], bool]:
         def take() -> tuple[list[Claim], bool]:
-            with study_lock(rdb_of(self.storage), self.study.study_name):
+            with self.access.lock(self.study.study_name):
                 return self._claim_locked(k)
 
         result = self.retry.call("claiming trials", take, self.say)
@@ -154,14 +147,14 @@ class Ledger:
         """Under the study lock: fail dead trials, then take trials while the budget allows,
         for at most :data:`CLAIM_HOLD_SECONDS`."""
         start = time.monotonic()
-        for number, why in fail_stale_trials(self.study, self.storage, self.grace):
+        for number, why in fail_stale_trials(self.study, self.storage, self.access, self.grace):
             self.say(f"trial {number} {why} for {self.grace:g} s: failed and queued again")
         sid = study_id(self.study)
         # `tauopt create --n-trials` may raise the budget while workers run.
         attrs = self.storage.get_study_user_attrs(sid)
         self.n_trials = int(attrs[CONFIG_ATTR]["study"]["n_trials"])
         # Counted in the database, not by reading every trial of the study.
-        counts, own = trial_counts(rdb_of(self.storage), sid, failed_with_attr=FAIL_REASON_ATTR)
+        counts, own = self.access.counts(sid, failed_with_attr=FAIL_REASON_ATTR)
         used, waiting, done = (
             budget_used(counts, own),
             counts.get("WAITING", 0),
@@ -174,7 +167,10 @@ class Ledger:
                 waiting -= 1
             else:
                 used += 1
-            claims.append(Claim(self._ask(), done + len(claims) + 1))
+            trial = self._ask()
+            if not self.access.locks and self._past_budget(trial):
+                break
+            claims.append(Claim(trial, done + len(claims) + 1))
             if time.monotonic() - start > CLAIM_HOLD_SECONDS:
                 break
         return claims, bool(claims) or counts.get("RUNNING", 0) > 0
@@ -191,11 +187,24 @@ class Ledger:
         # without one. If it fails, the trial is still ours (asking again would leave it
         # orphaned): the heartbeat thread records it within an interval.
         try:
-            rdb_of(self.storage).record_heartbeat(tid)
+            self.access.beat(tid)
         except Exception as e:
             if not is_storage_error(e):
                 raise
         return trial
+
+    def _past_budget(self, trial: optuna.Trial) -> bool:
+        """Without a lock (through the proxy): a new trial whose predecessors already use the
+        budget fails itself, using none of it, and claiming stops."""
+        sid, tid = study_id(self.study), trial_id(trial)
+        trials = self.storage.get_all_trials(sid, deepcopy=False)
+        mine = next(t for t in trials if t.number == trial.number)
+        if not over_budget(trials, mine, self.n_trials, FAIL_REASON_ATTR):
+            return False
+        self.storage.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
+        self.storage.set_trial_state_values(tid, state=TrialState.FAIL)
+        self._release(trial)
+        return True
 
     # -- booking -------------------------------------------------------------------------
 
@@ -218,9 +227,7 @@ class Ledger:
         tid = trial_id(trial)
         self.guarded(
             "storing the metrics",
-            lambda: set_trial_attrs(
-                rdb_of(self.storage), tid, user=dict(attrs), system=dict(system)
-            ),
+            lambda: self.access.set_trial_attrs(tid, user=dict(attrs), system=dict(system)),
         )
         self.finish(trial, values, TrialState.COMPLETE)
 
@@ -255,7 +262,7 @@ class Ledger:
         try:
             done = policy.call(
                 "queueing the trial again",
-                lambda: requeue(self.study, self.storage, tid, reason),
+                lambda: requeue(self.study, self.storage, self.access, tid, reason),
                 self.say,
             )
         except StorageError as e:

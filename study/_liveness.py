@@ -8,9 +8,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType, TracebackType
 
-import optuna
-
-from tauopt.storage import root_message
+from tauopt.storage import StudyAccess, root_message
 
 
 class WorkerStopped(BaseException):
@@ -55,15 +53,10 @@ class Heartbeat:
     the trial and retries it, and this worker drops its result.
     """
 
-    def __init__(
-        self,
-        storage: optuna.storages.RDBStorage,
-        interval: float,
-        log: Callable[[str], None],
-    ) -> None:
+    def __init__(self, access: StudyAccess, interval: float, log: Callable[[str], None]) -> None:
         self._trial_ids: list[int] = []
         self._lock = threading.Lock()
-        self._storage, self._interval, self._log = storage, interval, log
+        self._access, self._interval, self._log = access, interval, log
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tauopt-heartbeat")
 
@@ -74,7 +67,7 @@ class Heartbeat:
                 ids = list(self._trial_ids)
             try:
                 for trial_id in ids:
-                    self._storage.record_heartbeat(trial_id)
+                    self._access.beat(trial_id)
             except Exception as e:
                 if not failing:
                     self._log(f"heartbeat failed ({root_message(e)}); trying again every "

@@ -12,11 +12,11 @@ from typing import Any
 import optuna
 
 from tauopt.engine import TrainConfig, group_key
-from tauopt.storage import trial_id
+from tauopt.storage import RETRIED_FROM, trial_id
 from tauopt.study._config import StudyConfig
 from tauopt.study._ledger import Claim, Ledger
 from tauopt.study._objective import suggest_config
-from tauopt.study._record import RETRIED_FROM_SYSTEM_ATTR, WORKER_ATTR, grid_config
+from tauopt.study._record import WORKER_ATTR, grid_config
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Planner:
         stored: Any = self.ledger.db(
             "reading the trial", lambda: self.ledger.storage.get_trial(trial_id(trial))
         )
-        seed = int(stored.system_attrs.get(RETRIED_FROM_SYSTEM_ATTR, trial.number))
+        seed = int(stored.system_attrs.get(RETRIED_FROM, trial.number))
         fixed = grid_config(stored.user_attrs)
         if fixed is not None:
             self._suggest_coordinates(trial)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import optuna
 
+from tauopt.storage import StudyAccess
 from tauopt.study._figures import publish, write_trial_note
 from tauopt.study._record import TrialRecord
 from tauopt.study._views import trial_note, view_of
@@ -24,34 +25,23 @@ class Publisher:
     grows with the study), and once more when the worker ends."""
 
     def __init__(
-        self,
-        study: optuna.Study,
-        storage: optuna.storages.BaseStorage,
-        say: Callable[[str], None],
+        self, study: optuna.Study, access: StudyAccess, say: Callable[[str], None]
     ) -> None:
-        self.study, self.storage, self.say = study, storage, say
+        self.study, self.access, self.say = study, access, say
         self._published = -PUBLISH_EVERY  # the first completed trial publishes the figures
         self._every = PUBLISH_EVERY
 
     def trial(self, trial: optuna.Trial, record: TrialRecord, *, feasible: bool) -> None:
         """Note ``trial`` and, if it is time, redraw the figures."""
-        self._courtesy(
-            lambda: write_trial_note(
-                self.storage,
-                self.study,
-                trial,
-                trial_note(
-                    view_of(trial.number, record, feasible=feasible, params=dict(trial.params))
-                ),
-            )
-        )
+        view = view_of(trial.number, record, feasible=feasible, params=dict(trial.params))
+        self._courtesy(lambda: write_trial_note(self.access, self.study, trial, trial_note(view)))
         if time.monotonic() - self._published >= self._every:
             self.figures()
 
     def figures(self) -> None:
         """Redraw the study's figures now."""
         start = time.monotonic()
-        self._courtesy(lambda: publish(self.study, self.storage))
+        self._courtesy(lambda: publish(self.study, self.access))
         self._published = time.monotonic()
         self._every = max(PUBLISH_EVERY, 20 * (self._published - start))
 

@@ -27,8 +27,6 @@ WORKER_ATTR = "worker"
 GRID_CONFIG_ATTR = "grid_config"
 GRID_POINT_ATTR = "grid_point"
 GRID_ID_ATTR = "grid_id"
-#: Optuna's system attribute of a retried trial: the number of the trial it retries.
-RETRIED_FROM_SYSTEM_ATTR = "failed_trial"
 #: A trial's (validation accuracy, active parameters) at a rung of ``stop_trials = "dominated"``.
 _RUNG_PREFIX = "rung_"
 #: Input width and classes of the studies stored before they were recorded: MNIST's.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 
-from tauopt.storage import storage_of
+from tauopt.storage import access, storage_of
 from tauopt.study._evidence import SOON_SHARE, Factor, difference, epochs_to, pairs
 from tauopt.study._figures import publish
 from tauopt.study._plots import (
@@ -312,5 +312,5 @@ def write_report(study: optuna.Study, out: Path) -> list[Path]:
     lines = _grid_report(study, views, out) if grid else _search_report(study, views, out)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    publish(study, storage_of(study))
+    publish(study, access(storage_of(study)))
     return [*sorted(out.glob("*.png")), report]

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from tauopt.engine import EpochStats, RawDataset, TrainResult, partial_result, train_population
 from tauopt.errors import StorageError, TauoptError
-from tauopt.storage import constraint_key, is_storage_error, rdb_of, set_trial_attrs, trial_id
+from tauopt.storage import constraint_key, is_storage_error, trial_id
 from tauopt.study._checkpoint import save_checkpoint
 from tauopt.study._config import StudyConfig, stop_rule
 from tauopt.study._ledger import Claim, FinishedElsewhereError, Ledger
@@ -202,8 +202,8 @@ class Runner:
             )
             self.ledger.guarded(
                 "storing the metrics",
-                lambda: set_trial_attrs(
-                    rdb_of(self.ledger.storage), trial_id(trial), user=record.to_attrs()
+                lambda: self.ledger.access.set_trial_attrs(
+                    trial_id(trial), user=record.to_attrs(), system={}
                 ),
             )
         self.ledger.finish(trial, None, TrialState.PRUNED)

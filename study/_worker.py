@@ -29,9 +29,9 @@ from tauopt.storage import (
     RetryPolicy,
     StorageSettings,
     WindowedTPESampler,
+    access,
     artifact_store,
     open_storage,
-    rdb_of,
 )
 from tauopt.study._config import GRID_OBJECTIVE, parse_config, stop_rule
 from tauopt.study._create import quiet_optuna
@@ -126,6 +126,7 @@ class Worker:
             "loading the study", lambda: _load_study(self.storage, study_name, self.sampler_seed)
         )
         self.config = parse_config(self.study.user_attrs[CONFIG_ATTR])
+        self.access = access(self.storage, max_retry=settings.max_retry)
         self.grace = settings.grace_period or 2 * settings.heartbeat_interval
         self._datasets: dict[str, RawDataset] = {}
 
@@ -164,7 +165,7 @@ class Worker:
         """
         counts: Counter[Outcome] = Counter()
         stopped = None
-        heartbeat = Heartbeat(rdb_of(self.storage), self.settings.heartbeat_interval, self._say)
+        heartbeat = Heartbeat(self.access, self.settings.heartbeat_interval, self._say)
         ledger = Ledger(
             self.study,
             self.storage,
@@ -172,8 +173,9 @@ class Worker:
             retry=self.options.retry,
             heartbeat=heartbeat,
             say=self._say,
+            access=self.access,
         )
-        publisher = Publisher(self.study, self.storage, self._say)
+        publisher = Publisher(self.study, self.access, self._say)
         with stop_on_signals(), heartbeat:
             try:
                 self._loop(ledger, publisher, counts)

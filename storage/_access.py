@@ -1,0 +1,190 @@
+"""What a worker needs of its storage beyond Optuna's public storage API, in two kinds.
+
+* :class:`DirectAccess`, on a database (SQLite, PostgreSQL): the fast path. Claims under a
+  lock, trials counted in SQL, Optuna's heartbeat table, many attributes in one transaction
+  (all from :mod:`tauopt.storage._optuna`).
+* :class:`ProxyAccess`, through Optuna's gRPC storage proxy (``grpc://HOST:PORT``), where only
+  the public storage API reaches the database: no lock (a new trial past the budget fails
+  itself, see :func:`over_budget`), counts from the proxy's cached trials, heartbeats as a
+  trial system attribute stamped with the worker's clock (the hosts' clocks must agree within
+  the grace period, as NTP keeps them), attributes one call each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tauopt.storage import _optuna as private
+from tauopt.storage._rdb import study_lock
+
+#: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
+HEARTBEAT_ATTR = "tauopt:heartbeat"
+#: A new trial that found the budget spent, failed by itself (it uses no budget).
+OVER_BUDGET_ATTR = "tauopt:over_budget"
+_COUNTED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+
+
+class StudyAccess(Protocol):
+    """The storage operations of a worker that Optuna's storage API does not offer as such."""
+
+    #: Whether claims are serialised by a lock (else a new trial checks its own place).
+    locks: bool
+
+    def lock(self, study_name: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def counts(self, study_id: int, *, failed_with_attr: str) -> tuple[dict[str, int], int]: ...
+
+    def dead_trials(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]: ...
+
+    def beat(self, trial_id: int) -> None: ...
+
+    def set_trial_attrs(
+        self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
+    ) -> None: ...
+
+    def set_study_system_attrs(
+        self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None
+    ) -> None: ...
+
+    def retry(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
+
+
+class DirectAccess:
+    """The fast path on a database."""
+
+    locks = True
+
+    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
+        self.rdb = private.rdb_of(storage)
+
+    def lock(self, study_name: str) -> contextlib.AbstractContextManager[None]:
+        return study_lock(self.rdb, study_name)
+
+    def counts(self, study_id: int, *, failed_with_attr: str) -> tuple[dict[str, int], int]:
+        return private.trial_counts(self.rdb, study_id, failed_with_attr=failed_with_attr)
+
+    def dead_trials(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]:
+        """Running trials whose heartbeat went silent (Optuna's rule), or that never sent one
+        and started more than ``grace`` seconds ago: id -> (number, why)."""
+        running = private.running_trials(self.rdb, study_id)
+        silent = set(private.stale_trial_ids(self.rdb, study_id)) & set(running)
+        limit = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+        old = [i for i, (_, start) in running.items() if start is not None and start < limit]
+        never = set(old) - silent - private.with_heartbeat(self.rdb, old)
+        out = {i: (running[i][0], "its heartbeat went silent") for i in silent}
+        out.update({i: (running[i][0], "never sent a heartbeat") for i in never})
+        return out
+
+    def beat(self, trial_id: int) -> None:
+        self.rdb.record_heartbeat(trial_id)
+
+    def set_trial_attrs(
+        self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
+    ) -> None:
+        private.set_trial_attrs(self.rdb, trial_id, user=user, system=system)
+
+    def set_study_system_attrs(
+        self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None
+    ) -> None:
+        private.set_study_system_attrs(self.rdb, study_id, attrs, clear_prefix=clear_prefix)
+
+    def retry(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        callback = self.rdb.get_heartbeat_stale_trial_callback()
+        if callback is not None:
+            callback(study, trial)
+
+
+class ProxyAccess:
+    """Through Optuna's gRPC storage proxy: the public storage API only."""
+
+    locks = False
+
+    def __init__(self, storage: optuna.storages.BaseStorage, *, max_retry: int) -> None:
+        self.storage = storage
+        self.callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    @contextlib.contextmanager
+    def lock(self, study_name: str) -> Iterator[None]:
+        yield  # nothing to lock: a new trial past the budget fails itself
+
+    def counts(self, study_id: int, *, failed_with_attr: str) -> tuple[dict[str, int], int]:
+        trials = self.storage.get_all_trials(study_id, deepcopy=False)
+        return state_counts(trials), sum(
+            t.state == TrialState.FAIL and failed_with_attr in t.user_attrs for t in trials
+        )
+
+    def dead_trials(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]:
+        now = time.time()
+        running = self.storage.get_all_trials(
+            study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
+        out = {}
+        for t in running:
+            beat = t.system_attrs.get(HEARTBEAT_ATTR)
+            if beat is None:
+                start = t.datetime_start.timestamp() if t.datetime_start else now
+                if now - start > grace:
+                    out[private.trial_id(t)] = (t.number, "never sent a heartbeat")
+            elif now - float(beat) > grace:
+                out[private.trial_id(t)] = (t.number, "its heartbeat went silent")
+        return out
+
+    def beat(self, trial_id: int) -> None:
+        self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def set_trial_attrs(
+        self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
+    ) -> None:
+        for key, value in user.items():
+            self.storage.set_trial_user_attr(trial_id, key, value)
+        for key, value in system.items():
+            self.storage.set_trial_system_attr(trial_id, key, value)
+
+    def set_study_system_attrs(
+        self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None
+    ) -> None:
+        if clear_prefix is not None:
+            stale = self.storage.get_study_system_attrs(study_id)
+            for key in stale:
+                if key.startswith(clear_prefix) and key not in attrs:
+                    self.storage.set_study_system_attr(study_id, key, "")
+        for key, value in attrs.items():
+            self.storage.set_study_system_attr(study_id, key, value)
+
+    def retry(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.callback(study, trial)
+
+
+def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def over_budget(
+    trials: list[FrozenTrial], trial: FrozenTrial, n_trials: int, failed_with_attr: str
+) -> bool:
+    """Whether ``trial``, new (not enqueued, not a retry), came past the budget: the trials
+    numbered before it already use all of it. Numbers are assigned by the storage, so workers
+    that ask at the same moment agree on who came last."""
+    if not private.is_new(trial):
+        return False
+    before = [t for t in trials if t.number < trial.number and OVER_BUDGET_ATTR not in t.user_attrs]
+    used = sum(t.state.name in _COUNTED for t in before)
+    used += sum(t.state == TrialState.FAIL and failed_with_attr in t.user_attrs for t in before)
+    return used >= n_trials
+
+
+def access(storage: optuna.storages.BaseStorage, *, max_retry: int = 3) -> StudyAccess:
+    """The access of ``storage``: direct on a database, else through the proxy."""
+    if private.is_rdb(storage):
+        return DirectAccess(storage)
+    return ProxyAccess(storage, max_retry=max_retry)
