@@ -36,6 +36,7 @@ from tauopt.storage._optuna import (
     trial_id,
     with_heartbeat,
 )
+from tauopt.storage._proxy import serve as serve_proxy
 from tauopt.storage._rdb import (
     ARTIFACTS_ENV,
     MAX_STUDY_NAME,
@@ -87,6 +88,7 @@ __all__ = [
     "resolve_url",
     "root_message",
     "running_trials",
+    "serve_proxy",
     "set_study_system_attrs",
     "set_trial_attrs",
     "stale_trial_ids",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -108,7 +109,9 @@ class ProxyAccess:
 
     def __init__(self, storage: optuna.storages.BaseStorage, *, max_retry: int) -> None:
         self.storage = storage
-        self.callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        with warnings.catch_warnings():  # experimental; relied on knowingly, as on a database
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     @contextlib.contextmanager
     def lock(self, study_name: str) -> Iterator[None]:

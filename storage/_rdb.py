@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from tauopt.errors import ConfigError, StorageError
+from tauopt.storage._proxy import is_proxy_url, open_proxy
 from tauopt.storage._retry import root_message
 
 #: Environment variable that names the storage when ``--storage`` is not given.
@@ -56,6 +57,8 @@ def redact(url: str) -> str:
 
 
 def _sqlite_path(url: str) -> Path | None:
+    if is_proxy_url(url):
+        return None
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return None
@@ -152,12 +155,14 @@ def _connect_args(url: str) -> dict[str, Any]:
 def normalize_url(url: str) -> str:
     """``url`` with PostgreSQL's driver named: SQLAlchemy 2.1 takes a plain ``postgresql://``
     for psycopg 3, which tauopt does not install; psycopg2 is its driver."""
+    if is_proxy_url(url):
+        return url
     try:
         parsed = make_url(url)
     except sa_exc.ArgumentError as e:
         raise ConfigError(
             f"{url!r} is not a database URL: use sqlite:///path.db or "
-            "postgresql://user:password@host/db"
+            "postgresql://user:password@host/db, or a proxy's grpc://host:port"
         ) from e
     if parsed.drivername == "postgresql":
         return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
@@ -166,13 +171,16 @@ def normalize_url(url: str) -> str:
 
 def open_storage(
     settings: StorageSettings, *, create_schema: bool = True
-) -> optuna.storages.RDBStorage:
-    """An Optuna RDB storage for ``settings.url``, with heartbeats and stale-trial retries.
+) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage for ``settings.url``, with heartbeats and stale-trial retries, or
+    the client of a proxy for a ``grpc://HOST:PORT`` URL.
 
     ``create_schema=False`` is for workers and readers: they never create tables. With
     ``create_schema=True`` the tables are made under a lock of the whole database, so that any
     number of processes may create studies on a fresh database at the same moment.
     """
+    if is_proxy_url(settings.url):
+        return open_proxy(settings.url)
     url = normalize_url(settings.url)
     engine_kwargs: dict[str, object] = {}
     db = _sqlite_path(url)

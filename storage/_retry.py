@@ -62,6 +62,9 @@ def root_message(error: BaseException) -> str:
     """The first line of the innermost database error (Optuna's own wrapper says only
     "e.g. exceeding max length", whatever happened)."""
     for cause in reversed(_chain(error)):
+        if _grpc_code(cause) is not None:
+            details = getattr(cause, "details", None)
+            return f"proxy: {_grpc_code(cause)}: {details() if callable(details) else cause}"
         text = str(getattr(cause, "orig", None) or cause).strip()
         if text and isinstance(cause, (sa_exc.SQLAlchemyError, sqlite3.Error, OSError)):
             return text.splitlines()[0]
@@ -70,12 +73,26 @@ def root_message(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+#: gRPC status codes of a proxy that is away or busy (a restart): worth waiting for.
+_GRPC_PASSING = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
+
+
+def _grpc_code(error: BaseException) -> str | None:
+    """The status code's name of a gRPC error (the proxy's), else None."""
+    code = getattr(error, "code", None)
+    if type(error).__module__.split(".")[0] != "grpc" or not callable(code):
+        return None
+    return str(getattr(code(), "name", code()))
+
+
 def is_storage_error(error: BaseException) -> bool:
-    """Whether ``error`` came from the database (as opposed to the code that called it)."""
+    """Whether ``error`` came from the database or the proxy (as opposed to the code that
+    called it)."""
     return any(
         isinstance(
             c, (sa_exc.SQLAlchemyError, sqlite3.Error, optuna.exceptions.StorageInternalError)
         )
+        or _grpc_code(c) is not None
         for c in _chain(error)
     )
 
@@ -84,6 +101,9 @@ def is_transient(error: BaseException) -> bool:
     """A database failure that waiting may cure (the connection, not the request, failed)."""
     if not is_storage_error(error):
         return False
+    codes = {_grpc_code(c) for c in _chain(error)} - {None}
+    if codes:
+        return bool(codes & _GRPC_PASSING)
     message = root_message(error).lower()
     if any(text in message for text in _LASTING):
         return False

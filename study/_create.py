@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import optuna
 from tauopt.engine import load_dataset
 from tauopt.engine._data import check_split_sizes, is_arrays
 from tauopt.errors import ConfigError
-from tauopt.storage import StorageSettings, open_storage, study_id, study_lock, trial_counts
+from tauopt.storage import StorageSettings, access, open_storage, study_id
 from tauopt.study._config import StudyConfig, parse_config
 from tauopt.study._ledger import budget_used
 from tauopt.study._objective import DIRECTIONS, METRIC_NAMES
@@ -65,7 +66,7 @@ def create_study(
     storage = open_storage(settings, create_schema=True)
     # Under the study's lock: processes that create the same study at the same moment see it
     # either absent or complete with its config, never in between.
-    with study_lock(storage, study_name):
+    with access(storage).lock(study_name):
         try:
             study = optuna.create_study(
                 storage=storage, study_name=study_name, directions=DIRECTIONS[config.objective]
@@ -81,10 +82,23 @@ def create_study(
     return study
 
 
+def _stored_config(
+    storage: optuna.storages.BaseStorage, study: optuna.Study
+) -> dict[str, Any] | None:
+    """The study's stored config. Without a lock (through the proxy) the process that made the
+    study may not have stored it yet: wait a little for it."""
+    for _ in range(20):
+        stored = storage.get_study_user_attrs(study_id(study)).get(CONFIG_ATTR)
+        if stored is not None or access(storage).locks:
+            return stored
+        time.sleep(0.25)
+    return None
+
+
 def _update_existing(
-    storage: optuna.storages.RDBStorage, study: optuna.Study, study_name: str, config: StudyConfig
+    storage: optuna.storages.BaseStorage, study: optuna.Study, study_name: str, config: StudyConfig
 ) -> None:
-    stored = study.user_attrs.get(CONFIG_ATTR)
+    stored = _stored_config(storage, study)
     new = config.to_dict()
     if stored is None:
         raise ConfigError(
@@ -104,7 +118,9 @@ def _update_existing(
             "study: put the other keys back, or start a new study with another --study name "
             "(TAUOPT_STUDY in .env under docker compose)"
         )
-    counts, own_failures = trial_counts(storage, study_id(study), failed_with_attr=FAIL_REASON_ATTR)
+    counts, own_failures = access(storage).counts(
+        study_id(study), failed_with_attr=FAIL_REASON_ATTR
+    )
     used = budget_used(counts, own_failures)
     if config.n_trials < used:
         raise ConfigError(

@@ -27,6 +27,9 @@ WORKER_ATTR = "worker"
 GRID_CONFIG_ATTR = "grid_config"
 GRID_POINT_ATTR = "grid_point"
 GRID_ID_ATTR = "grid_id"
+#: A second copy of a grid run, enqueued at the same moment by another process: failed, with
+#: the number of the run it copies.
+DUPLICATE_ATTR = "duplicate_of"
 #: A trial's (validation accuracy, active parameters) at a rung of ``stop_trials = "dominated"``.
 _RUNG_PREFIX = "rung_"
 #: Input width and classes of the studies stored before they were recorded: MNIST's.

@@ -11,6 +11,7 @@ coordinates: the factors that tell it from the others, which the report pairs ru
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -21,11 +22,11 @@ import optuna
 
 from tauopt.engine import TrainConfig
 from tauopt.errors import ConfigError
-from tauopt.storage import StorageSettings, rdb_of, storage_of, study_id, study_lock
+from tauopt.storage import StorageSettings, access, storage_of, study_id, trial_id
 from tauopt.study._config import parse_config
 from tauopt.study._create import create_study
 from tauopt.study._objective import STUDY_DATA_SEED
-from tauopt.study._record import GRID_CONFIG_ATTR, GRID_ID_ATTR, GRID_POINT_ATTR
+from tauopt.study._record import DUPLICATE_ATTR, GRID_CONFIG_ATTR, GRID_ID_ATTR, GRID_POINT_ATTR
 
 #: Study user attribute: the grid's settings, and whether every run is enqueued.
 REPRODUCE_ATTR = "tauopt_reproduce"
@@ -242,7 +243,7 @@ def enqueue_grid(
     )
     study = create_study(settings, study_name, config)
     storage = storage_of(study)
-    with study_lock(rdb_of(storage), study_name):
+    with access(storage).lock(study_name):
         stored = storage.get_study_user_attrs(study_id(study)).get(REPRODUCE_ATTR)
         if stored is not None and stored["spec"] != spec:
             raise ConfigError(
@@ -265,7 +266,23 @@ def enqueue_grid(
                 skip_if_exists=False,
             )
         study.set_user_attr(REPRODUCE_ATTR, {"spec": spec, "complete": True})
+    if not access(storage).locks:
+        _drop_duplicates(study, storage)
     return study, len(missing)
+
+
+def _drop_duplicates(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Without a lock (through the proxy), processes that enqueue at the same moment can both
+    add a run: the first of each run stays, a waiting copy is failed (it uses no budget)."""
+    first: dict[str, int] = {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        key = t.user_attrs.get(GRID_ID_ATTR)
+        if key is None or first.setdefault(key, t.number) == t.number:
+            continue
+        if t.state == optuna.trial.TrialState.WAITING:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_user_attr(trial_id(t), DUPLICATE_ATTR, first[key])
+                storage.set_trial_state_values(trial_id(t), state=optuna.trial.TrialState.FAIL)
 
 
 def _short(spec: dict[str, Any]) -> str:

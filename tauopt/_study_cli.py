@@ -301,6 +301,23 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
     p.set_defaults(handler=_cmd_report)
 
     p = parser(
+        "proxy",
+        "serve a database to workers through Optuna's gRPC storage proxy",
+        "Serve the database of --storage through Optuna's gRPC storage proxy, with Optuna's "
+        "cache in front of it: every command then takes --storage grpc://HOST:PORT, and a "
+        "worker host needs only that address, no database credentials. The proxy holds the "
+        "database connections, so hundreds of workers share a few.",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="the database to serve (default: $TAUOPT_STORAGE, else sqlite:///./tauopt.db)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address")
+    p.add_argument("--port", type=int, default=13000, help="port")
+    p.set_defaults(handler=_cmd_proxy)
+
+    p = parser(
         "dashboard",
         "optuna-dashboard on the same storage and artifacts",
         "optuna-dashboard on the same storage and artifacts. It answers only requests for "
@@ -652,4 +669,20 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         server.serve_forever()
     finally:
         server.server_close()
+    return 0
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from tauopt.storage import StorageSettings, open_storage, redact, resolve_url, serve_proxy
+
+    url = resolve_url(args.storage)
+    if url.startswith("grpc://"):
+        raise ConfigError(f"--storage {url}: the proxy serves a database, not another proxy")
+    storage = open_storage(StorageSettings(url=url), create_schema=True)
+    print(
+        f"proxy for {redact(url)} on grpc://{args.host}:{args.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve_proxy(storage, args.host, args.port)
     return 0
