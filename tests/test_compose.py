@@ -69,7 +69,8 @@ def resolved(tmp_path: Path) -> dict[str, Any]:
 
 def test_file_is_valid_and_complete(resolved: dict[str, Any], tmp_path: Path) -> None:
     services = resolved["services"]
-    assert {"db", "create", "data", "worker", "worker-gpu", "dashboard"} <= set(services)
+    assert {"db", "create", "data", "worker", "worker-gpu", "proxy", "dashboard"} <= set(services)
+    assert services["proxy"]["command"][0] == "proxy" and "ports" not in services["proxy"]
     assert "healthcheck" in services["db"] and "pgdata" in resolved["volumes"]
     assert services["create"]["depends_on"]["db"]["condition"] == "service_healthy"
     for name in ("worker", "worker-gpu"):
@@ -209,7 +210,7 @@ def _process_output(service: dict[str, Any], code: str) -> str:
 def test_multihost_files_are_valid(tmp_path: Path) -> None:
     env_file = tmp_path / "compose.env"
     env_file.write_text(
-        "POSTGRES_USER=u\nPOSTGRES_PASSWORD=p\nPOSTGRES_DB=d\nTAUOPT_DB_HOST=db.example\n"
+        "POSTGRES_USER=u\nPOSTGRES_PASSWORD=p\nPOSTGRES_DB=d\nTAUOPT_PROXY_HOST=main.example\n"
         "TAUOPT_ARTIFACTS_DIR=/srv/tauopt-artifacts\n"
     )
     main = _compose(
@@ -219,10 +220,45 @@ def test_multihost_files_are_valid(tmp_path: Path) -> None:
     )
     assert main.returncode == 0, main.stderr
     config = yaml.safe_load(main.stdout)
-    assert any("5432" in str(p) for p in config["services"]["db"]["ports"])
+    assert any("13000" in str(p) for p in config["services"]["proxy"]["ports"])
+    assert "ports" not in config["services"]["db"]  # the database stays inside
     assert config["volumes"]["artifacts"]["driver_opts"]["device"] == "/srv/tauopt-artifacts"
     remote = _compose("config", env_file=env_file, files=("docker-compose.worker.yml",))
     assert remote.returncode == 0, remote.stderr
     services = yaml.safe_load(remote.stdout)["services"]
     assert set(services) == {"data", "worker"}
-    assert services["worker"]["environment"]["PGHOST"] == "db.example"
+    environment = services["worker"]["environment"]
+    assert environment["TAUOPT_STORAGE"] == "grpc://main.example:13000"
+    assert not [k for k in environment if k.startswith(("PG", "POSTGRES"))]  # no credentials
+
+
+def test_a_worker_host_needs_only_the_proxys_address(
+    resolved: dict[str, Any], tmp_path: Path, data_dir: Path
+) -> None:
+    """The main host's create and proxy services, and the worker of docker-compose.worker.yml
+    with nothing but the proxy's address: the study runs to its budget."""
+    services = resolved["services"]
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "study.toml").write_text(SMALL)
+    volumes = {"/config": config_dir, "/artifacts": tmp_path / "artifacts", "/data": data_dir}
+    assert _process(services["create"], volumes).wait(timeout=120) == 0
+    proxy = _process(services["proxy"], volumes, stderr=subprocess.PIPE)
+    try:
+        env_file = tmp_path / "worker.env"
+        env_file.write_text(
+            f"TAUOPT_PROXY_HOST=127.0.0.1\nTAUOPT_STUDY={resolved['study']}\n"
+            f"TAUOPT_ARTIFACTS_DIR={tmp_path / 'artifacts'}\n"
+        )
+        remote = _compose("config", env_file=env_file, files=("docker-compose.worker.yml",))
+        assert remote.returncode == 0, remote.stderr
+        worker = yaml.safe_load(remote.stdout)["services"]["worker"]
+        time.sleep(5)  # the proxy starts listening
+        run = _process(worker, volumes, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = run.communicate(timeout=300)[0]
+        assert run.returncode == 0, out
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+    study = optuna.load_study(study_name=resolved["study"], storage=LOCAL_PG)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
