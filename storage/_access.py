@@ -109,6 +109,7 @@ class ProxyAccess:
 
     def __init__(self, storage: optuna.storages.BaseStorage, *, max_retry: int) -> None:
         self.storage = storage
+        self._read: tuple[int, float, list[FrozenTrial]] | None = None
         with warnings.catch_warnings():  # experimental; relied on knowingly, as on a database
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
@@ -117,17 +118,24 @@ class ProxyAccess:
     def lock(self, study_name: str) -> Iterator[None]:
         yield  # nothing to lock: a new trial past the budget fails itself
 
+    def _trials(self, study_id: int) -> list[FrozenTrial]:
+        """The study's trials, read once for a claim's checks (a claim first fails dead
+        trials, then counts: one read of the proxy's cache serves both)."""
+        now = time.monotonic()
+        if self._read is None or self._read[0] != study_id or now - self._read[1] > 0.5:
+            self._read = (study_id, now, self.storage.get_all_trials(study_id, deepcopy=False))
+        return self._read[2]
+
     def counts(self, study_id: int, *, failed_with_attr: str) -> tuple[dict[str, int], int]:
-        trials = self.storage.get_all_trials(study_id, deepcopy=False)
+        trials = self._trials(study_id)
         return state_counts(trials), sum(
             t.state == TrialState.FAIL and failed_with_attr in t.user_attrs for t in trials
         )
 
     def dead_trials(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]:
         now = time.time()
-        running = self.storage.get_all_trials(
-            study_id, deepcopy=False, states=(TrialState.RUNNING,)
-        )
+        self._read = None  # a claim starts here: read afresh
+        running = [t for t in self._trials(study_id) if t.state == TrialState.RUNNING]
         out = {}
         for t in running:
             beat = t.system_attrs.get(HEARTBEAT_ATTR)
@@ -140,7 +148,13 @@ class ProxyAccess:
         return out
 
     def beat(self, trial_id: int) -> None:
-        self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        try:
+            self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # it finished between the worker's last look and this beat
+        except Exception as e:
+            if "already finished" not in str(e):
+                raise
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]

@@ -1,0 +1,282 @@
+"""Hundreds of workers on one study, simulated: the real worker code (claim, heartbeats,
+attributes, model upload, tell), only the training replaced by a sleep of S seconds and a tiny
+model. Workers are threads, spread over a few processes.
+
+It makes a database of its own on the PostgreSQL server of ``--postgres`` (a superuser URL),
+owned by a role limited to ``--connection-limit`` connections, and runs the workers on it
+directly (``--via direct``) or through ``tauopt proxy`` (``--via proxy``). It reports trials
+per second, claim latency p50/p99, heartbeat lag (the longest gap between two heartbeats of a
+trial, less the interval), the peak of the role's connections, the errors, and whether the
+budget came out exact with nothing left running.
+
+    python benchmarks/many_workers.py --postgres postgresql://postgres@127.0.0.1/test \\
+        --workers 200 --trial-seconds 2 --via proxy [--processes 4] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+import torch
+
+HEARTBEAT = 5
+TINY = f"""
+[study]
+min_val_accuracy = 0.0
+[search]
+arch = "resnet"
+depth = 2
+width = 4
+[trial]
+epochs = 1
+train_size = 100
+val_size = 100
+[storage]
+heartbeat_interval = {HEARTBEAT}
+grace_period = 60
+"""
+
+
+def _fake_dataset() -> Any:
+    from tauopt.engine._data import ImageSet, RawDataset
+
+    gen = torch.Generator().manual_seed(0)
+    part = ImageSet(
+        torch.randint(0, 256, (300, 784), dtype=torch.uint8, generator=gen),
+        torch.randint(0, 10, (300,), generator=gen),
+    )
+    return RawDataset("mnist", part, part, 10, (28, 28))
+
+
+def _patch(seconds: float, claims: list[float], beats: dict[int, list[float]]) -> None:
+    """The training becomes a sleep and a tiny model's result; claims and heartbeats are timed."""
+    from tauopt.engine import TrainResult, build_model
+    from tauopt.study import _ledger, _runner, _worker
+
+    def train_population(configs: list[Any], dataset: Any, **_: Any) -> list[Any]:
+        time.sleep(seconds)
+        out = []
+        for config in configs:
+            model = build_model(config, 784, 10)
+            out.append(
+                TrainResult(
+                    config=config,
+                    device="cpu",
+                    val_accuracy=[0.5],
+                    test_accuracy=0.5,
+                    train_loss=[1.0],
+                    taus=model.taus.detach().tolist(),
+                    tau_history=[[0.5, 0.5]],
+                    active_blocks=2,
+                    active_block_ids=[0, 1],
+                    active_params=model.num_active_params(),
+                    pruned=[],
+                    epoch_seconds=[seconds],
+                    train_seconds=[seconds],
+                    model=model,
+                    initial_params=model.num_active_params(),
+                )
+            )
+        return out
+
+    _runner.train_population = train_population  # type: ignore[assignment]
+    dataset = _fake_dataset()
+    _worker.Worker.dataset = lambda self, name=None: dataset  # type: ignore[method-assign]
+    claim = _ledger.Ledger.claim
+
+    def timed_claim(self: Any, k: int) -> Any:
+        start = time.perf_counter()
+        try:
+            return claim(self, k)
+        finally:
+            claims.append(time.perf_counter() - start)
+
+    _ledger.Ledger.claim = timed_claim  # type: ignore[method-assign]
+    from tauopt.storage import _access
+
+    for kind in (_access.DirectAccess, _access.ProxyAccess):
+        real = kind.beat
+
+        def beat(self: Any, trial_id: int, real: Any = real) -> None:
+            real(self, trial_id)
+            beats.setdefault(trial_id, []).append(time.monotonic())
+
+        kind.beat = beat  # type: ignore[method-assign]
+
+
+def _process(url: str, study: str, threads: int, seconds: float, artifacts: str, out: Any) -> None:
+    from tauopt.storage import RetryPolicy, StorageSettings
+    from tauopt.study import Worker, WorkerOptions
+
+    claims: list[float] = []
+    beats: dict[int, list[float]] = {}
+    errors: list[str] = []
+    _patch(seconds, claims, beats)
+    settings = StorageSettings(url=url, heartbeat_interval=HEARTBEAT, grace_period=60)
+
+    def run(i: int) -> None:
+        try:
+            options = WorkerOptions(
+                artifact_dir=Path(artifacts),
+                device="cpu",
+                quiet=True,
+                sampler_seed=i,
+                retry=RetryPolicy(limit=120.0),
+                poll_seconds=1.0,
+            )
+            Worker(settings, study, options).run()
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+        time.sleep(0.01)
+    for t in pool:
+        t.join()
+    lags = [
+        max(b - a for a, b in itertools.pairwise(times)) - HEARTBEAT
+        for times in beats.values()
+        if len(times) > 1
+    ]
+    out.put({"claims": claims, "lags": lags, "errors": errors})
+
+
+def _connections(admin: str, role: str, peak: list[int], stop: threading.Event) -> None:
+    engine = sqlalchemy.create_engine(admin, poolclass=sqlalchemy.pool.NullPool)
+    query = sqlalchemy.text("SELECT COUNT(*) FROM pg_stat_activity WHERE usename = :r")
+    while not stop.wait(0.5):
+        with engine.connect() as conn:
+            peak.append(int(conn.execute(query, {"r": role}).scalar() or 0))
+    engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--postgres", required=True, help="a superuser URL of the server")
+    parser.add_argument("--workers", type=int, default=50)
+    parser.add_argument("--trial-seconds", type=float, default=2.0)
+    parser.add_argument("--trials-per-worker", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--connection-limit", type=int, default=20)
+    parser.add_argument("--via", choices=("direct", "proxy"), default="proxy")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from tauopt.storage import normalize_url
+
+    args.postgres = normalize_url(args.postgres)
+    tag = uuid.uuid4().hex[:6]
+    role, db = f"tauopt_bench_{tag}", f"tauopt_bench_{tag}"
+    admin = sqlalchemy.create_engine(args.postgres, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(
+            sqlalchemy.text(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT {args.connection_limit}")
+        )
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {db} OWNER {role}"))
+    server = sqlalchemy.engine.make_url(args.postgres)
+    database = server.set(username=role, password=None, database=db).render_as_string(
+        hide_password=False
+    )
+    n_trials = args.workers * args.trials_per_worker
+    proxy = None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tiny.toml").write_text(TINY)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tauopt",
+                "create",
+                "--storage",
+                database,
+                "--study",
+                "many",
+                "--config",
+                f"{tmp}/tiny.toml",
+                "--n-trials",
+                str(n_trials),
+            ],
+            check=True,
+        )
+        url = database
+        if args.via == "proxy":
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "tauopt", "proxy", "--storage", database, "--port", "13999"],
+                stderr=subprocess.DEVNULL,
+            )
+            url = "grpc://127.0.0.1:13999"
+            time.sleep(5)
+        peak: list[int] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=_connections, args=(args.postgres, role, peak, stop))
+        watcher.start()
+        queue: Any = multiprocessing.get_context("spawn").Queue()
+        share = [
+            args.workers // args.processes + (i < args.workers % args.processes)
+            for i in range(args.processes)
+        ]
+        start = time.monotonic()
+        procs = [
+            multiprocessing.get_context("spawn").Process(
+                target=_process, args=(url, "many", n, args.trial_seconds, f"{tmp}/a", queue)
+            )
+            for n in share
+        ]
+        for p in procs:
+            p.start()
+        parts = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        wall = time.monotonic() - start
+        stop.set()
+        watcher.join()
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait()
+    trials = optuna.load_study(study_name="many", storage=database).get_trials()
+    states = {s: sum(t.state.name == s for t in trials) for s in {t.state.name for t in trials}}
+    claims = sorted(c for p in parts for c in p["claims"])
+    lags = sorted(lag for p in parts for lag in p["lags"])
+    errors = [e for p in parts for e in p["errors"]]
+    summary = {
+        "via": args.via,
+        "workers": args.workers,
+        "processes": args.processes,
+        "trial_seconds": args.trial_seconds,
+        "connection_limit": args.connection_limit,
+        "n_trials": n_trials,
+        "wall_seconds": round(wall, 1),
+        "trials_per_second": round(states.get("COMPLETE", 0) / wall, 2),
+        "claim_p50_s": round(statistics.median(claims), 3) if claims else None,
+        "claim_p99_s": round(claims[int(0.99 * (len(claims) - 1))], 3) if claims else None,
+        "heartbeat_lag_max_s": round(lags[-1], 2) if lags else None,
+        "peak_connections": max(peak, default=0),
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "states": states,
+        "exact_budget": states.get("COMPLETE", 0) == n_trials and not states.get("RUNNING"),
+    }
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        conn.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
