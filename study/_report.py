@@ -74,6 +74,17 @@ MEASURES: tuple[tuple[str, str, _Measure], ...] = (
 )
 
 
+def _prunes(view: TrialView) -> bool:
+    return (view.grid or {}).get("pruning", "off") != "off"
+
+
+#: A measure's rows keep only the pairs where it can differ: blocks removed where either run
+#: prunes (elsewhere both are 0 by construction).
+_RELEVANT: dict[str, Callable[[TrialView, TrialView], bool]] = {
+    "Blocks removed by pruning": lambda b, o: _prunes(b) or _prunes(o),
+}
+
+
 def _row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -82,13 +93,18 @@ def _coords(view: TrialView) -> dict[str, object]:
     return dict(view.grid or {})
 
 
-def paired_rows(views: Sequence[TrialView], measure: _Measure, fmt: str) -> list[str]:
-    """One row per factor, network and dataset that has pairs."""
+def paired_rows(
+    views: Sequence[TrialView],
+    measure: _Measure,
+    fmt: str,
+    relevant: Callable[[TrialView, TrialView], bool] = lambda b, o: True,
+) -> list[str]:
+    """One row per factor, network and dataset that has (relevant) pairs."""
     rows = []
     for factor in FACTORS:
         for arch, dataset in panels(views):
             runs = pick(views, arch=arch, dataset=dataset)
-            found = pairs(runs, factor, _coords)
+            found = [(b, o) for b, o in pairs(runs, factor, _coords) if relevant(b, o)]
             if not found:
                 continue
             diffs = []
@@ -136,7 +152,7 @@ def _paired_section(views: Sequence[TrialView]) -> list[str]:
         "verdict",
     ]
     for title, fmt, measure in MEASURES:
-        rows = paired_rows(views, measure, fmt)
+        rows = paired_rows(views, measure, fmt, _RELEVANT.get(title, lambda b, o: True))
         lines += [f"### {title}", "", _row(*header), "|---" * len(header) + "|", *rows, ""]
     return lines
 
