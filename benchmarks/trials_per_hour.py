@@ -127,8 +127,13 @@ def baseline(
     threads: int,
     fixed: list[dict[str, Any]] | None = None,
     device: str = "cpu",
+    *,
+    timeout: float | None = None,
+    seed: int = 1,
+    keep_study: bool = False,
 ) -> dict[str, Any]:
-    """What a user would write: optimize() over the same space, the papers' training loop."""
+    """What a user would write: optimize() over the same space, the papers' training loop
+    (``trials`` of them, or as many as ``timeout`` seconds allow)."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
     config = load_config(REPO / "configs" / "study.toml")
@@ -170,18 +175,22 @@ def baseline(
 
         study = optuna.create_study(
             directions=DIRECTIONS[config.objective],
-            sampler=optuna.samplers.TPESampler(seed=1, constant_liar=True),
+            sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
         )
         for params in (fixed or [])[:trials]:
             study.enqueue_trial(params)
-        study.optimize(objective, n_trials=trials)
+        study.optimize(objective, n_trials=trials, timeout=timeout)
     seconds = time.perf_counter() - start
-    return {
+    ran = len(study.trials)
+    out: dict[str, Any] = {
         "variant": "baseline optimize()",
-        "trials": trials,
+        "trials": ran,
         "seconds": seconds,
-        "trials_per_hour": trials / seconds * 3600,
+        "trials_per_hour": ran / seconds * 3600,
     }
+    if keep_study:
+        out["study"] = study
+    return out
 
 
 def main() -> None:

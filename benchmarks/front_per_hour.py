@@ -1,0 +1,167 @@
+"""The front's quality over wall-clock time: the hypervolume of the feasible front (validation
+accuracy against the share of the reference network's parameters left) as trials finish.
+
+Runners, each for ``--seconds`` of wall time on the default study's search space and trial
+size (``configs/study.toml``), one after another for every sampler seed, their order rotating:
+
+* ``baseline``: ``optuna.create_study(...).optimize(objective)`` with the authors' style of
+  loop (see ``benchmarks/trials_per_hour.py``);
+* ``K=1``, ``K=16``: ``tauopt run`` with ``--batch-trials K``;
+* ``dominated``: K = 1 with ``stop_trials = "dominated"``;
+* ``all``: K = 16 with ``stop_trials = "dominated"``.
+
+Reference point: validation accuracy 0.5 (the study's ``min_val_accuracy``) and the whole
+unpruned reference network (130,006 parameters); the hypervolume is the area the front
+dominates in (accuracy - 0.5) x (1 - parameters / 130,006), at most 0.5.
+
+    python benchmarks/front_per_hour.py --data-dir ../shared/data --seconds 600 --seeds 3 \\
+        [--runners baseline K=1 K=16 dominated all] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from trials_per_hour import baseline  # noqa: E402
+
+REFERENCE_PARAMS = 130_006
+FLOOR = 0.5
+RUNNERS = ("baseline", "K=1", "K=16", "dominated", "all")
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by (accuracy, parameters) points above the reference point."""
+    kept = sorted(
+        (acc - FLOOR, 1.0 - params / REFERENCE_PARAMS)
+        for acc, params in points
+        if acc > FLOOR and params < REFERENCE_PARAMS
+    )
+    area, best_saving = 0.0, 0.0
+    for acc, saving in reversed(kept):  # from the most accurate down
+        if saving > best_saving:
+            area += acc * (saving - best_saving)
+            best_saving = saving
+    return area
+
+
+def curve(finished: list[tuple[float, float, float]]) -> list[tuple[float, float]]:
+    """(seconds, hypervolume so far) at every finished trial, from (seconds, acc, params)."""
+    out, points = [], []
+    for seconds, acc, params in sorted(finished):
+        points.append((acc, params))
+        out.append((round(seconds, 1), round(hypervolume(points), 5)))
+    return out
+
+
+def run_tauopt(k: int, stop: str, seed: int, seconds: float, data_dir: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = (REPO / "configs" / "study.toml").read_text()
+        config = config.replace("[study]", f'[study]\nstop_trials = "{stop}"', 1)
+        (Path(tmp) / "study.toml").write_text(config)
+        url = f"sqlite:///{tmp}/study.db"
+        argv = [
+            sys.executable,
+            "-m",
+            "tauopt",
+            "run",
+            "--storage",
+            url,
+            "--config",
+            f"{tmp}/study.toml",
+            "--n-trials",
+            "100000",
+            "--artifact-dir",
+            f"{tmp}/a",
+            "--data-dir",
+            str(data_dir),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--threads",
+            str(os.cpu_count() or 1),
+            "--batch-trials",
+            str(k),
+            "--sampler-seed",
+            str(seed),
+        ]
+        start = time.time()
+        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        trials = optuna.load_study(study_name="tauopt", storage=url).get_trials()
+    done = [t for t in trials if t.state.is_finished() and t.datetime_complete]
+    finished = [
+        (t.datetime_complete.timestamp() - start, t.values[0], t.values[1])
+        for t in done
+        if t.state == optuna.trial.TrialState.COMPLETE and t.values
+    ]
+    return {"trials": len(done), "finished": finished}
+
+
+def run_baseline(seed: int, seconds: float, data_dir: Path) -> dict[str, Any]:
+    start = time.time()
+    run = baseline(
+        100_000, data_dir, os.cpu_count() or 1, timeout=seconds, seed=seed, keep_study=True
+    )
+    study: optuna.Study = run["study"]
+    finished = [
+        (t.datetime_complete.timestamp() - start, t.values[0], t.values[1])
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.datetime_complete and t.values
+    ]
+    return {"trials": len(study.trials), "finished": finished}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results: list[dict[str, Any]] = []
+    for seed in range(args.seeds):
+        shift = seed % len(args.runners)
+        for name in args.runners[shift:] + args.runners[:shift]:
+            if name == "baseline":
+                run = run_baseline(seed, args.seconds, args.data_dir)
+            else:
+                k = 16 if name in ("K=16", "all") else 1
+                stop = "dominated" if name in ("dominated", "all") else "off"
+                run = run_tauopt(k, stop, seed, args.seconds, args.data_dir)
+            points = curve(run["finished"])
+            results.append(
+                {
+                    "runner": name,
+                    "seed": seed,
+                    "trials": run["trials"],
+                    "trials_per_hour": round(run["trials"] / args.seconds * 3600, 1),
+                    "hypervolume": points[-1][1] if points else 0.0,
+                    "curve": points,
+                }
+            )
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"seconds": args.seconds, "runs": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
