@@ -52,6 +52,22 @@ def _tauopt(*args: str, cwd: Path, **kw: object) -> subprocess.CompletedProcess[
     )
 
 
+def _run_tiny(
+    cwd: Path, data_dir: Path, n: int, *extra: str, config: str = TINY
+) -> subprocess.CompletedProcess[str]:
+    """``tauopt run`` of ``n`` tiny trials in ``cwd`` (a process of its own)."""
+    (cwd / "tiny.toml").write_text(config)
+    argv = ["--config", "tiny.toml", "--n-trials", str(n), "--data-dir", str(data_dir), "--quiet"]
+    return _tauopt("run", *argv, *extra, cwd=cwd)
+
+
+def _run_tiny_here(data_dir: Path, n: int) -> int:
+    """``tauopt run`` of ``n`` tiny trials in the working directory, in this process."""
+    Path("tiny.toml").write_text(TINY)
+    argv = ["--config", "tiny.toml", "--n-trials", str(n), "--data-dir", str(data_dir)]
+    return main(["run", *argv, "--quiet"])
+
+
 def _states(url: str, study: str) -> dict[str, int]:
     trials = optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
     counts: dict[str, int] = {}
@@ -121,22 +137,7 @@ def test_export_writes_through_special_files_and_refuses_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.toml").write_text(TINY)
-    assert (
-        main(
-            [
-                "run",
-                "--config",
-                "tiny.toml",
-                "--n-trials",
-                "2",
-                "--data-dir",
-                str(data_dir),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _run_tiny_here(data_dir, 2) == 0
     capsys.readouterr()
     (tmp_path / "real.csv").write_text("old\n")
     (tmp_path / "link.csv").symlink_to("real.csv")
@@ -161,18 +162,7 @@ def test_export_writes_through_special_files_and_refuses_the_rest(
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path: Path, data_dir: Path) -> None:
-    (tmp_path / "tiny.toml").write_text(TINY)
-    done = _tauopt(
-        "run",
-        "--config",
-        "tiny.toml",
-        "--n-trials",
-        "2",
-        "--data-dir",
-        str(data_dir),
-        "--quiet",
-        cwd=tmp_path,
-    )
+    done = _run_tiny(tmp_path, data_dir, 2)
     assert done.returncode == 0, done.stderr
     for command in ("export", "best --json"):
         shell = f"{sys.executable} -m tauopt {command} | head -1"
@@ -311,20 +301,8 @@ def test_a_plain_postgresql_url_works(
 def test_an_all_infeasible_study_says_why_and_prints_no_failing_snippet(
     tmp_path: Path, data_dir: Path
 ) -> None:
-    (tmp_path / "strict.toml").write_text(
-        TINY.replace("min_val_accuracy = 0.0", "min_val_accuracy = 0.99")
-    )
-    done = _tauopt(
-        "run",
-        "--config",
-        "strict.toml",
-        "--n-trials",
-        "2",
-        "--data-dir",
-        str(data_dir),
-        "--quiet",
-        cwd=tmp_path,
-    )
+    strict = TINY.replace("min_val_accuracy = 0.0", "min_val_accuracy = 0.99")
+    done = _run_tiny(tmp_path, data_dir, 2, config=strict)
     assert done.returncode == 0, done.stderr
     assert (
         "all 2 completed trials of study 'tauopt' fall below its min_val_accuracy 0.99"
@@ -339,22 +317,7 @@ def test_broken_model_ids_are_one_line(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.toml").write_text(TINY)
-    assert (
-        main(
-            [
-                "run",
-                "--config",
-                "tiny.toml",
-                "--n-trials",
-                "1",
-                "--data-dir",
-                str(data_dir),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert _run_tiny_here(data_dir, 1) == 0
     (best,) = best_trials(None, "tauopt")
     from tauopt.storage import StorageError
 
@@ -394,21 +357,8 @@ def test_sizes_that_cannot_finish_are_refused(
 
 
 def test_too_many_threads_are_warned_about(tmp_path: Path, data_dir: Path) -> None:
-    (tmp_path / "tiny.toml").write_text(TINY)
     threads = str(4 * (os.cpu_count() or 1))
-    done = _tauopt(
-        "run",
-        "--config",
-        "tiny.toml",
-        "--n-trials",
-        "1",
-        "--data-dir",
-        str(data_dir),
-        "--quiet",
-        "--threads",
-        threads,
-        cwd=tmp_path,
-    )
+    done = _run_tiny(tmp_path, data_dir, 1, "--threads", threads)
     assert done.returncode == 0 and f"--threads {threads} is more than" in done.stderr
 
 
@@ -497,21 +447,8 @@ def test_the_dashboard_answers_only_its_own_host_and_read_only_refuses_changes(
 
 
 def test_no_lock_file_beside_the_database(tmp_path: Path, data_dir: Path) -> None:
-    (tmp_path / "tiny.toml").write_text(TINY)
     for study in ("a", "b", "c"):
-        done = _tauopt(
-            "run",
-            "--config",
-            "tiny.toml",
-            "--n-trials",
-            "1",
-            "--study",
-            study,
-            "--data-dir",
-            str(data_dir),
-            "--quiet",
-            cwd=tmp_path,
-        )
+        done = _run_tiny(tmp_path, data_dir, 1, "--study", study)
         assert done.returncode == 0, done.stderr
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".lock")]
 
