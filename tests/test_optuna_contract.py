@@ -285,3 +285,25 @@ def test_each_trial_splits_the_trials_once(monkeypatch: pytest.MonkeyPatch) -> N
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     study.optimize(_objective, n_trials=12)
     assert len(calls) == 12 - 5  # one per trial after the random startup, for 3-4 parameters
+
+
+def test_new_enqueued_and_retried_trials_are_told_apart() -> None:
+    """The system attributes behind ``is_new`` and ``RETRIED_FROM``: what ``enqueue_trial``
+    and ``RetryHeartbeatStaleTrialCallback`` write."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    fresh = study.ask()
+    study.enqueue_trial({"x": 0.5})
+    queued = study.ask()
+    queued.suggest_float("x", 0, 1)
+    study.tell(queued, state=TrialState.FAIL)
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        callback = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    callback(study, study.trials[queued.number])
+    retry = study.ask()
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert _optuna.is_new(by_number[fresh.number])
+    assert not _optuna.is_new(by_number[queued.number])
+    assert not _optuna.is_new(by_number[retry.number])
+    assert by_number[retry.number].system_attrs[_optuna.RETRIED_FROM] == queued.number
+    assert retry.params == {"x": 0.5}
