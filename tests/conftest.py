@@ -6,7 +6,10 @@ Real data comes from ``$TAUOPT_TEST_DATA`` or the checkout's ``../shared/data``.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +45,44 @@ def worker_argv(url: str, study: str, data_dir: Path, artifacts: Path, *extra: s
         "--device",
         "cpu",
         *extra,
+    ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def together(
+    argvs: list[list[str]], cwd: Path, timeout: float = 600
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``tauopt`` with each of ``argvs``, all started at one go signal (each process
+    imports tauopt first, then waits for the signal), and collect their output."""
+    go = cwd / f"go-{uuid.uuid4().hex[:6]}"
+    starter = (
+        "import os, sys, time\n"
+        "from tauopt._cli import main\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", starter, *argv],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for argv in argvs
+    ]
+    time.sleep(3)
+    go.write_text("")
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [
+        subprocess.CompletedProcess(p.args, p.returncode, out, "")
+        for p, out in zip(procs, outputs, strict=True)
     ]
 
 

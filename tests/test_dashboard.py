@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RunStudy
+from conftest import RunStudy, free_port
 from PIL import Image
 
 from tauopt.study._figures import FIGURE_IDS
 
 pytestmark = pytest.mark.browser
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> bytes:
@@ -43,7 +36,7 @@ def dashboard(
         "[study]\nmin_val_accuracy = 0.0\n[trial]\nepochs = 1\ntrain_size = 1000\nval_size = 2000\n"
     )
     assert run_study(6, "--quiet") == 0
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -4,7 +4,6 @@ dashboard's API polled throughout. Nothing may be lost, duplicated or left runni
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import worker_argv
+from conftest import free_port, worker_argv
 from optuna.trial import TrialState
 
 from tauopt.storage import StorageSettings, open_storage
@@ -35,12 +34,6 @@ epochs = 1
 train_size = 200
 val_size = 1000
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Poller(threading.Thread):
@@ -94,7 +87,7 @@ def test_eight_workers_three_hundred_trials(
     (tmp_path / "tiny.toml").write_text(TINY)
     config = load_config(tmp_path / "tiny.toml").with_overrides(n_trials=TRIALS)
     create_study(StorageSettings(url=url), name, config)
-    port = _free_port()
+    port = free_port()
     dashboard = _dashboard(url, port)
     poller = _Poller(f"http://127.0.0.1:{port}/api/studies")
     poller.start()

@@ -18,23 +18,18 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import free_port
 from optuna.trial import TrialState
 from test_faults import CONFIG, Worker
 
 pytestmark = pytest.mark.postgres
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Proxy:
     """A ``tauopt proxy`` process in front of one database, which can be restarted."""
 
     def __init__(self, database: str) -> None:
-        self.database, self.port = database, _free_port()
+        self.database, self.port = database, free_port()
         self.url = f"grpc://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
 
@@ -220,7 +215,7 @@ def test_reproduce_by_three_processes_through_the_proxy_enqueues_each_run_once(
 
 def test_the_dashboard_reads_through_the_proxy(proxy: Proxy, tmp_path: Path) -> None:
     _create(tmp_path, proxy.url, 2)
-    port = _free_port()
+    port = free_port()
     dashboard = subprocess.Popen(
         [
             sys.executable,

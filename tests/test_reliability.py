@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import worker_argv
+from conftest import free_port, together, worker_argv
 
 from tauopt._cli import main
 from tauopt.storage._artifacts import AtomicFileSystemArtifactStore
@@ -214,33 +214,6 @@ def test_an_interrupted_reproduce_started_again_enqueues_every_run_once(tmp_path
     assert len(keys) == len(set(keys)) == 204
 
 
-def _together(argvs: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
-    """Start every command at one go signal (they import tauopt first)."""
-    go = cwd / "go"
-    starter = (
-        "import os, sys, time\n"
-        "from tauopt._cli import main\n"
-        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", starter, *a],
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for a in argvs
-    ]
-    time.sleep(3)
-    go.write_text("")
-    return [
-        subprocess.CompletedProcess(p.args, p.wait(timeout=600), p.communicate()[0], "")
-        for p in procs
-    ]
-
-
 def _creation_race(url: str, tmp_path: Path, data_dir: Path) -> None:
     (tmp_path / "tiny.toml").write_text(TINY)
     common = ["--storage", url]
@@ -264,7 +237,7 @@ def _creation_race(url: str, tmp_path: Path, data_dir: Path) -> None:
         + [run] * 3
         + [["reproduce", *common, "--epochs", "1", "--train-size", "100"]] * 4
     )
-    done = _together(argvs, tmp_path)
+    done = together(argvs, tmp_path)
     assert [d.returncode for d in done] == [0] * len(argvs), [
         d.stdout for d in done if d.returncode
     ]
@@ -372,12 +345,6 @@ def test_a_worker_where_nothing_listens_stops_at_once(tmp_path: Path) -> None:
 # -- the dashboard's door ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _request(url: str, *, method: str = "GET", host: str | None = None) -> int:
     request = urllib.request.Request(url, method=method, headers={"Host": host} if host else {})
     try:
@@ -392,7 +359,7 @@ def test_the_dashboard_answers_only_its_own_host_and_read_only_refuses_changes(
 ) -> None:
     (tmp_path / "tiny.toml").write_text(TINY)
     assert _tauopt("create", "--config", "tiny.toml", cwd=tmp_path).returncode == 0
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tauopt", "dashboard", "--port", str(port), "--read-only"],
         cwd=tmp_path,
@@ -432,7 +399,7 @@ def test_the_dashboard_answers_only_its_own_host_and_read_only_refuses_changes(
             "--host",
             "0.0.0.0",
             "--port",
-            str(_free_port()),
+            str(free_port()),
         ],
         cwd=tmp_path,
         stderr=subprocess.PIPE,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from conftest import PG_URL, RunStudy
+from conftest import PG_URL, RunStudy, together
 from PIL import Image
 
 from tauopt._cli import main
@@ -116,26 +115,9 @@ def test_three_processes_enqueue_the_grid_exactly_once(tmp_path: Path) -> None:
     name = f"grid-{uuid.uuid4().hex[:10]}"
     argv = [sys.executable, "-m", "tauopt", "reproduce", "--storage", PG_URL, "--study", name]
     argv += ["--epochs", "1", "--train-size", "100"]
-    # The three import tauopt first and then wait for one go signal, to start together.
-    go = tmp_path / "go"
-    starter = (
-        "import os, sys, time\n"
-        "from tauopt._cli import main\n"
-        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", starter, *argv[3:]],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(3)
-    ]
-    go.write_text("")
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    done = together([argv[3:]] * 3, tmp_path, timeout=120)
+    outputs = [d.stdout for d in done]
+    assert [d.returncode for d in done] == [0, 0, 0], outputs
     assert sum("enqueued 68 runs" in o for o in outputs) == 1, outputs
     study = optuna.load_study(study_name=name, storage=PG_URL)
     trials = study.get_trials()
