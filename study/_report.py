@@ -75,7 +75,7 @@ MEASURES: tuple[tuple[str, str, _Measure], ...] = (
 
 
 def _prunes(view: TrialView) -> bool:
-    return (view.grid or {}).get("pruning", "off") != "off"
+    return bool((view.grid or {}).get("pruning", "off") != "off")
 
 
 #: A measure's rows keep only the pairs where it can differ: blocks removed where either run
