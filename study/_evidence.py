@@ -88,6 +88,8 @@ class Factor:
     key: str
     base: Any
     contrast: str  # how the difference reads, "trainable - fixed"
+    #: Coordinates whose values get rows of their own (the pairs are not pooled over them).
+    by: tuple[str, ...] = ()
 
     def is_base(self, value: Any) -> bool:
         return bool(self.base(value)) if callable(self.base) else value == self.base

@@ -13,6 +13,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -32,7 +33,7 @@ from tauopt.study._views import TrialView, trial_views
 
 #: What each comparison varies; the difference reads "other - baseline".
 FACTORS = (
-    Factor("trainable vs fixed taus", "taus", "fixed", "trainable - fixed"),
+    Factor("trainable vs fixed taus", "taus", "fixed", "trainable - fixed", by=("T",)),
     Factor("l1 penalty on vs off", "l1", 0.0, "l1 on - off"),
     Factor("horizon penalty on vs off", "horizon_weight", 0.0, "penalty on - off"),
     Factor("exact horizon (last tau) vs free", "last_tau", "free", "exact - free"),
@@ -103,29 +104,48 @@ def paired_rows(
     rows = []
     for factor in FACTORS:
         for arch, dataset in panels(views):
-            runs = pick(views, arch=arch, dataset=dataset)
-            found = [(b, o) for b, o in pairs(runs, factor, _coords) if relevant(b, o)]
-            if not found:
-                continue
-            diffs = []
-            for base, other in found:
-                b, o = measure(base, other)
-                diffs.append(o - b)
-            d = difference(diffs)
-            mean = "-" if d.n == 0 else f"{d.mean:{fmt}}"
-            rows.append(
-                _row(
-                    factor.title,
-                    factor.contrast,
-                    arch,
-                    dataset,
-                    d.n,
-                    mean,
-                    d.interval(fmt),
-                    d.verdict,
-                )
-            )
+            for where, runs in _split(pick(views, arch=arch, dataset=dataset), factor.by):
+                rows += _paired_row(factor, f"{arch}{where}", dataset, runs, measure, fmt, relevant)
     return rows
+
+
+def _split(runs: list[TrialView], by: tuple[str, ...]) -> list[tuple[str, list[TrialView]]]:
+    """``runs`` as one group, or one per value of the coordinates ``by`` (labelled)."""
+    if not by:
+        return [("", runs)]
+    groups: dict[tuple[Any, ...], list[TrialView]] = {}
+    for run in runs:
+        groups.setdefault(tuple(_coords(run).get(k) for k in by), []).append(run)
+    return [(_label(by, values), groups[values]) for values in sorted(groups, key=str)]
+
+
+def _label(keys: tuple[str, ...], values: tuple[Any, ...]) -> str:
+    pairs_ = zip(keys, values, strict=True)
+    named = (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in pairs_)
+    return " (" + ", ".join(named) + ")"
+
+
+def _paired_row(
+    factor: Factor,
+    network: str,
+    dataset: str,
+    runs: list[TrialView],
+    measure: _Measure,
+    fmt: str,
+    relevant: Callable[[TrialView, TrialView], bool],
+) -> list[str]:
+    found = [(b, o) for b, o in pairs(runs, factor, _coords) if relevant(b, o)]
+    if not found:
+        return []
+    diffs = []
+    for base, other in found:
+        b, o = measure(base, other)
+        diffs.append(o - b)
+    d = difference(diffs)
+    mean = "-" if d.n == 0 else f"{d.mean:{fmt}}"
+    return [
+        _row(factor.title, factor.contrast, network, dataset, d.n, mean, d.interval(fmt), d.verdict)
+    ]
 
 
 def _paired_section(views: Sequence[TrialView]) -> list[str]:
