@@ -2,9 +2,11 @@
 interval of the mean difference allows one to say.
 
 A pair is two runs of a grid whose coordinates agree in everything but the factor (the seed
-included: same initial weights, same batches). The interval is Student's t interval of the
-mean of the pairs' differences; with one pair there is none. A verdict says "higher" or
-"lower" only where the interval lies entirely on one side of zero.
+included: same initial weights, same batches). The pairs of one seed are not independent of
+each other (a setting the factor leaves inert, such as pruning with fixed taus, even repeats
+a pair exactly), so they are averaged per seed first, and the interval is Student's t interval
+over the seeds; with one seed there is none. A verdict says "higher" or "lower" only where
+the interval lies entirely on one side of zero.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Difference:
         if self.n == 0:
             return "no pairs"
         if self.low is None or self.high is None:
-            return "one pair: no interval"
+            return "one seed: no interval"
         if self.low > 0:
             return "higher"
         if self.high < 0:
@@ -64,6 +66,18 @@ class Difference:
         if self.low is None or self.high is None:
             return "-"
         return f"[{self.low:{fmt}}, {self.high:{fmt}}]"
+
+
+def by_unit(differences: Sequence[tuple[Any, float]]) -> Difference:
+    """The mean of paired differences, with the 95 % t interval over independent units: the
+    differences of one unit (a seed: its runs share initial weights and batches, and runs the
+    factor leaves unchanged repeat each other) are averaged first, so that ``n`` counts units,
+    not pairs. NaN differences are left out."""
+    per_unit: dict[Any, list[float]] = {}
+    for unit, value in differences:
+        if not math.isnan(value):
+            per_unit.setdefault(unit, []).append(value)
+    return difference([statistics.fmean(v) for v in per_unit.values()])
 
 
 def difference(values: Sequence[float]) -> Difference:

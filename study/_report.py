@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 
 from tauopt.storage import access, storage_of
-from tauopt.study._evidence import SOON_SHARE, Factor, difference, epochs_to, pairs
+from tauopt.study._evidence import SOON_SHARE, Factor, by_unit, epochs_to, pairs
 from tauopt.study._figures import publish
 from tauopt.study._plots import (
     REGULARISERS,
@@ -140,11 +140,14 @@ def _paired_row(
     diffs = []
     for base, other in found:
         b, o = measure(base, other)
-        diffs.append(o - b)
-    d = difference(diffs)
+        diffs.append((_coords(base).get("seed"), o - b))
+    d = by_unit(diffs)
     mean = "-" if d.n == 0 else f"{d.mean:{fmt}}"
+    count = f"{len(found)} ({d.n})"
     return [
-        _row(factor.title, factor.contrast, network, dataset, d.n, mean, d.interval(fmt), d.verdict)
+        _row(
+            factor.title, factor.contrast, network, dataset, count, mean, d.interval(fmt), d.verdict
+        )
     ]
 
 
@@ -154,9 +157,12 @@ def _paired_section(views: Sequence[TrialView]) -> list[str]:
         "",
         "Each row compares runs that differ in one factor only: same network, dataset and seed "
         "(so the same initial weights and batches), every other setting equal. The difference "
-        "is the second run's value minus the first's (the \"difference\" column says which), "
-        "averaged over the pairs; the interval is the 95 % Student t interval of that mean (none "
-        'for one pair). The verdict says "higher" or "lower" only where the interval '
+        "is the second run's value minus the first's (the \"difference\" column says which). "
+        "The pairs of one seed are averaged first (they share the seed's weights and batches, "
+        "and a setting the factor leaves inert repeats a pair), then over the seeds: the "
+        '"pairs (seeds)" column gives both counts, and the interval is the 95 % Student t '
+        "interval over the seeds (none with one seed; of zero width where every seed differed "
+        'by the same amount). The verdict says "higher" or "lower" only where the interval '
         'excludes 0; otherwise "no difference detected", which is not evidence of no effect '
         "when the interval is wide.",
         "",
@@ -166,7 +172,7 @@ def _paired_section(views: Sequence[TrialView]) -> list[str]:
         "difference",
         "network",
         "dataset",
-        "pairs",
+        "pairs (seeds)",
         "mean",
         "95 % interval (t)",
         "verdict",
@@ -198,8 +204,9 @@ def _budget(study: optuna.Study, views: Sequence[TrialView]) -> list[str]:
         ]
     if len(seeds) < 2:
         lines += [
-            "**One seed:** every pair is one run against one other; intervals come only from "
-            "pairs across the other settings.",
+            "**One seed:** there are mean differences but no intervals and no verdicts: "
+            "the runs of one seed cannot tell a factor's effect from the seed's. Run "
+            "`tauopt reproduce --seeds 3` (or more) for evidence.",
             "",
         ]
     return lines

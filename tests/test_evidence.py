@@ -63,7 +63,7 @@ def test_the_interval_by_hand() -> None:
     )
     assert difference([1.0, 1.1, 0.9, 1.05]).verdict == "higher"
     assert difference([-1.0, -1.1, -0.9]).verdict == "lower"
-    assert difference([0.5]).verdict == "one pair: no interval" and difference([]).n == 0
+    assert difference([0.5]).verdict == "one seed: no interval" and difference([]).n == 0
     assert t_quantile(1) == 12.706 and t_quantile(30) == 2.042 and t_quantile(45) == 2.021
     assert epochs_to([0.1, 0.5, 0.9], 0.5) == 2.0 and math.isnan(epochs_to([0.1], 0.5))
 
@@ -140,3 +140,12 @@ def test_no_effect_gives_no_verdict(tmp_path: Path) -> None:
     write_report(study, tmp_path / "rep")
     report = (tmp_path / "rep" / "report.md").read_text()
     assert _verdicts(report, "trainable vs fixed taus") == {"no difference detected"}
+
+
+def test_pairs_of_one_seed_count_once() -> None:
+    """Two pairs of one seed (a setting that changed nothing repeats a pair) are one unit."""
+    from tauopt.study._evidence import by_unit
+
+    d = by_unit([(0, 0.1), (0, 0.1), (1, 0.3), (1, 0.3), (2, 0.2)])
+    assert d.n == 3 and d.mean == pytest.approx(0.2)
+    assert by_unit([(0, 0.5), (0, 0.7)]).verdict == "one seed: no interval"

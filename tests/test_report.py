@@ -99,7 +99,10 @@ def test_grid_runs_and_its_report_renders(
     assert any(CURVES_ID in key for key in stored)
     report = (workdir / "rep" / "report.md").read_text()
     assert "## Paired differences" in report and "**Scaled down:**" in report
-    assert "| trainable vs fixed taus | trainable - fixed | resnet (T=1) | mnist | 2 |" in report
+    assert (
+        "| trainable vs fixed taus | trainable - fixed | resnet (T=1) | mnist | 2 (1) |" in report
+    )
+    assert "**One seed:**" in report  # no verdicts from one seed
     assert "nan" not in report
     assert main(["export", "--study", "paper", "-o", "grid.csv"]) == 0
     with open(workdir / "grid.csv") as fh:
