@@ -61,6 +61,11 @@ def test_run_then_best_trials_and_load_model(
     assert f"trained models: {workdir / 'tauopt-artifacts'}" in out
     assert "tauopt dashboard --artifact-dir" in out
     assert "best.load_model()" in out
+    # run again: the budget is spent, and the summary says how to go on
+    assert run_study(5, "--device", "cpu") == 0
+    again = capsys.readouterr().out
+    assert "had used its budget of 5 trials already: nothing new ran" in again
+    assert "run --n-trials 10" in again and "run --study tauopt-2" in again
 
     study = load_study(None, "tauopt")
     trials = study.get_trials(states=(TrialState.COMPLETE,))
