@@ -268,6 +268,49 @@ def _clean_loss_section(views: Sequence[TrialView]) -> list[str]:
     return [*lines, ""]
 
 
+def _regulariser_section(views: Sequence[TrialView]) -> list[str]:
+    """The regularisers side by side (descriptive: the paired rows above give the evidence)."""
+    lines = [
+        "## The regularisers side by side",
+        "",
+        "Trainable runs, every T and dataset pooled, means over runs: final test accuracy, how "
+        "far the taus end from the horizon (`|sum(tau) - T|`), how much of `sum|tau|` the "
+        "largest tau holds, and the blocks pruning removed (runs with pruning on).",
+        "",
+        _row(
+            "network",
+            "regulariser",
+            "runs",
+            "test accuracy",
+            "abs(sum(tau) - T)",
+            "largest tau's share",
+            "blocks removed",
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arch in sorted({a for a, _ in panels(views)}, key=lambda a: a != "resnet"):
+        trainable = pick(views, arch=arch, taus="trainable")
+        for name in dict.fromkeys(REGULARISERS.values()):
+            runs = [v for v in trainable if regulariser(v) == name and v.record.taus]
+            if not runs:
+                continue
+            pruning = [float(v.blocks_removed) for v in runs if _prunes(v)]
+            lines.append(
+                _row(
+                    arch,
+                    name,
+                    len(runs),
+                    _mean(v.test_accuracy for v in runs),
+                    _mean(abs(v.record.tau_sum - float(v.config.get("T", 1.0))) for v in runs),
+                    _mean(
+                        max(map(abs, v.record.taus)) / sum(map(abs, v.record.taus)) for v in runs
+                    ),
+                    _mean(pruning) if pruning else "-",
+                )
+            )
+    return [*lines, ""]
+
+
 def _tau_section(views: Sequence[TrialView]) -> list[str]:
     lines = [
         "## Negative step sizes",
@@ -292,7 +335,8 @@ def _grid_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -> 
     lines = [f"# Study {study.study_name!r}: reproduction of the papers' experiments", ""]
     lines += _budget(study, views)
     lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    lines += _paired_section(views) + _clean_loss_section(views) + _tau_section(views)
+    lines += _paired_section(views) + _clean_loss_section(views)
+    lines += _regulariser_section(views) + _tau_section(views)
     return lines
 
 
