@@ -1,4 +1,4 @@
-"""Run one benchmark script from two checkouts of tauopt, alternately, in one session.
+"""Run one benchmark script from two checkouts of tauopt, alternately, in one run.
 
 Each checkout gets a tree of links laid out as the wheel installs it (``tauopt/``,
 ``tauopt/models``, ...), so its own code is imported; its copy of the benchmark script runs in
