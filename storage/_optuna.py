@@ -181,7 +181,7 @@ def set_trial_attrs(
     system: dict[str, Any] | None = None,
 ) -> None:
     """Set many attributes of a running trial in one transaction: Optuna's own
-    per-attribute upsert, inside one SQLAlchemy session (one transaction)."""
+    per-attribute upsert, inside one scoped SQLAlchemy session."""
     with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
         for model, attrs in (
             (_models.TrialUserAttributeModel, user or {}),
