@@ -65,6 +65,9 @@ def root_message(error: BaseException) -> str:
         if _grpc_code(cause) is not None:
             details = getattr(cause, "details", None)
             return f"proxy: {_grpc_code(cause)}: {details() if callable(details) else cause}"
+        if not cause.args:
+            # a bare marker (SQLAlchemy's InvalidatePoolError prints "()") names no cause
+            continue
         text = str(getattr(cause, "orig", None) or cause).strip()
         if text and isinstance(cause, (sa_exc.SQLAlchemyError, sqlite3.Error, OSError)):
             return text.splitlines()[0]

@@ -25,7 +25,7 @@ import sqlalchemy
 from conftest import PG_URL, worker_argv
 from optuna.trial import TrialState
 
-from tauopt.storage import StorageSettings, open_storage
+from tauopt.storage import StorageSettings, is_transient, open_storage, root_message
 from tauopt.study import create_study, load_config
 
 pytestmark = pytest.mark.postgres
@@ -325,6 +325,23 @@ def test_dropped_database_stops_workers_with_the_cause(
         assert "Traceback" not in worker.output
         last = worker.output.strip().splitlines()[-1]
         assert last.startswith("tauopt worker: error:") and "does not exist" in last, last
+
+
+def test_the_cause_is_the_innermost_error_that_says_something() -> None:
+    """A connection that fails while the pool is invalidated ends its chain in SQLAlchemy's
+    bare InvalidatePoolError (it prints "()"): the server's message above it is the cause."""
+    server = 'FATAL:  database "gone" does not exist'
+    try:
+        try:
+            try:
+                raise sqlalchemy.exc.InvalidatePoolError()
+            except sqlalchemy.exc.InvalidatePoolError as marker:
+                raise sqlalchemy.exc.OperationalError("connect", {}, Exception(server)) from marker
+        except sqlalchemy.exc.OperationalError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised") from e
+    except optuna.exceptions.StorageInternalError as error:
+        assert root_message(error) == server
+        assert not is_transient(error)
 
 
 def _running_trial_of_url(worker: Worker, name: str, url: str) -> None:
