@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import optuna
+from _machine import machine
 
 TINY = """
 [study]
@@ -128,6 +129,7 @@ def main() -> None:
         "states": states,
         "exact_budget": states.get("COMPLETE", 0) == args.n_trials and not states.get("RUNNING"),
     }
+    summary = {**machine(), **summary}
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

@@ -14,27 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import machine
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import load_dataset, make_splits
 from tauopt.engine._train import build_model, make_optimizer
 from tauopt.models import _fractional
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _burst(model: Any, optimizer: Any, batches: list[Any], host: bool) -> float:
@@ -91,8 +82,7 @@ def main() -> None:
             f"{row['device_over_host_median']:.3f} over {args.rounds} paired bursts"
         )
     if args.json:
-        meta = {"date": date.today().isoformat(), "cpu": _cpu_model(), "cores": os.cpu_count()}
-        args.json.write_text(json.dumps({**meta, "results": results}, indent=1) + "\n")
+        args.json.write_text(json.dumps({**machine(), "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _machine import machine
 
 from tauopt.engine import RawDataset, TrainConfig, load_dataset, train, train_population
 from tauopt.engine._data import ImageSet
@@ -76,8 +76,8 @@ def main() -> None:
         args.json.write_text(
             json.dumps(
                 {
-                    "machine": f"{platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads",
+                    **machine(),
+                    "threads": torch.get_num_threads(),
                     "train_size": args.train_size,
                     "k": args.k,
                     "seconds_per_member_epoch": rows,

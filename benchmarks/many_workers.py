@@ -32,6 +32,7 @@ from typing import Any
 import optuna
 import sqlalchemy
 import torch
+from _machine import machine
 
 HEARTBEAT = 5
 TINY = f"""
@@ -273,6 +274,7 @@ def main() -> None:
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
         conn.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
+    summary = {**machine(), **summary}
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
