@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import optuna
 
 from tauopt.errors import ConfigError, StorageError
+from tauopt.storage import _optuna as private
 
 SCHEME = "grpc://"
 #: Seconds a command waits for the proxy to answer at first contact.
@@ -49,11 +50,12 @@ def open_proxy(url: str) -> optuna.storages.BaseStorage:
 
 
 def serve(storage: optuna.storages.BaseStorage, host: str, port: int) -> None:
-    """Serve ``storage`` (with Optuna's cache in front of it) until interrupted."""
+    """Serve ``storage`` (with Optuna's cache in front of it, its reads shared between waiting
+    requests) until interrupted."""
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a port: choose one in 1..65535")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.run_grpc_proxy_server(
-            optuna.storages.get_storage(storage), host=host, port=port
+            private.CoalescedCache(private.rdb_of(storage)), host=host, port=port
         )

@@ -16,6 +16,9 @@ from tauopt.engine import TrainConfig, TrainResult, parameter_count
 
 #: Study user attribute: the study's config, as stored by ``tauopt create``.
 CONFIG_ATTR = "tauopt_config"
+#: Study user attribute: when a worker last began to redraw the dashboard's figures (Unix
+#: seconds), so that the workers of a study redraw them in turn, not each on its own.
+FIGURES_AT_ATTR = "tauopt_figures_drawn_at"
 #: Why a trial failed through its own fault (diverged, invalid parameters): it uses budget.
 FAIL_REASON_ATTR = "fail_reason"
 #: Why a trial was failed and queued again through no fault of its own (its worker stopped,

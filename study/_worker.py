@@ -179,8 +179,7 @@ class Worker:
         with stop_on_signals(), heartbeat:
             try:
                 self._loop(ledger, publisher, counts)
-                if counts[Outcome.COMPLETE]:
-                    publisher.figures()  # with this worker's last trials
+                publisher.last()  # this worker's last trials, unless drawn since
             except WorkerStopped as e:
                 stopped = e.signal_name
                 self._say(f"stopped by {stopped}")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 from conftest import RunStudy, free_port
 from PIL import Image
@@ -144,3 +145,27 @@ def test_chromium_shows_the_pareto_front(dashboard: str, tmp_path: Path) -> None
     pixels = np.asarray(plot, dtype=np.int16)
     saturated = int(((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum())
     assert saturated > 500, f"no plotted points in the Pareto area ({saturated} coloured pixels)"
+
+
+def test_the_workers_of_a_study_redraw_its_figures_in_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first completed trial of the study draws; a second worker's trial right after does
+    not; at their ends only the worker with trials since the last drawing draws again."""
+    from tauopt.study import _publisher
+
+    drawn: list[str] = []
+    monkeypatch.setattr(_publisher, "view_of", lambda *a, **k: None)
+    monkeypatch.setattr(_publisher, "trial_note", lambda view: "")
+    monkeypatch.setattr(_publisher, "write_trial_note", lambda *a: None)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    a, b = (_publisher.Publisher(study, None, print) for _ in range(2))  # type: ignore[arg-type]
+    for name, worker in (("a", a), ("b", b)):
+        monkeypatch.setattr(_publisher, "publish", lambda *args, n=name: drawn.append(n))
+        time.sleep(0.01)
+        worker.trial(study.ask(), None, feasible=True)  # type: ignore[arg-type]
+    assert drawn == ["a"]
+    for name, worker in (("b", b), ("a", a)):
+        monkeypatch.setattr(_publisher, "publish", lambda *args, n=name: drawn.append(n))
+        worker.last()
+    assert drawn == ["a", "b"]
