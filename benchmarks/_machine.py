@@ -1,10 +1,11 @@
 """What a benchmark's JSON records about where it ran: the date, the CPU model and its cores
-(figures are only comparable on one machine, see docs/benchmarks.md)."""
+(figures are only comparable on one machine, see docs/benchmarks.md), and the code's commit."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from datetime import date
 from pathlib import Path
 
@@ -18,5 +19,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def commit() -> str:
+    """The checkout's commit, ``+changes`` if it has uncommitted ones."""
+    here = Path(__file__).parent
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True)
+    return done.stdout.decode().strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict[str, object]:
-    return {"date": date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count()}
+    return {
+        "date": date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "commit": commit(),
+    }
