@@ -23,7 +23,9 @@ def commit() -> str:
     """The checkout's commit, ``+changes`` if it has uncommitted ones."""
     here = Path(__file__).parent
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True
+    )
     return done.stdout.decode().strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
