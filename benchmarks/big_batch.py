@@ -22,6 +22,8 @@ from pathlib import Path
 import optuna
 from _machine import machine
 
+from tauopt.storage import normalize_url
+
 TINY = """
 [study]
 min_val_accuracy = 0.0
@@ -115,7 +117,8 @@ def main() -> None:
                 "dropped": dropped,
             }
         wall = time.monotonic() - start
-    trials = optuna.load_study(study_name=args.study, storage=args.storage).get_trials()
+    storage = normalize_url(args.storage)  # postgresql:// means psycopg2, as in tauopt
+    trials = optuna.load_study(study_name=args.study, storage=storage).get_trials()
     states = {s: sum(t.state.name == s for t in trials) for s in {t.state.name for t in trials}}
     trainings = sum(r["trainings"] for r in results.values())
     dropped = sum(r["dropped"] for r in results.values())
