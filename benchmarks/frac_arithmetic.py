@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from _machine import machine
+from step_ab import burst
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import load_dataset, make_splits
@@ -31,12 +31,7 @@ from tauopt.models import _fractional
 def _burst(model: Any, optimizer: Any, batches: list[Any], host: bool) -> float:
     """Microseconds per step over ``batches`` with the host (True) or device (False) form."""
     _fractional.host_arithmetic = lambda device: host and device.type == "cpu"  # type: ignore[assignment]
-    start = time.perf_counter()
-    for x, y in batches:
-        model.loss_and_grad(x, y)
-        optimizer.step()
-        model.project_taus_()
-    return (time.perf_counter() - start) / len(batches) * 1e6
+    return burst((model, optimizer), batches)  # the training steps step_ab.py times
 
 
 def main() -> None:
