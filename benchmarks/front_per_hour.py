@@ -35,6 +35,7 @@ import optuna
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+from _machine import machine  # noqa: E402
 from trials_per_hour import baseline  # noqa: E402
 
 REFERENCE_PARAMS = 130_006
@@ -160,7 +161,8 @@ def main() -> None:
             )
             print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"seconds": args.seconds, "runs": results}, indent=1))
+        out = {**machine(), "seconds": args.seconds, "runs": results}
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
