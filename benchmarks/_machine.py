@@ -19,12 +19,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def commit() -> str:
-    """The checkout's commit, ``+changes`` if it has uncommitted ones."""
-    here = Path(__file__).parent
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True)
+def commit(checkout: Path = Path(__file__).parent) -> str:
+    """The checkout's commit, ``+changes`` if tracked files have uncommitted changes (new
+    result files beside the scripts do not count)."""
+    head = ["git", "rev-parse", "--short", "HEAD"]
+    done = subprocess.run(head, cwd=checkout, capture_output=True)
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout, capture_output=True
     )
     return done.stdout.decode().strip() + ("+changes" if dirty.stdout.strip() else "")
 

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _machine import commit
+
 _SUBPACKAGES = ("models", "engine", "storage", "study")
 
 
@@ -32,14 +34,6 @@ def link_tree(checkout: Path, into: Path) -> Path:
     for name in _SUBPACKAGES:
         (package / name).symlink_to((checkout / name).resolve())
     return into
-
-
-def commit(checkout: Path) -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True
-    )
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True)
-    return done.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
