@@ -94,6 +94,7 @@ def check() -> None:
             ["_sample", "_build_parzen_estimator", "_compute_acquisition_func", "_compare"],
         ),
         (optuna.samplers.TPESampler, ["_get_internal_repr"]),
+        (optuna.storages._CachedStorage, ["_read_trials_from_remote_storage"]),
         (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
         (_note, ["note_ver_key", "split_body"]),
     ):
@@ -109,17 +110,14 @@ def check() -> None:
         (_custom_plot_data.split_plot_data, 2),
         (_note.split_body, 2),
         (_note.note_ver_key, 1),
+        (optuna.storages._CachedStorage._read_trials_from_remote_storage, 2),
     ):
         _require(_arity(fn) == n, f"{fn.__qualname__} takes {_arity(fn)} arguments, not {n}")
     sampler = optuna.samplers.TPESampler()
     for name in ("_constant_liar", "_gamma", "_multivariate", "_rng", "_n_ei_candidates"):
         _require(hasattr(sampler, name), f"TPESampler has no {name}")
-    cached = optuna.storages._CachedStorage
-    _require("backend" in inspect.signature(cached.__init__).parameters, "_CachedStorage changed")
-    _require(
-        _arity(getattr(cached, "_read_trials_from_remote_storage", None) or (lambda: None)) == 2,
-        "_CachedStorage._read_trials_from_remote_storage changed",
-    )
+    cached = optuna.storages._CachedStorage.__init__
+    _require("backend" in inspect.signature(cached).parameters, "_CachedStorage changed")
 
 
 check()
@@ -513,13 +511,13 @@ class CoalescedCache(optuna.storages._CachedStorage):
                 self._round.wait()
             else:
                 return
+        read = False
         try:
             super()._read_trials_from_remote_storage(study_id)
-        except BaseException:
-            number = self._done.get(study_id, 0)  # failed: a waiting request reads again
-            raise
+            read = True
         finally:
             with self._round:
                 self._reading.discard(study_id)
-                self._done[study_id] = max(self._done.get(study_id, 0), number)
+                if read:  # reads run one at a time, so in order; a failed one is read again
+                    self._done[study_id] = number
                 self._round.notify_all()
