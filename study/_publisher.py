@@ -32,13 +32,19 @@ class Publisher:
         self.study, self.access, self.say = study, access, say
         self._every = PUBLISH_EVERY
         self._last_trial = 0.0  # when this worker last booked a completed trial (Unix time)
+        self._seen = 0.0  # the latest drawing stamp seen: stamps only grow, so a lower bound
 
     def trial(self, trial: optuna.Trial, record: TrialRecord, *, feasible: bool) -> None:
         """Note ``trial`` and, if it is the study's turn, redraw the figures."""
         view = view_of(trial.number, record, feasible=feasible, params=dict(trial.params))
         self._courtesy(lambda: write_trial_note(self.access, self.study, trial, trial_note(view)))
         self._last_trial = time.time()
-        if time.time() - self._drawn_at() >= self._every:
+        # The stamp seen last is read again only once it is old enough: no storage call per
+        # trial while another worker's drawing is recent.
+        if (
+            time.time() - self._seen >= self._every
+            and time.time() - self._drawn_at() >= self._every
+        ):
             self.figures()
 
     def last(self) -> None:
@@ -50,13 +56,15 @@ class Publisher:
         """Redraw the study's figures now."""
         start = time.monotonic()
         # Stamped first: the trials read below are at least as new as the stamp says.
-        self._courtesy(lambda: self.study.set_user_attr(FIGURES_AT_ATTR, time.time()))
+        self._seen = time.time()
+        self._courtesy(lambda: self.study.set_user_attr(FIGURES_AT_ATTR, self._seen))
         self._courtesy(lambda: publish(self.study, self.access))
         self._every = max(PUBLISH_EVERY, 20 * (time.monotonic() - start))
 
     def _drawn_at(self) -> float:
         try:
-            return float(self.study.user_attrs.get(FIGURES_AT_ATTR, 0.0))
+            self._seen = max(self._seen, float(self.study.user_attrs.get(FIGURES_AT_ATTR, 0.0)))
+            return self._seen
         except Exception as e:
             self.say(f"could not read when the figures were drawn ({type(e).__name__}: {e})")
             return 0.0
