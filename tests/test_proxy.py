@@ -175,10 +175,13 @@ def test_a_killed_workers_trial_is_rerun_and_sigterm_hands_back_at_once(
 
 
 def test_workers_ride_out_a_restarted_proxy(proxy: Proxy, tmp_path: Path, data_dir: Path) -> None:
-    name = _create(tmp_path, proxy.url, 6, epochs=2, train_size=5000)
+    name = _create(tmp_path, proxy.url, 6, epochs=3, train_size=5000)
     artifacts = tmp_path / "artifacts"
     workers = [Worker(proxy.url, name, artifacts, data_dir, s) for s in (1, 2)]
-    _running(workers[0], proxy.database, name)
+    # Both must have reached the proxy once: a proxy that never answered a worker is a wrong
+    # address to it ("connection refused at first contact" is lasting), not a restart.
+    for worker in workers:
+        _running(worker, proxy.database, name)
     proxy.stop()
     time.sleep(5)
     proxy.start()
