@@ -4,7 +4,7 @@ Layer: it uses the networks (:mod:`tauopt.models`) and the exception types (:mod
 and nothing above it (no Optuna, no storage, no command line).
 """
 
-from tauopt.engine._config import ARCHS, PRUNE_RULES, TrainConfig
+from tauopt.engine._config import ARCHS, PRECISIONS, PRUNE_RULES, TrainConfig
 from tauopt.engine._data import (
     DATASETS,
     RawDataset,
@@ -26,6 +26,7 @@ from tauopt.engine._train import (
 __all__ = [
     "ARCHS",
     "DATASETS",
+    "PRECISIONS",
     "PRUNE_RULES",
     "EpochStats",
     "PruneEvent",

@@ -16,6 +16,10 @@ PruneRule = Literal["all", "smallest"]
 #: ``all``: every block under the threshold goes at once; ``smallest``: only the smallest one
 #: per check (the papers' published code).
 PRUNE_RULES: tuple[str, ...] = ("all", "smallest")
+Precision = Literal["float32", "bfloat16"]
+#: ``bfloat16``: the training step's matrix products take bfloat16 operands; weights, taus and
+#: everything else stay float32 (see ``tauopt.models.TauPopulation``). Evaluation is float32.
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 #: A run of more epochs would not end in a lifetime (a million epochs of the smallest
 #: network on a GPU are weeks).
 MAX_EPOCHS = 1_000_000
@@ -79,6 +83,8 @@ class TrainConfig:
     #: network). A study gives all its trials one order, so that any of them can train together
     #: (see ``tauopt.engine.train_population``) and differences come from the hyperparameters.
     data_seed: int | None = None
+    #: The operand type of the training step's matrix products (see :data:`PRECISIONS`).
+    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}")
@@ -86,6 +92,10 @@ class TrainConfig:
             isinstance(self.dataset, str) and (self.dataset in DATASETS or is_arrays(self.dataset)),
             f"dataset must be one of {tuple(DATASETS)} or the path of an .npz file, got "
             f"{self.dataset!r}",
+        )
+        _require(
+            self.precision in PRECISIONS,
+            f"precision must be one of {PRECISIONS}, got {self.precision!r}",
         )
         _require(
             self.prune_rule in PRUNE_RULES,

@@ -16,7 +16,15 @@ from tqdm import tqdm
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import RawDataset, Splits, make_splits
-from tauopt.engine._loop import EpochStats, LoopOptions, RunRecord, TrainResult, run_epochs
+from tauopt.engine._loop import (
+    EpochStats,
+    LoopOptions,
+    RunRecord,
+    Stepper,
+    TrainResult,
+    run_epochs,
+)
+from tauopt.engine._population_step import PopulationStepper
 from tauopt.engine._step import GraphedTrainStep, TrainStep
 from tauopt.errors import ConfigError
 from tauopt.models import FractionalDNN, TauNetwork, TauResNet
@@ -223,6 +231,9 @@ def train(
 
     On a CUDA device the training step is replayed from a CUDA graph (see
     :mod:`tauopt.engine._step`) unless ``cuda_graphs`` is false; the CPU always runs it eagerly.
+    With ``precision="bfloat16"`` the network trains as a population of one, whose step
+    rounds its products' operands (see :class:`tauopt.models.TauPopulation`): the same step
+    that its trial takes in a population of many.
 
     ``progress`` writes to stderr a line per epoch and, on a terminal, a bar during each
     epoch; ``label`` starts both (a worker names its trial there).
@@ -249,7 +260,11 @@ def train(
     if splits.mean is not None and splits.std is not None:
         model.standardize_inputs(splits.mean, splits.std)
     record = RunRecord(config, model.num_active_params())
-    stepper = NetworkStepper(model, config, splits, cuda_graphs=cuda_graphs)
+    stepper: Stepper = (
+        NetworkStepper(model, config, splits, cuda_graphs=cuda_graphs)
+        if config.precision == "float32"
+        else PopulationStepper([config], [model], splits)
+    )
     options = LoopOptions(
         on_epoch=None if on_epoch is None else lambda _, stats: on_epoch(stats),
         progress=progress,

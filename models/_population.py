@@ -13,6 +13,11 @@ that leave are dropped, and every member's remaining blocks move together, in or
 first slots (a dependent last block into the last one), so the stack is only as deep as the
 member with the most blocks. A slot a member does not fill is an empty block (zero weights,
 tau held at zero): an exact identity map, so a pruned member's result does not change.
+
+``products=torch.bfloat16`` runs the step's matrix products with bfloat16 operands (float32
+accumulation inside the product, float32 results): the weights, biases, taus, activations
+and the fractional memory stay float32 (master weights), and only the operands are rounded,
+each once per step. The float32 default is the exact float32 step.
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ from tauopt.models._base import TauNetwork
 from tauopt.models._fractional import FractionalDNN, _device_tau_grad, _l1_device, _L1DeviceTape
 from tauopt.models._resnet import prunable
 
+#: The operand types a step's matrix products may use.
+PRODUCT_DTYPES = (torch.float32, torch.bfloat16)
+
 
 class TauPopulation(nn.Module):
-    """The networks ``members`` (all of one class and shape, unpruned) as one stacked model.
+    """The networks ``members`` (all of one class and shape, unpruned) as one stacked model;
+    ``products``, the operand type of :meth:`sgd_step_`'s matrix products (see the module).
 
     Parameters: ``w0`` (K, width, in), ``w_hidden`` (K, depth-1, width, width), ``bias``
     (K, depth, width), ``w_out`` (K, classes, width), ``tau_free`` (K, depth). ``active``
@@ -47,10 +56,15 @@ class TauPopulation(nn.Module):
     projected: torch.Tensor
     fractional: torch.Tensor
 
-    def __init__(self, members: Sequence[TauNetwork]) -> None:
+    def __init__(
+        self, members: Sequence[TauNetwork], *, products: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("a population needs at least one member")
+        if products not in PRODUCT_DTYPES:
+            raise ValueError(f"products must be one of {PRODUCT_DTYPES}, got {products}")
+        self.products = products
         first = members[0]
         shape = _shape(first)
         for net in members:
@@ -211,9 +225,11 @@ class TauPopulation(nn.Module):
         forcing, coeff, saved = self._step_sizes(taus)
         f = forcing[:, :, None, None]  # (K, depth, 1, 1): scales a member's (batch, width)
         xs = x.expand(k, *x.shape)  # the shared batch, no copy
-        acts, states, incr = self._forward_pass(xs, f, coeff)
+        # rounded once, before the expansion (a cast of the expanded view would copy it K times)
+        xs_low = xs if self.products == torch.float32 else x.to(self.products).expand_as(xs)
+        acts, states, incr = self._forward_pass(xs, xs_low, f, coeff)
         state = states[-1]
-        log_probs = torch.log_softmax(torch.bmm(state, self.w_out.transpose(1, 2)), dim=2)
+        log_probs = torch.log_softmax(self._bmm(state, self.w_out.transpose(1, 2)), dim=2)
         picked = target[None, :, None].expand(k, batch, 1)
         losses = -log_probs.gather(2, picked).squeeze(2).mean(1)
         if clean_sum is not None:
@@ -222,9 +238,11 @@ class TauPopulation(nn.Module):
         grad_logits = log_probs.exp_()
         grad_logits.scatter_add_(2, picked, grad_logits.new_full((k, batch, 1), -1.0))
         grad_logits.mul_((lr / batch)[:, None, None])
-        grad_u = torch.bmm(grad_logits, self.w_out)  # dL/du without the memory's paths
-        self.w_out.baddbmm_(grad_logits.transpose(1, 2), state, alpha=-1.0)
-        grad_forcing, grad_coeff = self._backward_pass_(xs, f, coeff, acts, states, incr, grad_u)
+        grad_u = self._bmm(grad_logits, self.w_out)  # dL/du without the memory's paths
+        self._sub_product_(self.w_out, grad_logits.transpose(1, 2), state)
+        grad_forcing, grad_coeff = self._backward_pass_(
+            xs_low, f, coeff, acts, states, incr, grad_u
+        )
         penalties = l1 * taus.abs().sum(1) + horizon_weight * (taus.sum(1) - self.T).square()
         if self.tau_free.requires_grad:
             self.tau_free.sub_(
@@ -233,18 +251,39 @@ class TauPopulation(nn.Module):
             self.project_taus_()
         return losses + penalties
 
+    def _bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` (batched) with operands of type :attr:`products`, as float32."""
+        if self.products == torch.float32:
+            return torch.bmm(a, b)
+        return torch.bmm(a.to(self.products), b.to(self.products)).float()
+
+    def _addbmm(self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``c + a @ b`` (a new tensor), the product's operands of type :attr:`products`."""
+        if self.products == torch.float32:
+            return torch.baddbmm(c, a, b)
+        return self._bmm(a, b).add_(c)
+
+    def _sub_product_(self, target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``target -= a @ b`` in place (a float32 master weight's update)."""
+        if self.products == torch.float32:
+            target.baddbmm_(a, b, alpha=-1.0)
+        else:
+            target.sub_(torch.bmm(a.to(self.products), b.to(self.products)))
+
     def _forward_pass(
-        self, xs: torch.Tensor, f: torch.Tensor, coeff: torch.Tensor | None
+        self, xs: torch.Tensor, xs_low: torch.Tensor, f: torch.Tensor, coeff: torch.Tensor | None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
         """Activations and states of every block; with memory, the increments ``d_l``
-        (K, depth, batch, width) in one buffer that the memory reads."""
+        (K, depth, batch, width) in one buffer that the memory reads. ``xs_low`` is the batch
+        as the products take it."""
         k, batch, depth = xs.shape[0], xs.shape[1], self.depth
         incr = None if coeff is None else xs.new_empty(k, depth, batch, self.w0.shape[1])
         acts, states = [], []
         state = xs
         for layer in range(depth):
             weight_t = (self.w0 if layer == 0 else self.w_hidden[:, layer - 1]).transpose(1, 2)
-            act = torch.baddbmm(self.bias[:, layer, None, :], state, weight_t).relu_()
+            below = xs_low if layer == 0 else state
+            act = self._addbmm(self.bias[:, layer, None, :], below, weight_t).relu_()
             if incr is None or coeff is None:
                 step = f[:, layer]
                 state = act * step if layer == 0 else torch.addcmul(state, act, step)
@@ -271,7 +310,8 @@ class TauPopulation(nn.Module):
         """The pass of :func:`tauopt.models._stack.stack_backward`, batched over the members,
         from ``grad_u`` (lr-scaled dL/du at the top), updating every block's weights and bias
         in place once they are no longer needed; returns the (lr-scaled) gradients of the
-        forcing factors and of the memory coefficients."""
+        forcing factors and of the memory coefficients. ``xs`` is the batch as the products
+        take it."""
         k, depth = xs.shape[0], self.depth
         grad_d = [grad_u] * depth  # dL/dd_l (the same as dL/du_{l+1} without memory)
         gd = None
@@ -279,7 +319,7 @@ class TauPopulation(nn.Module):
             gd = torch.empty_like(incr)
             gd[:, -1] = grad_u
             grad_d = list(gd.unbind(1))
-        grad_forcing = xs.new_empty(k, depth)
+        grad_forcing = grad_u.new_empty(k, depth)
         for layer in reversed(range(depth)):
             act = acts[layer]
             grad_forcing[:, layer] = torch.linalg.vecdot(
@@ -291,7 +331,7 @@ class TauPopulation(nn.Module):
             below = states[layer - 1] if layer else xs
             weight = self.w0 if layer == 0 else self.w_hidden[:, layer - 1]
             if layer:  # the weight's last use (dL/du below), then its update
-                grad_u = torch.baddbmm(grad_u, grad_z, weight)
+                grad_u = self._addbmm(grad_u, grad_z, weight)
                 if coeff is not None and gd is not None:  # d_{l-1} also feeds later memories
                     later = gd[:, layer:].reshape(k, depth - layer, -1)
                     weights = coeff[:, layer:, layer - 1].unsqueeze(1)
@@ -299,7 +339,7 @@ class TauPopulation(nn.Module):
                     flat.baddbmm_(weights, later, alpha=-1.0)
                 else:
                     grad_d[layer - 1] = grad_u
-            weight.baddbmm_(grad_z.transpose(1, 2), below, alpha=-1.0)
+            self._sub_product_(weight, grad_z.transpose(1, 2), below)
         if gd is None or incr is None:
             return grad_forcing, None
         grad_coeff = torch.bmm(gd.reshape(k, depth, -1), incr.reshape(k, depth, -1).transpose(1, 2))

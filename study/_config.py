@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import tomllib
 
-from tauopt.engine._config import ARCHS, MAX_EPOCHS, PRUNE_RULES
+from tauopt.engine._config import ARCHS, MAX_EPOCHS, PRECISIONS, PRUNE_RULES, Precision
 from tauopt.engine._data import DATASETS, is_arrays
 from tauopt.errors import ConfigError
 from tauopt.storage import StorageSettings
@@ -172,6 +172,9 @@ class TrialBudget:
     batch_size: int = 100
     val_size: int = 10_000
     normalize: bool = False  # standardise the inputs by the training split's statistics
+    #: The training step's products: "float32" or "bfloat16" (``tauopt.engine.PRECISIONS``); a
+    #: worker's ``--precision`` overrides it for the trials it trains.
+    precision: Precision = "float32"
     #: A user's .npz file's content hash, set by ``tauopt create``: a worker whose file
     #: differs refuses to train.
     dataset_sha256: str = ""
@@ -360,6 +363,8 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
             "trial.epochs",
             f"{values['epochs']} epochs would not end in a lifetime (at most {MAX_EPOCHS:,})",
         )
+    if values["precision"] not in PRECISIONS:
+        raise _fail("trial.precision", f"{values['precision']!r} is not one of {list(PRECISIONS)}")
     _at_least("trial.train_size", values["train_size"], 0)
     values["train_size"] = values["train_size"] or None  # 0: every training image
     interval = _take(storage, "heartbeat_interval", "storage", StorageSettings.heartbeat_interval)

@@ -64,6 +64,7 @@ def suggest_config(trial: optuna.Trial, config: StudyConfig, *, seed: int) -> Tr
         batch_size=budget.batch_size,
         val_size=budget.val_size,
         normalize=budget.normalize,
+        precision=budget.precision,
         seed=seed,
         data_seed=STUDY_DATA_SEED,
         T=_suggest(trial, search["T"]),

@@ -51,15 +51,19 @@ class Group:
 class Planner:
     """Fixes each claimed trial's config (suggested, or stored by ``tauopt reproduce``) and
     groups them. ``grid_choices`` are the grid's factors with their values: a grid run's
-    coordinates are suggested from them, so that they show as its parameters."""
+    coordinates are suggested from them, so that they show as its parameters. ``precision``,
+    where given, is this worker's choice for every trial it trains (the record keeps it)."""
 
     def __init__(
         self,
         ledger: Ledger,
         config: StudyConfig,
         grid_choices: dict[str, list[Any]] | None,
+        *,
+        precision: str | None = None,
     ) -> None:
         self.ledger, self.config, self.grid_choices = ledger, config, grid_choices
+        self.precision = precision
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def prepare(self, claim: Claim) -> Planned:
@@ -76,6 +80,8 @@ class Planner:
             config = fixed
         else:
             config = self._guarded(lambda: suggest_config(trial, self.config, seed=seed))
+        if self.precision is not None:
+            config = config.replace(precision=self.precision)
         # Recorded once the parameters are fixed: a retry of this trial reruns them.
         self.ledger.guarded(
             "recording the worker", lambda: trial.set_user_attr(WORKER_ATTR, self.worker)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import optuna
 
-from tauopt.engine import RawDataset, load_dataset, resolve_device, set_threads
+from tauopt.engine import PRECISIONS, RawDataset, load_dataset, resolve_device, set_threads
 from tauopt.errors import ConfigError, DataError, StorageError
 from tauopt.storage import (
     RetryPolicy,
@@ -62,12 +62,16 @@ class WorkerOptions:
     #: Trials claimed at once and trained together where their shapes agree (see
     #: ``tauopt.engine.train_population``); 1 trains one trial at a time.
     batch_trials: int = 1
+    #: The training step's products for every trial here; unset, the study's [trial] one.
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         k = self.batch_trials
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"batch_trials must be an integer >= 1, got {k!r}")
         seed = self.sampler_seed
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if seed is not None and not 0 <= seed < 2**32:
             raise ConfigError(f"sampler_seed must lie in [0, 2**32), got {seed}")
 
@@ -203,7 +207,12 @@ class Worker:
     def _loop(self, ledger: Ledger, publisher: Publisher, counts: Counter[Outcome]) -> None:
         self.dataset()
         grid = self.study.user_attrs.get(REPRODUCE_ATTR)
-        planner = Planner(ledger, self.config, grid["spec"]["choices"] if grid else None)
+        planner = Planner(
+            ledger,
+            self.config,
+            grid["spec"]["choices"] if grid else None,
+            precision=self.options.precision,
+        )
         settings = RunSettings(
             device=self.device,
             artifact_dir=self.options.artifact_dir,

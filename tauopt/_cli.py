@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tauopt import __version__
-from tauopt.engine._config import ARCHS, PRUNE_RULES, TrainConfig
+from tauopt.engine._config import ARCHS, PRECISIONS, PRUNE_RULES, TrainConfig
 from tauopt.engine._data import DATASETS, default_data_dir, load_dataset
 from tauopt.errors import TauoptError
 
@@ -140,6 +140,7 @@ def _add_train_parser(sub: Any) -> None:
         help="validation images held out of training (0: none, train on all 60,000)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    add_precision(p, defaults.precision)
     p.add_argument(
         "--no-cuda-graphs",
         dest="cuda_graphs",
@@ -171,6 +172,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"taus [{taus}]"
         )
     return 0
+
+
+def add_precision(p: argparse.ArgumentParser, default: str | None) -> None:
+    """``--precision``, for ``train`` and the workers."""
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help="operands of the training step's matrix products; bfloat16 keeps float32 weights "
+        "and taus and pays where the hardware multiplies bfloat16 natively (docs/benchmarks.md"
+        "#bfloat16-products)" + ("" if default else " (default: the study's [trial] precision)"),
+    )
 
 
 def dataset_name(text: str) -> str:

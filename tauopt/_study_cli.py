@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tauopt._cli import dataset_name
+from tauopt._cli import add_precision, dataset_name
 from tauopt.engine._data import DATASETS
 from tauopt.errors import ConfigError, TauoptError
 from tauopt.storage import StorageSettings
@@ -130,6 +130,7 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
         "batched computation (results equal to training each alone); see the README's "
         "trials-per-hour figures for a K that pays off on your hardware",
     )
+    add_precision(p, None)
     p.add_argument(
         "--storage-retry-seconds",
         type=_non_negative,
@@ -424,6 +425,7 @@ def _run_worker(args: argparse.Namespace) -> WorkerSummary:
         threads=args.threads,
         retry=retry,
         batch_trials=args.batch_trials,
+        precision=args.precision,
     )
     summary = Worker(settings, args.study, options).run()
     extra = "".join(

@@ -78,6 +78,7 @@ grace_period = 5
         ({"trial": {"epochs": 0}}, "trial.epochs: must be an integer >= 1"),
         ({"trial": {"dataset": "imagenet"}}, "trial.dataset: 'imagenet' is not one of"),
         ({"trial": {"batch": 10}}, "trial.batch: unknown key"),
+        ({"trial": {"precision": "float16"}}, "trial.precision: 'float16' is not one of"),
         ({"study": {"objective": "loss"}}, "study.objective: 'loss' is not one of"),
         (
             {"storage": {"heartbeat_interval": 5, "grace_period": 5}},

@@ -276,6 +276,27 @@ def test_batched_trials_store_what_each_trial_gives_alone(
         assert t.user_attrs["active_block_ids"] == alone.active_block_ids
 
 
+def test_a_worker_in_bfloat16_records_it_and_batches_equal_alone(
+    workdir: Path, data_dir: Path, run_study: RunStudy
+) -> None:
+    """``--precision`` is the worker's: its trials train and record it; batched members
+    still equal their trials trained alone (in bfloat16 too)."""
+    from tauopt.engine import TrainConfig, train
+
+    (workdir / "batch.toml").write_text(BATCH)
+    argv = ("--device", "cpu", "--batch-trials", "4", "--precision", "bfloat16")
+    assert run_study(4, *argv, config="batch.toml") == 0
+    trials = load_study(None, "tauopt").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    dataset = load_dataset("mnist", data_dir, download=False)
+    for t in trials:
+        config = TrainConfig(**t.user_attrs["train_config"])
+        assert config.precision == "bfloat16"
+        alone = train(config, dataset, device="cpu")
+        assert t.user_attrs["val_accuracy_history"] == pytest.approx(alone.val_accuracy, abs=1e-2)
+        assert t.user_attrs["taus"] == pytest.approx(alone.taus, rel=5e-3, abs=1e-6)
+
+
 def test_batch_trials_must_be_positive(
     workdir: Path, run_study: RunStudy, capsys: pytest.CaptureFixture[str]
 ) -> None:
