@@ -225,11 +225,11 @@ class TauPopulation(nn.Module):
         forcing, coeff, saved = self._step_sizes(taus)
         f = forcing[:, :, None, None]  # (K, depth, 1, 1): scales a member's (batch, width)
         xs = x.expand(k, *x.shape)  # the shared batch, no copy
-        # rounded once, before the expansion (a cast of the expanded view would copy it K times)
-        xs_low = xs if self.products == torch.float32 else x.to(self.products).expand_as(xs)
-        acts, states, incr = self._forward_pass(xs, xs_low, f, coeff)
-        state = states[-1]
-        log_probs = torch.log_softmax(self._bmm(state, self.w_out.transpose(1, 2)), dim=2)
+        # rounded before the expansion (a cast of the expanded view would copy it K times)
+        xs_low = self._low(x).expand_as(xs)
+        acts, states, incr, operands = self._forward_pass(xs, xs_low, f, coeff)
+        state, w_out = self._low(states[-1]), self._low(self.w_out)
+        log_probs = torch.log_softmax(self._bmm(state, w_out.transpose(1, 2)), dim=2)
         picked = target[None, :, None].expand(k, batch, 1)
         losses = -log_probs.gather(2, picked).squeeze(2).mean(1)
         if clean_sum is not None:
@@ -237,12 +237,10 @@ class TauPopulation(nn.Module):
         # lr * d(mean cross-entropy)/d logits = lr (softmax - onehot) / batch, per member
         grad_logits = log_probs.exp_()
         grad_logits.scatter_add_(2, picked, grad_logits.new_full((k, batch, 1), -1.0))
-        grad_logits.mul_((lr / batch)[:, None, None])
-        grad_u = self._bmm(grad_logits, self.w_out)  # dL/du without the memory's paths
+        grad_logits = self._low(grad_logits.mul_((lr / batch)[:, None, None]))
+        grad_u = self._bmm(grad_logits, w_out)  # dL/du without the memory's paths
         self._sub_product_(self.w_out, grad_logits.transpose(1, 2), state)
-        grad_forcing, grad_coeff = self._backward_pass_(
-            xs_low, f, coeff, acts, states, incr, grad_u
-        )
+        grad_forcing, grad_coeff = self._backward_pass_(f, coeff, acts, operands, incr, grad_u)
         penalties = l1 * taus.abs().sum(1) + horizon_weight * (taus.sum(1) - self.T).square()
         if self.tau_free.requires_grad:
             self.tau_free.sub_(
@@ -251,39 +249,52 @@ class TauPopulation(nn.Module):
             self.project_taus_()
         return losses + penalties
 
+    # The products' operands come rounded (``_low``), each once per step: a weight's rounded
+    # copy serves its forward and backward products, a state its block's product and its
+    # weight's update. In float32 these helpers are the exact float32 operations.
+
+    def _low(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the products take it (itself in float32)."""
+        return t if self.products == torch.float32 else t.to(self.products)
+
     def _bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` (batched) with operands of type :attr:`products`, as float32."""
-        if self.products == torch.float32:
-            return torch.bmm(a, b)
-        return torch.bmm(a.to(self.products), b.to(self.products)).float()
+        """``a @ b`` (batched) of rounded operands, as float32."""
+        out = torch.bmm(a, b)
+        return out if self.products == torch.float32 else out.float()
 
     def _addbmm(self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``c + a @ b`` (a new tensor), the product's operands of type :attr:`products`."""
+        """``c + a @ b`` (a new float32 tensor) of rounded operands ``a`` and ``b``."""
         if self.products == torch.float32:
             return torch.baddbmm(c, a, b)
-        return self._bmm(a, b).add_(c)
+        return torch.bmm(a, b).float().add_(c)
 
     def _sub_product_(self, target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """``target -= a @ b`` in place (a float32 master weight's update)."""
+        """``target -= a @ b`` in place (a float32 master weight's update) of rounded operands."""
         if self.products == torch.float32:
             target.baddbmm_(a, b, alpha=-1.0)
         else:
-            target.sub_(torch.bmm(a.to(self.products), b.to(self.products)))
+            target.sub_(torch.bmm(a, b))
 
     def _forward_pass(
         self, xs: torch.Tensor, xs_low: torch.Tensor, f: torch.Tensor, coeff: torch.Tensor | None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    ) -> tuple[
+        list[torch.Tensor],
+        list[torch.Tensor],
+        torch.Tensor | None,
+        list[tuple[torch.Tensor, torch.Tensor]],
+    ]:
         """Activations and states of every block; with memory, the increments ``d_l``
-        (K, depth, batch, width) in one buffer that the memory reads. ``xs_low`` is the batch
-        as the products take it."""
+        (K, depth, batch, width) in one buffer that the memory reads; and every block's
+        product operands (its input and its transposed weight) as the products take them.
+        ``xs_low`` is the batch so."""
         k, batch, depth = xs.shape[0], xs.shape[1], self.depth
         incr = None if coeff is None else xs.new_empty(k, depth, batch, self.w0.shape[1])
-        acts, states = [], []
+        acts, states, operands = [], [], []
         state = xs
         for layer in range(depth):
             weight_t = (self.w0 if layer == 0 else self.w_hidden[:, layer - 1]).transpose(1, 2)
-            below = xs_low if layer == 0 else state
-            act = self._addbmm(self.bias[:, layer, None, :], below, weight_t).relu_()
+            below = (xs_low if layer == 0 else self._low(state), self._low(weight_t))
+            act = self._addbmm(self.bias[:, layer, None, :], *below).relu_()
             if incr is None or coeff is None:
                 step = f[:, layer]
                 state = act * step if layer == 0 else torch.addcmul(state, act, step)
@@ -295,24 +306,24 @@ class TauPopulation(nn.Module):
                 state = d if layer == 0 else state + d
             acts.append(act)
             states.append(state)
-        return acts, states, incr
+            operands.append(below)
+        return acts, states, incr, operands
 
     def _backward_pass_(
         self,
-        xs: torch.Tensor,
         f: torch.Tensor,
         coeff: torch.Tensor | None,
         acts: list[torch.Tensor],
-        states: list[torch.Tensor],
+        operands: list[tuple[torch.Tensor, torch.Tensor]],
         incr: torch.Tensor | None,
         grad_u: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pass of :func:`tauopt.models._stack.stack_backward`, batched over the members,
         from ``grad_u`` (lr-scaled dL/du at the top), updating every block's weights and bias
         in place once they are no longer needed; returns the (lr-scaled) gradients of the
-        forcing factors and of the memory coefficients. ``xs`` is the batch as the products
-        take it."""
-        k, depth = xs.shape[0], self.depth
+        forcing factors and of the memory coefficients. ``operands``: every block's product
+        operands, from the forward pass."""
+        k, depth = grad_u.shape[0], self.depth
         grad_d = [grad_u] * depth  # dL/dd_l (the same as dL/du_{l+1} without memory)
         gd = None
         if incr is not None:  # one buffer: the memory reads every later block's dL/dd
@@ -328,10 +339,11 @@ class TauPopulation(nn.Module):
             # d(relu(z) f)/dz: f where the unit is active, else 0
             grad_z = torch.ops.aten.threshold_backward(grad_d[layer], act, 0).mul_(f[:, layer])
             self.bias[:, layer].sub_(grad_z.sum(1))
-            below = states[layer - 1] if layer else xs
+            below, weight_t = operands[layer]
             weight = self.w0 if layer == 0 else self.w_hidden[:, layer - 1]
+            grad_z = self._low(grad_z)
             if layer:  # the weight's last use (dL/du below), then its update
-                grad_u = self._addbmm(grad_u, grad_z, weight)
+                grad_u = self._addbmm(grad_u, grad_z, weight_t.transpose(1, 2))
                 if coeff is not None and gd is not None:  # d_{l-1} also feeds later memories
                     later = gd[:, layer:].reshape(k, depth - layer, -1)
                     weights = coeff[:, layer:, layer - 1].unsqueeze(1)
