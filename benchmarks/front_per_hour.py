@@ -1,21 +1,27 @@
 """The front's quality over wall-clock time: the hypervolume of the feasible front (validation
 accuracy against the share of the reference network's parameters left) as trials finish.
 
-Runners, each for ``--seconds`` of wall time on the default study's search space and trial
-size (``configs/study.toml``), one after another for every sampler seed, their order rotating:
+Runners on the default study's search space and trial size (``configs/study.toml``), one
+after another for every sampler seed, their order rotating; the baseline for
+``--baseline-seconds`` of wall time (T_b), every tauopt runner for ``--seconds``:
 
 * ``baseline``: ``optuna.create_study(...).optimize(objective)`` with the authors' style of
-  loop (see ``benchmarks/trials_per_hour.py``);
+  loop and their layer pruning (see ``benchmarks/trials_per_hour.py``);
 * ``K=1``, ``K=16``: ``tauopt run`` with ``--batch-trials K``;
 * ``dominated``: K = 1 with ``stop_trials = "dominated"``;
-* ``all``: K = 16 with ``stop_trials = "dominated"``.
+* ``bf16``: K = 16 with ``--precision bfloat16``;
+* ``K=16+dominated``: K = 16 with ``stop_trials = "dominated"``;
+* ``all``: K = 16, ``stop_trials = "dominated"`` and ``--precision bfloat16``.
+
+The targets compare the tauopt runners with the baseline at T_b: the time each first reaches
+the baseline's final hypervolume (T_b / 20 or less is the goal), and trials per hour.
 
 Reference point: validation accuracy 0.5 (the study's ``min_val_accuracy``) and the whole
 unpruned reference network (130,006 parameters); the hypervolume is the area the front
 dominates in (accuracy - 0.5) x (1 - parameters / 130,006), at most 0.5.
 
-    python benchmarks/front_per_hour.py --data-dir ../shared/data --seconds 600 --seeds 3 \\
-        [--runners baseline K=1 K=16 dominated all] [--json out.json]
+    python benchmarks/front_per_hour.py --data-dir ../shared/data --baseline-seconds 600 \\
+        --seconds 180 --seeds 3 [--runners baseline K=1 ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,7 +46,16 @@ from trials_per_hour import baseline  # noqa: E402
 
 REFERENCE_PARAMS = 130_006
 FLOOR = 0.5
-RUNNERS = ("baseline", "K=1", "K=16", "dominated", "all")
+#: runner -> (batch trials, stop_trials, precision); the baseline is not a tauopt run
+LEVERS: dict[str, tuple[int, str, str]] = {
+    "K=1": (1, "off", "float32"),
+    "K=16": (16, "off", "float32"),
+    "dominated": (1, "dominated", "float32"),
+    "bf16": (16, "off", "bfloat16"),
+    "K=16+dominated": (16, "dominated", "float32"),
+    "all": (16, "dominated", "bfloat16"),
+}
+RUNNERS = ("baseline", *LEVERS)
 
 
 def hypervolume(points: list[tuple[float, float]]) -> float:
@@ -67,7 +82,10 @@ def curve(finished: list[tuple[float, float, float]]) -> list[tuple[float, float
     return out
 
 
-def run_tauopt(k: int, stop: str, seed: int, seconds: float, data_dir: Path) -> dict[str, Any]:
+def run_tauopt(
+    levers: tuple[int, str, str], seed: int, seconds: float, data_dir: Path
+) -> dict[str, Any]:
+    k, stop, precision = levers
     with tempfile.TemporaryDirectory() as tmp:
         config = (REPO / "configs" / "study.toml").read_text()
         config = config.replace("[study]", f'[study]\nstop_trials = "{stop}"', 1)
@@ -95,6 +113,8 @@ def run_tauopt(k: int, stop: str, seed: int, seconds: float, data_dir: Path) -> 
             str(os.cpu_count() or 1),
             "--batch-trials",
             str(k),
+            "--precision",
+            precision,
             "--sampler-seed",
             str(seed),
         ]
@@ -129,10 +149,37 @@ def run_baseline(seed: int, seconds: float, data_dir: Path) -> dict[str, Any]:
     return {"trials": len(study.trials), "finished": finished}
 
 
+def first_reached(points: list[tuple[float, float]], target: float) -> float | None:
+    """Seconds at which a curve first reaches ``target`` (None: never)."""
+    return next((t for t, hv in points if hv >= target and hv > 0), None)
+
+
+def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per seed and tauopt runner: when it reached the baseline's final hypervolume, and its
+    trials per hour against the baseline's."""
+    rows = []
+    for base in (r for r in results if r["runner"] == "baseline"):
+        for run in (r for r in results if r["seed"] == base["seed"] and r is not base):
+            rows.append(
+                {
+                    "seed": base["seed"],
+                    "runner": run["runner"],
+                    "baseline_hypervolume": base["hypervolume"],
+                    "reached_at": first_reached(run["curve"], base["hypervolume"]),
+                    "trials_per_hour_ratio": round(
+                        run["trials_per_hour"] / max(base["trials_per_hour"], 1e-9), 2
+                    ),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--seconds", type=float, default=180, help="per tauopt runner")
+    parser.add_argument("--baseline-seconds", type=float, default=600, help="T_b")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
     parser.add_argument("--json", type=Path)
@@ -143,25 +190,33 @@ def main() -> None:
         shift = seed % len(args.runners)
         for name in args.runners[shift:] + args.runners[:shift]:
             if name == "baseline":
-                run = run_baseline(seed, args.seconds, args.data_dir)
+                seconds = args.baseline_seconds
+                run = run_baseline(seed, seconds, args.data_dir)
             else:
-                k = 16 if name in ("K=16", "all") else 1
-                stop = "dominated" if name in ("dominated", "all") else "off"
-                run = run_tauopt(k, stop, seed, args.seconds, args.data_dir)
+                seconds = args.seconds
+                run = run_tauopt(LEVERS[name], seed, seconds, args.data_dir)
             points = curve(run["finished"])
             results.append(
                 {
                     "runner": name,
                     "seed": seed,
                     "trials": run["trials"],
-                    "trials_per_hour": round(run["trials"] / args.seconds * 3600, 1),
+                    "seconds": seconds,
+                    "trials_per_hour": round(run["trials"] / seconds * 3600, 1),
                     "hypervolume": points[-1][1] if points else 0.0,
                     "curve": points,
                 }
             )
             print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+    rows = summary(results)
     if args.json:
-        out = {**machine(), "seconds": args.seconds, "runs": results}
+        out = {
+            **machine(),
+            "seconds": args.seconds,
+            "baseline_seconds": args.baseline_seconds,
+            "runs": results,
+            "summary": rows,
+        }
         args.json.write_text(json.dumps(out, indent=1))
 
 
