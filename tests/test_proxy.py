@@ -21,6 +21,7 @@ import pytest
 from conftest import free_port
 from optuna.trial import TrialState
 from test_faults import CONFIG, Worker
+from test_stopping import assert_dominated_rule, run_two_workers
 
 pytestmark = pytest.mark.postgres
 
@@ -248,3 +249,8 @@ def test_the_dashboard_reads_through_the_proxy(proxy: Proxy, tmp_path: Path) -> 
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
+
+
+def test_dominated_stopping_through_the_proxy(proxy: Proxy, tmp_path: Path, data_dir: Path) -> None:
+    run_two_workers(proxy.url, tmp_path, data_dir)
+    assert_dominated_rule(proxy.database)

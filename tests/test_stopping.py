@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
+from test_faults import Worker
 
 from tauopt._cli import main
 from tauopt.errors import ConfigError
@@ -49,15 +51,10 @@ def test_rules_that_cannot_work_are_refused() -> None:
         parse_config({"study": {"stop_trials": "sometimes"}})
 
 
-@pytest.mark.parametrize("k", ["1", "8"])
-def test_dominated_trials_stop_keep_their_record_and_never_reach_the_front(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path, k: str
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "small.toml").write_text(SMALL)
-    argv = ["run", "--config", "small.toml", "--n-trials", "16", "--data-dir", str(data_dir)]
-    assert main([*argv, "--quiet", "--sampler-seed", "3", "--batch-trials", k]) == 0
-    study = load_study(None, "tauopt")
+def assert_dominated_rule(storage: str | None, study_name: str = "tauopt") -> None:
+    """The 16 trials of a ``SMALL`` study all ended; some stopped, by the stored rule, with
+    their record, and none of those is on the front."""
+    study = load_study(storage, study_name)
     trials = study.get_trials()
     assert len(trials) == 16 and not any(t.state.name in ("RUNNING", "WAITING") for t in trials)
     stopped = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
@@ -72,3 +69,37 @@ def test_dominated_trials_stop_keep_their_record_and_never_reach_the_front(
         assert sum(dominates(o, mine) for o in others) >= 3  # the rule, as stored
     assert any(t.params["lr"] == 0.0001 for t in stopped)
     assert not {t.number for t in stopped} & front_numbers(study)
+
+
+@pytest.mark.parametrize("k", ["1", "8"])
+def test_dominated_trials_stop_keep_their_record_and_never_reach_the_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path, k: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small.toml").write_text(SMALL)
+    argv = ["run", "--config", "small.toml", "--n-trials", "16", "--data-dir", str(data_dir)]
+    assert main([*argv, "--quiet", "--sampler-seed", "3", "--batch-trials", k]) == 0
+    assert_dominated_rule(None)
+
+
+def run_two_workers(url: str, tmp_path: Path, data_dir: Path) -> None:
+    """Create the ``SMALL`` study in ``url`` and run it with two worker processes at once,
+    one trial at a time and four at a time."""
+    (tmp_path / "small.toml").write_text(SMALL)
+    create = ["create", "--storage", url, "--config", str(tmp_path / "small.toml")]
+    assert main([*create, "--n-trials", "16"]) == 0
+    artifacts = tmp_path / "artifacts"
+    workers = [
+        Worker(url, "tauopt", artifacts, data_dir, 3),
+        Worker(url, "tauopt", artifacts, data_dir, 4, "--batch-trials", "4"),
+    ]
+    codes = [w.finish() for w in workers]
+    assert codes == [0, 0], "\n---\n".join(w.output for w in workers)
+
+
+@pytest.mark.postgres
+def test_dominated_stopping_on_postgresql_with_two_workers(
+    scratch_database: tuple[str, Callable[[], None]], tmp_path: Path, data_dir: Path
+) -> None:
+    run_two_workers(scratch_database[0], tmp_path, data_dir)
+    assert_dominated_rule(scratch_database[0])
