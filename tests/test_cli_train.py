@@ -10,7 +10,10 @@ import pytest
 from tauopt._cli import main
 
 
-def test_train_json_has_every_metric(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_train_json_has_every_metric(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], precision: str
+) -> None:
     code = main(
         [
             "train",
@@ -30,12 +33,15 @@ def test_train_json_has_every_metric(data_dir: Path, capsys: pytest.CaptureFixtu
             "0.1",
             "--device",
             "cpu",
+            "--precision",
+            precision,
             "--json",
         ]
     )
     captured = capsys.readouterr()
     assert code == 0
     out = json.loads(captured.out)
+    assert out["config"]["precision"] == precision
     for key in (
         "val_accuracy",
         "test_accuracy",
@@ -95,6 +101,16 @@ def test_bad_input_is_one_clear_line(
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_an_unknown_precision_is_a_usage_error(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:  # argparse's usage error
+        main(["train", "--data-dir", str(data_dir), "--precision", "float16"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision: invalid choice: 'float16'" in err and "bfloat16" in err
 
 
 def test_missing_data_dir_is_reported(
