@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trials per hour on one GPU over K = 1..512, in under ten minutes: the service's worker with
 # --batch-trials K (at least K trials each) against the authors-style optimize() loop, every
-# variant on trials drawn once at random. Raw JSON to $OUT (default benchmarks/results); the
+# variant on trials drawn once at random; and K = 256 with bfloat16 products. Every step has its
+# own time limit, together under ten minutes. Raw JSON to $OUT (default benchmarks/results); the
 # data under $TAUOPT_DATA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,13 +11,15 @@ day=$(date +%F)
 mkdir -p "$out"
 python3 -m pip install -q -e . torchvision >/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu_$day.txt"
-run() {  # K, trials, baseline trials
-    timeout 170 python3 benchmarks/trials_per_hour.py --device cuda \
-        --data-dir "${TAUOPT_DATA:-data}" --k "$1" --trials "$2" --baseline-trials "$3" \
-        --repeats 1 --same-trials --json "$out/trials_per_hour_gpu_${day}_k$1.json"
+run() {  # seconds, K, trials, baseline trials, precision
+    timeout "$1" python3 benchmarks/trials_per_hour.py --device cuda \
+        --data-dir "${TAUOPT_DATA:-data}" --k "$2" --trials "$3" --baseline-trials "$4" \
+        --precision "$5" --repeats 1 --same-trials \
+        --json "$out/trials_per_hour_gpu_${day}_k$2_$5.json" || echo "K=$2 $5: stopped ($?)"
 }
-run 1 32 4
-run 16 32 0
-run 64 64 0
-run 256 256 0
-run 512 512 0
+run 120 1 32 4 float32
+run 90 16 32 0 float32
+run 90 64 64 0 float32
+run 100 256 256 0 float32
+run 100 512 512 0 float32
+run 80 256 256 0 bfloat16

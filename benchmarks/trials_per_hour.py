@@ -82,9 +82,10 @@ def service(
     threads: int,
     fixed: list[dict[str, Any]] | None = None,
     device: str = "cpu",
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """``tauopt run`` of ``trials`` default-study trials with ``--batch-trials k`` (of the
-    parameter sets ``fixed``, enqueued, if given)."""
+    parameter sets ``fixed``, enqueued, if given) and ``--precision``."""
     with tempfile.TemporaryDirectory() as tmp:
         if fixed:
             url = f"sqlite:///{tmp}/study.db"
@@ -102,6 +103,7 @@ def service(
             "--storage", f"sqlite:///{tmp}/study.db", "--artifact-dir", f"{tmp}/artifacts",
             "--data-dir", str(data_dir), "--device", device, "--quiet",
             "--threads", str(threads), "--batch-trials", str(k), "--sampler-seed", "1",
+            "--precision", precision,
         ]  # fmt: skip
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -113,7 +115,7 @@ def service(
         complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
         inside = sum(sum(t.user_attrs["epoch_seconds"]) for t in complete)
     return {
-        "variant": f"service K={k}",
+        "variant": f"service K={k}" + ("" if precision == "float32" else f" {precision}"),
         "trials": len(done),
         "complete": len(complete),
         "seconds": seconds,
@@ -210,6 +212,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--same-trials", action="store_true", help="see the module's docstring")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    parser.add_argument(
+        "--precision", default="float32", help="the service's --precision (float32, bfloat16)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     fixed = fixed_trials(max(args.trials, args.baseline_trials)) if args.same_trials else None
@@ -221,7 +226,9 @@ def main() -> None:
         shift = repeat % len(variants)
         for kind, k in variants[shift:] + variants[:shift]:
             if kind == "service":
-                run = service(k, args.trials, args.data_dir, args.threads, fixed, args.device)
+                run = service(
+                    k, args.trials, args.data_dir, args.threads, fixed, args.device, args.precision
+                )
             else:
                 run = baseline(
                     args.baseline_trials, args.data_dir, args.threads, fixed, args.device
