@@ -233,7 +233,7 @@ def train(
     :mod:`tauopt.engine._step`) unless ``cuda_graphs`` is false; the CPU always runs it eagerly.
     With ``precision="bfloat16"`` the network trains as a population of one, whose step
     rounds its products' operands (see :class:`tauopt.models.TauPopulation`): the same step
-    that its trial takes in a population of many.
+    that its trial takes in a population of many (eagerly, also on a GPU).
 
     ``progress`` writes to stderr a line per epoch and, on a terminal, a bar during each
     epoch; ``label`` starts both (a worker names its trial there).
