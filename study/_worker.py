@@ -33,7 +33,7 @@ from tauopt.storage import (
     artifact_store,
     open_storage,
 )
-from tauopt.study._config import GRID_OBJECTIVE, parse_config, stop_rule
+from tauopt.study._config import GRID_OBJECTIVE, StudyConfig, parse_config, stop_rule
 from tauopt.study._create import quiet_optuna
 from tauopt.study._ledger import Claim, Ledger
 from tauopt.study._liveness import Heartbeat, WorkerStopped, stop_on_signals
@@ -93,7 +93,9 @@ class WorkerSummary:
 
 def _load_study(
     storage: optuna.storages.BaseStorage, study_name: str, sampler_seed: int
-) -> optuna.Study:
+) -> tuple[optuna.Study, StudyConfig]:
+    """The study and its stored config, read at once (every read here may fail transiently:
+    the caller retries the whole)."""
     sampler = WindowedTPESampler(seed=sampler_seed, constant_liar=True)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
@@ -102,13 +104,14 @@ def _load_study(
             f"no study named {study_name!r} in this storage; create it first with "
             f"`tauopt create --study {study_name}`"
         ) from None
-    if CONFIG_ATTR not in study.user_attrs:
+    attrs = study.user_attrs
+    if CONFIG_ATTR not in attrs:
         raise StorageError(f"study {study_name!r} was not created by tauopt (no stored config)")
-    config = parse_config(study.user_attrs[CONFIG_ATTR])
+    config = parse_config(attrs[CONFIG_ATTR])
     grid = config.objective == GRID_OBJECTIVE
     if not grid and stop_rule(config.stop_trials, config.objective) == "median":
         study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    return study
+    return study, config
 
 
 class Worker:
@@ -126,10 +129,9 @@ class Worker:
         self.storage: Any = self._db(
             "opening the storage", lambda: open_storage(settings, create_schema=False)
         )
-        self.study = self._db(
+        self.study, self.config = self._db(
             "loading the study", lambda: _load_study(self.storage, study_name, self.sampler_seed)
         )
-        self.config = parse_config(self.study.user_attrs[CONFIG_ATTR])
         self.access = access(self.storage, max_retry=settings.max_retry)
         self.grace = settings.grace_period or 2 * settings.heartbeat_interval
         self._datasets: dict[str, RawDataset] = {}
@@ -206,7 +208,7 @@ class Worker:
 
     def _loop(self, ledger: Ledger, publisher: Publisher, counts: Counter[Outcome]) -> None:
         self.dataset()
-        grid = self.study.user_attrs.get(REPRODUCE_ATTR)
+        grid = self._db("reading the study", lambda: self.study.user_attrs.get(REPRODUCE_ATTR))
         planner = Planner(
             ledger,
             self.config,

@@ -410,7 +410,8 @@ def _run_worker(args: argparse.Namespace) -> WorkerSummary:
             f"warning: --threads {args.threads} is more than this machine's {cores} cores: "
             "each epoch gets slower, not faster (give each worker its share of the cores)"
         )
-    stored = parse_config(study.user_attrs.get(CONFIG_ATTR, {}))
+    attrs = retry.call("reading the study's config", lambda: study.user_attrs, _warn)
+    stored = parse_config(attrs.get(CONFIG_ATTR, {}))
     settings = _settings(
         url,
         stored.heartbeat_interval if args.heartbeat_interval is None else args.heartbeat_interval,

@@ -280,13 +280,18 @@ def _terminate_busy_connections(database: str, kills: int, timeout: float) -> in
 
 
 def test_connections_terminated_repeatedly(tmp_path: Path, data_dir: Path) -> None:
+    """Connections cut under a working worker, and under one that is starting (loading the
+    study and its config while every connection is cut five times a second)."""
     name = _create(tmp_path, 6)
-    workers = [Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=s) for s in (1, 2)]
+    workers = [Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=1)]
     _running_trial_of(workers[0], name)
     database = sqlalchemy.engine.make_url(PG_URL).database
     assert database
     assert _terminate_busy_connections(database, kills=3, timeout=60) >= 3
-    _terminate_connections(database, rounds=60, every=0.2)
+    cutting = threading.Thread(target=_terminate_connections, args=(database, 60, 0.2))
+    cutting.start()
+    workers.append(Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=2))
+    cutting.join()
     _assert_exact_budget(name, 6, workers)
     assert any("retrying" in w.output or "heartbeat failed" in w.output for w in workers)
 
@@ -303,7 +308,10 @@ def test_postgres_restart_in_the_middle_of_a_study(tmp_path: Path, data_dir: Pat
     cluster = _pg_ctlcluster()
     name = _create(tmp_path, 8, epochs=4, train_size=40000)
     workers = [Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=s) for s in (1, 2)]
-    _running_trial_of(workers[0], name)
+    # Both past their first contact: a database that never answered a worker is a wrong
+    # address to it ("connection refused" then is lasting), not a restart.
+    for worker in workers:
+        _running_trial_of(worker, name)
     subprocess.run([*cluster, "restart"], check=True, timeout=120)
     done = [t.state for t in _trials(name)].count(TrialState.COMPLETE)
     assert done < 8, "the restart came after the study: make its trials longer"
