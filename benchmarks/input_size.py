@@ -31,7 +31,8 @@ def cifar_shaped(n_train: int, n_test: int) -> RawDataset:
     return RawDataset("cifar10", part(n_train), part(n_test), 10, (3, 32, 32))
 
 
-def _seconds(configs: list[TrainConfig], dataset: RawDataset) -> float:
+def member_epoch_seconds(configs: list[TrainConfig], dataset: RawDataset) -> float:
+    """Wall seconds per member of one run of ``configs`` (alone if one, else a population)."""
     start = time.perf_counter()
     if len(configs) == 1:
         train(configs[0], dataset, device="cpu")
@@ -65,7 +66,7 @@ def main() -> None:
                 members = [base.replace(seed=s, lr=0.01 * (s + 1)) for s in range(args.k)]
                 for label, configs in (("alone", [base]), (f"K={args.k}", members)):
                     key = f"{name} {arch} {label}"
-                    rows.setdefault(key, []).append(_seconds(configs, dataset))
+                    rows.setdefault(key, []).append(member_epoch_seconds(configs, dataset))
                     print(f"{key}: {rows[key][-1]:.3f} s per member-epoch", flush=True)
     medians = {k: statistics.median(v) for k, v in rows.items()}
     for arch in ("resnet", "fracdnn"):

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from _machine import machine
+from input_size import member_epoch_seconds
 
 from tauopt.engine import (
     RawDataset,
@@ -35,7 +36,6 @@ from tauopt.engine import (
     TrainResult,
     group_key,
     load_dataset,
-    train,
     train_population,
 )
 from tauopt.study._evidence import by_unit
@@ -118,15 +118,6 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _seconds(configs: list[TrainConfig], dataset: RawDataset) -> float:
-    start = time.perf_counter()
-    if len(configs) == 1:
-        train(configs[0], dataset, device="cpu")
-    else:
-        train_population(configs, dataset, device="cpu")
-    return (time.perf_counter() - start) / len(configs)
-
-
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset("mnist", args.data_dir, download=False)
     rows: dict[str, list[float]] = {}
@@ -144,7 +135,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     members = [base.replace(seed=s, lr=0.01 * (s + 1)) for s in range(k)]
                     key = f"{arch} K={k} {precision}"
-                    rows.setdefault(key, []).append(_seconds(members, dataset))
+                    rows.setdefault(key, []).append(member_epoch_seconds(members, dataset))
                     print(f"{key}: {rows[key][-1]:.3f} s per member-epoch", flush=True)
     ratios = {}
     for arch in ("resnet", "fracdnn"):

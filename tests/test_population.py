@@ -385,13 +385,19 @@ def test_only_configs_of_one_group_train_together(mnist: RawDataset) -> None:
         train_population([a, a.replace(depth=4)], mnist, device="cpu")
 
 
-def test_a_group_of_both_architectures_equals_training_alone(mnist: RawDataset) -> None:
-    configs = [
-        TrainConfig(seed=1, T=1.0, lr=0.05, l1=0.01, prune_eps=0.15, **SMALL),
-        TrainConfig(seed=2, arch="fracdnn", T=2.0, gamma=0.4, lr=0.05, **SMALL),
-        TrainConfig(seed=3, T=2.0, lr=0.1, dependent_last_tau=True, prune_eps=0.1, **SMALL),
-        TrainConfig(seed=4, arch="fracdnn", T=1.0, gamma=0.7, dependent_last_tau=True, **SMALL),
+def _both_architectures(**extra: Any) -> list[TrainConfig]:
+    """Two pruning ResNets and two fractional networks (two with a dependent last tau)."""
+    small = {**SMALL, **extra}
+    return [
+        TrainConfig(seed=1, T=1.0, lr=0.05, l1=0.01, prune_eps=0.15, **small),
+        TrainConfig(seed=2, arch="fracdnn", T=2.0, gamma=0.4, lr=0.05, **small),
+        TrainConfig(seed=3, T=2.0, lr=0.1, dependent_last_tau=True, prune_eps=0.1, **small),
+        TrainConfig(seed=4, arch="fracdnn", T=1.0, gamma=0.7, dependent_last_tau=True, **small),
     ]
+
+
+def test_a_group_of_both_architectures_equals_training_alone(mnist: RawDataset) -> None:
+    configs = _both_architectures()
     results = train_population(configs, mnist, device="cpu")
     for config, together in zip(configs, results, strict=True):
         _assert_same(together, train(config, mnist, device="cpu"))
@@ -463,13 +469,7 @@ def test_a_lone_run_in_bfloat16_is_a_population_of_one(mnist: RawDataset) -> Non
     """Members trained together in bfloat16 equal each trained alone in bfloat16, to the
     drift of sums in another order (larger than float32's: a rounded operand can round the
     other way); and a bfloat16 run lands near its float32 twin."""
-    small = {**SMALL, "precision": "bfloat16"}
-    configs = [
-        TrainConfig(seed=1, T=1.0, lr=0.05, l1=0.01, prune_eps=0.15, **small),
-        TrainConfig(seed=2, arch="fracdnn", T=2.0, gamma=0.4, lr=0.05, **small),
-        TrainConfig(seed=3, T=2.0, lr=0.1, dependent_last_tau=True, prune_eps=0.1, **small),
-        TrainConfig(seed=4, arch="fracdnn", T=1.0, gamma=0.7, dependent_last_tau=True, **small),
-    ]
+    configs = _both_architectures(precision="bfloat16")
     results = train_population(configs, mnist, device="cpu")
     for config, together in zip(configs, results, strict=True):
         alone = train(config, mnist, device="cpu")
