@@ -9,6 +9,9 @@ per second, claim latency p50/p99, heartbeat lag (the longest gap between two he
 trial, less the interval), the peak of the role's connections, the errors, and whether the
 budget came out exact with nothing left running.
 
+Through the proxy, ``--attrs one-by-one`` makes the workers write one attribute per call, as
+with a proxy that lacks tauopt's batched calls, to measure what those save side by side.
+
     python benchmarks/many_workers.py --postgres postgresql://postgres@127.0.0.1/test \\
         --workers 200 --trial-seconds 2 --via proxy [--processes 4] [--json out.json]
 """
@@ -119,14 +122,18 @@ def _patch(seconds: float, claims: list[float], beats: dict[int, list[float]]) -
         kind.beat = beat  # type: ignore[method-assign]
 
 
-def _process(url: str, study: str, threads: int, seconds: float, artifacts: str, out: Any) -> None:
-    from tauopt.storage import RetryPolicy, StorageSettings
+def _process(
+    url: str, study: str, threads: int, seconds: float, artifacts: str, batched: bool, out: Any
+) -> None:
+    from tauopt.storage import RetryPolicy, StorageSettings, _batch
     from tauopt.study import Worker, WorkerOptions
 
     claims: list[float] = []
     beats: dict[int, list[float]] = {}
     errors: list[str] = []
     _patch(seconds, claims, beats)
+    if not batched:  # as if the proxy offered no batched calls: one call per attribute
+        _batch.BatchClient._call = lambda self, name, request: False  # type: ignore[method-assign]
     settings = StorageSettings(url=url, heartbeat_interval=HEARTBEAT, grace_period=60)
 
     def run(i: int) -> None:
@@ -175,6 +182,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--connection-limit", type=int, default=20)
     parser.add_argument("--via", choices=("direct", "proxy"), default="proxy")
+    parser.add_argument("--attrs", choices=("batched", "one-by-one"), default="batched")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from tauopt.storage import normalize_url
@@ -233,7 +241,16 @@ def main() -> None:
         start = time.monotonic()
         procs = [
             multiprocessing.get_context("spawn").Process(
-                target=_process, args=(url, "many", n, args.trial_seconds, f"{tmp}/a", queue)
+                target=_process,
+                args=(
+                    url,
+                    "many",
+                    n,
+                    args.trial_seconds,
+                    f"{tmp}/a",
+                    args.attrs == "batched",
+                    queue,
+                ),
             )
             for n in share
         ]
@@ -255,6 +272,7 @@ def main() -> None:
     errors = [e for p in parts for e in p["errors"]]
     summary = {
         "via": args.via,
+        "attrs": args.attrs if args.via == "proxy" else "batched",
         "workers": args.workers,
         "processes": args.processes,
         "trial_seconds": args.trial_seconds,

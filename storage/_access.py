@@ -7,7 +7,8 @@
   the public storage API reaches the database: no lock (a new trial past the budget fails
   itself, see :func:`over_budget`), counts from the proxy's cached trials, heartbeats as a
   trial system attribute stamped with the worker's clock (the hosts' clocks must agree within
-  the grace period, as NTP keeps them), attributes one call each.
+  the grace period, as NTP keeps them), many attributes in one call where the proxy is
+  ``tauopt proxy`` (:mod:`tauopt.storage._batch`), else one call each.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.storage import _optuna as private
+from tauopt.storage._batch import set_study_system_attrs_one_by_one, set_trial_attrs_one_by_one
+from tauopt.storage._proxy import BatchingProxy
 from tauopt.storage._rdb import study_lock
 
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
@@ -159,21 +162,20 @@ class ProxyAccess:
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
     ) -> None:
-        for key, value in user.items():
-            self.storage.set_trial_user_attr(trial_id, key, value)
-        for key, value in system.items():
-            self.storage.set_trial_system_attr(trial_id, key, value)
+        if isinstance(self.storage, BatchingProxy):
+            self.storage.batch.set_trial_attrs(trial_id, user=user, system=system)
+        else:
+            set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
 
     def set_study_system_attrs(
         self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None
     ) -> None:
-        if clear_prefix is not None:
-            stale = self.storage.get_study_system_attrs(study_id)
-            for key in stale:
-                if key.startswith(clear_prefix) and key not in attrs:
-                    self.storage.set_study_system_attr(study_id, key, "")
-        for key, value in attrs.items():
-            self.storage.set_study_system_attr(study_id, key, value)
+        if isinstance(self.storage, BatchingProxy):
+            self.storage.batch.set_study_system_attrs(study_id, attrs, clear_prefix=clear_prefix)
+        else:
+            set_study_system_attrs_one_by_one(
+                self.storage, study_id, attrs, clear_prefix=clear_prefix
+            )
 
     def retry(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.callback(study, trial)

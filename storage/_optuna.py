@@ -17,7 +17,10 @@ grows with the study (measured at 5,000 trials on a 2-core CPU, ``docs/benchmark
   every trial uncached at every suggestion, 83 ms an ask at 5,000 trials against 41 ms).
 * the proxy's cache reading the running trials once for every request waiting at that moment
   (:class:`CoalescedCache`: Optuna's cache re-reads every running trial of the study from the
-  database for each request, one at a time, and hundreds of workers queue behind it).
+  database for each request, one at a time, and hundreds of workers queue behind it);
+* the proxy's gRPC server built by Optuna's ``make_server`` (:func:`proxy_server`), so that
+  tauopt's batched attribute calls share its port (``run_grpc_proxy_server`` offers no way to
+  add a service).
 
 :func:`check` runs once, when this module is imported: it verifies the versions and every
 name, arity and schema version used here, and a mismatch raises :class:`DependencyError` with
@@ -71,6 +74,7 @@ def check() -> None:
         version = Version(importlib.metadata.version(name))
         _require(version in SpecifierSet(spec), f"{name} {version} is not supported")
     from optuna.samplers._tpe import sampler as tpe
+    from optuna.storages._grpc import server as grpc_server
     from optuna.storages._rdb import models, storage
     from optuna.study import _constrained_optimization, _multi_objective
     from optuna_dashboard import _custom_plot_data, _note
@@ -97,6 +101,7 @@ def check() -> None:
         (optuna.storages._CachedStorage, ["_read_trials_from_remote_storage"]),
         (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
         (_note, ["note_ver_key", "split_body"]),
+        (grpc_server, ["make_server"]),
     ):
         for name in names:
             _require(hasattr(owner, name), f"{owner.__name__}.{name} is missing")
@@ -111,6 +116,7 @@ def check() -> None:
         (_note.split_body, 2),
         (_note.note_ver_key, 1),
         (optuna.storages._CachedStorage._read_trials_from_remote_storage, 2),
+        (grpc_server.make_server, 4),
     ):
         _require(_arity(fn) == n, f"{fn.__qualname__} takes {_arity(fn)} arguments, not {n}")
     sampler = optuna.samplers.TPESampler()
@@ -124,6 +130,7 @@ check()
 
 # Imported only once check() has passed.
 from optuna.samplers._tpe import sampler as _tpe  # noqa: E402
+from optuna.storages._grpc import server as _grpc_server  # noqa: E402
 from optuna.storages._rdb import models as _models  # noqa: E402
 from optuna.storages._rdb import storage as _rdb_storage  # noqa: E402
 from optuna.study._constrained_optimization import (  # noqa: E402
@@ -203,10 +210,12 @@ def set_study_system_attrs(
     attrs: dict[str, Any],
     *,
     clear_prefix: str | None = None,
+    keep: Container[str] = (),
 ) -> None:
     """Set many system attributes of a study in one transaction. With ``clear_prefix``,
-    every other attribute whose key starts with it is emptied (``""``), as optuna-dashboard
-    clears the chunks a shorter figure no longer fills; only those keys are read."""
+    every other attribute whose key starts with it, and is not in ``keep``, is emptied
+    (``""``), as optuna-dashboard clears the chunks a shorter figure no longer fills; only
+    those keys are read."""
     model = _models.StudySystemAttributeModel
     wanted: sqlalchemy.ColumnElement[bool] = model.key.in_(list(attrs))
     if clear_prefix is not None:
@@ -221,7 +230,7 @@ def set_study_system_attrs(
             else:
                 row.value_json = json.dumps(value)
         for key, row in existing.items():
-            if clear_prefix is not None and key.startswith(clear_prefix):
+            if clear_prefix is not None and key.startswith(clear_prefix) and key not in keep:
                 row.value_json = json.dumps("")
 
 
@@ -481,7 +490,13 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         return result
 
 
-# -- the proxy's cache -----------------------------------------------------------------------
+# -- the proxy: its server and its cache ------------------------------------------------------
+
+
+def proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int) -> Any:
+    """Optuna's gRPC proxy server for ``storage`` on ``host:port``, not yet started (a
+    ``grpc.Server``: services may still be added)."""
+    return _grpc_server.make_server(storage, host, port, None)
 
 
 class CoalescedCache(optuna.storages._CachedStorage):

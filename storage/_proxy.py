@@ -1,16 +1,19 @@
 """Optuna's gRPC storage proxy: ``tauopt proxy`` serves a database to any number of workers,
 which need only its address (``--storage grpc://HOST:PORT``), no database credentials. The
-proxy holds the database connections and Optuna's cache of the studies."""
+proxy holds the database connections and Optuna's cache of the studies; beside Optuna's
+service it serves tauopt's batched attribute calls (:mod:`tauopt.storage._batch`)."""
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
 
 from tauopt.errors import ConfigError, StorageError
 from tauopt.storage import _optuna as private
+from tauopt.storage._batch import BatchClient, BatchService
 
 SCHEME = "grpc://"
 #: Seconds a command waits for the proxy to answer at first contact.
@@ -33,12 +36,34 @@ def address(url: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
-def open_proxy(url: str) -> optuna.storages.BaseStorage:
+class BatchingProxy(optuna.storages.GrpcStorageProxy):
+    """Optuna's client of the proxy, with tauopt's batched calls as :attr:`batch`."""
+
+    def __init__(self, *, host: str, port: int) -> None:
+        super().__init__(host=host, port=port)
+        self.address = (host, port)
+        self.batch = BatchClient(self, host, port)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("batch", None)  # a channel: made anew on the other side
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self.batch = BatchClient(self, *self.address)
+
+    def close(self) -> None:
+        self.batch.close()
+        super().close()
+
+
+def open_proxy(url: str) -> BatchingProxy:
     """A client of the proxy at ``url``, once it answers."""
     host, port = address(url)
     with warnings.catch_warnings():  # experimental since Optuna 4.2; relied on knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+        proxy = BatchingProxy(host=host, port=port)
     try:
         proxy.wait_server_ready(timeout=_READY_SECONDS)
     except TimeoutError as e:
@@ -49,13 +74,20 @@ def open_proxy(url: str) -> optuna.storages.BaseStorage:
     return proxy
 
 
-def serve(storage: optuna.storages.BaseStorage, host: str, port: int) -> None:
-    """Serve ``storage`` (with Optuna's cache in front of it, its reads shared between waiting
-    requests) until interrupted."""
+def proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int) -> Any:
+    """The proxy's gRPC server (not yet started): Optuna's service on ``storage`` with Optuna's
+    cache in front of it (its reads shared between waiting requests), and tauopt's batched
+    calls on it."""
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a port: choose one in 1..65535")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.run_grpc_proxy_server(
-            private.CoalescedCache(private.rdb_of(storage)), host=host, port=port
-        )
+    rdb = private.rdb_of(storage)
+    server = private.proxy_server(private.CoalescedCache(rdb), host, port)
+    server.add_generic_rpc_handlers((BatchService(rdb).handler(),))
+    return server
+
+
+def serve(storage: optuna.storages.BaseStorage, host: str, port: int) -> None:
+    """Serve ``storage`` through the proxy until interrupted."""
+    server = proxy_server(storage, host, port)
+    server.start()
+    server.wait_for_termination()

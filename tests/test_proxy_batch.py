@@ -1,0 +1,133 @@
+"""``tauopt proxy`` writes many attributes in one call (``tauopt.storage._batch``): a trial's
+record and a study's figure chunks, with Optuna's semantics (a finished trial refuses, an
+unknown one is missing); a proxy without the call (Optuna's own) gets one call per attribute.
+Both proxies run in this process on a SQLite database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from conftest import free_port
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+from tauopt.storage import _batch, _optuna, _proxy
+from tauopt.storage._access import DirectAccess, ProxyAccess
+from tauopt.storage._retry import is_transient
+
+USER = {f"record_{i}": [i, i / 3, f"v{i}"] for i in range(25)}
+SYSTEM = {"tauopt:heartbeat": 1.5, "tauopt:member": {"k": 4}}
+
+
+class Served:
+    """A SQLite database, a proxy on it (tauopt's, or Optuna's without the batched calls) and a
+    client of that proxy."""
+
+    def __init__(self, tmp_path: Path, *, batched: bool) -> None:
+        self.rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+        port = free_port()
+        make = _proxy.proxy_server if batched else _optuna.proxy_server
+        self.server = make(self.rdb, "127.0.0.1", port)
+        self.server.start()
+        self.client = _proxy.open_proxy(f"grpc://127.0.0.1:{port}")
+        self.access = ProxyAccess(self.client, max_retry=1)
+        self.study_id = self.client.create_new_study([StudyDirection.MAXIMIZE], "s")
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop(None)
+
+
+@pytest.fixture(params=[True, False], ids=["tauopt-proxy", "optuna-proxy"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path, batched=request.param)
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def batched(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path, batched=True)
+    yield s
+    s.close()
+
+
+def _no_single_calls(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any) -> None:
+        raise AssertionError("one call per attribute, where the proxy batches")
+
+    for name in ("set_trial_user_attr", "set_trial_system_attr", "set_study_system_attr"):
+        monkeypatch.setattr(client, name, refuse)
+
+
+def test_a_trials_record_is_written_whole(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batched = request.node.callspec.params["served"]
+    trial_id = served.client.create_new_trial(served.study_id)
+    if batched:
+        _no_single_calls(served.client, monkeypatch)
+    served.access.set_trial_attrs(trial_id, user=USER, system=SYSTEM)
+    trial = served.rdb.get_trial(trial_id)
+    assert {k: tuple(v) for k, v in trial.user_attrs.items()} == {
+        k: tuple(v) for k, v in USER.items()
+    }
+    assert trial.system_attrs == SYSTEM
+    assert served.client.batch.offered is batched
+
+
+def test_a_finished_trial_refuses_and_an_unknown_one_is_missing(served: Served) -> None:
+    trial_id = served.client.create_new_trial(served.study_id)
+    served.client.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        served.access.set_trial_attrs(trial_id, user=USER, system={})
+    assert served.rdb.get_trial(trial_id).user_attrs == {}
+    with pytest.raises(KeyError):
+        served.access.set_trial_attrs(trial_id + 100, user=USER, system={})
+
+
+def test_a_figure_in_many_requests_clears_only_what_it_no_longer_fills(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of 200 characters in requests of 1,000 bytes: the new figure is written in
+    several calls, the old chunks it no longer fills are emptied, other attributes stay; the
+    same as the one transaction of a direct database."""
+    monkeypatch.setattr(_batch, "MAX_REQUEST_BYTES", 1000)
+    old = {f"fig:{i}": "o" * 200 for i in range(12)} | {"other": 1, "fig2:0": "x"}
+    new = {f"fig:{i}": f"{i}" * 200 for i in range(7)}
+    direct = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'direct.sqlite'}")
+    direct_id = direct.create_new_study([StudyDirection.MAXIMIZE], "s")
+    for storage, study_id, access in (
+        (served.client, served.study_id, served.access),
+        (direct, direct_id, DirectAccess(direct)),
+    ):
+        access.set_study_system_attrs(study_id, old)
+        access.set_study_system_attrs(study_id, new, clear_prefix="fig:")
+    got = served.rdb.get_study_system_attrs(served.study_id)
+    assert got == direct.get_study_system_attrs(direct_id)
+    assert got == new | {f"fig:{i}": "" for i in range(7, 12)} | {"other": 1, "fig2:0": "x"}
+
+
+def test_a_database_failure_behind_the_proxy_is_worth_a_retry(
+    batched: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy's own connection failing is UNAVAILABLE to the worker, which waits for it
+    (a lasting failure of the request stays lasting)."""
+    trial_id = batched.client.create_new_trial(batched.study_id)
+
+    def cut(*args: Any, **kwargs: Any) -> None:
+        import sqlalchemy.exc
+
+        raise optuna.exceptions.StorageInternalError("write failed") from (
+            sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+        )
+
+    monkeypatch.setattr(_optuna, "set_trial_attrs", cut)
+    with pytest.raises(Exception) as failed:
+        batched.access.set_trial_attrs(trial_id, user=USER, system={})
+    assert is_transient(failed.value), failed.value
+    assert "server closed the connection" in str(failed.value)
