@@ -9,8 +9,9 @@ per second, claim latency p50/p99, heartbeat lag (the longest gap between two he
 trial, less the interval), the peak of the role's connections, the errors, and whether the
 budget came out exact with nothing left running.
 
-Through the proxy, ``--attrs one-by-one`` makes the workers write one attribute per call, as
-with a proxy that lacks tauopt's batched calls, to measure what those save side by side.
+Through the proxy, ``--service off`` makes the workers use Optuna's calls alone, as with a proxy
+without tauopt's own service (one call per attribute, the claim's questions answered by
+reading every unfinished trial), to measure what that service saves, side by side.
 
     python benchmarks/many_workers.py --postgres postgresql://postgres@127.0.0.1/test \\
         --workers 200 --trial-seconds 2 --via proxy [--processes 4] [--json out.json]
@@ -123,17 +124,17 @@ def _patch(seconds: float, claims: list[float], beats: dict[int, list[float]]) -
 
 
 def _process(
-    url: str, study: str, threads: int, seconds: float, artifacts: str, batched: bool, out: Any
+    url: str, study: str, threads: int, seconds: float, artifacts: str, service: bool, out: Any
 ) -> None:
-    from tauopt.storage import RetryPolicy, StorageSettings, _batch
+    from tauopt.storage import RetryPolicy, StorageSettings, _service
     from tauopt.study import Worker, WorkerOptions
 
     claims: list[float] = []
     beats: dict[int, list[float]] = {}
     errors: list[str] = []
     _patch(seconds, claims, beats)
-    if not batched:  # as if the proxy offered no batched calls: one call per attribute
-        _batch.BatchClient._call = lambda self, name, request: False  # type: ignore[method-assign]
+    if not service:  # as if the proxy offered no service of tauopt's own: Optuna's calls alone
+        _service.ServiceClient._call = lambda self, name, request: None  # type: ignore[method-assign]
     settings = StorageSettings(url=url, heartbeat_interval=HEARTBEAT, grace_period=60)
 
     def run(i: int) -> None:
@@ -182,7 +183,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--connection-limit", type=int, default=20)
     parser.add_argument("--via", choices=("direct", "proxy"), default="proxy")
-    parser.add_argument("--attrs", choices=("batched", "one-by-one"), default="batched")
+    parser.add_argument("--service", choices=("on", "off"), default="on")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from tauopt.storage import normalize_url
@@ -248,7 +249,7 @@ def main() -> None:
                     n,
                     args.trial_seconds,
                     f"{tmp}/a",
-                    args.attrs == "batched",
+                    args.service == "on",
                     queue,
                 ),
             )
@@ -272,7 +273,7 @@ def main() -> None:
     errors = [e for p in parts for e in p["errors"]]
     summary = {
         "via": args.via,
-        "attrs": args.attrs if args.via == "proxy" else "batched",
+        "tauopt_service": args.service if args.via == "proxy" else None,
         "workers": args.workers,
         "processes": args.processes,
         "trial_seconds": args.trial_seconds,

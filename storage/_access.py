@@ -8,7 +8,7 @@
   itself, see :func:`over_budget`), counts from the proxy's cached trials, heartbeats as a
   trial system attribute stamped with the worker's clock (the hosts' clocks must agree within
   the grace period, as NTP keeps them), many attributes in one call where the proxy is
-  ``tauopt proxy`` (:mod:`tauopt.storage._batch`), else one call each.
+  ``tauopt proxy`` (:mod:`tauopt.storage._service`), else one call each.
 """
 
 from __future__ import annotations
@@ -24,14 +24,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.storage import _optuna as private
-from tauopt.storage._batch import set_study_system_attrs_one_by_one, set_trial_attrs_one_by_one
-from tauopt.storage._proxy import BatchingProxy
+from tauopt.storage._proxy import ProxyClient
 from tauopt.storage._rdb import study_lock
+from tauopt.storage._service import (
+    HEARTBEAT_ATTR,
+    OVER_BUDGET_ATTR,
+    ServiceClient,
+    dead_by_stamp,
+    set_study_system_attrs_one_by_one,
+    set_trial_attrs_one_by_one,
+)
 
-#: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
-HEARTBEAT_ATTR = "tauopt:heartbeat"
-#: A new trial that found the budget spent, failed by itself (it uses no budget).
-OVER_BUDGET_ATTR = "tauopt:over_budget"
+__all__ = ["HEARTBEAT_ATTR", "OVER_BUDGET_ATTR", "DirectAccess", "ProxyAccess", "access"]
 _COUNTED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 
 
@@ -58,6 +62,10 @@ class StudyAccess(Protocol):
     ) -> None: ...
 
     def retry(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
+
+    def past_budget(
+        self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
+    ) -> bool: ...
 
 
 class DirectAccess:
@@ -104,6 +112,22 @@ class DirectAccess:
         if callback is not None:
             callback(study, trial)
 
+    def past_budget(
+        self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
+    ) -> bool:
+        """See :func:`over_budget` (claims under the lock never come past it)."""
+        trial = self.rdb.get_trial(trial_id)
+        if not private.is_new(trial):
+            return False
+        used = private.budget_before(
+            self.rdb,
+            study_id,
+            trial.number,
+            failed_with_attr=failed_with_attr,
+            uncounted_attr=OVER_BUDGET_ATTR,
+        )
+        return used >= n_trials
+
 
 class ProxyAccess:
     """Through Optuna's gRPC storage proxy: the public storage API only."""
@@ -129,26 +153,52 @@ class ProxyAccess:
             self._read = (study_id, now, self.storage.get_all_trials(study_id, deepcopy=False))
         return self._read[2]
 
+    def _service(self) -> ServiceClient | None:
+        return self.storage.service if isinstance(self.storage, ProxyClient) else None
+
     def counts(self, study_id: int, *, failed_with_attr: str) -> tuple[dict[str, int], int]:
+        service = self._service()
+        answer = service.counts(study_id, failed_with_attr=failed_with_attr) if service else None
+        if answer is not None:
+            return answer
         trials = self._trials(study_id)
         return state_counts(trials), sum(
             t.state == TrialState.FAIL and failed_with_attr in t.user_attrs for t in trials
         )
 
     def dead_trials(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]:
-        now = time.time()
+        service = self._service()
+        answer = service.dead_trials(study_id, grace) if service else None
+        if answer is not None:
+            return answer
         self._read = None  # a claim starts here: read afresh
         running = [t for t in self._trials(study_id) if t.state == TrialState.RUNNING]
-        out = {}
-        for t in running:
-            beat = t.system_attrs.get(HEARTBEAT_ATTR)
-            if beat is None:
-                start = t.datetime_start.timestamp() if t.datetime_start else now
-                if now - start > grace:
-                    out[private.trial_id(t)] = (t.number, "never sent a heartbeat")
-            elif now - float(beat) > grace:
-                out[private.trial_id(t)] = (t.number, "its heartbeat went silent")
-        return out
+        stamps = (
+            (
+                private.trial_id(t),
+                t.number,
+                t.datetime_start.timestamp() if t.datetime_start else None,
+                t.system_attrs.get(HEARTBEAT_ATTR),
+            )
+            for t in running
+        )
+        return dead_by_stamp(stamps, time.time(), grace)
+
+    def past_budget(
+        self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
+    ) -> bool:
+        """See :func:`over_budget`."""
+        service = self._service()
+        answer = (
+            service.past_budget(study_id, trial_id, n_trials, failed_with_attr=failed_with_attr)
+            if service
+            else None
+        )
+        if answer is not None:
+            return answer
+        trials = self.storage.get_all_trials(study_id, deepcopy=False)
+        mine = next(t for t in trials if private.trial_id(t) == trial_id)
+        return over_budget(trials, mine, n_trials, failed_with_attr)
 
     def beat(self, trial_id: int) -> None:
         try:
@@ -162,16 +212,18 @@ class ProxyAccess:
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
     ) -> None:
-        if isinstance(self.storage, BatchingProxy):
-            self.storage.batch.set_trial_attrs(trial_id, user=user, system=system)
+        service = self._service()
+        if service is not None:
+            service.set_trial_attrs(trial_id, user=user, system=system)
         else:
             set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
 
     def set_study_system_attrs(
         self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None
     ) -> None:
-        if isinstance(self.storage, BatchingProxy):
-            self.storage.batch.set_study_system_attrs(study_id, attrs, clear_prefix=clear_prefix)
+        service = self._service()
+        if service is not None:
+            service.set_study_system_attrs(study_id, attrs, clear_prefix=clear_prefix)
         else:
             set_study_system_attrs_one_by_one(
                 self.storage, study_id, attrs, clear_prefix=clear_prefix

@@ -124,6 +124,8 @@ def check() -> None:
         _require(hasattr(sampler, name), f"TPESampler has no {name}")
     cached = optuna.storages._CachedStorage.__init__
     _require("backend" in inspect.signature(cached).parameters, "_CachedStorage changed")
+    source = inspect.getsource(optuna.storages._CachedStorage.set_trial_param)
+    _require("_trial_id_to_study_id_and_number" in source, "_CachedStorage changed")
 
 
 check()
@@ -266,6 +268,45 @@ def running_trials(
     with storage.engine.connect() as conn:
         rows = conn.execute(query, {"s": study_id}).all()
     return {int(i): (int(n), _as_datetime(start)) for i, n, start in rows}
+
+
+def trial_system_attr(
+    storage: optuna.storages.RDBStorage, trial_ids: list[int], key: str
+) -> dict[int, Any]:
+    """The system attribute ``key`` of those of ``trial_ids`` that have it: one query."""
+    if not trial_ids:
+        return {}
+    query = sqlalchemy.text(
+        "SELECT trial_id, value_json FROM trial_system_attributes "
+        "WHERE key = :k AND trial_id IN :ids"
+    ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"k": key, "ids": trial_ids}).all()
+    return {int(i): json.loads(value) for i, value in rows}
+
+
+def budget_before(
+    storage: optuna.storages.RDBStorage,
+    study_id: int,
+    number: int,
+    *,
+    failed_with_attr: str,
+    uncounted_attr: str,
+) -> int:
+    """The trials numbered before ``number`` that use the budget (waiting, running, complete,
+    pruned, or failed with the user attribute ``failed_with_attr``), leaving out those with
+    the user attribute ``uncounted_attr``: one counting query."""
+    query = sqlalchemy.text(
+        "SELECT COUNT(*) FROM trials t WHERE t.study_id = :s AND t.number < :n "
+        "AND NOT EXISTS (SELECT 1 FROM trial_user_attributes u "
+        "WHERE u.trial_id = t.trial_id AND u.key = :u) "
+        "AND (t.state IN ('COMPLETE', 'PRUNED', 'RUNNING', 'WAITING') OR (t.state = 'FAIL' "
+        "AND EXISTS (SELECT 1 FROM trial_user_attributes f "
+        "WHERE f.trial_id = t.trial_id AND f.key = :f)))"
+    )
+    values = {"s": study_id, "n": number, "u": uncounted_attr, "f": failed_with_attr}
+    with storage.engine.connect() as conn:
+        return int(conn.execute(query, values).scalar() or 0)
 
 
 def _as_datetime(value: object) -> datetime.datetime | None:
@@ -514,6 +555,23 @@ class CoalescedCache(optuna.storages._CachedStorage):
         self._started: dict[int, int] = {}  # study id -> reads started
         self._done: dict[int, int] = {}  # study id -> the last read that finished
         self._reading: set[int] = set()
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        # Optuna's cache looks the trial up in its own map, which a proxy restarted under a
+        # running trial has not filled yet: KeyError, NOT_FOUND to the worker. The database
+        # knows the trial: set it there (the database checks the distribution, too).
+        with self._lock:
+            known = trial_id in getattr(self, "_trial_id_to_study_id_and_number", {trial_id: 0})
+        if not known:
+            self._backend.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+            return
+        super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         with self._round:

@@ -1,7 +1,7 @@
 """Optuna's gRPC storage proxy: ``tauopt proxy`` serves a database to any number of workers,
 which need only its address (``--storage grpc://HOST:PORT``), no database credentials. The
 proxy holds the database connections and Optuna's cache of the studies; beside Optuna's
-service it serves tauopt's batched attribute calls (:mod:`tauopt.storage._batch`)."""
+service it serves tauopt's batched attribute calls (:mod:`tauopt.storage._service`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import optuna
 
 from tauopt.errors import ConfigError, StorageError
 from tauopt.storage import _optuna as private
-from tauopt.storage._batch import BatchClient, BatchService
+from tauopt.storage._service import ServiceClient, TauoptService
 
 SCHEME = "grpc://"
 #: Seconds a command waits for the proxy to answer at first contact.
@@ -36,34 +36,34 @@ def address(url: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
-class BatchingProxy(optuna.storages.GrpcStorageProxy):
+class ProxyClient(optuna.storages.GrpcStorageProxy):
     """Optuna's client of the proxy, with tauopt's batched calls as :attr:`batch`."""
 
     def __init__(self, *, host: str, port: int) -> None:
         super().__init__(host=host, port=port)
         self.address = (host, port)
-        self.batch = BatchClient(self, host, port)
+        self.service = ServiceClient(self, host, port)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        state.pop("batch", None)  # a channel: made anew on the other side
+        state.pop("service", None)  # a channel: made anew on the other side
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
-        self.batch = BatchClient(self, *self.address)
+        self.service = ServiceClient(self, *self.address)
 
     def close(self) -> None:
-        self.batch.close()
+        self.service.close()
         super().close()
 
 
-def open_proxy(url: str) -> BatchingProxy:
+def open_proxy(url: str) -> ProxyClient:
     """A client of the proxy at ``url``, once it answers."""
     host, port = address(url)
     with warnings.catch_warnings():  # experimental since Optuna 4.2; relied on knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        proxy = BatchingProxy(host=host, port=port)
+        proxy = ProxyClient(host=host, port=port)
     try:
         proxy.wait_server_ready(timeout=_READY_SECONDS)
     except TimeoutError as e:
@@ -82,7 +82,7 @@ def proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int) -> 
         raise ConfigError(f"--port {port} is not a port: choose one in 1..65535")
     rdb = private.rdb_of(storage)
     server = private.proxy_server(private.CoalescedCache(rdb), host, port)
-    server.add_generic_rpc_handlers((BatchService(rdb).handler(),))
+    server.add_generic_rpc_handlers((TauoptService(rdb).handler(),))
     return server
 
 

@@ -22,7 +22,6 @@ from tauopt.storage import (
     RetryPolicy,
     StudyAccess,
     is_storage_error,
-    over_budget,
     study_id,
     trial_id,
 )
@@ -197,9 +196,7 @@ class Ledger:
         """Without a lock (through the proxy): a new trial whose predecessors already use the
         budget fails itself, using none of it, and claiming stops."""
         sid, tid = study_id(self.study), trial_id(trial)
-        trials = self.storage.get_all_trials(sid, deepcopy=False)
-        mine = next(t for t in trials if t.number == trial.number)
-        if not over_budget(trials, mine, self.n_trials, FAIL_REASON_ATTR):
+        if not self.access.past_budget(sid, tid, self.n_trials, failed_with_attr=FAIL_REASON_ATTR):
             return False
         self.storage.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
         self.storage.set_trial_state_values(tid, state=TrialState.FAIL)

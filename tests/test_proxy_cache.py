@@ -99,3 +99,20 @@ def test_a_failed_read_is_read_again_by_who_waited(
     assert len(cache.get_all_trials(STUDY)) == 5  # waited for the failed read, then read itself
     failing.join()
     assert len(errors) == 1
+
+
+def test_a_restarted_proxy_sets_the_parameters_of_a_trial_it_never_saw(tmp_path: Path) -> None:
+    """A worker's trial asked through one proxy process gets its parameters through the next
+    (Optuna's cache alone raises KeyError: the trial is not in its map)."""
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study_id = CoalescedCache(rdb).create_new_study([optuna.study.StudyDirection.MAXIMIZE], "s")
+    trial_id = CoalescedCache(rdb).create_new_trial(study_id)
+    restarted = CoalescedCache(rdb)
+    x = optuna.distributions.FloatDistribution(0.0, 1.0)
+    restarted.set_trial_param(trial_id, "x", 0.25, x)
+    restarted.set_trial_param(trial_id, "y", 0.5, x)
+    assert rdb.get_trial(trial_id).params == {"x": 0.25, "y": 0.5}
+    with pytest.raises(ValueError):  # the database still checks the distribution
+        CoalescedCache(rdb).set_trial_param(
+            trial_id, "x", 0.0, optuna.distributions.IntDistribution(0, 3)
+        )

@@ -1,21 +1,26 @@
-"""``tauopt proxy`` writes many attributes in one call (``tauopt.storage._batch``): a trial's
-record and a study's figure chunks, with Optuna's semantics (a finished trial refuses, an
-unknown one is missing); a proxy without the call (Optuna's own) gets one call per attribute.
-Both proxies run in this process on a SQLite database."""
+"""``tauopt proxy``'s own calls (``tauopt.storage._service``): many attributes in one call (a
+trial's record, a study's figure chunks) with Optuna's semantics (a finished trial refuses,
+an unknown one is missing), and a claim's questions (dead trials, counts, past the budget)
+answered in SQL without reading the trials through Optuna's service. A proxy without them
+(Optuna's own) gets Optuna's calls, with the same answers. Both proxies run in this process
+on a SQLite database."""
 
 from __future__ import annotations
 
+import datetime
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
+import sqlalchemy
 from conftest import free_port
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from tauopt.storage import _batch, _optuna, _proxy
+from tauopt.storage import _optuna, _proxy, _service
 from tauopt.storage._access import DirectAccess, ProxyAccess
 from tauopt.storage._retry import is_transient
 
@@ -77,7 +82,7 @@ def test_a_trials_record_is_written_whole(
         k: tuple(v) for k, v in USER.items()
     }
     assert trial.system_attrs == SYSTEM
-    assert served.client.batch.offered is batched
+    assert served.client.service.offered is batched
 
 
 def test_a_finished_trial_refuses_and_an_unknown_one_is_missing(served: Served) -> None:
@@ -96,14 +101,14 @@ def test_a_figure_in_many_requests_clears_only_what_it_no_longer_fills(
     """Chunks of 200 characters in requests of 1,000 bytes: the new figure is written in
     several calls, the old chunks it no longer fills are emptied, other attributes stay; the
     same as the one transaction of a direct database."""
-    monkeypatch.setattr(_batch, "MAX_REQUEST_BYTES", 1000)
+    monkeypatch.setattr(_service, "MAX_REQUEST_BYTES", 1000)
     old = {f"fig:{i}": "o" * 200 for i in range(12)} | {"other": 1, "fig2:0": "x"}
     new = {f"fig:{i}": f"{i}" * 200 for i in range(7)}
     direct = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'direct.sqlite'}")
     direct_id = direct.create_new_study([StudyDirection.MAXIMIZE], "s")
-    for storage, study_id, access in (
-        (served.client, served.study_id, served.access),
-        (direct, direct_id, DirectAccess(direct)),
+    for study_id, access in (
+        (served.study_id, served.access),
+        (direct_id, DirectAccess(direct)),
     ):
         access.set_study_system_attrs(study_id, old)
         access.set_study_system_attrs(study_id, new, clear_prefix="fig:")
@@ -131,3 +136,82 @@ def test_a_database_failure_behind_the_proxy_is_worth_a_retry(
         batched.access.set_trial_attrs(trial_id, user=USER, system={})
     assert is_transient(failed.value), failed.value
     assert "server closed the connection" in str(failed.value)
+
+
+def _no_trial_reads(served: Served, batched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the proxy answers in SQL, the worker reads no trials through Optuna's service."""
+    if batched:
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("every unfinished trial read, where the proxy answers in SQL")
+
+        monkeypatch.setattr(served.client, "get_all_trials", refuse)
+
+
+def test_dead_trials_are_found_alike(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of four running trials: one beat now, one 100 s ago, one never beat but started now,
+    one never beat and started 100 s ago. With a grace of 30 s, the second and the last are
+    dead."""
+    ids = [served.client.create_new_trial(served.study_id) for _ in range(4)]
+    served.access.beat(ids[0])
+    served.client.set_trial_system_attr(ids[1], _service.HEARTBEAT_ATTR, time.time() - 100)
+    old = datetime.datetime.now() - datetime.timedelta(seconds=100)
+    with served.rdb.engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text("UPDATE trials SET datetime_start = :t WHERE trial_id = :i"),
+            {"t": old, "i": ids[3]},
+        )
+    _no_trial_reads(served, request.node.callspec.params["served"], monkeypatch)
+    assert served.access.dead_trials(served.study_id, 30.0) == {
+        ids[1]: (1, "its heartbeat went silent"),
+        ids[3]: (3, "never sent a heartbeat"),
+    }
+
+
+def _trials_of_every_kind(served: Served) -> list[int]:
+    """#0 complete, #1 failed past the budget (uses none), #2 failed by its own fault (uses
+    one), #3 failed through no fault (uses none), #4 running, #5 waiting."""
+    client, sid = served.client, served.study_id
+    ids = [client.create_new_trial(sid) for _ in range(5)]
+    client.set_trial_state_values(ids[0], TrialState.COMPLETE, [0.5])
+    client.set_trial_user_attr(ids[1], _service.OVER_BUDGET_ATTR, True)
+    client.set_trial_user_attr(ids[2], "fail_reason", "diverged")
+    for tid in ids[1:4]:
+        client.set_trial_state_values(tid, TrialState.FAIL)
+    template = optuna.trial.create_trial(state=TrialState.WAITING)
+    ids.append(client.create_new_trial(sid, template_trial=template))
+    return ids
+
+
+def test_counts_are_alike(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _trials_of_every_kind(served)
+    _no_trial_reads(served, request.node.callspec.params["served"], monkeypatch)
+    counts = served.access.counts(served.study_id, failed_with_attr="fail_reason")
+    assert counts == ({"COMPLETE": 1, "FAIL": 3, "RUNNING": 1, "WAITING": 1}, 1)
+
+
+def test_a_new_trial_past_the_budget_is_found_alike(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the new trial #6, four trials use the budget (#0, #2, #4, #5): with a budget of
+    4 it comes past it, with 5 not; an enqueued trial never does (it was counted before)."""
+    _trials_of_every_kind(served)
+    new = served.client.create_new_trial(served.study_id)
+    enqueued = served.client.create_new_trial(
+        served.study_id,
+        template_trial=optuna.trial.create_trial(
+            state=TrialState.RUNNING, system_attrs={"fixed_params": {}}
+        ),
+    )
+    _no_trial_reads(served, request.node.callspec.params["served"], monkeypatch)
+    past = [
+        served.access.past_budget(served.study_id, trial, n, failed_with_attr="fail_reason")
+        for trial, n in ((new, 4), (new, 5), (enqueued, 1))
+    ]
+    direct = DirectAccess(served.rdb)
+    assert past == [True, False, False]
+    assert direct.past_budget(served.study_id, new, 4, failed_with_attr="fail_reason")

@@ -1,0 +1,300 @@
+"""tauopt's own calls on the proxy's port, beside Optuna's storage service (:data:`SERVICE`).
+
+* Many attributes of a trial, or many system attributes of a study, in one call and one
+  transaction. Optuna's service sets one attribute per call, each in a transaction of its
+  own: a finished trial's record is some 25 calls, a figure a hundred.
+* A claim's questions answered in SQL by the proxy: the dead trials, the trials per state,
+  and whether a new trial came past the budget. Through Optuna's service each is a read of
+  every unfinished trial of the study, sent whole: with hundreds of workers, hundreds of
+  trials for every question.
+
+A client of a proxy without this service (Optuna's ``run_grpc_proxy_server``) falls back to
+Optuna's calls (:attr:`ServiceClient.offered`). Requests and replies are JSON; a request
+stays under :data:`MAX_REQUEST_BYTES` (gRPC's default limit is 4 MiB), more goes as several
+calls. The service writes straight to the database behind the proxy: both Optuna's caches
+(the proxy's and the client's) keep only finished trials, whose attributes no longer change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+import optuna
+
+from tauopt.storage import _optuna as private
+from tauopt.storage._retry import is_transient, root_message
+
+SERVICE = "tauopt.Storage"
+MAX_REQUEST_BYTES = 1 << 20
+#: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
+HEARTBEAT_ATTR = "tauopt:heartbeat"
+#: A new trial that found the budget spent, failed by itself (it uses no budget).
+OVER_BUDGET_ATTR = "tauopt:over_budget"
+_Item = tuple[str, str, Any]  # (kind, key, value)
+
+
+def _dumps(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode()
+
+
+def _loads(data: bytes) -> dict[str, Any]:
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("a request is a JSON object")
+    return message
+
+
+@contextlib.contextmanager
+def _status(context: grpc.ServicerContext) -> Iterator[None]:
+    """Optuna's errors as the status codes its own service uses; a failure of the proxy's
+    database connection as UNAVAILABLE, which a worker rides out (the write is an upsert)."""
+    try:
+        yield
+    except KeyError as e:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except optuna.exceptions.UpdateFinishedTrialError as e:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except Exception as e:
+        if is_transient(e):
+            context.abort(grpc.StatusCode.UNAVAILABLE, root_message(e))
+        raise
+
+
+def dead_by_stamp(
+    running: Iterable[tuple[int, int, float | None, float | None]], now: float, grace: float
+) -> dict[int, tuple[int, str]]:
+    """Of running trials (id, number, start, heartbeat stamp; Unix times), those dead: silent
+    for ``grace`` seconds, or without a heartbeat since ``grace`` seconds after their start.
+    Returns id -> (number, why)."""
+    out = {}
+    for tid, number, start, beat in running:
+        if beat is None:
+            if now - (now if start is None else start) > grace:
+                out[tid] = (number, "never sent a heartbeat")
+        elif now - float(beat) > grace:
+            out[tid] = (number, "its heartbeat went silent")
+    return out
+
+
+class TauoptService:
+    """The proxy's side, on the database behind it."""
+
+    def __init__(self, rdb: optuna.storages.RDBStorage) -> None:
+        self.rdb = rdb
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        calls = {
+            "SetTrialAttrs": self._trial_attrs,
+            "SetStudySystemAttrs": self._study_attrs,
+            "DeadTrials": self._dead_trials,
+            "Counts": self._counts,
+            "PastBudget": self._past_budget,
+        }
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                name: grpc.unary_unary_rpc_method_handler(
+                    self._guarded(call), request_deserializer=_loads, response_serializer=_dumps
+                )
+                for name, call in calls.items()
+            },
+        )
+
+    @staticmethod
+    def _guarded(call: Any) -> Any:
+        def handle(request: dict[str, Any], context: Any) -> dict[str, Any]:
+            with _status(context):
+                reply: dict[str, Any] = call(request)
+            return reply
+
+        return handle
+
+    def _trial_attrs(self, request: dict[str, Any]) -> dict[str, Any]:
+        private.set_trial_attrs(
+            self.rdb, int(request["trial_id"]), user=request["user"], system=request["system"]
+        )
+        return {}
+
+    def _study_attrs(self, request: dict[str, Any]) -> dict[str, Any]:
+        private.set_study_system_attrs(
+            self.rdb,
+            int(request["study_id"]),
+            request["attrs"],
+            clear_prefix=request.get("clear_prefix"),
+            keep=frozenset(request.get("keep", ())),
+        )
+        return {}
+
+    def _dead_trials(self, request: dict[str, Any]) -> dict[str, Any]:
+        running = private.running_trials(self.rdb, int(request["study_id"]))
+        beats = private.trial_system_attr(self.rdb, list(running), HEARTBEAT_ATTR)
+        stamps = (
+            (tid, number, start.timestamp() if start else None, beats.get(tid))
+            for tid, (number, start) in running.items()
+        )
+        dead = dead_by_stamp(stamps, time.time(), float(request["grace"]))
+        return {"dead": [[tid, number, why] for tid, (number, why) in dead.items()]}
+
+    def _counts(self, request: dict[str, Any]) -> dict[str, Any]:
+        counts, own = private.trial_counts(
+            self.rdb, int(request["study_id"]), failed_with_attr=request["failed_with_attr"]
+        )
+        return {"counts": counts, "own": own}
+
+    def _past_budget(self, request: dict[str, Any]) -> dict[str, Any]:
+        trial = self.rdb.get_trial(int(request["trial_id"]))
+        if not private.is_new(trial):
+            return {"past": False}
+        used = private.budget_before(
+            self.rdb,
+            int(request["study_id"]),
+            trial.number,
+            failed_with_attr=request["failed_with_attr"],
+            uncounted_attr=OVER_BUDGET_ATTR,
+        )
+        return {"past": used >= int(request["n_trials"])}
+
+
+def _parts(items: list[_Item]) -> Iterator[list[_Item]]:
+    """``items`` in requests of at most :data:`MAX_REQUEST_BYTES` (one larger item alone)."""
+    part: list[_Item] = []
+    size = 0
+    for item in items:
+        n = len(json.dumps(item[1:])) + 16
+        if part and size + n > MAX_REQUEST_BYTES:
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += n
+    if part:
+        yield part
+
+
+def _of(part: list[_Item], kind: str) -> dict[str, Any]:
+    return {key: value for k, key, value in part if k == kind}
+
+
+class ServiceClient:
+    """A worker's side: the calls of the proxy at ``host:port``. Where the proxy offers none
+    (:attr:`offered` turns False at the first UNIMPLEMENTED), the attribute calls fall back to
+    one call per attribute of ``storage`` (the proxy's Optuna client), and the questions
+    answer None (the caller asks Optuna's service)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, host: str, port: int) -> None:
+        self.storage = storage
+        self.offered = True
+        self._channel = grpc.insecure_channel(f"{host}:{port}")
+        self._calls = {
+            name: self._channel.unary_unary(
+                f"/{SERVICE}/{name}", request_serializer=_dumps, response_deserializer=_loads
+            )
+            for name in (
+                "SetTrialAttrs",
+                "SetStudySystemAttrs",
+                "DeadTrials",
+                "Counts",
+                "PastBudget",
+            )
+        }
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, name: str, request: dict[str, Any]) -> dict[str, Any] | None:
+        """The proxy's reply to ``request``; None where it offers no such calls."""
+        if not self.offered:
+            return None
+        try:
+            reply: dict[str, Any] = self._calls[name](request)
+        except grpc.RpcError as e:
+            code = e.code()  # the error of a call is also the call: code(), details()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self.offered = False
+                return None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise KeyError(e.details()) from e
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise optuna.exceptions.UpdateFinishedTrialError(e.details()) from e
+            raise
+        return reply
+
+    def dead_trials(self, study_id: int, grace: float) -> dict[int, tuple[int, str]] | None:
+        reply = self._call("DeadTrials", {"study_id": study_id, "grace": grace})
+        if reply is None:
+            return None
+        return {int(tid): (int(number), str(why)) for tid, number, why in reply["dead"]}
+
+    def counts(self, study_id: int, *, failed_with_attr: str) -> tuple[dict[str, int], int] | None:
+        request = {"study_id": study_id, "failed_with_attr": failed_with_attr}
+        reply = self._call("Counts", request)
+        if reply is None:
+            return None
+        return {str(k): int(v) for k, v in reply["counts"].items()}, int(reply["own"])
+
+    def past_budget(
+        self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
+    ) -> bool | None:
+        request = {"study_id": study_id, "trial_id": trial_id, "n_trials": n_trials}
+        reply = self._call("PastBudget", {**request, "failed_with_attr": failed_with_attr})
+        return None if reply is None else bool(reply["past"])
+
+    def set_trial_attrs(
+        self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
+    ) -> None:
+        items = [("user", k, v) for k, v in user.items()]
+        items += [("system", k, v) for k, v in system.items()]
+        for part in _parts(items):
+            request = {"trial_id": trial_id, "user": _of(part, "user")}
+            if self._call("SetTrialAttrs", {**request, "system": _of(part, "system")}) is None:
+                set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
+                return
+
+    def set_study_system_attrs(
+        self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None
+    ) -> None:
+        parts = list(_parts([("attrs", k, v) for k, v in attrs.items()])) or [[]]
+        for i, part in enumerate(parts):
+            request: dict[str, Any] = {"study_id": study_id, "attrs": _of(part, "attrs")}
+            if clear_prefix is not None and i == len(parts) - 1:
+                # cleared last, once every chunk of the new figure is written
+                request.update(clear_prefix=clear_prefix, keep=list(attrs))
+            if self._call("SetStudySystemAttrs", request) is None:
+                set_study_system_attrs_one_by_one(
+                    self.storage, study_id, attrs, clear_prefix=clear_prefix
+                )
+                return
+
+
+def set_trial_attrs_one_by_one(
+    storage: optuna.storages.BaseStorage,
+    trial_id: int,
+    *,
+    user: dict[str, Any],
+    system: dict[str, Any],
+) -> None:
+    """Through Optuna's storage API: one call per attribute."""
+    for key, value in user.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    for key, value in system.items():
+        storage.set_trial_system_attr(trial_id, key, value)
+
+
+def set_study_system_attrs_one_by_one(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    attrs: dict[str, Any],
+    *,
+    clear_prefix: str | None = None,
+) -> None:
+    """Through Optuna's storage API: one call per attribute."""
+    if clear_prefix is not None:
+        for key in storage.get_study_system_attrs(study_id):
+            if key.startswith(clear_prefix) and key not in attrs:
+                storage.set_study_system_attr(study_id, key, "")
+    for key, value in attrs.items():
+        storage.set_study_system_attr(study_id, key, value)
