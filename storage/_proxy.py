@@ -6,6 +6,7 @@ service it serves tauopt's batched attribute calls (:mod:`tauopt.storage._servic
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -86,8 +87,16 @@ def proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int) -> 
     return server
 
 
-def serve(storage: optuna.storages.BaseStorage, host: str, port: int) -> None:
-    """Serve ``storage`` through the proxy until interrupted."""
+def serve(
+    storage: optuna.storages.BaseStorage,
+    host: str,
+    port: int,
+    *,
+    ready: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve ``storage`` through the proxy until interrupted; ``ready`` is called once it
+    listens."""
     server = proxy_server(storage, host, port)
     server.start()
+    ready()
     server.wait_for_termination()

@@ -682,10 +682,10 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     if url.startswith("grpc://"):
         raise ConfigError(f"--storage {url}: the proxy serves a database, not another proxy")
     storage = open_storage(StorageSettings(url=url), create_schema=True)
-    print(
-        f"proxy for {redact(url)} on grpc://{args.host}:{args.port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    serve_proxy(storage, args.host, args.port)
+
+    def ready() -> None:
+        where = f"grpc://{args.host}:{args.port}"
+        print(f"proxy for {redact(url)} listening on {where}", file=sys.stderr, flush=True)
+
+    serve_proxy(storage, args.host, args.port, ready=ready)
     return 0

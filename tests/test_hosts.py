@@ -183,7 +183,7 @@ class Cluster:
             "db", sys.executable, "-m", "tauopt", "proxy", "--storage",
             f"postgresql://postgres@{DB_ADDRESS}:5432/tauopt", "--host", DB_ADDRESS,
         ))  # fmt: skip
-        self._wait(lambda: "Listening" in self.proxy_output(), "the proxy")
+        self._wait(lambda: "listening on" in self.proxy_output(), "the proxy")
 
     def proxy_output(self) -> str:
         return self.proxy.output if self.proxy else ""
