@@ -3,12 +3,13 @@
 * :class:`DirectAccess`, on a database (SQLite, PostgreSQL): the fast path. Claims under a
   lock, trials counted in SQL, Optuna's heartbeat table, many attributes in one transaction
   (all from :mod:`tauopt.storage._optuna`).
-* :class:`ProxyAccess`, through Optuna's gRPC storage proxy (``grpc://HOST:PORT``), where only
-  the public storage API reaches the database: no lock (a new trial past the budget fails
-  itself, see :func:`over_budget`), counts from the proxy's cached trials, heartbeats as a
-  trial system attribute stamped with the worker's clock (the hosts' clocks must agree within
-  the grace period, as NTP keeps them), many attributes in one call where the proxy is
-  ``tauopt proxy`` (:mod:`tauopt.storage._service`), else one call each.
+* :class:`ProxyAccess`, through Optuna's gRPC storage proxy (``grpc://HOST:PORT``): no lock
+  (a new trial past the budget fails itself, see :func:`over_budget`), heartbeats as a trial
+  system attribute stamped with the worker's clock (the hosts' clocks must agree within the
+  grace period, as NTP keeps them). Where the proxy is ``tauopt proxy``, its own service
+  (:mod:`tauopt.storage._service`) takes many attributes in one call and answers the claim's
+  questions (dead trials, counts, past the budget) in SQL; through a proxy without it, Optuna's
+  storage API alone: one call per attribute, and the answers from the study's trials.
 """
 
 from __future__ import annotations
