@@ -31,6 +31,19 @@ from tauopt.storage._retry import is_transient, root_message
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
+#: Seconds a call may take before the worker gives up on it and calls again on a new
+#: connection: a request in flight when the network went away may otherwise wait forever on a
+#: connection that will never answer (gRPC's calls have no deadline by default). Every call is
+#: safe to repeat: upserts and reads.
+CALL_SECONDS = 60.0
+_NAMES = (
+    "SetTrialAttrs",
+    "SetStudySystemAttrs",
+    "DeadTrials",
+    "Counts",
+    "PastBudget",
+    "WaitingTrials",
+)
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
 #: A new trial that found the budget spent, failed by itself (it uses no budget).
@@ -192,19 +205,16 @@ class ServiceClient:
     def __init__(self, storage: optuna.storages.BaseStorage, host: str, port: int) -> None:
         self.storage = storage
         self.offered = True
-        self._channel = grpc.insecure_channel(f"{host}:{port}")
+        self._address = f"{host}:{port}"
+        self._connect()
+
+    def _connect(self) -> None:
+        self._channel = grpc.insecure_channel(self._address)
         self._calls = {
             name: self._channel.unary_unary(
                 f"/{SERVICE}/{name}", request_serializer=_dumps, response_deserializer=_loads
             )
-            for name in (
-                "SetTrialAttrs",
-                "SetStudySystemAttrs",
-                "DeadTrials",
-                "Counts",
-                "PastBudget",
-                "WaitingTrials",
-            )
+            for name in _NAMES
         }
 
     def close(self) -> None:
@@ -215,9 +225,12 @@ class ServiceClient:
         if not self.offered:
             return None
         try:
-            reply: dict[str, Any] = self._calls[name](request)
+            reply: dict[str, Any] = self._calls[name](request, timeout=CALL_SECONDS)
         except grpc.RpcError as e:
             code = e.code()  # the error of a call is also the call: code(), details()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._channel.close()  # the worker calls again (a passing failure), anew
+                self._connect()
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 self.offered = False
                 return None

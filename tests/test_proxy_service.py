@@ -234,3 +234,29 @@ def test_the_waiting_trials_are_found_alike(
     monkeypatch.undo()
     trial = optuna.load_study(study_name="s", storage=served.client).ask()
     assert trial.number == 5 and served.rdb.get_trial(ids[5]).state == TrialState.RUNNING
+
+
+def test_a_call_that_never_answers_ends_and_the_next_goes_on_a_new_connection(
+    batched: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request in flight when the network went away may never be answered: the call ends at
+    its deadline as a passing failure (the worker calls again) on a fresh connection."""
+    trial_id = batched.client.create_new_trial(batched.study_id)
+    monkeypatch.setattr(_service, "CALL_SECONDS", 0.5)
+    write = _optuna.set_trial_attrs
+    hang = [True]
+
+    def stuck(*args: Any, **kwargs: Any) -> None:
+        if hang.pop():
+            time.sleep(2.0)
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(_optuna, "set_trial_attrs", stuck)
+    channel = batched.client.service._channel
+    with pytest.raises(Exception) as failed:
+        batched.access.set_trial_attrs(trial_id, user=USER, system={})
+    assert is_transient(failed.value), failed.value
+    assert batched.client.service._channel is not channel
+    hang.append(False)
+    batched.access.set_trial_attrs(trial_id, user=USER, system={})
+    assert set(batched.rdb.get_trial(trial_id).user_attrs) == set(USER)
