@@ -296,7 +296,8 @@ def _finish(workers: list[Process], timeout: float = 600) -> None:
 
 def test_a_worker_host_cut_off_past_the_grace_period_comes_back(cluster: Cluster) -> None:
     study = f"cut-{uuid.uuid4().hex[:6]}"
-    cluster.create(study, 6, epochs=3, interval=1, grace=6)
+    # 40 epochs (about 2 s): the cut must land while w1 trains, not after its trial ended
+    cluster.create(study, 6, epochs=40, interval=1, grace=6)
     w1 = cluster.worker("w1", study)
     cluster.running_of(w1, study)
     cluster.net.cut("w1", down=True)
