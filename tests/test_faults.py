@@ -232,7 +232,9 @@ def test_batched_workers_share_the_budget_and_survive_a_killed_one(
 
 
 def test_paused_worker_drops_its_result_and_goes_on(tmp_path: Path, data_dir: Path) -> None:
-    name = _create(tmp_path, 4, epochs=3)
+    # 30 epochs (about 3 s): the pause must land while the trial trains; with 3 (0.4 s) it
+    # could land in the worker's next claim, under the study's lock, and stall the other worker
+    name = _create(tmp_path, 4, epochs=30)
     paused = Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=1)
     _running_trial_of(paused, name)
     paused.proc.send_signal(signal.SIGSTOP)
