@@ -4,8 +4,9 @@
   transaction. Optuna's service sets one attribute per call, each in a transaction of its
   own: a finished trial's record is some 25 calls, a figure a hundred.
 * A claim's questions answered in SQL by the proxy: the dead trials, the trials per state,
-  and whether a new trial came past the budget. Through Optuna's service each is a read of every unfinished trial of the study,
-  sent whole: with hundreds of workers, hundreds of trials for every question.
+  and whether a new trial came past the budget. Through Optuna's service each is a read of
+  every unfinished trial of the study, sent whole: with hundreds of workers, hundreds of
+  trials for every question.
 
 A client of a proxy without this service (Optuna's ``run_grpc_proxy_server``) falls back to
 Optuna's calls (:attr:`ServiceClient.offered`). Requests and replies are JSON; a request
