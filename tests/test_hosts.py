@@ -222,11 +222,12 @@ class Cluster:
         )
         return {state: int(n) for state, n in (row.split("|") for row in rows.splitlines())}
 
-    def assert_exact(self, study: str, n: int) -> None:
+    def assert_exact(self, study: str, n: int, outputs: list[str] | None = None) -> None:
         """Exactly ``n`` COMPLETE, nothing left running or waiting, and no failure booked
         against the budget (a trial failed by a fault was queued again and rerun)."""
         states = self.states(study)
-        assert states.get("COMPLETE") == n and not {"RUNNING", "WAITING"} & set(states), states
+        exact = states.get("COMPLETE") == n and not {"RUNNING", "WAITING"} & set(states)
+        assert exact, (states, *(outputs or []))
         booked = self.sql(
             "SELECT COUNT(*) FROM trial_user_attributes a JOIN trials t ON t.trial_id = "
             "a.trial_id JOIN studies s ON s.study_id = t.study_id WHERE "
@@ -338,4 +339,4 @@ def test_the_workers_ride_out_a_restarted_proxy(cluster: Cluster) -> None:
     time.sleep(5)
     cluster.start_proxy()
     _finish(workers)
-    cluster.assert_exact(study, 6)
+    cluster.assert_exact(study, 6, outputs=[w.output for w in workers])
