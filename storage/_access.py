@@ -32,6 +32,7 @@ from tauopt.storage._service import (
     OVER_BUDGET_ATTR,
     ServiceClient,
     dead_by_stamp,
+    past_budget_in_sql,
     set_study_system_attrs_one_by_one,
     set_trial_attrs_one_by_one,
 )
@@ -117,17 +118,9 @@ class DirectAccess:
         self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
     ) -> bool:
         """See :func:`over_budget` (claims under the lock never come past it)."""
-        trial = self.rdb.get_trial(trial_id)
-        if not private.is_new(trial):
-            return False
-        used = private.budget_before(
-            self.rdb,
-            study_id,
-            trial.number,
-            failed_with_attr=failed_with_attr,
-            uncounted_attr=OVER_BUDGET_ATTR,
+        return past_budget_in_sql(
+            self.rdb, study_id, trial_id, n_trials, failed_with_attr=failed_with_attr
         )
-        return used >= n_trials
 
 
 class ProxyAccess:

@@ -93,6 +93,29 @@ def dead_by_stamp(
     return out
 
 
+def past_budget_in_sql(
+    rdb: optuna.storages.RDBStorage,
+    study_id: int,
+    trial_id: int,
+    n_trials: int,
+    *,
+    failed_with_attr: str,
+) -> bool:
+    """Whether new trial ``trial_id`` came past the budget (the rule of
+    :func:`tauopt.storage._access.over_budget`), counted in SQL."""
+    trial = rdb.get_trial(trial_id)
+    if not private.is_new(trial):
+        return False
+    used = private.budget_before(
+        rdb,
+        study_id,
+        trial.number,
+        failed_with_attr=failed_with_attr,
+        uncounted_attr=OVER_BUDGET_ATTR,
+    )
+    return used >= n_trials
+
+
 class TauoptService:
     """The proxy's side, on the database behind it."""
 
@@ -159,17 +182,14 @@ class TauoptService:
         return {"counts": counts, "own": own}
 
     def _past_budget(self, request: dict[str, Any]) -> dict[str, Any]:
-        trial = self.rdb.get_trial(int(request["trial_id"]))
-        if not private.is_new(trial):
-            return {"past": False}
-        used = private.budget_before(
+        past = past_budget_in_sql(
             self.rdb,
             int(request["study_id"]),
-            trial.number,
+            int(request["trial_id"]),
+            int(request["n_trials"]),
             failed_with_attr=request["failed_with_attr"],
-            uncounted_attr=OVER_BUDGET_ATTR,
         )
-        return {"past": used >= int(request["n_trials"])}
+        return {"past": past}
 
 
 def _parts(items: list[_Item]) -> Iterator[list[_Item]]:
