@@ -309,6 +309,15 @@ def budget_before(
         return int(conn.execute(query, values).scalar() or 0)
 
 
+def waiting_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
+    """The ids of the study's waiting trials, by number: one query."""
+    query = sqlalchemy.text(
+        "SELECT trial_id FROM trials WHERE study_id = :s AND state = 'WAITING' ORDER BY number"
+    )
+    with storage.engine.connect() as conn:
+        return [int(row[0]) for row in conn.execute(query, {"s": study_id})]
+
+
 def _as_datetime(value: object) -> datetime.datetime | None:
     # SQLAlchemy's text() hands SQLite's timestamps over as strings.
     if value is None or isinstance(value, datetime.datetime):

@@ -6,17 +6,19 @@ service it serves tauopt's batched attribute calls (:mod:`tauopt.storage._servic
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.errors import ConfigError, StorageError
 from tauopt.storage import _optuna as private
 from tauopt.storage._service import ServiceClient, TauoptService
 
 SCHEME = "grpc://"
+_WAITING = TrialState.WAITING
 #: Seconds a command waits for the proxy to answer at first contact.
 _READY_SECONDS = 10.0
 
@@ -38,7 +40,7 @@ def address(url: str) -> tuple[str, int]:
 
 
 class ProxyClient(optuna.storages.GrpcStorageProxy):
-    """Optuna's client of the proxy, with tauopt's batched calls as :attr:`batch`."""
+    """Optuna's client of the proxy, with tauopt's service as :attr:`service`."""
 
     def __init__(self, *, host: str, port: int) -> None:
         super().__init__(host=host, port=port)
@@ -57,6 +59,20 @@ class ProxyClient(optuna.storages.GrpcStorageProxy):
     def close(self) -> None:
         self.service.close()
         super().close()
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        # ask() first looks for a waiting trial: through Optuna's service that reads every
+        # unfinished trial of the study, whole; the proxy's SQL names the few waiting ones.
+        if isinstance(states, (tuple, list, set, frozenset)) and set(states) == {_WAITING}:
+            ids = self.service.waiting_trial_ids(study_id)
+            if ids is not None:
+                return [self.get_trial(tid) for tid in ids]
+        return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
 
 
 def open_proxy(url: str) -> ProxyClient:

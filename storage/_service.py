@@ -4,9 +4,9 @@
   transaction. Optuna's service sets one attribute per call, each in a transaction of its
   own: a finished trial's record is some 25 calls, a figure a hundred.
 * A claim's questions answered in SQL by the proxy: the dead trials, the trials per state,
-  and whether a new trial came past the budget. Through Optuna's service each is a read of
-  every unfinished trial of the study, sent whole: with hundreds of workers, hundreds of
-  trials for every question.
+  whether a new trial came past the budget, and which trials wait (``ask()`` looks for one
+  first). Through Optuna's service each is a read of every unfinished trial of the study,
+  sent whole: with hundreds of workers, hundreds of trials for every question.
 
 A client of a proxy without this service (Optuna's ``run_grpc_proxy_server``) falls back to
 Optuna's calls (:attr:`ServiceClient.offered`). Requests and replies are JSON; a request
@@ -42,6 +42,7 @@ _NAMES = (
     "DeadTrials",
     "Counts",
     "PastBudget",
+    "WaitingTrials",
 )
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
@@ -129,6 +130,7 @@ class TauoptService:
             "DeadTrials": self._dead_trials,
             "Counts": self._counts,
             "PastBudget": self._past_budget,
+            "WaitingTrials": self._waiting_trials,
         }
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -190,6 +192,9 @@ class TauoptService:
             failed_with_attr=request["failed_with_attr"],
         )
         return {"past": past}
+
+    def _waiting_trials(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ids": private.waiting_trial_ids(self.rdb, int(request["study_id"]))}
 
 
 def _parts(items: list[_Item]) -> Iterator[list[_Item]]:
@@ -275,6 +280,11 @@ class ServiceClient:
         request = {"study_id": study_id, "trial_id": trial_id, "n_trials": n_trials}
         reply = self._call("PastBudget", {**request, "failed_with_attr": failed_with_attr})
         return None if reply is None else bool(reply["past"])
+
+    def waiting_trial_ids(self, study_id: int) -> list[int] | None:
+        """The ids of the study's waiting trials, by number."""
+        reply = self._call("WaitingTrials", {"study_id": study_id})
+        return None if reply is None else [int(tid) for tid in reply["ids"]]
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]

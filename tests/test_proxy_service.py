@@ -217,6 +217,25 @@ def test_a_new_trial_past_the_budget_is_found_alike(
     assert direct.past_budget(served.study_id, new, 4, failed_with_attr="fail_reason")
 
 
+def test_the_waiting_trials_are_found_alike(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ask()`` first looks for a waiting trial; the tauopt proxy names them in SQL instead of
+    sending every unfinished trial, and ``ask()`` pops the same one."""
+    ids = _trials_of_every_kind(served)
+    if request.node.callspec.params["served"]:
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("every unfinished trial read for the waiting ones")
+
+        monkeypatch.setattr(optuna.storages.GrpcStorageProxy, "get_all_trials", refuse)
+    waiting = served.client.get_all_trials(served.study_id, states=(TrialState.WAITING,))
+    assert [(t.number, t.state) for t in waiting] == [(5, TrialState.WAITING)]
+    monkeypatch.undo()
+    trial = optuna.load_study(study_name="s", storage=served.client).ask()
+    assert trial.number == 5 and served.rdb.get_trial(ids[5]).state == TrialState.RUNNING
+
+
 def test_a_call_that_never_answers_ends_and_the_next_goes_on_a_new_connection(
     batched: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
