@@ -195,6 +195,9 @@ class ProxyAccess:
         return over_budget(trials, mine, n_trials, failed_with_attr)
 
     def beat(self, trial_id: int) -> None:
+        service = self._service()
+        if service is not None and service.beat([trial_id]):
+            return
         try:
             self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:

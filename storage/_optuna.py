@@ -34,13 +34,18 @@ import datetime
 import importlib.metadata
 import inspect
 import json
+import sqlite3
 import threading
+import time
 from collections.abc import Container, Sequence
 from typing import Any
 
 import numpy as np
 import optuna
 import sqlalchemy
+import sqlalchemy.dialects.mysql
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 from packaging.specifiers import SpecifierSet
@@ -88,7 +93,12 @@ def check() -> None:
         ),
         (
             models,
-            ["TrialUserAttributeModel", "TrialSystemAttributeModel", "StudySystemAttributeModel"],
+            [
+                "TrialModel",
+                "TrialUserAttributeModel",
+                "TrialSystemAttributeModel",
+                "StudySystemAttributeModel",
+            ],
         ),
         (_constrained_optimization, ["_CONSTRAINTS_KEY", "_is_constrained_optimization"]),
         (_multi_objective, ["_get_pareto_front_trials_by_trials"]),
@@ -195,15 +205,77 @@ def set_trial_attrs(
     user: dict[str, Any] | None = None,
     system: dict[str, Any] | None = None,
 ) -> None:
-    """Set many attributes of a running trial in one transaction: Optuna's own
-    per-attribute upsert, inside one scoped SQLAlchemy session."""
+    """Set many attributes of a running trial in one transaction: the trial looked up once,
+    then one upsert statement for each kind (Optuna's per-attribute upsert looks the trial up
+    again for every attribute: three statements each, half the proxy's time on a finished
+    trial's record). KeyError for an unknown trial, ``UpdateFinishedTrialError`` for a
+    finished one, as Optuna's."""
     with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
+        trial = _models.TrialModel.find_or_raise_by_id(trial_id, session)
+        storage.check_trial_is_updatable(trial_id, TrialState(trial.state))
         for model, attrs in (
             (_models.TrialUserAttributeModel, user or {}),
             (_models.TrialSystemAttributeModel, system or {}),
         ):
-            for key, value in attrs.items():
-                storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+            if not attrs:
+                continue
+            rows = [
+                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                for key, value in attrs.items()
+            ]
+            statement = _upsert(storage.engine.name, model, rows)
+            if statement is None:  # a database without an upsert: Optuna's way, one by one
+                for key, value in attrs.items():
+                    storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+            else:
+                session.execute(statement)
+
+
+def _upsert(dialect: str, model: Any, rows: list[dict[str, Any]]) -> Any:
+    """One INSERT of ``rows`` into a trial attribute table that replaces the value of a key
+    the trial has already (the upsert Optuna writes for one attribute, for many); None where
+    the database has none."""
+    if dialect == "postgresql":
+        pg = sqlalchemy.dialects.postgresql.insert(model).values(rows)
+        return pg.on_conflict_do_update(
+            index_elements=[model.trial_id, model.key], set_={"value_json": pg.excluded.value_json}
+        )
+    if dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
+        lite = sqlalchemy.dialects.sqlite.insert(model).values(rows)
+        return lite.on_conflict_do_update(
+            index_elements=[model.trial_id, model.key],
+            set_={"value_json": lite.excluded.value_json},
+        )
+    if dialect == "mysql":
+        my = sqlalchemy.dialects.mysql.insert(model).values(rows)
+        return my.on_duplicate_key_update(value_json=my.inserted.value_json)
+    return None
+
+
+def stamp_running(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int], key: str) -> None:
+    """Set system attribute ``key`` of each of ``trial_ids`` that still runs to the database
+X
+    trials are left alone. A heartbeat: one clock for every worker's stamps."""
+    if not trial_ids:
+        return
+    model = _models.TrialSystemAttributeModel
+    now = time.time()
+    rows = [{"trial_id": tid, "key": key, "value_json": json.dumps(now)} for tid in trial_ids]
+    running = sqlalchemy.select(_models.TrialModel.trial_id).where(
+        _models.TrialModel.trial_id.in_(list(trial_ids)),
+        _models.TrialModel.state == TrialState.RUNNING,
+    )
+    with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
+        live = {int(tid) for tid in session.execute(running).scalars()}
+        rows = [row for row in rows if row["trial_id"] in live]
+        if not rows:
+            return
+        statement = _upsert(storage.engine.name, model, rows)
+        if statement is None:
+            for tid in live:
+                storage._set_trial_attr_without_commit(session, model, tid, key, now)
+        else:
+            session.execute(statement)
 
 
 def set_study_system_attrs(

@@ -43,6 +43,7 @@ _NAMES = (
     "Counts",
     "PastBudget",
     "WaitingTrials",
+    "Beat",
 )
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
@@ -131,6 +132,7 @@ class TauoptService:
             "Counts": self._counts,
             "PastBudget": self._past_budget,
             "WaitingTrials": self._waiting_trials,
+            "Beat": self._beat,
         }
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -195,6 +197,11 @@ class TauoptService:
 
     def _waiting_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ids": private.waiting_trial_ids(self.rdb, int(request["study_id"]))}
+
+    def _beat(self, request: dict[str, Any]) -> dict[str, Any]:
+        ids = [int(tid) for tid in request["trial_ids"]]
+        private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
+        return {}
 
 
 def _parts(items: list[_Item]) -> Iterator[list[_Item]]:
@@ -280,6 +287,11 @@ class ServiceClient:
         request = {"study_id": study_id, "trial_id": trial_id, "n_trials": n_trials}
         reply = self._call("PastBudget", {**request, "failed_with_attr": failed_with_attr})
         return None if reply is None else bool(reply["past"])
+
+    def beat(self, trial_ids: list[int]) -> bool:
+        """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's
+        clock (the one its dead-trial check reads); False where the proxy offers no service."""
+        return self._call("Beat", {"trial_ids": trial_ids}) is not None
 
     def waiting_trial_ids(self, study_id: int) -> list[int] | None:
         """The ids of the study's waiting trials, by number."""

@@ -6,13 +6,17 @@ lowest and the highest supported version of each library (``.ci/contract``)."""
 from __future__ import annotations
 
 import datetime
+import os
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import plotly.graph_objects as go
 import plotly.io
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 from optuna_dashboard import get_note, save_plotly_graph_object
 from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
@@ -100,6 +104,73 @@ def test_many_attributes_in_one_transaction_are_optunas_own(tmp_path: Path) -> N
     assert stored.user_attrs == {"a": [1, 2], "b": "x"}
     assert stored.system_attrs["c"] == 0.5
     assert stored.constraints == {"floor": -0.25, "other": 0.75}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def rdb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[optuna.storages.RDBStorage]:
+    """An empty RDB storage on SQLite, or on a PostgreSQL database of its own (the server of
+    ``TAUOPT_TEST_POSTGRES``, as in conftest.py, which these environments do not load)."""
+    if request.param == "sqlite":
+        yield optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'r.db'}")
+        return
+    server = os.environ.get(
+        "TAUOPT_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+    )
+    name = f"tauopt_contract_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = sqlalchemy.engine.make_url(server).set(database=name)
+    storage = optuna.storages.RDBStorage(url.render_as_string(hide_password=False))
+    yield storage
+    storage.engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_many_attributes_at_once_replace_and_refuse_as_optunas_own(
+    rdb: optuna.storages.RDBStorage,
+) -> None:
+    """One upsert statement per kind: new keys added, existing ones replaced, as Optuna's one
+    attribute at a time does on the same database; a finished trial refuses and keeps what it
+    had, an unknown one is missing."""
+    sid = rdb.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "s")
+    ours, theirs = rdb.create_new_trial(sid), rdb.create_new_trial(sid)
+    first = {"a": 1, "b": [1, 2], "c": {"x": "y"}}
+    second = {"b": [3], "d": None, "e": "ü"}
+    for user, system in ((first, {"s": 0.5}), (second, {"s": 0.75, "t": True})):
+        set_trial_attrs(rdb, ours, user=user, system=system)
+        for key, value in user.items():
+            rdb.set_trial_user_attr(theirs, key, value)
+        for key, value in system.items():
+            rdb.set_trial_system_attr(theirs, key, value)
+    got, want = rdb.get_trial(ours), rdb.get_trial(theirs)
+    assert got.user_attrs == want.user_attrs == first | second
+    assert got.system_attrs == want.system_attrs == {"s": 0.75, "t": True}
+    rdb.set_trial_state_values(ours, TrialState.COMPLETE, [0.5])
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_trial_attrs(rdb, ours, user={"a": 2, "z": 0})
+    assert rdb.get_trial(ours).user_attrs == first | second
+    with pytest.raises(KeyError):
+        set_trial_attrs(rdb, theirs + 100, user={"a": 2})
+
+
+def test_a_heartbeat_stamps_only_running_trials_with_the_database_hosts_clock(
+    rdb: optuna.storages.RDBStorage,
+) -> None:
+    sid = rdb.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "s")
+    running, done, waiting = (rdb.create_new_trial(sid) for _ in range(3))
+    rdb.set_trial_state_values(done, TrialState.COMPLETE, [0.5])
+    rdb.set_trial_state_values(waiting, TrialState.WAITING)
+    rdb.set_trial_system_attr(running, "beat", 1.0)
+    before = time.time()
+    _optuna.stamp_running(rdb, [running, done, waiting, waiting + 100], "beat")
+    stamp = rdb.get_trial(running).system_attrs["beat"]
+    assert before <= stamp <= time.time()
+    assert "beat" not in rdb.get_trial(done).system_attrs
+    assert "beat" not in rdb.get_trial(waiting).system_attrs
+    _optuna.stamp_running(rdb, [], "beat")  # nothing to stamp: no statement
 
 
 def test_counts_running_trials_and_heartbeats_agree_with_the_public_api(tmp_path: Path) -> None:

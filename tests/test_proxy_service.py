@@ -170,6 +170,23 @@ def test_dead_trials_are_found_alike(
     }
 
 
+def test_a_heartbeat_is_one_call_and_skips_a_finished_trial(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tauopt proxy stamps the beat itself (no per-attribute call of Optuna's); a trial that
+    finished meanwhile is left alone on both proxies, with no error."""
+    running, done = (served.client.create_new_trial(served.study_id) for _ in range(2))
+    served.client.set_trial_state_values(done, TrialState.COMPLETE, [0.5])
+    if request.node.callspec.params["served"]:
+        _no_single_calls(served.client, monkeypatch)
+    before = time.time()
+    served.access.beat(running)
+    served.access.beat(done)
+    assert before <= served.rdb.get_trial(running).system_attrs[_service.HEARTBEAT_ATTR]
+    assert _service.HEARTBEAT_ATTR not in served.rdb.get_trial(done).system_attrs
+    assert served.access.dead_trials(served.study_id, 30.0) == {}
+
+
 def _trials_of_every_kind(served: Served) -> list[int]:
     """#0 complete, #1 failed past the budget (uses none), #2 failed by its own fault (uses
     one), #3 failed through no fault (uses none), #4 running, #5 waiting."""
