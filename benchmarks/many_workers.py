@@ -23,6 +23,8 @@ import argparse
 import itertools
 import json
 import multiprocessing
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -67,8 +69,12 @@ def _fake_dataset() -> Any:
     return RawDataset("mnist", part, part, 10, (28, 28))
 
 
-def _patch(seconds: float, claims: list[float], beats: dict[int, list[float]]) -> None:
-    """The training becomes a sleep and a tiny model's result; claims and heartbeats are timed."""
+def _patch(
+    seconds: float, claims: list[float], claim_cpu: list[float], beats: dict[int, list[float]]
+) -> None:
+    """The training becomes a sleep and a tiny model's result; claims and heartbeats are timed,
+    claims also in the CPU time of the thread that claims (Optuna's ask(), the sampler, the
+    calls' encoding)."""
     from tauopt.engine import TrainResult, build_model
     from tauopt.study import _ledger, _runner, _worker
 
@@ -104,11 +110,12 @@ def _patch(seconds: float, claims: list[float], beats: dict[int, list[float]]) -
     claim = _ledger.Ledger.claim
 
     def timed_claim(self: Any, k: int) -> Any:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             return claim(self, k)
         finally:
             claims.append(time.perf_counter() - start)
+            claim_cpu.append(time.thread_time() - cpu)
 
     _ledger.Ledger.claim = timed_claim  # type: ignore[method-assign]
     from tauopt.storage import _access
@@ -130,9 +137,10 @@ def _process(
     from tauopt.study import Worker, WorkerOptions
 
     claims: list[float] = []
+    claim_cpu: list[float] = []
     beats: dict[int, list[float]] = {}
     errors: list[str] = []
-    _patch(seconds, claims, beats)
+    _patch(seconds, claims, claim_cpu, beats)
     if not service:  # as if the proxy offered no service of tauopt's own: Optuna's calls alone
         _service.ServiceClient._call = lambda self, name, request: None  # type: ignore[method-assign]
     settings = StorageSettings(url=url, heartbeat_interval=HEARTBEAT, grace_period=60)
@@ -151,6 +159,7 @@ def _process(
         except Exception as e:
             errors.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
+    started = _own_cpu()  # after the imports: what the workers spend, not the start-up
     pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for t in pool:
         t.start()
@@ -162,15 +171,59 @@ def _process(
         for times in beats.values()
         if len(times) > 1
     ]
-    out.put({"claims": claims, "lags": lags, "errors": errors})
+    out.put(
+        {
+            "claims": claims,
+            "claim_cpu": claim_cpu,
+            "cpu": _own_cpu() - started,
+            "lags": lags,
+            "errors": errors,
+        }
+    )
 
 
-def _connections(admin: str, role: str, peak: list[int], stop: threading.Event) -> None:
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_of(pid: int) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` so far; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _backends(role: str) -> dict[int, float]:
+    """CPU seconds of the PostgreSQL backends serving ``role`` (their titles name it)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        cpu = _cpu_of(int(entry.name))
+        # "postgres: [cluster: ]ROLE DATABASE HOST STATE"
+        if title.startswith("postgres: ") and f" {role} " in title and cpu is not None:
+            out[int(entry.name)] = cpu
+    return out
+
+
+def _connections(
+    admin: str, role: str, peak: list[int], backends: dict[int, float], stop: threading.Event
+) -> None:
+    """Every half second: the role's connections, and the CPU time of its backends (the last
+    reading of each; a backend that ends between two readings loses at most half a second)."""
     engine = sqlalchemy.create_engine(admin, poolclass=sqlalchemy.pool.NullPool)
     query = sqlalchemy.text("SELECT COUNT(*) FROM pg_stat_activity WHERE usename = :r")
     while not stop.wait(0.5):
         with engine.connect() as conn:
             peak.append(int(conn.execute(query, {"r": role}).scalar() or 0))
+        backends.update(_backends(role))
     engine.dispose()
 
 
@@ -231,8 +284,12 @@ def main() -> None:
             url = "grpc://127.0.0.1:13999"
             time.sleep(5)
         peak: list[int] = []
+        backends: dict[int, float] = {}
         stop = threading.Event()
-        watcher = threading.Thread(target=_connections, args=(args.postgres, role, peak, stop))
+        watcher = threading.Thread(
+            target=_connections, args=(args.postgres, role, peak, backends, stop)
+        )
+        proxy_cpu = _cpu_of(proxy.pid) if proxy is not None else None
         watcher.start()
         queue: Any = multiprocessing.get_context("spawn").Queue()
         share = [
@@ -264,6 +321,7 @@ def main() -> None:
         stop.set()
         watcher.join()
         if proxy is not None:
+            proxy_cpu = (_cpu_of(proxy.pid) or 0.0) - (proxy_cpu or 0.0)
             proxy.terminate()
             proxy.wait()
     trials = optuna.load_study(study_name="many", storage=database).get_trials()
@@ -271,6 +329,16 @@ def main() -> None:
     claims = sorted(c for p in parts for c in p["claims"])
     lags = sorted(lag for p in parts for lag in p["lags"])
     errors = [e for p in parts for e in p["errors"]]
+    claim_cpu = [c for p in parts for c in p["claim_cpu"]]
+    done = max(states.get("COMPLETE", 0), 1)
+    # CPU seconds per finished trial, by who spent them; with every worker starting together,
+    # N claims need about N * (a claim's share of these) / cores seconds of this machine.
+    cpu = {
+        "workers_per_trial": round(sum(p["cpu"] for p in parts) / done, 4),
+        "proxy_per_trial": None if proxy_cpu is None else round(proxy_cpu / done, 4),
+        "postgres_per_trial": round(sum(backends.values()) / done, 4),
+        "claim_thread_mean": round(statistics.fmean(claim_cpu), 4) if claim_cpu else None,
+    }
     summary = {
         "via": args.via,
         "tauopt_service": args.service if args.via == "proxy" else None,
@@ -289,6 +357,7 @@ def main() -> None:
         "first_errors": errors[:5],
         "states": states,
         "exact_budget": states.get("COMPLETE", 0) == n_trials and not states.get("RUNNING"),
+        "cpu_seconds": cpu,
     }
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
