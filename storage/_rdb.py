@@ -235,17 +235,30 @@ def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
+#: Seconds a holder of a study's claim lock on PostgreSQL may go without a statement on the
+#: lock's connection before the server ends that session and so frees the lock: a worker
+#: stopped (SIGSTOP, a hung host) inside a claim would otherwise stall every other worker's
+#: claims for as long as its connection lives. A claim holds the lock about a second.
+LOCK_IDLE_SECONDS = 60.0
+
+
 @contextlib.contextmanager
-def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+def study_lock(
+    storage: optuna.storages.RDBStorage,
+    study_name: str,
+    *,
+    idle_seconds: float = LOCK_IDLE_SECONDS,
+) -> Iterator[None]:
     """A lock every worker of one study shares, to claim trials against the budget atomically.
 
-    PostgreSQL: a transaction-scoped advisory lock. SQLite (one machine): ``flock`` on a file
-    in the machine's temporary folder, named after the database file and the study.
+    PostgreSQL: a transaction-scoped advisory lock, freed by the server when its holder goes
+    ``idle_seconds`` without a statement on it. SQLite (one machine): ``flock`` on a file in
+    the machine's temporary folder, named after the database file and the study.
     """
     engine: sqlalchemy.engine.Engine = storage.engine
     key = _lock_key(study_name)
     if engine.dialect.name == "postgresql":
-        with _advisory_lock(engine, key, f"cannot lock study {study_name!r}"):
+        with _advisory_lock(engine, key, f"cannot lock study {study_name!r}", idle_seconds):
             yield
         return
     with _file_lock(str(engine.url), f"study-{key & 0xFFFFFFFF:08x}"):
@@ -253,11 +266,21 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
 
 
 @contextlib.contextmanager
-def _advisory_lock(engine: sqlalchemy.engine.Engine, key: int, what: str) -> Iterator[None]:
+def _advisory_lock(
+    engine: sqlalchemy.engine.Engine, key: int, what: str, idle_seconds: float | None = None
+) -> Iterator[None]:
     conn = None
     try:
         conn = engine.connect()
         transaction = conn.begin()
+        if idle_seconds is not None:
+            # LOCAL: for this transaction only; the pooled connection keeps its settings.
+            conn.execute(
+                sqlalchemy.text(
+                    "SELECT set_config('idle_in_transaction_session_timeout', :t, true)"
+                ),
+                {"t": f"{max(1, round(idle_seconds * 1000))}ms"},
+            )
         conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
     except sa_exc.SQLAlchemyError as e:
         if conn is not None:

@@ -167,7 +167,9 @@ class Ledger:
             else:
                 used += 1
             trial = self._ask()
-            if not self.access.locks and self._past_budget(trial):
+            # Also under a lock: a holder stopped past LOCK_IDLE_SECONDS loses it to the server
+            # and, when it resumes, must not claim on what it counted before.
+            if self._past_budget(trial):
                 break
             claims.append(Claim(trial, done + len(claims) + 1))
             if time.monotonic() - start > CLAIM_HOLD_SECONDS:
@@ -193,8 +195,9 @@ class Ledger:
         return trial
 
     def _past_budget(self, trial: optuna.Trial) -> bool:
-        """Without a lock (through the proxy): a new trial whose predecessors already use the
-        budget fails itself, using none of it, and claiming stops."""
+        """A new trial whose predecessors already use the budget fails itself, using none of
+        it, and claiming stops: the budget's guard without a lock (through the proxy), and
+        where a lock was lost (see ``tauopt.storage.study_lock``)."""
         sid, tid = study_id(self.study), trial_id(trial)
         if not self.access.past_budget(sid, tid, self.n_trials, failed_with_attr=FAIL_REASON_ATTR):
             return False

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -15,7 +17,7 @@ from conftest import PG_URL, worker_argv
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
 
-from tauopt.storage import StorageSettings, artifact_store, open_storage
+from tauopt.storage import StorageSettings, artifact_store, open_storage, study_lock
 from tauopt.study import create_study, load_config
 
 pytestmark = pytest.mark.postgres
@@ -143,3 +145,36 @@ def test_killed_worker_trial_is_failed_and_rerun(tmp_path: Path, data_dir: Path)
     assert retries[0].user_attrs["seed"] == killed  # the retry reruns the same training
     completed = [t for t in trials.values() if t.state == TrialState.COMPLETE]
     assert len(completed) == 4
+
+
+def test_a_stopped_holder_of_the_claim_lock_loses_it_to_the_server(
+    scratch_database: tuple[str, Callable[[], None]],
+) -> None:
+    """A process stopped (SIGSTOP) inside a claim holds the study's lock only for its idle
+    limit: the server ends its session and the next claimant gets the lock."""
+    url = scratch_database[0]
+    optuna.storages.RDBStorage(url).engine.dispose()  # the tables, before the holder starts
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER.format(url=url)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        rdb = optuna.storages.RDBStorage(url)
+        start = time.monotonic()
+        with study_lock(rdb, "s"):
+            waited = time.monotonic() - start
+        rdb.engine.dispose()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert 1.0 < waited < 30, waited  # it was held, then freed: the holder never resumed
+
+
+_HOLDER = """
+import os, signal, optuna
+from tauopt.storage import study_lock
+rdb = optuna.storages.RDBStorage({url!r})
+with study_lock(rdb, "s", idle_seconds=3):
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
