@@ -254,8 +254,8 @@ def _upsert(dialect: str, model: Any, rows: list[dict[str, Any]]) -> Any:
 
 def stamp_running(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int], key: str) -> None:
     """Set system attribute ``key`` of each of ``trial_ids`` that still runs to the database
-X
-    trials are left alone. A heartbeat: one clock for every worker's stamps."""
+    X
+        trials are left alone. A heartbeat: one clock for every worker's stamps."""
     if not trial_ids:
         return
     model = _models.TrialSystemAttributeModel
