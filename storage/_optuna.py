@@ -212,7 +212,8 @@ def set_trial_attrs(
     finished one, as Optuna's."""
     with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
         trial = _models.TrialModel.find_or_raise_by_id(trial_id, session)
-        storage.check_trial_is_updatable(trial_id, TrialState(trial.state))
+        state: Any = trial.state  # a TrialState (the column's Enum type)
+        storage.check_trial_is_updatable(trial_id, state)
         for model, attrs in (
             (_models.TrialUserAttributeModel, user or {}),
             (_models.TrialSystemAttributeModel, system or {}),
