@@ -123,9 +123,10 @@ def _patch(
     for kind in (_access.DirectAccess, _access.ProxyAccess):
         real = kind.beat
 
-        def beat(self: Any, trial_id: int, real: Any = real) -> None:
-            real(self, trial_id)
-            beats.setdefault(trial_id, []).append(time.monotonic())
+        def beat(self: Any, trial_ids: Any, real: Any = real) -> None:
+            real(self, trial_ids)
+            for trial_id in trial_ids:
+                beats.setdefault(trial_id, []).append(time.monotonic())
 
         kind.beat = beat  # type: ignore[method-assign]
 

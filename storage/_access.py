@@ -18,7 +18,7 @@ import contextlib
 import datetime
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import optuna
@@ -53,7 +53,9 @@ class StudyAccess(Protocol):
 
     def dead_trials(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]: ...
 
-    def beat(self, trial_id: int) -> None: ...
+    def beat(self, trial_ids: Sequence[int]) -> None:
+        """Record a heartbeat of each of ``trial_ids`` (a trial finished meanwhile is left
+        alone)."""
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
@@ -96,8 +98,9 @@ class DirectAccess:
         out.update({i: (running[i][0], "never sent a heartbeat") for i in never})
         return out
 
-    def beat(self, trial_id: int) -> None:
-        self.rdb.record_heartbeat(trial_id)
+    def beat(self, trial_ids: Sequence[int]) -> None:
+        for trial_id in trial_ids:
+            self.rdb.record_heartbeat(trial_id)
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
@@ -194,17 +197,18 @@ class ProxyAccess:
         mine = next(t for t in trials if private.trial_id(t) == trial_id)
         return over_budget(trials, mine, n_trials, failed_with_attr)
 
-    def beat(self, trial_id: int) -> None:
+    def beat(self, trial_ids: Sequence[int]) -> None:
         service = self._service()
-        if service is not None and service.beat([trial_id]):
-            return
-        try:
-            self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # it finished between the worker's last look and this beat
-        except Exception as e:
-            if "already finished" not in str(e):
-                raise
+        if service is not None and service.beat(list(trial_ids)):
+            return  # one call for all of them
+        for trial_id in trial_ids:
+            try:
+                self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # it finished between the worker's last look and this beat
+            except Exception as e:
+                if "already finished" not in str(e):
+                    raise
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]

@@ -188,7 +188,7 @@ class Ledger:
         # without one. If it fails, the trial is still ours (asking again would leave it
         # orphaned): the heartbeat thread records it within an interval.
         try:
-            self.access.beat(tid)
+            self.access.beat([tid])
         except Exception as e:
             if not is_storage_error(e):
                 raise

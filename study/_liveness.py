@@ -66,8 +66,8 @@ class Heartbeat:
             with self._lock:
                 ids = list(self._trial_ids)
             try:
-                for trial_id in ids:
-                    self._access.beat(trial_id)
+                if ids:
+                    self._access.beat(ids)
             except Exception as e:
                 if not failing:
                     self._log(f"heartbeat failed ({root_message(e)}); trying again every "

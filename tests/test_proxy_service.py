@@ -155,7 +155,7 @@ def test_dead_trials_are_found_alike(
     one never beat and started 100 s ago. With a grace of 30 s, the second and the last are
     dead."""
     ids = [served.client.create_new_trial(served.study_id) for _ in range(4)]
-    served.access.beat(ids[0])
+    served.access.beat([ids[0]])
     served.client.set_trial_system_attr(ids[1], _service.HEARTBEAT_ATTR, time.time() - 100)
     old = datetime.datetime.now() - datetime.timedelta(seconds=100)
     with served.rdb.engine.begin() as conn:
@@ -170,18 +170,18 @@ def test_dead_trials_are_found_alike(
     }
 
 
-def test_a_heartbeat_is_one_call_and_skips_a_finished_trial(
+def test_heartbeats_are_one_call_and_skip_a_finished_trial(
     served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The tauopt proxy stamps the beat itself (no per-attribute call of Optuna's); a trial that
-    finished meanwhile is left alone on both proxies, with no error."""
+    """The tauopt proxy stamps a worker's trials in one call (no per-attribute call of
+    Optuna's); a trial that finished meanwhile is left alone on both proxies, with no
+    error."""
     running, done = (served.client.create_new_trial(served.study_id) for _ in range(2))
     served.client.set_trial_state_values(done, TrialState.COMPLETE, [0.5])
     if request.node.callspec.params["served"]:
         _no_single_calls(served.client, monkeypatch)
     before = time.time()
-    served.access.beat(running)
-    served.access.beat(done)
+    served.access.beat([running, done])
     assert before <= served.rdb.get_trial(running).system_attrs[_service.HEARTBEAT_ATTR]
     assert _service.HEARTBEAT_ATTR not in served.rdb.get_trial(done).system_attrs
     assert served.access.dead_trials(served.study_id, 30.0) == {}
