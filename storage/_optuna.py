@@ -254,29 +254,47 @@ def _upsert(dialect: str, model: Any, rows: list[dict[str, Any]]) -> Any:
 
 
 def stamp_running(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int], key: str) -> None:
-    """Set system attribute ``key`` of each of ``trial_ids`` that still runs to the database
-    X
-        trials are left alone. A heartbeat: one clock for every worker's stamps."""
+    """Set system attribute ``key`` of each of ``trial_ids`` that still runs to this host's
+    clock now (seconds since the epoch), in one statement (an upsert of the running ones);
+    finished or unknown trials are left alone. A heartbeat stamped where the dead-trial check
+    reads it: one clock for every worker's stamps."""
     if not trial_ids:
         return
-    model = _models.TrialSystemAttributeModel
-    now = time.time()
-    rows = [{"trial_id": tid, "key": key, "value_json": json.dumps(now)} for tid in trial_ids]
-    running = sqlalchemy.select(_models.TrialModel.trial_id).where(
-        _models.TrialModel.trial_id.in_(list(trial_ids)),
-        _models.TrialModel.state == TrialState.RUNNING,
-    )
-    with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
-        live = {int(tid) for tid in session.execute(running).scalars()}
-        rows = [row for row in rows if row["trial_id"] in live]
-        if not rows:
-            return
-        statement = _upsert(storage.engine.name, model, rows)
-        if statement is None:
-            for tid in live:
-                storage._set_trial_attr_without_commit(session, model, tid, key, now)
-        else:
-            session.execute(statement)
+    model, trials = _models.TrialSystemAttributeModel, _models.TrialModel
+    value = json.dumps(time.time())
+    running = sqlalchemy.select(
+        trials.trial_id, sqlalchemy.literal(key), sqlalchemy.literal(value)
+    ).where(trials.trial_id.in_(list(trial_ids)), trials.state == TrialState.RUNNING)
+    statement = _upsert_from(storage.engine.name, model, running)
+    if statement is None:  # a database without an upsert: Optuna's way, one by one
+        with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
+            for tid in session.execute(running).scalars():
+                storage._set_trial_attr_without_commit(
+                    session, model, int(tid), key, json.loads(value)
+                )
+        return
+    with storage.engine.begin() as conn:
+        conn.execute(statement)
+
+
+def _upsert_from(dialect: str, model: Any, rows: Any) -> Any:
+    """:func:`_upsert` of the rows a SELECT gives (trial_id, key, value_json)."""
+    columns = ["trial_id", "key", "value_json"]
+    if dialect == "postgresql":
+        pg = sqlalchemy.dialects.postgresql.insert(model).from_select(columns, rows)
+        return pg.on_conflict_do_update(
+            index_elements=[model.trial_id, model.key], set_={"value_json": pg.excluded.value_json}
+        )
+    if dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
+        lite = sqlalchemy.dialects.sqlite.insert(model).from_select(columns, rows)
+        return lite.on_conflict_do_update(
+            index_elements=[model.trial_id, model.key],
+            set_={"value_json": lite.excluded.value_json},
+        )
+    if dialect == "mysql":
+        my = sqlalchemy.dialects.mysql.insert(model).from_select(columns, rows)
+        return my.on_duplicate_key_update(value_json=my.inserted.value_json)
+    return None
 
 
 def set_study_system_attrs(
