@@ -232,24 +232,28 @@ def set_trial_attrs(
                 session.execute(statement)
 
 
-def _upsert(dialect: str, model: Any, rows: list[dict[str, Any]]) -> Any:
-    """One INSERT of ``rows`` into a trial attribute table that replaces the value of a key
-    the trial has already (the upsert Optuna writes for one attribute, for many); None where
-    the database has none."""
-    if dialect == "postgresql":
-        pg = sqlalchemy.dialects.postgresql.insert(model).values(rows)
-        return pg.on_conflict_do_update(
-            index_elements=[model.trial_id, model.key], set_={"value_json": pg.excluded.value_json}
-        )
-    if dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
-        lite = sqlalchemy.dialects.sqlite.insert(model).values(rows)
-        return lite.on_conflict_do_update(
+def _upsert(dialect: str, model: Any, rows: list[dict[str, Any]] | sqlalchemy.Select[Any]) -> Any:
+    """An INSERT of ``rows`` (dicts, or a SELECT of trial_id, key, value_json) into a trial
+    attribute table that replaces the value of a key the trial has already: the upsert Optuna
+    writes for one attribute, for many. None where the database has none."""
+
+    def fill(insert: Any) -> Any:
+        if isinstance(rows, list):
+            return insert.values(rows)
+        return insert.from_select(["trial_id", "key", "value_json"], rows)
+
+    dialects = {"postgresql": sqlalchemy.dialects.postgresql}
+    if sqlite3.sqlite_version_info >= (3, 24, 0):
+        dialects["sqlite"] = sqlalchemy.dialects.sqlite
+    if dialect in dialects:
+        insert = fill(dialects[dialect].insert(model))
+        return insert.on_conflict_do_update(
             index_elements=[model.trial_id, model.key],
-            set_={"value_json": lite.excluded.value_json},
+            set_={"value_json": insert.excluded.value_json},
         )
     if dialect == "mysql":
-        my = sqlalchemy.dialects.mysql.insert(model).values(rows)
-        return my.on_duplicate_key_update(value_json=my.inserted.value_json)
+        insert = fill(sqlalchemy.dialects.mysql.insert(model))
+        return insert.on_duplicate_key_update(value_json=insert.inserted.value_json)
     return None
 
 
@@ -261,40 +265,18 @@ def stamp_running(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int],
     if not trial_ids:
         return
     model, trials = _models.TrialSystemAttributeModel, _models.TrialModel
-    value = json.dumps(time.time())
+    now = time.time()
     running = sqlalchemy.select(
-        trials.trial_id, sqlalchemy.literal(key), sqlalchemy.literal(value)
+        trials.trial_id, sqlalchemy.literal(key), sqlalchemy.literal(json.dumps(now))
     ).where(trials.trial_id.in_(list(trial_ids)), trials.state == TrialState.RUNNING)
-    statement = _upsert_from(storage.engine.name, model, running)
+    statement = _upsert(storage.engine.name, model, running)
     if statement is None:  # a database without an upsert: Optuna's way, one by one
         with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
             for tid in session.execute(running).scalars():
-                storage._set_trial_attr_without_commit(
-                    session, model, int(tid), key, json.loads(value)
-                )
+                storage._set_trial_attr_without_commit(session, model, int(tid), key, now)
         return
     with storage.engine.begin() as conn:
         conn.execute(statement)
-
-
-def _upsert_from(dialect: str, model: Any, rows: Any) -> Any:
-    """:func:`_upsert` of the rows a SELECT gives (trial_id, key, value_json)."""
-    columns = ["trial_id", "key", "value_json"]
-    if dialect == "postgresql":
-        pg = sqlalchemy.dialects.postgresql.insert(model).from_select(columns, rows)
-        return pg.on_conflict_do_update(
-            index_elements=[model.trial_id, model.key], set_={"value_json": pg.excluded.value_json}
-        )
-    if dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
-        lite = sqlalchemy.dialects.sqlite.insert(model).from_select(columns, rows)
-        return lite.on_conflict_do_update(
-            index_elements=[model.trial_id, model.key],
-            set_={"value_json": lite.excluded.value_json},
-        )
-    if dialect == "mysql":
-        my = sqlalchemy.dialects.mysql.insert(model).from_select(columns, rows)
-        return my.on_duplicate_key_update(value_json=my.inserted.value_json)
-    return None
 
 
 def set_study_system_attrs(
