@@ -30,7 +30,10 @@ _LASTING = (
     "value too long",
     "no such table",
 )
-#: Messages of failures that a retry can cure.
+#: Messages of failures that a retry can cure; checked before _LASTING, which may contain them
+#: ("could not translate host name ...: Temporary failure in name resolution" is the resolver's
+#: EAI_AGAIN: a name a container network registers a moment after the container starts).
+_PASSING_FIRST = ("temporary failure in name resolution",)
 _PASSING = (
     "could not connect",
     "connection refused",
@@ -108,6 +111,8 @@ def is_transient(error: BaseException) -> bool:
     if codes:
         return bool(codes & _GRPC_PASSING)
     message = root_message(error).lower()
+    if any(text in message for text in _PASSING_FIRST):
+        return True
     if any(text in message for text in _LASTING):
         return False
     for cause in _chain(error):

@@ -75,11 +75,29 @@ def create_study(
             study = optuna.load_study(study_name=study_name, storage=storage)
             _update_existing(storage, study, study_name, config)
             return study
-        study.set_user_attr(CONFIG_ATTR, config.to_dict())
-        with warnings.catch_warnings():  # experimental, but it labels the dashboard's axes
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(METRIC_NAMES[config.objective])
+        _label(study, config)
     return study
+
+
+def _label(study: optuna.Study, config: StudyConfig) -> None:
+    """Store the config (what makes the study tauopt's) and the objectives' names."""
+    study.set_user_attr(CONFIG_ATTR, config.to_dict())
+    with warnings.catch_warnings():  # experimental, but it labels the dashboard's axes
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(METRIC_NAMES[config.objective])
+
+
+def _half_made(
+    storage: optuna.storages.BaseStorage, study: optuna.Study, config: StudyConfig
+) -> bool:
+    """A study without a config that a ``create`` left half-made (it failed between creating
+    the study and labelling it; a retry lands here): under the lock, with no trials and the
+    objective's directions, nothing can be lost by finishing it."""
+    return (
+        access(storage).locks
+        and [d.name.lower() for d in study.directions] == DIRECTIONS[config.objective]
+        and not study.get_trials(deepcopy=False)
+    )
 
 
 def _stored_config(
@@ -100,6 +118,9 @@ def _update_existing(
 ) -> None:
     stored = _stored_config(storage, study)
     new = config.to_dict()
+    if stored is None and _half_made(storage, study, config):
+        _label(study, config)
+        return
     if stored is None:
         raise ConfigError(
             f"study {study_name!r} exists but was not created by tauopt; pick another --study name"

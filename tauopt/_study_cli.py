@@ -131,14 +131,18 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
         "trials-per-hour figures for a K that pays off on your hardware",
     )
     add_precision(p, None)
+    _add_retry(p)
+    _add_artifacts(p)
+
+
+def _add_retry(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-retry-seconds",
         type=_non_negative,
         default=300.0,
         help="how long to ride out a database that does not answer (a restart, dropped "
-        "connections) before giving up",
+        "connections, a server still starting) before giving up",
     )
-    _add_artifacts(p)
 
 
 def _positive_int(text: str) -> int:
@@ -201,6 +205,7 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
     p = parser("create", "create the schema and a study from a config (or raise its budget)")
     _add_storage(p)
     _add_create_flags(p)
+    _add_retry(p)
     p.set_defaults(handler=_cmd_create)
 
     p = parser(
@@ -353,7 +358,7 @@ def _settings(url: str | None, interval: int, grace: int | None) -> StorageSetti
 
 
 def _create(args: argparse.Namespace) -> StudyConfig:
-    from tauopt.storage import redact
+    from tauopt.storage import RetryPolicy, redact
     from tauopt.study import create_study, load_config
 
     config = load_config(args.config).with_overrides(
@@ -366,7 +371,16 @@ def _create(args: argparse.Namespace) -> StudyConfig:
         grace_period=args.grace_period,
     )
     settings = _settings(args.storage, config.heartbeat_interval, config.grace_period)
-    create_study(settings, args.study, config, data_dir=getattr(args, "data_dir", None))
+    # Retried whole (it is idempotent): under compose a healthy database may still drop the
+    # first connections, and a one-shot `create` that gives up stops every worker behind it.
+    retry = RetryPolicy(limit=args.storage_retry_seconds)
+    data_dir = getattr(args, "data_dir", None)
+    retry.call(
+        "creating the study",
+        lambda: create_study(settings, args.study, config, data_dir=data_dir),
+        _warn,
+        first=True,
+    )
     print(
         f"study {args.study!r} ready in {redact(settings.url)}: {config.objective} objective, "
         f"{config.n_trials} trials of {config.trial.epochs} epochs on {config.trial.dataset}",

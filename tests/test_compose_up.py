@@ -85,7 +85,21 @@ class Deployment:
             str(HERE / "docker-compose.test.yml"),
         ]
         cmd = ["docker-compose", "-p", self.project, "--project-directory", str(REPO), *files]
-        return _run([*cmd, "--env-file", str(self.env_file), *args], timeout=timeout, env=self.env)
+        try:
+            return _run(
+                [*cmd, "--env-file", str(self.env_file), *args], timeout=timeout, env=self.env
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.failed_logs()}") from None
+
+    def failed_logs(self) -> str:
+        """The logs of this project's containers that exited with an error: compose names
+        only the container, and its own words say why."""
+        out = self.podman("ps", "-a", "--filter", f"name={self.project}_", "--format",
+                          "{{.Names}} {{.Status}}")  # fmt: skip
+        failed = [line.split(" ", 1)[0] for line in out.splitlines() if "Exited (0)" not in line
+                  and "Exited" in line]  # fmt: skip
+        return "\n".join(f"--- {name}:\n{self.logs(name)[-3000:]}" for name in failed)
 
     def podman(self, *args: str, timeout: float = 60) -> str:
         return _run(["podman", *args], timeout=timeout, env=self.env)

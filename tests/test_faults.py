@@ -354,6 +354,22 @@ def test_the_cause_is_the_innermost_error_that_says_something() -> None:
         assert not is_transient(error)
 
 
+def test_a_name_not_resolved_yet_is_transient_a_wrong_name_is_not() -> None:
+    """A host name that does not exist is the user's typo: no wait. The resolver's "temporary
+    failure" (EAI_AGAIN) is what a container network answers for a service's name in the
+    moment after the container starts (seen under docker compose): it is waited for."""
+    engine = sqlalchemy.create_engine("postgresql+psycopg2://u@tauopt-no-such-host.invalid/db")
+    with pytest.raises(sqlalchemy.exc.OperationalError) as typo:
+        engine.connect()
+    assert "could not translate host name" in root_message(typo.value)
+    assert not is_transient(typo.value)
+    server = 'could not translate host name "db" to address: Temporary failure in name resolution'
+    try:
+        raise sqlalchemy.exc.OperationalError("connect", {}, Exception(server))
+    except sqlalchemy.exc.OperationalError as e:
+        assert is_transient(e)
+
+
 def _running_trial_of_url(worker: Worker, name: str, url: str) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -207,6 +207,53 @@ def test_create_is_idempotent_but_refuses_another_config(
     assert optuna.get_all_study_names(f"sqlite:///{workdir / 'tauopt.db'}") == ["tauopt"]
 
 
+def test_create_rides_out_a_database_that_fails_it_at_first(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-shot `create` (docker compose's) retries what is transient, as a worker does, and
+    a study that an earlier try left half-made (created, not yet labelled) is finished."""
+    import sqlalchemy.exc
+
+    from tauopt.study import _create
+
+    url = f"sqlite:///{workdir / 'tauopt.db'}"
+    # the state of a try that failed between creating the study and storing its config
+    optuna.create_study(storage=url, study_name="tauopt", directions=["maximize", "minimize"])
+    real_open, calls = _create.open_storage, []
+
+    def flaky_open(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlalchemy.exc.OperationalError(
+                "SELECT 1", {}, Exception("server closed the connection unexpectedly")
+            )
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_create, "open_storage", flaky_open)
+    assert main(["create", "--config", "small.toml", "--n-trials", "4"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("storage error while creating the study") == 2 and len(calls) == 3
+    assert "storage answers again" in err
+    assert load_study(url, "tauopt").user_attrs["tauopt_config"]["study"]["n_trials"] == 4
+    # with a short limit it gives up, with the cause and the flag to raise
+    calls.clear()
+    code = main(["create", "--config", "small.toml", "--storage-retry-seconds", "0"])
+    assert code == 2 and "raise --storage-retry-seconds" in capsys.readouterr().err
+
+
+def test_create_refuses_a_study_with_trials_it_did_not_make(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{workdir / 'tauopt.db'}"
+    study = optuna.create_study(
+        storage=url, study_name="tauopt", directions=["maximize", "minimize"]
+    )
+    study.enqueue_trial({"lr": 0.1})
+    assert main(["create", "--config", "small.toml"]) == 2
+    assert "not created by tauopt" in capsys.readouterr().err
+    assert "tauopt_config" not in load_study(url, "tauopt").user_attrs
+
+
 def test_bad_config_key_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (workdir / "bad.toml").write_text("[search]\nT = [3.0, 1.0]\n")
     assert main(["create", "--config", "bad.toml"]) == 2

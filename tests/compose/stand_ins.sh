@@ -37,9 +37,16 @@ if ! podman image exists python:3.11-slim; then
     echo "built stand-in python:3.11-slim"
 fi
 
-if ! podman image exists postgres:16; then
+# Rebuilt when this script or the entrypoint changes: the image carries their digest.
+digest=$(cat "$0" "$here/postgres-entrypoint.sh" | sha256sum | cut -c1-16)
+label=$(podman image inspect postgres:16 --format '{{index .Config.Labels "tauopt.stand-in"}}' \
+    2>/dev/null || true)
+if [ "$label" != "$digest" ]; then
     bootstrap postgres postgresql,util-linux
     dir="$cache/postgres"
+    # As the official image: `docker stop` sends SIGINT, PostgreSQL's fast shutdown. SIGTERM
+    # is its smart shutdown, which waits for every client (a dashboard's idle connections)
+    # until the runtime's SIGKILL, and the next start must then recover from a crash.
     install -m 755 "$here/postgres-entrypoint.sh" "$dir/usr/local/bin/docker-entrypoint.sh"
     # Debian's package made a cluster at install time; the entrypoint makes its own in PGDATA.
     rm -rf "$dir"/var/lib/postgresql/* "$dir"/etc/postgresql/*
@@ -47,6 +54,7 @@ if ! podman image exists postgres:16; then
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV PGDATA=/var/lib/postgresql/data' \
         --change 'ENTRYPOINT ["docker-entrypoint.sh"]' --change 'EXPOSE 5432' \
+        --change 'STOPSIGNAL SIGINT' --change "LABEL tauopt.stand-in=$digest" \
         - postgres:16 >/dev/null
     echo "built stand-in postgres:16"
 fi
