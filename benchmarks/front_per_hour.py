@@ -214,16 +214,22 @@ def main() -> None:
                 }
             )
             print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+            if args.json:  # after every run: a run cut short keeps what it measured
+                _write(args, results, [])
     rows = summary(results)
     if args.json:
-        out = {
-            **machine(),
-            "seconds": args.seconds,
-            "baseline_seconds": args.baseline_seconds,
-            "runs": results,
-            "summary": rows,
-        }
-        args.json.write_text(json.dumps(out, indent=1))
+        _write(args, results, rows)
+
+
+def _write(args: argparse.Namespace, results: list[dict[str, Any]], rows: list[Any]) -> None:
+    out = {
+        **machine(),
+        "seconds": args.seconds,
+        "baseline_seconds": args.baseline_seconds,
+        "runs": results,
+        "summary": rows,
+    }
+    args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
