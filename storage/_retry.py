@@ -30,10 +30,12 @@ _LASTING = (
     "value too long",
     "no such table",
 )
-#: Messages of failures that a retry can cure; checked before _LASTING, which may contain them
-#: ("could not translate host name ...: Temporary failure in name resolution" is the resolver's
-#: EAI_AGAIN: a name a container network registers a moment after the container starts).
+#: Passing failures whose messages also match _LASTING, so checked before it: "could not
+#: translate host name ...: Temporary failure in name resolution" is the resolver's EAI_AGAIN,
+#: a name a container network registers a moment after the container starts (a name that does
+#: not exist, "Name or service not known", stays lasting).
 _PASSING_FIRST = ("temporary failure in name resolution",)
+#: Messages of failures that a retry can cure.
 _PASSING = (
     "could not connect",
     "connection refused",
