@@ -288,6 +288,17 @@ def test_readme_python_example_runs_beside_a_users_own_modules(
     assert "predicted" in done.stdout  # the model ran on an image batch
 
 
+# Batched trials equal their trials alone to float tolerance (the batched products sum in
+# another order). Where SGD is near a threshold (a ReLU unit dying, a tau share crossing eps)
+# any float difference can pick another branch: at lr 0.119 and T = 5.48 a 1e-6 relative
+# change of the initial weights moved one trial's validation accuracy after two epochs from
+# 0.4505 to 0.6165, alone, with no batching at all (the population had landed on the other
+# branch). So these trials come from a fixed sampler seed, in a range where high learning
+# rates still prune: its 9 trials prune 0, 2 and 3 blocks, and trained alone with a 1e-6
+# relative change of the initial weights (3 repeats) their taus moved by 3.6e-6 at most, 28x
+# within the tolerance below. Unseeded draws from the default search space failed about one
+# run in twenty.
+BATCH_SEED = "12"
 BATCH = """
 [study]
 min_val_accuracy = 0.0
@@ -295,6 +306,10 @@ min_val_accuracy = 0.0
 arch = "resnet"
 depth = 4
 width = 24
+lr = [0.05, 0.25]
+T = [0.5, 2.0]
+l1 = [0.01, 0.05]
+layer_prune_eps = [0.15, 0.24]
 [trial]
 epochs = 2
 train_size = 1000
@@ -308,11 +323,14 @@ def test_batched_trials_store_what_each_trial_gives_alone(
     from tauopt.engine import TrainConfig, train
 
     (workdir / "batch.toml").write_text(BATCH)
-    assert run_study(9, "--device", "cpu", "--batch-trials", "4", config="batch.toml") == 0
+    argv = ("--device", "cpu", "--batch-trials", "4", "--sampler-seed", BATCH_SEED)
+    assert run_study(9, *argv, config="batch.toml") == 0
     err = capsys.readouterr().err
     assert err.count("4 trials together") == 2 * 2  # two batches of four, two epochs each
     trials = load_study(None, "tauopt").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 9  # exactly the budget
+    blocks = {len(t.user_attrs["active_block_ids"]) for t in trials}
+    assert len(blocks) > 1 and min(blocks) < 4, f"no pruning to compare ({blocks}): new seed"
     dataset = load_dataset("mnist", data_dir, download=False)
     for t in trials:
         config = TrainConfig(**t.user_attrs["train_config"])
@@ -332,6 +350,7 @@ def test_a_worker_in_bfloat16_records_it_and_batches_equal_alone(
 
     (workdir / "batch.toml").write_text(BATCH)
     argv = ("--device", "cpu", "--batch-trials", "4", "--precision", "bfloat16")
+    argv += ("--sampler-seed", BATCH_SEED)
     assert run_study(4, *argv, config="batch.toml") == 0
     trials = load_study(None, "tauopt").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
