@@ -289,8 +289,8 @@ def test_readme_python_example_runs_beside_a_users_own_modules(
 
 
 # Batched trials equal their trials alone to float tolerance (the batched products sum in
-# another order). Where SGD is near a threshold (a ReLU unit dying, a tau share crossing eps)
-# any float difference can pick another branch: at lr 0.119 and T = 5.48 a 1e-6 relative
+# another order). At high learning rates and large T, SGD can branch on a float difference
+# (a tau share near eps is one such threshold): at lr 0.119 and T = 5.48 a 1e-6 relative
 # change of the initial weights moved one trial's validation accuracy after two epochs from
 # 0.4505 to 0.6165, alone, with no batching at all (the population had landed on the other
 # branch). So these trials come from a fixed sampler seed, in a range where high learning
