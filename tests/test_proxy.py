@@ -181,17 +181,22 @@ def test_a_killed_workers_trial_is_rerun_and_sigterm_hands_back_at_once(
 
 
 def test_workers_ride_out_a_restarted_proxy(proxy: Proxy, tmp_path: Path, data_dir: Path) -> None:
-    name = _create(tmp_path, proxy.url, 6, epochs=3, train_size=5000)
+    n = 10
+    name = _create(tmp_path, proxy.url, n, epochs=4, train_size=20000)
     artifacts = tmp_path / "artifacts"
     workers = [Worker(proxy.url, name, artifacts, data_dir, s) for s in (1, 2)]
-    # Both must have reached the proxy once: a proxy that never answered a worker is a wrong
-    # address to it ("connection refused at first contact" is lasting), not a restart.
+    # Both must have reached the proxy once (a trial's first epoch comes after its claim went
+    # through it): a proxy that never answered a worker is a wrong address to it ("connection
+    # refused at first contact" is lasting), not a restart. Read from the workers' own output:
+    # polling the database for a RUNNING trial could miss a short one.
     for worker in workers:
-        _running(worker, proxy.database, name)
+        worker.wait_for(" epoch 1/4")
+    complete = _states(proxy.database, name).count(TrialState.COMPLETE)
+    assert complete <= n - 2, f"{complete} of {n} trials done before the restart: make them longer"
     proxy.stop()
     time.sleep(5)
     proxy.start()
-    _exact(proxy.database, name, 6, workers)
+    _exact(proxy.database, name, n, workers)
     assert any("retrying" in w.output for w in workers)
 
 
