@@ -330,7 +330,8 @@ def test_batched_trials_store_what_each_trial_gives_alone(
     trials = load_study(None, "tauopt").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 9  # exactly the budget
     blocks = {len(t.user_attrs["active_block_ids"]) for t in trials}
-    assert len(blocks) > 1 and min(blocks) < 4, f"no pruning to compare ({blocks}): new seed"
+    no_pruning = f"blocks kept {blocks}: no pruning to compare, pick another BATCH_SEED"
+    assert len(blocks) > 1 and min(blocks) < 4, no_pruning
     dataset = load_dataset("mnist", data_dir, download=False)
     for t in trials:
         config = TrainConfig(**t.user_attrs["train_config"])
