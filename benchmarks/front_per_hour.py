@@ -11,7 +11,11 @@ after another for every sampler seed, their order rotating; the baseline for
 * ``dominated``: K = 1 with ``stop_trials = "dominated"``;
 * ``bf16``: K = 16 with ``--precision bfloat16``;
 * ``K=16+dominated``: K = 16 with ``stop_trials = "dominated"``;
-* ``all``: K = 16, ``stop_trials = "dominated"`` and ``--precision bfloat16``.
+* ``all``: K = 16, ``stop_trials = "dominated"`` and ``--precision bfloat16``;
+* ``K=1+anchors``, ``dominated+anchors``: K = 1 (without and with dominated stopping) in a
+  study whose first trials are its anchors (``study.anchors``, see ``tauopt.study._anchors``);
+  every other tauopt runner has ``anchors = 0``, every trial drawn by the sampler;
+* ``baseline+anchors``: the baseline with the same anchors enqueued first.
 
 The targets compare the tauopt runners with the baseline at T_b: the time each first reaches
 the baseline's final hypervolume (T_b / 20 or less is the goal), and trials per hour.
@@ -27,6 +31,7 @@ dominates in (accuracy - 0.5) x (1 - parameters / 130,006), at most 0.5.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -44,18 +49,25 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _machine import machine  # noqa: E402
 from trials_per_hour import baseline  # noqa: E402
 
+from tauopt.study import load_config  # noqa: E402
+from tauopt.study._anchors import anchor_params  # noqa: E402
+
 REFERENCE_PARAMS = 130_006
 FLOOR = 0.5
-#: runner -> (batch trials, stop_trials, precision); the baseline is not a tauopt run
-LEVERS: dict[str, tuple[int, str, str]] = {
-    "K=1": (1, "off", "float32"),
-    "K=16": (16, "off", "float32"),
-    "dominated": (1, "dominated", "float32"),
-    "bf16": (16, "off", "bfloat16"),
-    "K=16+dominated": (16, "dominated", "float32"),
-    "all": (16, "dominated", "bfloat16"),
+ANCHORS = 3
+#: runner -> (batch trials, stop_trials, precision, anchors); the baselines are not tauopt runs
+LEVERS: dict[str, tuple[int, str, str, int]] = {
+    "K=1": (1, "off", "float32", 0),
+    "K=16": (16, "off", "float32", 0),
+    "dominated": (1, "dominated", "float32", 0),
+    "bf16": (16, "off", "bfloat16", 0),
+    "K=16+dominated": (16, "dominated", "float32", 0),
+    "all": (16, "dominated", "bfloat16", 0),
+    "K=1+anchors": (1, "off", "float32", ANCHORS),
+    "dominated+anchors": (1, "dominated", "float32", ANCHORS),
 }
-RUNNERS = ("baseline", *LEVERS)
+BASELINES = {"baseline": 0, "baseline+anchors": ANCHORS}
+RUNNERS = (*BASELINES, *LEVERS)
 
 
 def hypervolume(points: list[tuple[float, float]]) -> float:
@@ -83,12 +95,13 @@ def curve(finished: list[tuple[float, float, float]]) -> list[tuple[float, float
 
 
 def run_tauopt(
-    levers: tuple[int, str, str], seed: int, seconds: float, data_dir: Path
+    levers: tuple[int, str, str, int], seed: int, seconds: float, data_dir: Path
 ) -> dict[str, Any]:
-    k, stop, precision = levers
+    k, stop, precision, anchors = levers
     with tempfile.TemporaryDirectory() as tmp:
         config = (REPO / "configs" / "study.toml").read_text()
-        config = config.replace("[study]", f'[study]\nstop_trials = "{stop}"', 1)
+        study = f'[study]\nstop_trials = "{stop}"\nanchors = {anchors}'
+        config = config.replace("[study]", study, 1)
         (Path(tmp) / "study.toml").write_text(config)
         url = f"sqlite:///{tmp}/study.db"
         argv = [
@@ -139,10 +152,18 @@ def run_tauopt(
     return {"trials": len(done), "finished": finished, "wall": wall}
 
 
-def run_baseline(seed: int, seconds: float, data_dir: Path) -> dict[str, Any]:
+def run_baseline(seed: int, seconds: float, data_dir: Path, anchors: int) -> dict[str, Any]:
+    config = load_config(REPO / "configs" / "study.toml")
+    fixed = anchor_params(dataclasses.replace(config, anchors=anchors)) if anchors else None
     start = time.time()
     run = baseline(
-        100_000, data_dir, os.cpu_count() or 1, timeout=seconds, seed=seed, keep_study=True
+        100_000,
+        data_dir,
+        os.cpu_count() or 1,
+        fixed,
+        timeout=seconds,
+        seed=seed,
+        keep_study=True,
     )
     study: optuna.Study = run["study"]
     finished = [
@@ -150,8 +171,10 @@ def run_baseline(seed: int, seconds: float, data_dir: Path) -> dict[str, Any]:
         for t in study.trials
         if t.state == optuna.trial.TrialState.COMPLETE and t.datetime_complete and t.values
     ]
-    # optimize() ends a trial it started before the timeout: the wall time can exceed it
-    return {"trials": len(study.trials), "finished": finished, "wall": run["seconds"]}
+    # optimize() ends a trial it started before the timeout: the wall time can exceed it.
+    # Enqueued anchors it never started stay WAITING and are not counted.
+    ran = [t for t in study.trials if t.state.is_finished()]
+    return {"trials": len(ran), "finished": finished, "wall": run["seconds"]}
 
 
 def first_reached(points: list[tuple[float, float]], target: float) -> float | None:
@@ -159,9 +182,14 @@ def first_reached(points: list[tuple[float, float]], target: float) -> float | N
     return next((t for t, hv in points if hv >= target and hv > 0), None)
 
 
+def at(points: list[tuple[float, float]], seconds: float) -> float:
+    """A curve's hypervolume at ``seconds``."""
+    return max((hv for t, hv in points if t <= seconds), default=0.0)
+
+
 def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per seed and tauopt runner: when it reached the baseline's final hypervolume, and its
-    trials per hour against the baseline's."""
+    """Per seed and runner: when it reached the baseline's final hypervolume, its own at
+    T_b / 20 (the goal's time), and its trials per hour against the baseline's."""
     rows = []
     for base in (r for r in results if r["runner"] == "baseline"):
         for run in (r for r in results if r["seed"] == base["seed"] and r is not base):
@@ -171,6 +199,7 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "runner": run["runner"],
                     "baseline_hypervolume": base["hypervolume"],
                     "reached_at": first_reached(run["curve"], base["hypervolume"]),
+                    "hypervolume_at_goal": at(run["curve"], base["seconds"] / 20),
                     "trials_per_hour_ratio": round(
                         run["trials_per_hour"] / max(base["trials_per_hour"], 1e-9), 2
                     ),
@@ -185,6 +214,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--seconds", type=float, default=180, help="per tauopt runner")
     parser.add_argument("--baseline-seconds", type=float, default=600, help="T_b")
+    parser.add_argument(
+        "--anchored-baseline-seconds", type=float, default=180, help="for baseline+anchors"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
     parser.add_argument("--json", type=Path)
@@ -196,7 +228,10 @@ def main() -> None:
         for name in args.runners[shift:] + args.runners[:shift]:
             if name == "baseline":
                 seconds = args.baseline_seconds
-                run = run_baseline(seed, seconds, args.data_dir)
+                run = run_baseline(seed, seconds, args.data_dir, BASELINES[name])
+            elif name in BASELINES:
+                seconds = args.anchored_baseline_seconds
+                run = run_baseline(seed, seconds, args.data_dir, BASELINES[name])
             else:
                 seconds = args.seconds
                 run = run_tauopt(LEVERS[name], seed, seconds, args.data_dir)
@@ -226,6 +261,7 @@ def _write(args: argparse.Namespace, results: list[dict[str, Any]], rows: list[A
         **machine(),
         "seconds": args.seconds,
         "baseline_seconds": args.baseline_seconds,
+        "anchored_baseline_seconds": args.anchored_baseline_seconds,
         "runs": results,
         "summary": rows,
     }

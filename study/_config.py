@@ -196,6 +196,9 @@ class StudyConfig:
     #: Stopping poor trials early: "auto" (the median rule for ``accuracy``, nothing for
     #: ``pareto``), "off", "median" or "dominated" (see ``tauopt.study._stopping``).
     stop_trials: str = "auto"
+    #: Pareto studies: how many first trials ``create`` enqueues where the search space prunes
+    #: most (see ``tauopt.study._anchors``); 0: none, every trial drawn by the sampler.
+    anchors: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML-shaped dict, as stored with the study so every worker uses the same."""
@@ -210,6 +213,7 @@ class StudyConfig:
                 "n_trials": self.n_trials,
                 "min_val_accuracy": self.min_val_accuracy,
                 "stop_trials": self.stop_trials,
+                "anchors": self.anchors,
             },
             "search": {name: p.to_toml_value() for name, p in self.search.items()},
             "trial": trial,
@@ -321,7 +325,7 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
     study = _only(
         data.get("study", {}),
         "study",
-        {"objective", "n_trials", "min_val_accuracy", "stop_trials"},
+        {"objective", "n_trials", "min_val_accuracy", "stop_trials", "anchors"},
     )
     trial = _only(data.get("trial", {}), "trial", {f.name for f in dataclasses.fields(_BUDGET)})
     storage = _only(data.get("storage", {}), "storage", {"heartbeat_interval", "grace_period"})
@@ -375,8 +379,11 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
     stop = _take(study, "stop_trials", "study", _STUDY["stop_trials"])
     if objective != GRID_OBJECTIVE:
         stop_rule(stop, objective)  # refuses what cannot work
+    anchors = _take(study, "anchors", "study", _STUDY["anchors"])
+    _at_least("study.anchors", anchors, 0)
     return StudyConfig(
         stop_trials=stop,
+        anchors=anchors,
         search=search,
         trial=TrialBudget(**values),
         objective=objective,

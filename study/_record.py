@@ -30,6 +30,10 @@ WORKER_ATTR = "worker"
 GRID_CONFIG_ATTR = "grid_config"
 GRID_POINT_ATTR = "grid_point"
 GRID_ID_ATTR = "grid_id"
+#: Study user attribute: the anchor trials ``create`` plans for a Pareto study (their fixed
+#: parameters) and whether all are enqueued; trial user attribute: an anchor's index.
+ANCHORS_ATTR = "tauopt_anchors"
+ANCHOR_ATTR = "anchor"
 #: A second copy of a grid run, enqueued at the same moment by another process: failed, with
 #: the number of the run it copies.
 DUPLICATE_ATTR = "duplicate_of"

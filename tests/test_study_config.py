@@ -85,6 +85,8 @@ grace_period = 5
             "storage.grace_period: 5 must exceed",
         ),
         ({"workers": {}}, "config.workers: unknown key"),
+        ({"study": {"anchors": -1}}, "study.anchors: must be an integer >= 0"),
+        ({"study": {"anchors": 1.5}}, "study.anchors: expected an integer"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_key(data: dict[str, object], message: str) -> None:
