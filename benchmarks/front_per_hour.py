@@ -218,12 +218,13 @@ def main() -> None:
         "--anchored-baseline-seconds", type=float, default=180, help="for baseline+anchors"
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds from this one on")
     parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results: list[dict[str, Any]] = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         shift = seed % len(args.runners)
         for name in args.runners[shift:] + args.runners[:shift]:
             if name == "baseline":

@@ -6,6 +6,8 @@ Shape of the file (every table and key optional; unknown ones are errors)::
     objective = "pareto"        # or "accuracy" (single objective, per-epoch trial pruning)
     n_trials = 30               # total across all workers
     min_val_accuracy = 0.5      # below: infeasible, never "best"
+    stop_trials = "auto"        # "off", "median" (accuracy) or "dominated" (pareto)
+    anchors = 3                 # pareto: first trials placed where the search prunes most
 
     [search]                    # [low, high] = range, a list = choices, a value = fixed
     arch = ["resnet", "fracdnn"]

@@ -28,6 +28,7 @@ from tauopt.study._plots import (
     regulariser,
     search_figures,
 )
+from tauopt.study._record import ANCHORS_ATTR
 from tauopt.study._reproduce import DEFAULT_EPOCHS, REPRODUCE_ATTR
 from tauopt.study._views import TrialView, trial_views
 
@@ -354,7 +355,7 @@ def _search_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -
         "",
         "A search draws its trials at random and steers them: no two of them differ in one "
         "setting only, so it cannot say what a setting does. For paired answers, run the grid "
-        "(`tauopt reproduce`). What the trials show, as descriptions:",
+        f"(`tauopt reproduce`). {_anchored(study)}What the trials show, as descriptions:",
         "",
         _row(
             "trials",
@@ -386,6 +387,17 @@ def _search_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -
             )
         )
     return [*lines, ""]
+
+
+def _anchored(study: optuna.Study) -> str:
+    """Which trials were placed, not drawn: a Pareto study's anchors (``study.anchors``)."""
+    n = len((study.user_attrs.get(ANCHORS_ATTR) or {}).get("params", []))
+    if not n:
+        return ""
+    return (
+        f"Its first {n} trials were anchors, placed at the pruning end (the highest "
+        "layer_prune_eps, large learning rates: `study.anchors`), not drawn. "
+    )
 
 
 def write_report(study: optuna.Study, out: Path) -> list[Path]:
