@@ -227,11 +227,9 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         shift = seed % len(args.runners)
         for name in args.runners[shift:] + args.runners[:shift]:
-            if name == "baseline":
-                seconds = args.baseline_seconds
-                run = run_baseline(seed, seconds, args.data_dir, BASELINES[name])
-            elif name in BASELINES:
-                seconds = args.anchored_baseline_seconds
+            if name in BASELINES:
+                anchored = BASELINES[name] > 0
+                seconds = args.anchored_baseline_seconds if anchored else args.baseline_seconds
                 run = run_baseline(seed, seconds, args.data_dir, BASELINES[name])
             else:
                 seconds = args.seconds

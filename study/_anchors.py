@@ -94,5 +94,7 @@ def enqueue_anchors(study: optuna.Study, config: StudyConfig) -> int:
 
 
 def plan_anchors(study: optuna.Study, config: StudyConfig) -> None:
-    """Record the anchors a new study is to get, before any is enqueued."""
-    study.set_user_attr(ANCHORS_ATTR, {"params": anchor_params(config), "complete": False})
+    """Record the anchors a new study is to get, before any is enqueued (none: nothing)."""
+    params = anchor_params(config)
+    if params:
+        study.set_user_attr(ANCHORS_ATTR, {"params": params, "complete": False})

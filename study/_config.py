@@ -201,7 +201,7 @@ class StudyConfig:
     #: Pareto studies: how many first trials ``create`` enqueues where the search space prunes
     #: most (see ``tauopt.study._anchors``); 0 (the default): none, every trial drawn by the
     #: sampler. Off by default until a worker's hang under cut connections with anchors
-    #: waiting is understood (tests/test_anchors.py, docs/benchmarks.md).
+    #: waiting is understood (tests/test_faults.py, docs/benchmarks.md).
     anchors: int = 0
 
     def to_dict(self) -> dict[str, Any]:

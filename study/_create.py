@@ -14,7 +14,7 @@ from tauopt.engine import load_dataset
 from tauopt.engine._data import check_split_sizes, is_arrays
 from tauopt.errors import ConfigError
 from tauopt.storage import StorageSettings, access, open_storage, study_id
-from tauopt.study._anchors import anchor_params, enqueue_anchors, plan_anchors
+from tauopt.study._anchors import enqueue_anchors, plan_anchors
 from tauopt.study._config import StudyConfig, parse_config
 from tauopt.study._ledger import budget_used
 from tauopt.study._objective import DIRECTIONS, METRIC_NAMES
@@ -79,9 +79,8 @@ def create_study(
                 enqueue_anchors(study, config)
             return study
         _label(study, config)
-        if anchor_params(config):
-            plan_anchors(study, config)
-            enqueue_anchors(study, config)
+        plan_anchors(study, config)
+        enqueue_anchors(study, config)
     return study
 
 
@@ -126,8 +125,7 @@ def _update_existing(
     new = config.to_dict()
     if stored is None and _half_made(storage, study, config):
         _label(study, config)
-        if anchor_params(config):
-            plan_anchors(study, config)  # the caller enqueues them, under the same lock
+        plan_anchors(study, config)  # the caller enqueues them, under the same lock
         return
     if stored is None:
         raise ConfigError(
