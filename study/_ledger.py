@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import TrialState
@@ -52,6 +52,15 @@ class Claim:
 
     trial: optuna.Trial
     place: int
+
+
+@dataclass
+class _Taken:
+    """What one claim took so far, kept across the retries of the claim."""
+
+    claims: list[Claim] = field(default_factory=list)
+    #: asked, its place in the budget not yet checked
+    unchecked: optuna.Trial | None = None
 
 
 class FinishedElsewhereError(Exception):
@@ -135,16 +144,19 @@ class Ledger:
         return claims, True
 
     def _claim_some(self, k: int) -> tuple[list[Claim], bool]:
+        taken = _Taken()
+
         def take() -> tuple[list[Claim], bool]:
             with self.access.lock(self.study.study_name):
-                return self._claim_locked(k)
+                return self._claim_locked(k, taken)
 
-        result = self.retry.call("claiming trials", take, self.say)
-        return result
+        return self.retry.call("claiming trials", take, self.say)
 
-    def _claim_locked(self, k: int) -> tuple[list[Claim], bool]:
+    def _claim_locked(self, k: int, taken: _Taken) -> tuple[list[Claim], bool]:
         """Under the study lock: fail dead trials, then take trials while the budget allows,
-        for at most :data:`CLAIM_HOLD_SECONDS`."""
+        for at most :data:`CLAIM_HOLD_SECONDS`. ``taken`` holds what earlier attempts of this
+        claim took before a storage call failed: those trials run and beat, and are this
+        worker's (asked again, they would beat forever with nobody to run them)."""
         start = time.monotonic()
         for number, why in fail_stale_trials(self.study, self.storage, self.access, self.grace):
             self.say(f"trial {number} {why} for {self.grace:g} s: failed and queued again")
@@ -159,22 +171,36 @@ class Ledger:
             counts.get("WAITING", 0),
             finished(counts, own),
         )
-        claims: list[Claim] = []
+        claims = taken.claims
+        if taken.unchecked is not None and not self._checked_again(taken, done):
+            return claims, True
         # ask() takes a waiting trial (a retry, counted already) before it makes a new one.
+        # The counts include the trials taken before: they are running.
         while len(claims) < k and (waiting or used < self.n_trials):
             if waiting:
                 waiting -= 1
             else:
                 used += 1
-            trial = self._ask()
-            # Also under a lock: a holder stopped past LOCK_IDLE_SECONDS loses it to the server
-            # and, when it resumes, must not claim on what it counted before.
-            if self._past_budget(trial):
+            taken.unchecked = self._ask()
+            if not self._checked(taken, done):
                 break
-            claims.append(Claim(trial, done + len(claims) + 1))
             if time.monotonic() - start > CLAIM_HOLD_SECONDS:
                 break
         return claims, bool(claims) or counts.get("RUNNING", 0) > 0
+
+    def _checked(self, taken: _Taken, done: int) -> bool:
+        """Whether ``taken.unchecked`` is within the budget: then it joins the claims. Checked
+        under the lock, too: a holder stopped past LOCK_IDLE_SECONDS loses it to the server
+        and, when it resumes, must not claim on what it counted before."""
+        trial = taken.unchecked
+        if trial is None:
+            return True
+        if self._past_budget(trial):
+            taken.unchecked = None
+            return False
+        taken.claims.append(Claim(trial, done + len(taken.claims) + 1))
+        taken.unchecked = None
+        return True
 
     def _ask(self) -> optuna.Trial:
         with warnings.catch_warnings():
@@ -194,6 +220,18 @@ class Ledger:
                 raise
         return trial
 
+    def _checked_again(self, taken: _Taken, done: int) -> bool:
+        """:meth:`_checked` for a trial asked by an attempt that failed before its check was
+        through; if the check had failed it already (the answer lost), claiming goes on."""
+        trial = taken.unchecked
+        if trial is None:
+            return True
+        if self.storage.get_trial(trial_id(trial)).state != TrialState.RUNNING:
+            self._release(trial)
+            taken.unchecked = None
+            return True
+        return self._checked(taken, done)
+
     def _past_budget(self, trial: optuna.Trial) -> bool:
         """A new trial whose predecessors already use the budget fails itself, using none of
         it, and claiming stops: the budget's guard without a lock (through the proxy), and
@@ -201,8 +239,11 @@ class Ledger:
         sid, tid = study_id(self.study), trial_id(trial)
         if not self.access.past_budget(sid, tid, self.n_trials, failed_with_attr=FAIL_REASON_ATTR):
             return False
-        self.storage.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
-        self.storage.set_trial_state_values(tid, state=TrialState.FAIL)
+        try:
+            self.storage.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
+            self.storage.set_trial_state_values(tid, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # failed here by an attempt whose answer was lost with its connection
         self._release(trial)
         return True
 

@@ -69,7 +69,9 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # faulthandler: a worker that hangs is stopped with SIGABRT and prints every
+            # thread's stack into its output, which the failing test then shows
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -101,6 +103,13 @@ class Worker:
         self._reader.join(timeout=5)
         return code
 
+    def abort(self) -> None:
+        """Stop a worker that hangs; with faulthandler on, its threads' stacks end its output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(timeout=30)
+        self._reader.join(timeout=5)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _postgres_is_up() -> None:
@@ -112,11 +121,19 @@ def _postgres_is_up() -> None:
 
 
 def _create(
-    tmp_path: Path, n_trials: int, *, url: str = PG_URL, epochs: int = 2, train_size: int = 20000
+    tmp_path: Path,
+    n_trials: int,
+    *,
+    url: str = PG_URL,
+    epochs: int = 2,
+    train_size: int = 20000,
+    anchors: int = 0,
 ) -> str:
     name = f"fault-{uuid.uuid4().hex[:10]}"
     path = tmp_path / "study.toml"
-    path.write_text(CONFIG.format(epochs=epochs, train_size=train_size))
+    path.write_text(
+        f"[study]\nanchors = {anchors}\n" + CONFIG.format(epochs=epochs, train_size=train_size)
+    )
     config = load_config(path).with_overrides(n_trials=n_trials)
     create_study(StorageSettings(url=url, heartbeat_interval=1, grace_period=4), name, config)
     return name
@@ -130,8 +147,21 @@ def _trials(name: str, url: str = PG_URL) -> list[optuna.trial.FrozenTrial]:
         storage.engine.dispose()
 
 
+def _finish_all(workers: list[Worker], timeout: float = 300) -> list[int]:
+    """Every worker's exit code; one still running after ``timeout`` s fails the test with
+    every worker's output, the hung ones' stacks included."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [w.finish(timeout=max(1.0, deadline - time.monotonic())) for w in workers]
+    except subprocess.TimeoutExpired:
+        for w in workers:
+            w.abort()
+        outputs = "\n---\n".join(w.output for w in workers)
+        pytest.fail(f"a worker was still running after {timeout:g} s:\n{outputs}")
+
+
 def _assert_exact_budget(name: str, n_trials: int, workers: list[Worker]) -> None:
-    codes = [w.finish() for w in workers]
+    codes = _finish_all(workers)
     outputs = "\n---\n".join(w.output for w in workers)
     assert codes == [0] * len(workers), outputs
     assert "Traceback" not in outputs, outputs
@@ -283,8 +313,13 @@ def _terminate_busy_connections(database: str, kills: int, timeout: float) -> in
 
 def test_connections_terminated_repeatedly(tmp_path: Path, data_dir: Path) -> None:
     """Connections cut under a working worker, and under one that is starting (loading the
-    study and its config while every connection is cut five times a second)."""
-    name = _create(tmp_path, 6)
+    study and its config while every connection is cut five times a second). Half the
+    trials are anchors, enqueued by ``create``: claims take waiting trials and new ones.
+
+    A claim cut between asking a trial and checking its place in the budget used to ask
+    again on its retry: the first trial then ran on in the database, beating from the
+    worker's heartbeat, with nobody to train it, and no worker ever finished."""
+    name = _create(tmp_path, 6, anchors=3)
     workers = [Worker(PG_URL, name, tmp_path / "artifacts", data_dir, seed=1)]
     _running_trial_of(workers[0], name)
     database = sqlalchemy.engine.make_url(PG_URL).database
