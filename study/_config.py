@@ -7,7 +7,7 @@ Shape of the file (every table and key optional; unknown ones are errors)::
     n_trials = 30               # total across all workers
     min_val_accuracy = 0.5      # below: infeasible, never "best"
     stop_trials = "auto"        # "off", "median" (accuracy) or "dominated" (pareto)
-    anchors = 3                 # pareto: first trials placed where the search prunes most (0)
+    anchors = 3                 # pareto: first trials placed where the search prunes most
 
     [search]                    # [low, high] = range, a list = choices, a value = fixed
     arch = ["resnet", "fracdnn"]
@@ -199,10 +199,8 @@ class StudyConfig:
     #: ``pareto``), "off", "median" or "dominated" (see ``tauopt.study._stopping``).
     stop_trials: str = "auto"
     #: Pareto studies: how many first trials ``create`` enqueues where the search space prunes
-    #: most (see ``tauopt.study._anchors``); 0 (the default): none, every trial drawn by the
-    #: sampler. Off by default until a worker's hang under cut connections with anchors
-    #: waiting is understood (tests/test_faults.py, docs/benchmarks.md).
-    anchors: int = 0
+    #: most (see ``tauopt.study._anchors``); 0: none, every trial drawn by the sampler.
+    anchors: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML-shaped dict, as stored with the study so every worker uses the same."""

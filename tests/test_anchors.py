@@ -18,7 +18,6 @@ from tauopt.study._anchors import anchor_params
 SMALL = """
 [study]
 min_val_accuracy = 0.0  # tiny trials: keep every one feasible
-anchors = 3
 [search]
 arch = ["resnet", "fracdnn"]
 lr = [0.1, 0.4]
@@ -34,8 +33,7 @@ val_size = 500
 
 
 def test_default_anchors_sit_at_the_highest_eps_with_large_learning_rates() -> None:
-    assert parse_config({}).anchors == 0  # off unless asked for
-    anchors = anchor_params(parse_config({"study": {"anchors": 3}}))
+    anchors = anchor_params(parse_config({}))
     # lr in [0.01, 0.3] on a log scale, the middles of three equal parts of its upper half:
     # 0.01 * 30 ** (7/12, 9/12, 11/12); the default arch is fixed to the ResNet, so it is not
     # enqueued
@@ -80,8 +78,7 @@ def test_default_anchors_sit_at_the_highest_eps_with_large_learning_rates() -> N
     ],
 )
 def test_anchors_follow_the_search_space(data: dict[str, Any], expected: Any) -> None:
-    study = {"anchors": 3, **data.get("study", {})}
-    anchors = anchor_params(parse_config({**data, "study": study}))
+    anchors = anchor_params(parse_config(data))
     if isinstance(expected, int):
         assert len(anchors) == expected
     else:
@@ -153,10 +150,7 @@ def test_a_study_made_before_anchors_gets_none(workdir: Path) -> None:
     stored = parse_config(_small(n_trials=3)).to_dict()
     del stored["study"]["anchors"]
     study.set_user_attr("tauopt_config", stored)
-    # asking for anchors on it is a change of config, refused; without them it goes on
-    assert main(["create", "--config", "small.toml", "--n-trials", "5"]) == 2
-    (workdir / "plain.toml").write_text(SMALL.replace("anchors = 3\n", ""))
-    assert main(["create", "--config", "plain.toml", "--n-trials", "5"]) == 0
+    assert main(["create", "--config", "small.toml", "--n-trials", "5"]) == 0
     study = load_study(url, "tauopt")
     assert study.get_trials() == [] and study.user_attrs["tauopt_config"]["study"]["n_trials"] == 5
 

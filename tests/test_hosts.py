@@ -323,7 +323,8 @@ def test_a_worker_host_cut_off_past_the_grace_period_comes_back(cluster: Cluster
 
 def test_the_workers_ride_out_a_database_host_cut_off_for_30_s(cluster: Cluster) -> None:
     study = f"db-{uuid.uuid4().hex[:6]}"
-    cluster.create(study, 6, epochs=3, interval=5, grace=60)
+    # 30 epochs (about 2 s), so that the cut lands while trials run (see the proxy's test)
+    cluster.create(study, 6, epochs=30, interval=5, grace=60)
     workers = [cluster.worker("w1", study), cluster.worker("w2", study)]
     cluster.running_of(workers[0], study)
     cluster.net.cut("db", down=True)
@@ -335,7 +336,9 @@ def test_the_workers_ride_out_a_database_host_cut_off_for_30_s(cluster: Cluster)
 
 def test_the_workers_ride_out_a_restarted_proxy(cluster: Cluster) -> None:
     study = f"proxy-{uuid.uuid4().hex[:6]}"
-    cluster.create(study, 6, epochs=3, interval=2, grace=30)
+    # 30 epochs (about 2 s): w2's trials of 3 epochs (0.2 s each) all ended between two looks
+    # at the database once, and the restart never came
+    cluster.create(study, 6, epochs=30, interval=2, grace=30)
     workers = [cluster.worker("w1", study), cluster.worker("w2", study)]
     cluster.running_of(workers[1], study)
     assert cluster.proxy is not None

@@ -21,9 +21,10 @@ LOST = "server closed the connection unexpectedly"
 
 
 class _Fixture:
-    def __init__(self, tmp_path: Path, n_trials: int) -> None:
+    def __init__(self, tmp_path: Path, n_trials: int, anchors: int = 0) -> None:
         settings = StorageSettings(url=f"sqlite:///{tmp_path / 'study.db'}")
-        create_study(settings, "s", parse_config({"study": {"n_trials": n_trials}}))
+        study = {"n_trials": n_trials, "anchors": anchors}
+        create_study(settings, "s", parse_config({"study": study}))
         self.storage = open_storage(settings, create_schema=False)
         self.study = optuna.load_study(study_name="s", storage=self.storage)
         self.access = access(self.storage)
@@ -64,15 +65,21 @@ def fixture(tmp_path: Path) -> Iterator[_Fixture]:
     made.storage.engine.dispose()
 
 
+@pytest.mark.parametrize("anchors", [0, 3], ids=["new", "enqueued"])
 def test_a_trial_asked_before_a_lost_connection_is_claimed_not_asked_again(
-    fixture: _Fixture,
+    tmp_path: Path, anchors: int
 ) -> None:
-    fixture.fail_budget_check({1})
-    claims, _ = fixture.ledger.claim(1)
+    """A new trial, or a waiting one (an anchor) that ``ask()`` took."""
+    made = _Fixture(tmp_path, n_trials=4, anchors=anchors)
+    made.fail_budget_check({1})
+    claims, _ = made.ledger.claim(1)
     assert [c.trial.number for c in claims] == [0]
-    assert fixture.states() == [TrialState.RUNNING]  # no second trial asked
-    assert fixture.ledger.held() == [claims[0].trial]
-    assert any(LOST in line and "claiming trials" in line for line in fixture.said)
+    # no second trial asked, or taken from the waiting ones
+    waiting = [TrialState.WAITING] * max(anchors - 1, 0)
+    assert made.states() == [TrialState.RUNNING, *waiting]
+    assert made.ledger.held() == [claims[0].trial]
+    assert any(LOST in line and "claiming trials" in line for line in made.said)
+    made.storage.engine.dispose()
 
 
 def test_trials_claimed_before_a_lost_connection_stay_claimed(fixture: _Fixture) -> None:

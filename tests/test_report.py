@@ -70,6 +70,7 @@ def test_search_report_renders(
     report = (workdir / "rep" / "report.md").read_text()
     assert "## The front" in report and "cannot say what a setting does" in report
     assert "mean train - test accuracy" in report
+    assert "Its first 3 trials were anchors" in report  # placed, not drawn: said so
 
 
 def test_grid_runs_and_its_report_renders(
