@@ -109,7 +109,9 @@ def test_three_workers_share_one_budget(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_killed_worker_trial_is_failed_and_rerun(tmp_path: Path, data_dir: Path) -> None:
-    name, artifacts = _create(tmp_path, 4, epochs=3, train_size=20000)
+    # 10 epochs (about 1 s): the kill must land inside a trial; with 3 (0.3 s) a trial can
+    # start and end between two looks at the database
+    name, artifacts = _create(tmp_path, 4, epochs=10, train_size=20000)
     victim = _worker(name, artifacts, data_dir, seed=11)
     study = _study(name)
     deadline = time.monotonic() + 120
