@@ -16,16 +16,18 @@ from tauopt.storage import RETRIED_FROM, trial_id
 from tauopt.study._config import StudyConfig
 from tauopt.study._ledger import Claim, Ledger
 from tauopt.study._objective import suggest_config
-from tauopt.study._record import WORKER_ATTR, grid_config
+from tauopt.study._record import ANCHOR_ATTR, WORKER_ATTR, grid_config
 
 
 @dataclass(frozen=True)
 class Planned:
-    """A claimed trial and what it trains; ``grid``: a fixed run of ``tauopt reproduce``."""
+    """A claimed trial and what it trains; ``grid``: a fixed run of ``tauopt reproduce``;
+    ``anchor``: placed by ``create`` (``study.anchors``), not drawn."""
 
     claim: Claim
     config: TrainConfig
     grid: bool
+    anchor: bool = False
 
     @property
     def trial(self) -> optuna.Trial:
@@ -86,7 +88,7 @@ class Planner:
         self.ledger.guarded(
             "recording the worker", lambda: trial.set_user_attr(WORKER_ATTR, self.worker)
         )
-        return Planned(claim, config, fixed is not None)
+        return Planned(claim, config, fixed is not None, ANCHOR_ATTR in stored.user_attrs)
 
     def _guarded(self, fn: Callable[[], TrainConfig]) -> TrainConfig:
         result: Any = self.ledger.guarded("reading the trial's parameters", fn)

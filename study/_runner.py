@@ -184,7 +184,8 @@ class Runner:
             f"val {record.val_accuracy:.4f}" if record.val_accuracy is not None else "no validation"
         )
         self.log(
-            f"trial {trial.number} complete [{planned.claim.place}/{self.ledger.n_trials}]: "
+            f"trial {trial.number} complete [{planned.claim.place}/{self.ledger.n_trials}]"
+            f"{' (an anchor)' if planned.anchor else ''}: "
             f"{config.arch} {accuracy} test {result.test_accuracy:.4f}, "
             f"{result.active_blocks}/{config.depth} blocks, {result.active_params} params, "
             f"{seconds:.1f}s"

@@ -90,7 +90,7 @@ def _anchors(study: optuna.Study) -> list[int]:
 
 
 def test_create_enqueues_the_anchors_once_and_workers_run_them_first(
-    workdir: Path, data_dir: Path
+    workdir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["create", "--config", "small.toml", "--n-trials", "4"]) == 0
     assert main(["create", "--config", "small.toml", "--n-trials", "5"]) == 0  # no second set
@@ -98,7 +98,13 @@ def test_create_enqueues_the_anchors_once_and_workers_run_them_first(
     expected = anchor_params(parse_config(_small(n_trials=4)))
     assert _anchors(study) == [0, 1, 2] and len(expected) == 3
     assert [t.state for t in study.get_trials()] == [TrialState.WAITING] * 3
-    assert main(["worker", "--data-dir", str(data_dir), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["worker", "--data-dir", str(data_dir)]) == 0
+    said = capsys.readouterr().err
+    # the worker says which trials were placed
+    assert [f"trial {n} complete [{n + 1}/5] (an anchor)" in said for n in range(5)] == [
+        True, True, True, False, False
+    ]  # fmt: skip
     trials = load_study(None, "tauopt").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     for t, params in zip(trials[:3], expected, strict=True):
