@@ -172,7 +172,7 @@ class Ledger:
             finished(counts, own),
         )
         claims = taken.claims
-        if taken.unchecked is not None and not self._checked_again(taken, done):
+        if (trial := taken.unchecked) is not None and not self._checked_again(taken, trial, done):
             return claims, True
         # ask() takes a waiting trial (a retry, counted already) before it makes a new one.
         # The counts include the trials taken before: they are running.
@@ -181,26 +181,22 @@ class Ledger:
                 waiting -= 1
             else:
                 used += 1
-            taken.unchecked = self._ask()
-            if not self._checked(taken, done):
+            trial = taken.unchecked = self._ask()
+            if not self._checked(taken, trial, done):
                 break
             if time.monotonic() - start > CLAIM_HOLD_SECONDS:
                 break
         return claims, bool(claims) or counts.get("RUNNING", 0) > 0
 
-    def _checked(self, taken: _Taken, done: int) -> bool:
-        """Whether ``taken.unchecked`` is within the budget: then it joins the claims. Checked
-        under the lock, too: a holder stopped past LOCK_IDLE_SECONDS loses it to the server
-        and, when it resumes, must not claim on what it counted before."""
-        trial = taken.unchecked
-        if trial is None:
-            return True
-        if self._past_budget(trial):
-            taken.unchecked = None
-            return False
-        taken.claims.append(Claim(trial, done + len(taken.claims) + 1))
+    def _checked(self, taken: _Taken, trial: optuna.Trial, done: int) -> bool:
+        """Whether ``trial`` (``taken.unchecked``) is within the budget: then it joins the
+        claims. Checked under the lock, too: a holder stopped past LOCK_IDLE_SECONDS loses it
+        to the server and, when it resumes, must not claim on what it counted before."""
+        within = not self._past_budget(trial)
+        if within:
+            taken.claims.append(Claim(trial, done + len(taken.claims) + 1))
         taken.unchecked = None
-        return True
+        return within
 
     def _ask(self) -> optuna.Trial:
         with warnings.catch_warnings():
@@ -220,17 +216,14 @@ class Ledger:
                 raise
         return trial
 
-    def _checked_again(self, taken: _Taken, done: int) -> bool:
+    def _checked_again(self, taken: _Taken, trial: optuna.Trial, done: int) -> bool:
         """:meth:`_checked` for a trial asked by an attempt that failed before its check was
         through; if the check had failed it already (the answer lost), claiming goes on."""
-        trial = taken.unchecked
-        if trial is None:
-            return True
         if self.storage.get_trial(trial_id(trial)).state != TrialState.RUNNING:
             self._release(trial)
             taken.unchecked = None
             return True
-        return self._checked(taken, done)
+        return self._checked(taken, trial, done)
 
     def _past_budget(self, trial: optuna.Trial) -> bool:
         """A new trial whose predecessors already use the budget fails itself, using none of

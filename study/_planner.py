@@ -27,7 +27,7 @@ class Planned:
     claim: Claim
     config: TrainConfig
     grid: bool
-    anchor: bool = False
+    anchor: bool
 
     @property
     def trial(self) -> optuna.Trial:
