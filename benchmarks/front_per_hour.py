@@ -245,9 +245,14 @@ def main() -> None:
                     "trials_per_hour": round(run["trials"] / run["wall"] * 3600, 1),
                     "hypervolume": points[-1][1] if points else 0.0,
                     "curve": points,
+                    # every finished trial: (seconds, validation accuracy, parameters left)
+                    "trials_finished": [
+                        [round(t, 1), acc, params] for t, acc, params in sorted(run["finished"])
+                    ],
                 }
             )
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+            shown = {k: v for k, v in results[-1].items() if k not in ("curve", "trials_finished")}
+            print(json.dumps(shown), flush=True)
             if args.json:  # after every run: a run cut short keeps what it measured
                 _write(args, results, [])
     rows = summary(results)
