@@ -14,7 +14,9 @@ after another for every sampler seed, their order rotating; the baseline for
 * ``all``: K = 16, ``stop_trials = "dominated"`` and ``--precision bfloat16``;
 * ``K=1+anchors``, ``dominated+anchors``: K = 1 (without and with dominated stopping) in a
   study whose first trials are its anchors (``study.anchors``, see ``tauopt.study._anchors``);
-  every other tauopt runner has ``anchors = 0``, every trial drawn by the sampler;
+  ``K=16+16 anchors``: K = 16 in a study with 16 anchors, so that its first population is
+  16 networks bound for one block; every other tauopt runner has ``anchors = 0``, every
+  trial drawn by the sampler;
 * ``baseline+anchors``: the baseline with the same anchors enqueued first.
 
 The targets compare the tauopt runners with the baseline at T_b: the time each first reaches
@@ -65,6 +67,7 @@ LEVERS: dict[str, tuple[int, str, str, int]] = {
     "all": (16, "dominated", "bfloat16", 0),
     "K=1+anchors": (1, "off", "float32", ANCHORS),
     "dominated+anchors": (1, "dominated", "float32", ANCHORS),
+    "K=16+16 anchors": (16, "off", "float32", 16),
 }
 BASELINES = {"baseline": 0, "baseline+anchors": ANCHORS}
 RUNNERS = (*BASELINES, *LEVERS)

@@ -1,0 +1,92 @@
+"""How far the final validation accuracy of a network pruned to one block scatters between
+runs: the default study's trial (10 epochs of 50,000 MNIST images, batch 100, the study's one
+batch order) for ResNets that prune to one block after their first epoch, over weight seeds,
+T and learning rates, and one fixed configuration over weight seeds.
+
+The hypervolume of the default Pareto study's front is almost all one such network (see "The
+front per hour" in docs/benchmarks.md): how far its accuracy scatters between runs decides how
+often one more of them moves the front.
+
+    python benchmarks/one_block_spread.py --data-dir ../shared/data --seeds 0 1 2 \\
+        [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _machine import machine  # noqa: E402
+
+from tauopt.engine import TrainConfig, load_dataset, train  # noqa: E402
+from tauopt.study._objective import STUDY_DATA_SEED  # noqa: E402
+
+#: The default study's trial size (configs/study.toml) and its pruning end.
+TRIAL: dict[str, Any] = {"epochs": 10, "train_size": 50_000, "val_size": 10_000}
+CORNER: dict[str, Any] = {"arch": "resnet", "prune_eps": 0.2}
+#: A configuration from the baseline's first random trial at sampler seed 4 (the default
+#: search space): the ResNet, no time regularisation, pruned to one block after epoch 1.
+FIXED: dict[str, Any] = {"arch": "resnet", "prune_eps": 0.1203, "T": 0.9552, "lr": 0.2767}
+FIXED_L1 = 0.0015
+
+
+def one(data: Any, **settings: Any) -> dict[str, Any]:
+    config = TrainConfig(dataset="mnist", data_seed=STUDY_DATA_SEED, **TRIAL, **settings)
+    start = time.perf_counter()
+    result = train(config, data)
+    row = {
+        **settings,
+        "val_accuracy": result.val_accuracy[-1],
+        "val_accuracy_per_epoch": result.val_accuracy,
+        "active_params": result.active_params,
+        "active_blocks": result.active_blocks,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    print(json.dumps({k: v for k, v in row.items() if k != "val_accuracy_per_epoch"}), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--T", type=float, nargs="+", default=[1.0, 5.0])
+    parser.add_argument("--lr", type=float, nargs="+", default=[0.128, 0.25])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("mnist", args.data_dir, download=False)
+    grid = [
+        one(data, seed=seed, T=T, lr=lr, **CORNER)
+        for seed, T, lr in itertools.product(args.seeds, args.T, args.lr)
+    ]
+    fixed = [one(data, seed=seed, l1=FIXED_L1, **FIXED) for seed in args.seeds]
+    rows = grid + fixed
+    one_block = [r["val_accuracy"] for r in rows if r["active_blocks"] == 1]
+    summary = {
+        "one_block_runs": len(one_block),
+        "mean": round(statistics.mean(one_block), 4),
+        "stdev": round(statistics.stdev(one_block), 4),
+        "min": min(one_block),
+        "max": max(one_block),
+        "fixed_config": [r["val_accuracy"] for r in fixed],
+    }
+    print(json.dumps(summary), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({**machine(), "runs": rows, "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
