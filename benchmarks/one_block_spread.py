@@ -1,7 +1,8 @@
 """How far the final validation accuracy of a network pruned to one block scatters between
 runs: the default study's trial (10 epochs of 50,000 MNIST images, batch 100, the study's one
 batch order) for ResNets that prune to one block after their first epoch, over weight seeds,
-T and learning rates, and one fixed configuration over weight seeds.
+T and learning rates, and one fixed configuration over weight seeds; ``--data-seeds`` trains
+the grid again under other batch orders (a study's trials all share one).
 
 The hypervolume of the default Pareto study's front is almost all one such network (see "The
 front per hour" in docs/benchmarks.md): how far its accuracy scatters between runs decides how
@@ -41,12 +42,13 @@ FIXED: dict[str, Any] = {"arch": "resnet", "prune_eps": 0.1203, "T": 0.9552, "lr
 FIXED_L1 = 0.0015
 
 
-def one(data: Any, **settings: Any) -> dict[str, Any]:
-    config = TrainConfig(dataset="mnist", data_seed=STUDY_DATA_SEED, **TRIAL, **settings)
+def one(data: Any, data_seed: int, **settings: Any) -> dict[str, Any]:
+    config = TrainConfig(dataset="mnist", data_seed=data_seed, **TRIAL, **settings)
     start = time.perf_counter()
     result = train(config, data)
     row = {
         **settings,
+        "data_seed": data_seed,
         "val_accuracy": result.val_accuracy[-1],
         "val_accuracy_per_epoch": result.val_accuracy,
         "active_params": result.active_params,
@@ -63,16 +65,28 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--T", type=float, nargs="+", default=[1.0, 5.0])
     parser.add_argument("--lr", type=float, nargs="+", default=[0.128, 0.25])
+    parser.add_argument(
+        "--data-seeds",
+        type=int,
+        nargs="+",
+        default=[STUDY_DATA_SEED],
+        help="batch orders (a study's trials all share the first)",
+    )
+    parser.add_argument("--no-fixed", action="store_true", help="only the grid")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset("mnist", args.data_dir, download=False)
     grid = [
-        one(data, seed=seed, T=T, lr=lr, **CORNER)
-        for seed, T, lr in itertools.product(args.seeds, args.T, args.lr)
+        one(data, order, seed=seed, T=T, lr=lr, **CORNER)
+        for order, seed, T, lr in itertools.product(args.data_seeds, args.seeds, args.T, args.lr)
     ]
-    fixed = [one(data, seed=seed, l1=FIXED_L1, **FIXED) for seed in args.seeds]
+    orders = [] if args.no_fixed else args.data_seeds
+    fixed = [
+        one(data, order, seed=seed, l1=FIXED_L1, **FIXED)
+        for order, seed in itertools.product(orders, args.seeds)
+    ]
     rows = grid + fixed
     one_block = [r["val_accuracy"] for r in rows if r["active_blocks"] == 1]
     summary = {
@@ -82,6 +96,12 @@ def main() -> None:
         "min": min(one_block),
         "max": max(one_block),
         "fixed_config": [r["val_accuracy"] for r in fixed],
+        "mean_per_data_seed": {
+            order: round(
+                statistics.mean(r["val_accuracy"] for r in grid if r["data_seed"] == order), 4
+            )
+            for order in args.data_seeds
+        },
     }
     print(json.dumps(summary), flush=True)
     if args.json:
