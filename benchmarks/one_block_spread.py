@@ -31,10 +31,20 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _machine import machine  # noqa: E402
 
 from tauopt.engine import TrainConfig, load_dataset, train  # noqa: E402
+from tauopt.study import load_config  # noqa: E402
 from tauopt.study._objective import STUDY_DATA_SEED  # noqa: E402
 
-#: The default study's trial size (configs/study.toml) and its pruning end.
-TRIAL: dict[str, Any] = {"epochs": 10, "train_size": 50_000, "val_size": 10_000}
+#: The default study's trial size, as its workers train it.
+BUDGET = load_config(REPO / "configs" / "study.toml").trial
+TRIAL: dict[str, Any] = {
+    "dataset": BUDGET.dataset,
+    "epochs": BUDGET.epochs,
+    "train_size": BUDGET.train_size,
+    "batch_size": BUDGET.batch_size,
+    "val_size": BUDGET.val_size,
+    "normalize": BUDGET.normalize,
+}
+#: The pruning end of its search space.
 CORNER: dict[str, Any] = {"arch": "resnet", "prune_eps": 0.2}
 #: A configuration from the baseline's first random trial at sampler seed 4 (the default
 #: search space): the ResNet, no time regularisation, pruned to one block after epoch 1.
@@ -43,7 +53,7 @@ FIXED_L1 = 0.0015
 
 
 def one(data: Any, data_seed: int, **settings: Any) -> dict[str, Any]:
-    config = TrainConfig(dataset="mnist", data_seed=data_seed, **TRIAL, **settings)
+    config = TrainConfig(data_seed=data_seed, **TRIAL, **settings)
     start = time.perf_counter()
     result = train(config, data)
     row = {
@@ -77,7 +87,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_dataset("mnist", args.data_dir, download=False)
+    data = load_dataset(BUDGET.dataset, args.data_dir, download=False)
     grid = [
         one(data, order, seed=seed, T=T, lr=lr, **CORNER)
         for order, seed, T, lr in itertools.product(args.data_seeds, args.seeds, args.T, args.lr)
