@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tauopt.engine._data import DATASETS, is_arrays
+from tauopt.engine._data import DATASETS, SPLIT_SEED, is_arrays
 from tauopt.errors import ConfigError
 
 Arch = Literal["resnet", "fracdnn"]
@@ -72,6 +72,10 @@ class TrainConfig:
     batch_size: int = 100
     seed: int = 0
     fixed_tau: bool = False
+    #: The input block's tau fixed at ``T / depth``, the others trained: the ResNet that the
+    #: papers' published code builds with ``tau_is_trainable=False`` (see
+    #: ``tauopt.models.TauNetwork``). ``fixed_tau`` fixes every tau.
+    fixed_input_tau: bool = False
     train_size: int | None = None
     val_size: int = 10_000
     tau_min: float = 1e-4
@@ -83,6 +87,10 @@ class TrainConfig:
     #: network). A study gives all its trials one order, so that any of them can train together
     #: (see ``tauopt.engine.train_population``) and differences come from the hyperparameters.
     data_seed: int | None = None
+    #: Seed of the draw that holds out the validation images and picks ``train_size`` of the
+    #: rest; unset, one fixed draw (``tauopt.engine.SPLIT_SEED``) that every run shares, so
+    #: that the trials of a study select on the same images.
+    split_seed: int | None = None
     #: The operand type of the training step's matrix products (see :data:`PRECISIONS`).
     precision: Precision = "float32"
 
@@ -121,6 +129,16 @@ class TrainConfig:
         _require(
             self.data_seed is None or (_is_int(self.data_seed) and self.data_seed >= 0),
             f"data_seed must be an integer >= 0 (or unset to use seed), got {self.data_seed!r}",
+        )
+        _require(
+            self.split_seed is None or (_is_int(self.split_seed) and self.split_seed >= 0),
+            "split_seed must be an integer >= 0 (or unset for the shared split), got "
+            f"{self.split_seed!r}",
+        )
+        _require(
+            not (self.fixed_tau and self.fixed_input_tau),
+            "fixed_tau fixes every tau already: set fixed_input_tau (only the input block's "
+            "tau fixed) or fixed_tau, not both",
         )
         if self.train_size is not None:
             _require(
@@ -171,6 +189,12 @@ class TrainConfig:
     def order_seed(self) -> int:
         """The seed of the batches' order: ``data_seed``, or ``seed`` where it is unset."""
         return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def split_order(self) -> int:
+        """The seed of the validation and training-subset draw: ``split_seed``, or the shared
+        :data:`tauopt.engine.SPLIT_SEED` where it is unset."""
+        return SPLIT_SEED if self.split_seed is None else self.split_seed
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""

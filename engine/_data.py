@@ -49,8 +49,9 @@ _CIFAR_FILES = {
     "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10),
     "cifar100": (["train"], ["test"], "fine_labels", 100),
 }
-#: The validation split is drawn with this seed whatever the training seed, so every trial of
-#: a study selects models on the same held-out images.
+#: The validation split is drawn with this seed whatever the training seed (unless a run sets
+#: its own ``split_seed``), so every trial of a study selects models on the same held-out
+#: images.
 SPLIT_SEED = 20230628
 #: Training accuracy is measured on this many training images (fewer where the split is
 #: smaller), always the same ones: the first of the shuffled training split.
@@ -254,12 +255,13 @@ def make_splits(
     train_size: int | None,
     device: torch.device,
     normalize: bool = False,
+    seed: int = SPLIT_SEED,
 ) -> Splits:
-    """Hold out a fixed validation split, optionally subsample training, move to ``device``;
-    with ``normalize``, also the training split's per-feature mean and std."""
+    """Hold out a validation split drawn with ``seed``, optionally subsample training, move
+    to ``device``; with ``normalize``, also the training split's per-feature mean and std."""
     check_split_sizes(dataset, val_size=val_size, train_size=train_size)
     n = len(dataset.train)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:val_size], order[val_size:]
     if train_size is not None:
         train_idx = train_idx[:train_size]

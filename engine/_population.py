@@ -37,7 +37,6 @@ _SHARED = (
     "batch_size",
     "train_size",
     "val_size",
-    "fixed_tau",
     "detach_memory",
     "prune_every",
     "normalize",
@@ -47,7 +46,7 @@ _SHARED = (
 
 def group_key(config: TrainConfig) -> tuple[object, ...]:
     """Configs with equal keys can train as one population."""
-    return (*(getattr(config, name) for name in _SHARED), config.order_seed)
+    return (*(getattr(config, name) for name in _SHARED), config.order_seed, config.split_order)
 
 
 #: Fewer members than this train alone. Measured on a 2-core CPU (reference size, per member
@@ -162,6 +161,7 @@ def _train_together(
         train_size=first.train_size,
         device=dev,
         normalize=first.normalize,
+        seed=first.split_order,
     )
     shape = (dataset.in_features, dataset.num_classes)
     records = [RunRecord(c, parameter_count(c, *shape)) for c in configs]

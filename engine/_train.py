@@ -102,6 +102,7 @@ def build_model(config: TrainConfig, in_features: int, num_classes: int) -> TauN
     common: dict[str, Any] = {
         "T": config.T,
         "trainable_tau": not config.fixed_tau,
+        "fixed_input_tau": config.fixed_input_tau,
         "dependent_last_tau": config.dependent_last_tau,
         "projected_last_tau": config.projected_last_tau,
     }
@@ -255,6 +256,7 @@ def train(
         train_size=config.train_size,
         device=dev,
         normalize=config.normalize,
+        seed=config.split_order,
     )
     model = build_model(config, dataset.in_features, dataset.num_classes).to(dev)
     if splits.mean is not None and splits.std is not None:

@@ -32,6 +32,10 @@ class TauNetwork(nn.Module):
       ``project_taus_()`` overwrites it with ``T - sum(other taus)``, and the other taus'
       gradients do not see the constraint.
     * ``project_taus_()`` restores the admissible set after an optimiser step.
+    * ``fixed_input_tau`` keeps the input block's tau at ``T / depth`` while the others train:
+      the ResNet that the papers' published code builds with ``tau_is_trainable=False``
+      (``experiments.py`` fixes only the first block's tau; its hidden blocks' taus stay
+      trainable). ``trainable_tau=False`` fixes every tau.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class TauNetwork(nn.Module):
         trainable_tau: bool,
         dependent_last_tau: bool,
         projected_last_tau: bool = False,
+        fixed_input_tau: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -70,7 +75,13 @@ class TauNetwork(nn.Module):
                 "choose one of dependent_last_tau (gradient through the constraint) and "
                 "projected_last_tau (overwritten after each step), not both"
             )
+        if fixed_input_tau and not trainable_tau:
+            raise ValueError(
+                "fixed_input_tau fixes the input block's tau while the others train: it needs "
+                "trainable_tau=True (trainable_tau=False fixes every tau already)"
+            )
         self.T = float(T)
+        self.fixed_input_tau = fixed_input_tau
         self.dependent_last_tau = dependent_last_tau
         self.projected_last_tau = projected_last_tau
         n_free = depth - 1 if dependent_last_tau else depth
@@ -105,11 +116,15 @@ class TauNetwork(nn.Module):
 
     @property
     def taus(self) -> torch.Tensor:
-        """Step sizes of the active blocks, in order (differentiable)."""
+        """Step sizes of the active blocks, in order (differentiable, but for a fixed input
+        tau)."""
+        free: torch.Tensor = self.tau_free
+        if self.fixed_input_tau:
+            free = torch.cat([free[:1].detach(), free[1:]])
         if not self.dependent_last_tau:
-            return self.tau_free
-        last = (self.T - self.tau_free.sum()).reshape(1)
-        return torch.cat([self.tau_free, last])
+            return free
+        last = (self.T - free.sum()).reshape(1)
+        return torch.cat([free, last])
 
     @property
     def fixed_last_block(self) -> bool:
@@ -240,6 +255,8 @@ class TauNetwork(nn.Module):
                 grad_taus = grad_taus[:-1] - grad_taus[-1]
             elif self.projected_last_tau:  # overwritten after the step: no gradient of its own
                 grad_taus = torch.cat([grad_taus[:-1], grad_taus.new_zeros(1)])
+            if self.fixed_input_tau:
+                grad_taus = torch.cat([grad_taus.new_zeros(1), grad_taus[1:]])
             self.tau_free.grad = grad_taus
         return loss
 

@@ -228,6 +228,7 @@ class FractionalDNN(TauNetwork):
         trainable_tau: bool = True,
         dependent_last_tau: bool = False,
         projected_last_tau: bool = False,
+        fixed_input_tau: bool = False,
         tau_min: float = 1e-4,
         detach_memory: bool = False,
     ) -> None:
@@ -240,6 +241,7 @@ class FractionalDNN(TauNetwork):
             trainable_tau=trainable_tau,
             dependent_last_tau=dependent_last_tau,
             projected_last_tau=projected_last_tau,
+            fixed_input_tau=fixed_input_tau,
         )
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma (the fractional order) must lie in (0, 1), got {gamma!r}")

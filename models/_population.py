@@ -45,7 +45,10 @@ class TauPopulation(nn.Module):
     Parameters: ``w0`` (K, width, in), ``w_hidden`` (K, depth-1, width, width), ``bias``
     (K, depth, width), ``w_out`` (K, classes, width), ``tau_free`` (K, depth). ``active``
     (K, depth) marks the slots that hold a block of their member; ``block_ids[k][p]`` is the
-    original number of member k's block in slot p (-1 for an empty slot).
+    original number of member k's block in slot p (-1 for an empty slot). Which taus train is
+    per member: ``frozen`` members keep every tau, ``input_fixed`` ones their input block's
+    (slot 0, where the input block always stays), so that fixed and trainable networks of one
+    shape train together.
     """
 
     T: torch.Tensor
@@ -55,6 +58,8 @@ class TauPopulation(nn.Module):
     dependent: torch.Tensor
     projected: torch.Tensor
     fractional: torch.Tensor
+    frozen: torch.Tensor
+    input_fixed: torch.Tensor
 
     def __init__(
         self, members: Sequence[TauNetwork], *, products: torch.dtype = torch.float32
@@ -87,7 +92,7 @@ class TauPopulation(nn.Module):
             # others never reads its last column (it holds that tau's initial value).
             self.tau_free = nn.Parameter(
                 torch.stack([net.taus.detach() for net in members]),
-                requires_grad=first.tau_free.requires_grad,
+                requires_grad=any(net.tau_free.requires_grad for net in members),
             )
         device = first.tau_free.device
 
@@ -113,6 +118,10 @@ class TauPopulation(nn.Module):
         projected = [net.projected_last_tau for net in members]
         self.register_buffer("projected", torch.tensor(projected, device=device))
         self._any_projected = any(projected)  # a host bool: no device sync per step
+        frozen = [not net.tau_free.requires_grad for net in members]
+        self.register_buffer("frozen", torch.tensor(frozen, device=device))
+        input_fixed = [net.fixed_input_tau for net in members]
+        self.register_buffer("input_fixed", torch.tensor(input_fixed, device=device))
         self.block_ids: list[list[int]] = [list(range(first.depth)) for _ in members]
 
     @property
@@ -391,7 +400,10 @@ class TauPopulation(nn.Module):
         head = torch.where(dependent, grad[:, :-1] - last, grad[:, :-1])
         # a projected last tau is overwritten after the step: it gets no gradient of its own
         grad = torch.cat([head, torch.where(dependent | self.projected[:, None], 0.0, last)], 1)
-        return grad * self.active.to(grad.dtype)
+        first = torch.where(self.input_fixed, 0.0, grad[:, 0])[:, None]
+        grad = torch.cat([first, grad[:, 1:]], 1)
+        trains = self.active & ~self.frozen[:, None]
+        return grad * trains.to(grad.dtype)
 
     @torch.no_grad()
     def project_taus_(self) -> None:
@@ -462,7 +474,16 @@ class TauPopulation(nn.Module):
         self.bias = param(packed(self.bias.detach(), slots, filled), self.bias)
         self.w_out = param(self.w_out.detach().index_select(0, index), self.w_out)
         self.tau_free = param(packed(self.tau_free.detach(), slots, filled), self.tau_free)
-        for name in ("T", "gamma", "tau_min", "dependent", "projected", "fractional"):
+        for name in (
+            "T",
+            "gamma",
+            "tau_min",
+            "dependent",
+            "projected",
+            "fractional",
+            "frozen",
+            "input_fixed",
+        ):
             buffer = getattr(self, name)
             setattr(self, name, buffer.index_select(0, index) if buffer.numel() else buffer)
         self.active = filled
@@ -510,6 +531,5 @@ def _shape(net: TauNetwork) -> tuple[object, ...]:
         first.out_features,
         net.depth,
         net.output.out_features,
-        net.tau_free.requires_grad,
         str(net.tau_free.device),
     )

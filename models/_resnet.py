@@ -27,6 +27,7 @@ class TauResNet(TauNetwork):
         trainable_tau: bool = True,
         dependent_last_tau: bool = False,
         projected_last_tau: bool = False,
+        fixed_input_tau: bool = False,
     ) -> None:
         super().__init__(
             in_features,
@@ -37,6 +38,7 @@ class TauResNet(TauNetwork):
             trainable_tau=trainable_tau,
             dependent_last_tau=dependent_last_tau,
             projected_last_tau=projected_last_tau,
+            fixed_input_tau=fixed_input_tau,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,9 @@ DEFAULT_MIN_VAL_ACCURACY = 0.5
 #: Time-regularisation modes: none, the quadratic horizon penalty, the dependent last tau
 #: (a gradient through ``sum(tau) = T``), or the projected last tau (the papers' code).
 TIME_REGS: tuple[str, ...] = ("none", "penalty", "dependent", "projected")
+#: Which step sizes train: all, none (``fixed``), or all but the input block's
+#: (``input-fixed``: the papers' published code's "fixed" ResNet, see ``TrainConfig``).
+TAU_MODES: tuple[str, ...] = ("trainable", "fixed", "input-fixed")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ PARAMS: dict[str, _ParamSpec] = {
     "width": _ParamSpec("int", low=1),
     "gamma": _ParamSpec("float", low=0.0, high=1.0, open_low=True, open_high=True),
     "time_reg": _ParamSpec("choice", options=TIME_REGS),
+    "taus": _ParamSpec("choice", options=TAU_MODES),
     "prune_rule": _ParamSpec("choice", options=PRUNE_RULES),
     "horizon_weight": _ParamSpec("float", low=0.0, open_low=True, log=True),
     "lr": _ParamSpec("float", low=0.0, open_low=True, log=True),
@@ -106,6 +110,7 @@ DEFAULT_SEARCH: dict[str, Any] = {
     "width": 100,
     "gamma": [0.1, 0.9],
     "time_reg": ["none", "penalty", "dependent"],
+    "taus": "trainable",
     "horizon_weight": [0.001, 0.1],
     "lr": [0.01, 0.3],
 }

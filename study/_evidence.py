@@ -96,7 +96,9 @@ def difference(values: Sequence[float]) -> Difference:
 @dataclass(frozen=True)
 class Factor:
     """One factor of a grid: the coordinate ``key``, its baseline value, and a title.
-    ``base`` may be a predicate for a coordinate whose non-baseline values vary."""
+    ``base`` may be a predicate for a coordinate whose non-baseline values vary; ``other``,
+    where set, is the one value compared with the baseline (a coordinate of three or more
+    values compares them two at a time)."""
 
     title: str
     key: str
@@ -104,9 +106,14 @@ class Factor:
     contrast: str  # how the difference reads, "trainable - fixed"
     #: Coordinates whose values get rows of their own (the pairs are not pooled over them).
     by: tuple[str, ...] = ()
+    other: Any = None
 
     def is_base(self, value: Any) -> bool:
         return bool(self.base(value)) if callable(self.base) else value == self.base
+
+    def takes(self, value: Any) -> bool:
+        """Whether a run with this value of ``key`` is on either side of the comparison."""
+        return self.other is None or self.is_base(value) or value == self.other
 
 
 def pairs(
@@ -116,7 +123,7 @@ def pairs(
     by_rest: dict[str, tuple[list[Any], list[Any]]] = {}
     for run in runs:
         c = coords(run)
-        if factor.key not in c:
+        if factor.key not in c or not factor.takes(c[factor.key]):
             continue
         rest = repr(sorted((k, v) for k, v in c.items() if k != factor.key))
         base, other = by_rest.setdefault(rest, ([], []))

@@ -54,6 +54,7 @@ def suggest_config(trial: optuna.Trial, config: StudyConfig, *, seed: int) -> Tr
     search = config.search
     arch = _suggest(trial, search["arch"])
     time_reg = _suggest(trial, search["time_reg"])
+    taus = _suggest(trial, search["taus"])
     resnet = arch == "resnet"
     budget = config.trial
     return TrainConfig(
@@ -78,6 +79,8 @@ def suggest_config(trial: optuna.Trial, config: StudyConfig, *, seed: int) -> Tr
         horizon_weight=_suggest(trial, search["horizon_weight"]) if time_reg == "penalty" else 0.0,
         dependent_last_tau=time_reg == "dependent",
         projected_last_tau=time_reg == "projected",
+        fixed_tau=taus == "fixed",
+        fixed_input_tau=taus == "input-fixed",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import tempfile
@@ -15,6 +16,7 @@ from optuna.artifacts import download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
+from tauopt.engine import TrainConfig
 from tauopt.models import TauNetwork
 from tauopt.storage import (
     StorageError,
@@ -186,28 +188,10 @@ def _front(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
 
 
-#: Columns of every trial's settings (from its training config), so that rows can be told
-#: apart in any study, a grid of ``tauopt reproduce`` included.
-_CONFIG_COLUMNS = (
-    "arch",
-    "dataset",
-    "T",
-    "l1",
-    "horizon_weight",
-    "dependent_last_tau",
-    "projected_last_tau",
-    "fixed_tau",
-    "prune_eps",
-    "prune_rule",
-    "gamma",
-    "detach_memory",
-    "lr",
-    "width",
-    "depth",
-    "epochs",
-    "train_size",
-    "seed",
-)
+#: Columns of every trial's settings: every field of its training config, so that rows can
+#: be told apart in any study, a grid of ``tauopt reproduce`` included, and so that a report
+#: can be made again from the export alone (``tauopt report --trials``).
+_CONFIG_COLUMNS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 #: The record's values per trial; lists as JSON.
 _RECORD_COLUMNS = (
     "val_accuracy",

@@ -34,7 +34,30 @@ from tauopt.study._views import TrialView, trial_views
 
 #: What each comparison varies; the difference reads "other - baseline".
 FACTORS = (
-    Factor("trainable vs fixed taus", "taus", "fixed", "trainable - fixed", by=("T",)),
+    Factor(
+        "trainable vs fixed taus",
+        "taus",
+        "fixed",
+        "trainable - fixed",
+        by=("T",),
+        other="trainable",
+    ),
+    Factor(
+        "trainable vs input-fixed taus",
+        "taus",
+        "input-fixed",
+        "trainable - input-fixed",
+        by=("T",),
+        other="trainable",
+    ),
+    Factor(
+        "input-fixed vs fixed taus",
+        "taus",
+        "fixed",
+        "input-fixed - fixed",
+        by=("T",),
+        other="input-fixed",
+    ),
     Factor("l1 penalty on vs off", "l1", 0.0, "l1 on - off"),
     Factor("horizon penalty on vs off", "horizon_weight", 0.0, "penalty on - off"),
     Factor("exact horizon (last tau) vs free", "last_tau", "free", "exact - free"),

@@ -5,8 +5,15 @@ Two protocols. ``authors`` is the grid of the papers' published code
 (frederikkoehne/time_variable_learning, ``main.py``): per dataset and seed, 22 ResNet runs
 and 12 Fractional DNN runs, 200 epochs on all 60,000 training images, test accuracy after
 every epoch. ``tauopt`` is a wider grid on tauopt's own variants (the horizon as a gradient
-constraint, pruning every block under the threshold, full memory gradients). Every run has
-coordinates: the factors that tell it from the others, which the report pairs runs by.
+constraint, pruning every block under the threshold, full memory gradients). ``t-vs-lr`` holds
+``lr * T`` fixed across T; ``lr-matched`` trains fixed, input-fixed and trainable taus at
+several learning rates, to tell trainable taus from a larger step. Every run has coordinates:
+the factors that tell it from the others, which the report pairs runs by.
+
+A seed draws everything random about a run: its initial weights, the order of its batches
+and its validation split (from three seeds derived from it). The runs of one seed share all
+three, so that runs that differ in one factor are paired, and runs of one seed and shape train
+together as a population; runs of different seeds are independent replicates.
 """
 
 from __future__ import annotations
@@ -25,21 +32,35 @@ from tauopt.errors import ConfigError
 from tauopt.storage import StorageSettings, access, storage_of, study_id, trial_id
 from tauopt.study._config import parse_config
 from tauopt.study._create import create_study
-from tauopt.study._objective import STUDY_DATA_SEED
 from tauopt.study._record import DUPLICATE_ATTR, GRID_CONFIG_ATTR, GRID_ID_ATTR, GRID_POINT_ATTR
 
 #: Study user attribute: the grid's settings, and whether every run is enqueued.
 REPRODUCE_ATTR = "tauopt_reproduce"
-PROTOCOLS: tuple[str, ...] = ("authors", "tauopt", "t-vs-lr")
+PROTOCOLS: tuple[str, ...] = ("authors", "tauopt", "t-vs-lr", "lr-matched")
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
 DEPTH = 6
 #: The settings each protocol is run at unless ``--epochs`` / ``--train-size`` scale it down.
-DEFAULT_EPOCHS = {"authors": 200, "tauopt": 5, "t-vs-lr": 10}
-DEFAULT_TRAIN_SIZE: dict[str, int | None] = {"authors": None, "tauopt": 10_000, "t-vs-lr": 10_000}
-#: Held-out validation images: none in the papers' code (it trains on all 60,000).
-VAL_SIZE = {"authors": 0, "tauopt": 10_000, "t-vs-lr": 0}
+DEFAULT_EPOCHS = {"authors": 200, "tauopt": 5, "t-vs-lr": 10, "lr-matched": 200}
+DEFAULT_TRAIN_SIZE: dict[str, int | None] = {
+    "authors": None,
+    "tauopt": 10_000,
+    "t-vs-lr": 10_000,
+    "lr-matched": None,
+}
+#: Held-out validation images: none in the papers' code (it trains on all 60,000);
+#: ``lr-matched`` selects each arm's learning rate on them.
+VAL_SIZE = {"authors": 0, "tauopt": 10_000, "t-vs-lr": 0, "lr-matched": 10_000}
 #: ``t-vs-lr``: T in {1, 6} at each of these products lr * T (the papers' lr is 0.01 at T = 1).
 LR_TIMES_T = (0.01, 0.06)
+#: ``lr-matched``: the learning rates of every arm at T = 1 (at T = 6, the papers' 0.01 only).
+MATCHED_RATES = (0.01, 0.03, 0.1)
+#: Which taus train, per arm: all, none, or all but the input block's (the papers' code's
+#: "fixed" ResNet).
+TAU_ARMS = ("trainable", "fixed", "input-fixed")
+#: A seed's batch order and validation split come from these offsets plus the seed, so that
+#: the three draws of a run (weights, order, split) use three different seeds.
+ORDER_SEED_BASE = 1_000
+SPLIT_SEED_BASE = 2_000
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,7 @@ _PROTOCOLS = {
     "authors": _Protocol(0.01, 0.5, 0.01, "smallest", "projected"),
     "tauopt": _Protocol(0.01, 0.01, 0.05, "all", "dependent"),
     "t-vs-lr": _Protocol(0.0, 0.0, 0.01, "smallest", "projected"),
+    "lr-matched": _Protocol(0.0, 0.0, 0.01, "smallest", "projected"),
 }
 
 
@@ -88,7 +110,7 @@ def _coords(
         "arch": config.arch,
         "seed": config.seed,
         "T": config.T,
-        "taus": "fixed" if config.fixed_tau else "trainable",
+        "taus": tau_arm(config),
         "l1": config.l1,
         "horizon_weight": config.horizon_weight,
         "last_tau": last_tau,
@@ -97,18 +119,33 @@ def _coords(
     }
 
 
+def tau_arm(config: TrainConfig) -> str:
+    """Which of :data:`TAU_ARMS` ``config`` trains."""
+    if config.fixed_tau:
+        return "fixed"
+    return "input-fixed" if config.fixed_input_tau else "trainable"
+
+
+def _arm(config: TrainConfig, arm: str) -> TrainConfig:
+    return config.replace(fixed_tau=arm == "fixed", fixed_input_tau=arm == "input-fixed")
+
+
 def _run(protocol: str, config: TrainConfig, *, last_tau: str = "free") -> GridRun:
     return GridRun(_coords(protocol, config, last_tau=last_tau), config)
 
 
 def _authors(base: TrainConfig, p: _Protocol) -> Iterator[GridRun]:
     """``main.py``'s ``is_of_interest``: fixed taus without penalties (x pruning for the
-    ResNet), trainable taus with l1 x penalty (x pruning), the dependent last tau alone."""
-    prunes = (None, p.prune_eps) if base.arch == "resnet" else (None,)
+    ResNet), trainable taus with l1 x penalty (x pruning), the dependent last tau alone. The
+    ResNet's fixed taus both ways: every tau fixed, and the input block's alone (what
+    ``experiments.py`` builds with ``tau_is_trainable=False``: its hidden taus train)."""
+    resnet = base.arch == "resnet"
+    prunes = (None, p.prune_eps) if resnet else (None,)
+    fixed_arms = ("fixed", "input-fixed") if resnet else ("fixed",)
     for T in (1.0, float(DEPTH)):
         at = base.replace(T=T, prune_rule=p.prune_rule)
-        for eps in prunes:
-            yield _run("authors", at.replace(fixed_tau=True, prune_eps=eps))
+        for arm, eps in itertools.product(fixed_arms, prunes):
+            yield _run("authors", _arm(at, arm).replace(prune_eps=eps))
         for l1, penalty, eps in itertools.product((0.0, p.l1), (0.0, p.horizon_weight), prunes):
             yield _run("authors", at.replace(l1=l1, horizon_weight=penalty, prune_eps=eps))
         yield _run("authors", at.replace(projected_last_tau=True), last_tau="projected")
@@ -147,6 +184,20 @@ def _t_vs_lr(base: TrainConfig, p: _Protocol) -> Iterator[GridRun]:
         yield GridRun(coords, config)
 
 
+def _lr_matched(base: TrainConfig, p: _Protocol) -> Iterator[GridRun]:
+    """The ResNet, nothing else on: every arm of :data:`TAU_ARMS` at each of
+    :data:`MATCHED_RATES` at T = 1, and at the papers' lr at T = 6. Trainable taus grow far
+    above their initial T / 6, so at one learning rate "trainable beats fixed" may be "a
+    larger step beats a smaller one": each arm at its own best rate tells them apart. The
+    coordinate ``lr`` pairs the arms at each rate."""
+    if base.arch != "resnet":
+        return
+    for T, rates in ((1.0, MATCHED_RATES), (float(DEPTH), (0.01,))):
+        for arm, lr in itertools.product(TAU_ARMS, rates):
+            config = _arm(base, arm).replace(T=T, lr=lr, prune_rule=p.prune_rule)
+            yield GridRun({**_coords("lr-matched", config), "lr": lr}, config)
+
+
 #: Named parts of a grid, to run only those (``tauopt reproduce --only``).
 CELLS: dict[str, Callable[[dict[str, Any]], bool]] = {
     # fixed against trainable taus, nothing else on
@@ -173,23 +224,30 @@ def grid(
     epochs: int | None = None,
     train_size: int | None = None,
     seeds: int = 1,
+    first_seed: int = 0,
     datasets: tuple[str, ...] = DATASETS,
     only: tuple[str, ...] = (),
 ) -> list[GridRun]:
-    """Every run of ``protocol``'s grid (68 per seed for ``authors``, 104 for ``tauopt`` with
-    both datasets), or only the runs of the named ``only`` cells. ``epochs`` and
-    ``train_size`` default to the protocol's (see :data:`DEFAULT_EPOCHS`)."""
+    """Every run of ``protocol``'s grid for the seeds ``first_seed .. first_seed + seeds - 1``
+    (76 per seed for ``authors``, 104 for ``tauopt`` and 24 for ``lr-matched`` with both
+    datasets), or only the runs of the named ``only`` cells. ``epochs`` and ``train_size``
+    default to the protocol's (see :data:`DEFAULT_EPOCHS`). A grid may run in parts, one
+    study per range of seeds: ``tauopt report`` reads several studies as one."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     unknown = sorted(set(only) - set(CELLS))
     if unknown:
         raise ConfigError(f"unknown cell {unknown[0]!r}: choose from {', '.join(CELLS)}")
     spec = _PROTOCOLS[protocol]
-    make = {"authors": _authors, "tauopt": _tauopt, "t-vs-lr": _t_vs_lr}[protocol]
+    make = {
+        "authors": _authors,
+        "tauopt": _tauopt,
+        "t-vs-lr": _t_vs_lr,
+        "lr-matched": _lr_matched,
+    }[protocol]
     runs: list[GridRun] = []
-    # Runs of one shape next to each other: a worker that claims several at once
-    # (--batch-trials) then trains them as one population.
-    for dataset, arch, seed in itertools.product(datasets, ("resnet", "fracdnn"), range(seeds)):
+    seed_range = range(first_seed, first_seed + seeds)
+    for dataset, arch, seed in itertools.product(datasets, ("resnet", "fracdnn"), seed_range):
         base = TrainConfig(
             arch=arch,  # type: ignore[arg-type]
             dataset=dataset,
@@ -197,14 +255,17 @@ def grid(
             train_size=train_size if train_size is not None else DEFAULT_TRAIN_SIZE[protocol],
             val_size=VAL_SIZE[protocol],
             depth=DEPTH,
+            # the seed draws the weights, the batch order and the split: the runs of one
+            # seed are paired (and train together), seeds are independent replicates
             seed=seed,
-            # one batch order for every run (the seed draws the weights), as in a search
-            # study: runs of one shape then train together as a population
-            data_seed=STUDY_DATA_SEED,
+            data_seed=ORDER_SEED_BASE + seed,
+            split_seed=SPLIT_SEED_BASE + seed,
             detach_memory=arch == "fracdnn" and protocol in ("authors", "t-vs-lr"),
         )
         runs += [r for r in make(base, spec) if not only or any(CELLS[c](r.coords) for c in only)]
-    runs.sort(key=lambda r: (r.config.dataset, r.config.arch, r.config.fixed_tau, r.config.seed))
+    # Runs of one shape and seed next to each other: a worker that claims several at once
+    # (--batch-trials) then trains them as one population.
+    runs.sort(key=lambda r: (r.config.dataset, r.config.seed, r.config.arch))
     return runs
 
 

@@ -126,7 +126,19 @@ def _add_train_parser(sub: Any) -> None:
         default=None,
         help="order of the training batches, if other than --seed's (a study's trials use 0)",
     )
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="draw of the validation images and of --train-size's subset (default: one fixed "
+        "draw that every run and trial shares)",
+    )
     p.add_argument("--fixed-tau", action="store_true", help="do not train the taus (the baseline)")
+    p.add_argument(
+        "--fixed-input-tau",
+        action="store_true",
+        help="train every tau but the input block's: the papers' code's 'fixed' ResNet",
+    )
     p.add_argument(
         "--train-size",
         type=int,

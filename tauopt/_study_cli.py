@@ -248,17 +248,21 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
         "Enqueue the papers' experiments as the trials of one study, exactly once (an "
         "interrupted call, run again, adds only what is missing); then run them with `tauopt "
         "worker` (any number) and read them with `tauopt report`. --protocol authors (the "
-        "default) is the grid of the papers' published code: per dataset and seed 22 ResNet "
+        "default) is the grid of the papers' published code: per dataset and seed 26 ResNet "
         "and 12 Fractional DNN runs, 200 epochs on all 60,000 training images; --protocol "
-        "tauopt is a wider grid on tauopt's own variants (5 epochs on 10,000 images).",
+        "tauopt is a wider grid on tauopt's own variants (5 epochs on 10,000 images); "
+        "--protocol lr-matched trains fixed, input-fixed and trainable taus at three learning "
+        "rates (200 epochs, 10,000 images held out to pick each arm's rate). A seed draws a "
+        "run's weights, batch order and validation split; the runs of one seed share them.",
     )
     _add_storage(p, study=REPRODUCE_STUDY)
     p.add_argument(
         "--protocol",
         choices=PROTOCOLS,
         default="authors",
-        help="which grid: the authors' code, tauopt's variants, or T against the learning rate "
-        "(T in {1, 6} at equal lr * T)",
+        help="which grid: the authors' code, tauopt's variants, T against the learning rate "
+        "(T in {1, 6} at equal lr * T), or fixed against trainable taus at matched learning "
+        "rates",
     )
     p.add_argument(
         "--epochs",
@@ -277,6 +281,13 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
         type=_positive_int,
         default=1,
         help=f"runs of every setting (at most {MAX_SEEDS}); the authors ran one",
+    )
+    p.add_argument(
+        "--first-seed",
+        type=_non_negative_int,
+        default=0,
+        help="the first seed (default 0): a long grid runs in parts, one study per range of "
+        "seeds, and `tauopt report` reads them as one",
     )
     p.add_argument(
         "--datasets",
@@ -613,6 +624,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         train_size=args.train_size,
         seeds=args.seeds,
+        first_seed=args.first_seed,
         datasets=tuple(args.datasets),
         only=tuple(args.only),
     )
@@ -621,6 +633,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         "epochs": runs[0].config.epochs if runs else args.epochs,
         "train_size": runs[0].config.train_size if runs else args.train_size,
         "seeds": args.seeds,
+        "first_seed": args.first_seed,
+        # what a seed draws: a grid made when seeds shared one batch order is not extended
+        "seed_draws": ["weights", "order", "split"],
         "datasets": list(args.datasets),
         "only": list(args.only),
     }

@@ -11,24 +11,28 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tauopt.engine import group_key
 from tauopt.study import TrialRecord, grid, write_report
 from tauopt.study._evidence import Factor, difference, epochs_to, pairs, t_quantile
-from tauopt.study._reproduce import REPRODUCE_ATTR, factor_choices
+from tauopt.study._reproduce import MATCHED_RATES, REPRODUCE_ATTR, TAU_ARMS, factor_choices
 
 
 def test_the_authors_grid_is_their_main_py() -> None:
     runs = grid(protocol="authors", seeds=1)
-    assert len(runs) == 68
+    assert len(runs) == 76
     for dataset in ("mnist", "fashion-mnist"):
         resnet = [
             r for r in runs if r.coords["dataset"] == dataset and r.coords["arch"] == "resnet"
         ]
         frac = [r for r in runs if r.coords["dataset"] == dataset and r.coords["arch"] == "fracdnn"]
-        assert len(resnet) == 22 and len(frac) == 12
-        fixed = [r for r in resnet if r.config.fixed_tau]
-        assert {(r.config.T, r.coords["pruning"]) for r in fixed} == {
-            (1.0, "off"), (1.0, "smallest"), (6.0, "off"), (6.0, "smallest")
-        }  # fmt: skip
+        assert len(resnet) == 26 and len(frac) == 12
+        for arm in ("fixed", "input-fixed"):  # every tau fixed; the papers' code's "fixed"
+            fixed = [r for r in resnet if r.coords["taus"] == arm]
+            assert {(r.config.T, r.coords["pruning"]) for r in fixed} == {
+                (1.0, "off"), (1.0, "smallest"), (6.0, "off"), (6.0, "smallest")
+            }  # fmt: skip
+            assert all(r.config.l1 == 0 and r.config.horizon_weight == 0 for r in fixed)
+        assert {r.coords["taus"] for r in frac} == {"fixed", "trainable"}
         assert sum(r.config.projected_last_tau for r in resnet) == 2
         assert all(r.config.detach_memory and r.config.gamma == 0.5 for r in frac)
     for run in runs:
@@ -38,13 +42,53 @@ def test_the_authors_grid_is_their_main_py() -> None:
         assert c.prune_eps in (None, 0.01) and c.prune_rule == "smallest"
         if c.projected_last_tau:  # the dependent last tau alone
             assert (c.l1, c.horizon_weight, c.prune_eps, c.fixed_tau) == (0.0, 0.0, None, False)
-    assert len({r.key for r in grid(seeds=3)}) == 3 * 68
+    assert len({r.key for r in grid(seeds=3)}) == 3 * 76
     assert len(grid(protocol="tauopt", seeds=1)) == 104
+
+
+def test_a_seed_draws_weights_order_and_split_and_its_runs_share_them() -> None:
+    runs = grid(protocol="authors", seeds=3, datasets=("mnist",))
+    draws = {(r.config.seed, r.config.order_seed, r.config.split_order) for r in runs}
+    assert len(draws) == 3  # one triple per seed, shared by its runs
+    assert len({d[1] for d in draws}) == 3 and len({d[2] for d in draws}) == 3
+    assert all(len(set(d)) == 3 for d in draws)  # three different seeds within a run
+    later = grid(protocol="authors", seeds=2, first_seed=3, datasets=("mnist",))
+    assert {r.config.seed for r in later} == {3, 4}
+    assert not {r.key for r in later} & {r.key for r in runs}
+    # runs of one seed and shape lie next to each other: a worker's claim is a population
+    seeds = [r.config.seed for r in runs]
+    assert seeds == sorted(seeds)
+
+
+def test_the_lr_matched_grid_crosses_arms_and_rates() -> None:
+    runs = grid(protocol="lr-matched", seeds=1)
+    assert len(runs) == 24 and {r.config.arch for r in runs} == {"resnet"}
+    for dataset in ("mnist", "fashion-mnist"):
+        at_one = {
+            (r.coords["taus"], r.coords["lr"])
+            for r in runs
+            if r.config.T == 1.0 and r.config.dataset == dataset
+        }
+        assert at_one == {(a, lr) for a in TAU_ARMS for lr in MATCHED_RATES}
+        at_six = {
+            (r.coords["taus"], r.config.lr)
+            for r in runs
+            if r.config.T == 6.0 and r.config.dataset == dataset
+        }
+        assert at_six == {(a, 0.01) for a in TAU_ARMS}
+    for run in runs:
+        c = run.config
+        assert (c.epochs, c.train_size, c.val_size) == (200, None, 10_000)
+        assert (c.l1, c.horizon_weight, c.prune_eps, c.projected_last_tau) == (0, 0, None, False)
+        assert run.coords["lr"] == c.lr
+    # one population per dataset and seed: every arm and rate trains together
+    assert len({group_key(r.config) for r in runs}) == 2
 
 
 def test_cells_select_parts_of_the_grid() -> None:
     both = grid(seeds=1, only=("fixed-vs-trainable",))
-    assert len(both) == 2 * 2 * 2 * 2  # dataset x network x T x fixed/trainable
+    # dataset x T x (ResNet: fixed, input-fixed, trainable; FracDNN: fixed, trainable)
+    assert len(both) == 2 * 2 * (3 + 2)
     assert all(r.config.l1 == 0 and r.config.prune_eps is None for r in both)
     pruning = grid(seeds=1, only=("pruning",))
     assert {(r.config.arch, r.config.l1, r.coords["pruning"]) for r in pruning} == {

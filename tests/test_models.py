@@ -232,6 +232,28 @@ def test_fixed_tau_mode_has_no_tau_gradient() -> None:
     assert model.blocks[1].weight.grad is not None
 
 
+@pytest.mark.parametrize("cls", [TauResNet, FractionalDNN])
+def test_a_fixed_input_tau_stays_while_the_others_train(cls: type[TauNetwork]) -> None:
+    """The papers' code's "fixed" ResNet: the input block's tau gets no gradient, the hidden
+    blocks' taus get theirs, through autograd and through the hand-written step alike."""
+    torch.manual_seed(3)
+    model = cls(4, 8, 3, 2, T=1.5, fixed_input_tau=True).double()
+    x, y = torch.rand(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
+    F.cross_entropy(model(x), y).backward()
+    grad = model.tau_free.grad
+    assert grad is not None and float(grad[0]) == 0.0 and bool(grad[1:].ne(0).all())
+    model.zero_grad()
+    model.loss_and_grad(x, y, l1=0.5)  # l1 pulls on every tau; the input one must not move
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    model.project_taus_()
+    assert float(model.taus[0]) == 0.5 and bool(model.taus[1:].ne(0.5).all())
+    with pytest.raises(ValueError, match="fixes every tau already"):
+        cls(4, 3, 3, 2, trainable_tau=False, fixed_input_tau=True)
+
+
 # --- the autograd-free training step ---------------------------------------------------------
 
 STEP_CASES = [
@@ -239,6 +261,9 @@ STEP_CASES = [
     (TauResNet, {"dependent_last_tau": True}, 0.3, 0.0),
     (TauResNet, {}, 0.2, 1.5),
     (TauResNet, {"trainable_tau": False}, 0.0, 0.0),
+    (TauResNet, {"fixed_input_tau": True}, 0.2, 1.5),
+    (TauResNet, {"fixed_input_tau": True, "dependent_last_tau": True}, 0.1, 0.0),
+    (FractionalDNN, {"fixed_input_tau": True, "dependent_last_tau": True}, 0.1, 0.3),
     (FractionalDNN, {}, 0.1, 0.7),
     (FractionalDNN, {"dependent_last_tau": True, "gamma": 0.3}, 0.2, 0.0),
     (FractionalDNN, {"detach_memory": True}, 0.0, 0.0),

@@ -284,6 +284,40 @@ def test_resnets_and_fractional_networks_step_together_as_each_alone() -> None:
         pop.prune(1, 0.5)
 
 
+def test_fixed_partly_fixed_and_trainable_taus_step_together_as_each_alone() -> None:
+    """Which taus train is a member's own: every tau fixed, only the input block's fixed
+    (the papers' code's "fixed" ResNet) and all trainable share one population."""
+
+    def networks() -> list[TauNetwork]:
+        nets: list[TauNetwork] = []
+        kinds: list[tuple[type[TauNetwork], dict[str, Any]]] = [
+            (TauResNet, {"trainable_tau": False}),
+            (TauResNet, {"fixed_input_tau": True}),
+            (TauResNet, {}),
+            (FractionalDNN, {"fixed_input_tau": True, "dependent_last_tau": True}),
+            (FractionalDNN, {"trainable_tau": False}),
+        ]
+        for i, (cls, kw) in enumerate(kinds):
+            torch.manual_seed(i)
+            nets.append(cls(12, 7, 4, 3, T=1.0 + i, **kw).double())
+        return nets
+
+    nets, pop = networks(), TauPopulation(networks())
+    lr = torch.tensor([0.3, 0.1, 0.2, 0.4, 0.1], dtype=torch.float64)
+    l1 = torch.tensor([0.05, 0.02, 0.0, 0.01, 0.03], dtype=torch.float64)
+    horizon = torch.zeros(5, dtype=torch.float64)
+    _side_by_side(pop, nets, 10, lr=lr, l1=l1, horizon=horizon)
+    fresh = networks()
+    for k, net in enumerate(nets):
+        mine = pop.export(k, fresh[k])
+        for got, want in zip(mine.state_dict().values(), net.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    taus = pop.taus()
+    assert taus[0].tolist() == pytest.approx([0.25] * 4)  # every tau fixed
+    assert float(taus[1, 0]) == 0.5 and float(taus[3, 0]) == 1.0  # the input taus fixed
+    assert bool(taus[1, 1:].ne(0.5).all())  # the rest trained
+
+
 def _assert_same(
     together: TrainResult | Exception,
     alone: TrainResult,
@@ -381,6 +415,9 @@ def test_only_configs_of_one_group_train_together(mnist: RawDataset) -> None:
     assert group_key(a) == group_key(a.replace(arch="fracdnn", dependent_last_tau=True))
     assert group_key(a) != group_key(a.replace(width=50))
     assert group_key(a) != group_key(a.replace(data_seed=8))
+    assert group_key(a) != group_key(a.replace(split_seed=8))
+    assert group_key(a) == group_key(a.replace(fixed_tau=True))  # which taus train: per member
+    assert group_key(a) == group_key(a.replace(fixed_input_tau=True))
     with pytest.raises(ConfigError, match="must agree on"):
         train_population([a, a.replace(depth=4)], mnist, device="cpu")
 

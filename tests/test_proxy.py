@@ -222,7 +222,7 @@ def test_reproduce_by_three_processes_through_the_proxy_enqueues_each_run_once(
     assert [p.returncode for p in procs] == [0, 0, 0], errs
     trials = optuna.load_study(study_name="g", storage=proxy.database).get_trials()
     waiting = [t.user_attrs["grid_id"] for t in trials if t.state == TrialState.WAITING]
-    assert len(waiting) == len(set(waiting)) == 68
+    assert len(waiting) == len(set(waiting)) == 76
     copies = [t for t in trials if t.state == TrialState.FAIL]
     assert all("duplicate_of" in t.user_attrs for t in copies)
 

@@ -244,7 +244,7 @@ def _creation_race(url: str, tmp_path: Path, data_dir: Path) -> None:
     names = optuna.get_all_study_names(url)
     assert sorted(names) == ["paper", "tauopt"]
     assert _states(url, "tauopt") == {"COMPLETE": 2}
-    assert len(load_study(url, "paper").get_trials(deepcopy=False)) == 68
+    assert len(load_study(url, "paper").get_trials(deepcopy=False)) == 76
 
 
 def test_creation_races_on_a_fresh_sqlite_file(tmp_path: Path, data_dir: Path) -> None:

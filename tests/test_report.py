@@ -79,12 +79,12 @@ def test_grid_runs_and_its_report_renders(
     argv = ["reproduce", "--epochs", "2", "--train-size", "300", "--datasets", "mnist"]
     assert main(argv) == 0
     assert main(argv) == 0  # the same settings again: nothing added
-    assert "all 34 runs were enqueued already" in capsys.readouterr().err
+    assert "all 38 runs were enqueued already" in capsys.readouterr().err
     worker = ["worker", "--study", "paper", "--data-dir", str(data_dir), "--quiet"]
     assert main([*worker, "--threads", "2", "--batch-trials", "8"]) == 0
     study = load_study(None, "paper")
     trials = study.get_trials()
-    assert len(trials) == len(grid(epochs=2, train_size=300, datasets=("mnist",))) == 34
+    assert len(trials) == len(grid(epochs=2, train_size=300, datasets=("mnist",))) == 38
     assert all(t.state.name == "COMPLETE" for t in trials)
     for t in trials:  # every run's settings are its parameters, its records per epoch
         assert t.params == t.user_attrs[GRID_POINT_ATTR]
@@ -122,10 +122,10 @@ def test_three_processes_enqueue_the_grid_exactly_once(tmp_path: Path) -> None:
     done = together([argv[3:]] * 3, tmp_path, timeout=120)
     outputs = [d.stdout for d in done]
     assert [d.returncode for d in done] == [0, 0, 0], outputs
-    assert sum("enqueued 68 runs" in o for o in outputs) == 1, outputs
+    assert sum("enqueued 76 runs" in o for o in outputs) == 1, outputs
     study = optuna.load_study(study_name=name, storage=PG_URL)
     trials = study.get_trials()
-    assert len(trials) == 68 and all(t.state.name == "WAITING" for t in trials)
+    assert len(trials) == 76 and all(t.state.name == "WAITING" for t in trials)
     points = {json.dumps(t.user_attrs[GRID_POINT_ATTR], sort_keys=True) for t in trials}
-    assert len(points) == 68  # every grid point once
-    assert study.user_attrs[REPRODUCE_ATTR]["spec"]["runs"] == 68
+    assert len(points) == 76  # every grid point once
+    assert study.user_attrs[REPRODUCE_ATTR]["spec"]["runs"] == 76
