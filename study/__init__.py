@@ -6,6 +6,7 @@
 ...     model = trial.load_model()
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -36,6 +37,23 @@ def write_report(study: optuna.Study, out: Path) -> list[Path]:
     return write(study, out)
 
 
+def write_grid_report(
+    out: Path,
+    *,
+    studies: Sequence[optuna.Study] = (),
+    exports: Sequence[Path] = (),
+) -> list[Path]:
+    """The report of one grid run in parts: the runs of several ``tauopt reproduce``
+    studies, or of their exports (``tauopt export``), as one grid (see
+    :mod:`tauopt.study._report`)."""
+    from tauopt.study._report import exported_runs, grid_runs
+    from tauopt.study._report import write_grid_report as write
+
+    if bool(studies) == bool(exports):
+        raise ValueError("give the studies or the exports of a grid, one of the two")
+    return write(grid_runs(studies) if studies else exported_runs(exports), out)
+
+
 __all__ = [
     "CELLS",
     "DEFAULT_SEARCH",
@@ -63,5 +81,6 @@ __all__ = [
     "objective_values",
     "parse_config",
     "suggest_config",
+    "write_grid_report",
     "write_report",
 ]

@@ -96,10 +96,20 @@ def _curve(
     )
 
 
+#: The papers' learning rate: a grid that varies the rate draws its curves at this one.
+PAPERS_LR = 0.01
+
+
 def grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
     """accuracy.png, taus.png, pruning.png, clean_loss.png and, where the memory varies,
-    fracdnn_memory.png."""
-    files = [_accuracy(views, out), _taus(views, out), _clean_loss(views, out)]
+    fracdnn_memory.png; where the learning rate varies, learning_rates.png (the other
+    figures then show the runs at the papers' rate)."""
+    rates = {float((v.grid or {})["lr"]) for v in views if "lr" in (v.grid or {})}
+    extra = []
+    if len(rates) > 1:
+        extra.append(_rates(views, out))
+        views = [v for v in views if float((v.grid or {}).get("lr", PAPERS_LR)) == PAPERS_LR]
+    files = [_accuracy(views, out), _taus(views, out), _clean_loss(views, out), *extra]
     if any((v.grid or {}).get("pruning") != "off" for v in pick(views, arch="resnet")):
         files.append(_pruning(views, out))
     if len({(v.grid or {}).get("memory") for v in pick(views, arch="fracdnn")}) > 1:
@@ -112,7 +122,7 @@ def _accuracy(views: Sequence[TrialView], out: Path) -> Path:
     fig, axes = _grid_axes(where)
     for ax, (arch, dataset) in zip(axes, where, strict=False):
         for T, style in ((1.0, "-"), (6.0, "--")):
-            for taus in ("fixed", "trainable"):
+            for taus in ("fixed", "input-fixed", "trainable"):
                 chosen = pick(
                     views, arch=arch, dataset=dataset, T=T, taus=taus, l1=0.0,
                     horizon_weight=0.0, last_tau="free", pruning="off",
@@ -126,6 +136,37 @@ def _accuracy(views: Sequence[TrialView], out: Path) -> Path:
         "Fixed against trainable step sizes, nothing else on (mean over seeds, band: min to max)"
     )
     return _save(fig, out / "accuracy.png")
+
+
+def _rates(views: Sequence[TrialView], out: Path) -> Path:
+    """Final test accuracy against the learning rate, per arm (T = 1, nothing else on)."""
+    where = panels(views)
+    fig, axes = _grid_axes(where)
+    for ax, (arch, dataset) in zip(axes, where, strict=False):
+        for taus, marker in (("fixed", "s"), ("input-fixed", "^"), ("trainable", "o")):
+            chosen = [v for v in pick(views, arch=arch, dataset=dataset, T=1.0, taus=taus)]
+            rates = sorted({float((v.grid or {})["lr"]) for v in chosen})
+            if not rates:
+                continue
+            cols = [
+                [100 * v.test_accuracy for v in chosen if (v.grid or {})["lr"] == lr]
+                for lr in rates
+            ]
+            means = [statistics.fmean(c) for c in cols]
+            low = [m - min(c) for m, c in zip(means, cols, strict=True)]
+            high = [max(c) - m for m, c in zip(means, cols, strict=True)]
+            ax.errorbar(rates, means, yerr=[low, high], marker=marker, capsize=3,
+                        label=f"{taus} taus (n={min(len(c) for c in cols)})")  # fmt: skip
+        ax.set_xscale("log")
+        shown = sorted({float((v.grid or {})["lr"]) for v in pick(views, arch=arch)})
+        ax.set_xticks(shown, [f"{r:g}" for r in shown])
+        ax.minorticks_off()
+        ax.set_title(f"{arch}, {dataset}, T=1")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final test accuracy (%)")
+        _legend(ax)
+    fig.suptitle("Each arm at every learning rate (mean over seeds, bars: min to max)")
+    return _save(fig, out / "learning_rates.png")
 
 
 def _taus(views: Sequence[TrialView], out: Path) -> Path:

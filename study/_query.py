@@ -202,14 +202,23 @@ _RECORD_COLUMNS = (
     "initial_params",
     "tau_sum",
     "device",
+    "machine",
+    "in_features",
+    "num_classes",
 )
+#: JSON: lists, and the whole training config and grid point (``tauopt report --trials`` reads
+#: an export back from them).
 _LIST_COLUMNS = (
+    "train_config",
+    "grid_point",
     "taus",
+    "active_block_ids",
     "pruned_layers",
     "epoch_seconds",
     "val_accuracy_history",
     "test_accuracy_history",
     "train_accuracy_history",
+    "train_loss_history",
     "clean_loss_history",
     "penalty_history",
     "tau_history",
@@ -248,6 +257,7 @@ def export_csv(
     writer = csv.writer(out)
     writer.writerow(
         [
+            "study",
             "number",
             "state",
             "pareto_optimal",
@@ -268,6 +278,7 @@ def export_csv(
         duration = t.duration.total_seconds() if t.duration is not None else None
         writer.writerow(
             [
+                study.study_name,
                 t.number,
                 t.state.name,
                 t.number in front,

@@ -140,7 +140,10 @@ def settings_line(view: TrialView) -> str:
     it from its neighbours."""
     c = view.config
     parts = [f"{c.get('arch')} on {c.get('dataset')}", f"T={c.get('T'):g}"]
-    parts.append("fixed taus" if c.get("fixed_tau") else "trainable taus")
+    if c.get("fixed_tau"):
+        parts.append("fixed taus")
+    else:
+        parts.append("input tau fixed" if c.get("fixed_input_tau") else "trainable taus")
     parts.append(f"l1 {c.get('l1'):g}" if c.get("l1") else "no l1")
     if c.get("horizon_weight"):
         parts.append(f"horizon penalty {c['horizon_weight']:g}")

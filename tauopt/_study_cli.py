@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -239,7 +240,13 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
 
     p = parser("export", "all trials as CSV")
     _add_storage(p)
-    p.add_argument("--output", "-o", type=Path, default=None, help="CSV file (default: stdout)")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=None,
+        help="CSV file, gzipped where the name ends in .gz (default: stdout)",
+    )
     p.set_defaults(handler=_cmd_export)
 
     p = parser(
@@ -311,9 +318,30 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
         "figures (PNG) and report.md of a study",
         "Write the study's figures as PNG files and a report.md that answers, from its trials, "
         "which T is best, l1 against the horizon penalty, and whether pruning changes the gap "
-        "between validation and test accuracy; also puts the figures on the dashboard.",
+        "between validation and test accuracy; also puts the figures on the dashboard. A grid "
+        "of `tauopt reproduce` may be reported from several studies at once (a long grid run "
+        "in parts) or from exported trials (--trials), without its database.",
     )
-    _add_storage(p)
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="database URL (default: $TAUOPT_STORAGE, else sqlite:///./tauopt.db)",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--study",
+        type=_study_name,
+        nargs="+",
+        default=[DEFAULT_STUDY],
+        help="study name; several grid studies are reported as one grid",
+    )
+    source.add_argument(
+        "--trials",
+        type=Path,
+        nargs="+",
+        metavar="CSV",
+        help="exports of grid studies (`tauopt export`, .csv or .csv.gz) instead of a database",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for the files")
     p.set_defaults(handler=_cmd_report)
 
@@ -601,8 +629,13 @@ def _export_to_file(args: argparse.Namespace, target: Path) -> int:
     real = Path(os.path.realpath(target))  # a link stays a link; its target is replaced
     partial = real.with_name(f".{real.name}.{os.getpid()}.partial")
     try:
-        with open(partial, "w", newline="") as fh:
-            rows = export_csv(args.storage, args.study, fh)
+        # a name ending in .gz gets gzip (what `tauopt report --trials` reads back)
+        if real.suffix == ".gz":
+            with gzip.open(partial, "wt", newline="") as fh:
+                rows = export_csv(args.storage, args.study, fh)
+        else:
+            with open(partial, "w", newline="") as fh:
+                rows = export_csv(args.storage, args.study, fh)
         os.replace(partial, real)
     except OSError as e:
         raise TauoptError(
@@ -655,11 +688,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from tauopt.study import load_study, write_report
+    from tauopt.study import load_study, write_grid_report, write_report
 
-    study = load_study(args.storage, args.study)
     try:
-        files = write_report(study, args.out)
+        if args.trials:
+            files = write_grid_report(args.out, exports=args.trials)
+        elif len(args.study) > 1:
+            studies = [load_study(args.storage, name) for name in args.study]
+            files = write_grid_report(args.out, studies=studies)
+        else:
+            files = write_report(load_study(args.storage, args.study[0]), args.out)
     except ValueError as e:
         raise TauoptError(str(e)) from e
     except OSError as e:
