@@ -746,11 +746,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     what = (
         f"enqueued {enqueued} runs" if enqueued else f"all {len(runs)} runs were enqueued already"
     )
+    where = f"{_storage_flag(args, redact(url))} --study {shlex.quote(args.study)}"
     print(
         f"study {args.study!r} in {redact(url)}: {what} ({args.protocol} protocol, "
         f"{spec['epochs']} epochs on {spec['train_size'] or 'all'} images); run them with "
-        f"`tauopt worker --study {args.study}` (as many as you like), then "
-        f"`tauopt report --study {args.study} --out report`",
+        f"`{program()} worker{where}` (as many as you like), then "
+        f"`{program()} report{where} --out report`",
         file=sys.stderr,
     )
     return 0
