@@ -202,9 +202,76 @@ def _paired_section(views: Sequence[TrialView]) -> list[str]:
         "verdict",
     ]
     for title, fmt, measure in MEASURES:
-        rows = paired_rows(views, measure, fmt, _RELEVANT.get(title, lambda b, o: True))
-        lines += [f"### {title}", "", _row(*header), "|---" * len(header) + "|", *rows, ""]
+        relevant = _RELEVANT.get(title, lambda b, o: True)
+        rows = paired_rows(views, measure, fmt, relevant)
+        lines += [f"### {title}", ""]
+        if not rows:
+            lines += [_NO_PAIRS.get(title, _NO_PAIRS[""]), ""]
+            continue
+        lines += [_row(*header), "|---" * len(header) + "|", *rows, ""]
+        if _all_zero(views, measure, relevant):
+            lines += [_ALL_ZERO[title](_epochs(views)), ""]
     return lines
+
+
+#: Why a measure's table has no row.
+_NO_PAIRS = {
+    "": "No pair of runs here differs in one factor only: the study has none of the grid's "
+    "pairs (run `tauopt reproduce` without `--only`).",
+    "Blocks removed by pruning": "No row: no pair of runs here has pruning on in either run, "
+    "and elsewhere both runs keep every block by construction (the grid's pruning cells "
+    "come with `tauopt reproduce` without `--only fixed-vs-trainable`).",
+}
+
+
+def _one_epoch(epochs: int) -> str:
+    return (
+        " With one epoch a run, the first epoch is the last: train more epochs (`tauopt "
+        "reproduce --epochs`) for this measure to say anything."
+        if epochs == 1
+        else ""
+    )
+
+
+#: Why every difference in a measure's table is 0, given the epochs a run trained.
+_ALL_ZERO: dict[str, Callable[[int], str]] = {
+    MEASURES[0][0]: lambda e: (
+        "Every difference is 0: paired runs ended at the same test accuracy." + _one_epoch(e)
+    ),
+    MEASURES[1][0]: lambda e: (
+        "Every difference is 0: in every pair both runs reached "
+        f"{SOON_SHARE:.0%} of the lower final accuracy in the same epoch." + _one_epoch(e)
+    ),
+    MEASURES[2][0]: lambda e: (
+        "Every difference is 0: paired runs ended with the same gap." + _one_epoch(e)
+    ),
+    MEASURES[3][0]: lambda e: (
+        "Every difference is 0: no run removed a different number of "
+        f"blocks than its pair (in {e} epoch{'s' if e != 1 else ''}, no tau fell below its "
+        "threshold, or both fell alike)."
+    ),
+}
+
+
+def _all_zero(
+    views: Sequence[TrialView], measure: _Measure, relevant: Callable[[TrialView, TrialView], bool]
+) -> bool:
+    """Whether every pair's difference in ``measure`` is exactly 0 (NaN pairs aside)."""
+    diffs = []
+    for factor in FACTORS:
+        for arch, dataset in panels(views):
+            for _, runs in _split(pick(views, arch=arch, dataset=dataset), factor.by):
+                for base, other in pairs(runs, factor, _coords):
+                    if relevant(base, other):
+                        b, o = measure(base, other)
+                        diffs.append(o - b)
+    found = [d for d in diffs if not math.isnan(d)]
+    return bool(found) and all(d == 0 for d in found)
+
+
+def _epochs(views: Sequence[TrialView]) -> int:
+    """The epochs the runs trained (the most, where they differ)."""
+    return max((len(v.test_history) for v in views), default=0)
 
 
 def _budget(study: optuna.Study, views: Sequence[TrialView]) -> list[str]:

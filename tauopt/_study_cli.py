@@ -774,7 +774,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from tauopt._dashboard import Door, bind, warn_if_public
+    from tauopt._dashboard import Door, bind, hide_study_attrs, warn_if_public
     from tauopt.storage import (
         StorageSettings,
         artifact_store,
@@ -783,9 +783,11 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         redact,
         resolve_url,
     )
+    from tauopt.study._record import INTERNAL_STUDY_ATTRS
 
     url = resolve_url(args.storage)
     storage = open_storage(StorageSettings(url=url), create_schema=False)
+    hide_study_attrs(storage, INTERNAL_STUDY_ATTRS)
     # The dashboard only reads the models (compose mounts their volume read-only); it makes
     # the folder only where no worker has yet.
     folder = Path(args.artifact_dir or default_artifact_dir(url))
