@@ -37,6 +37,6 @@ if "$python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] 
     && "$pip" install -q -c "$constraints" --index-url "$index" torch torchvision; then
     echo "setup: torch's CPU build, from $index (TORCH=cuda for PyPI's, with CUDA)"
 else
-    echo "setup: torch's CPU index $index cannot be reached (or has no torch for these constraints): PyPI's torch instead, with its CUDA libraries (TORCH=cuda skips this try)"
+    echo "setup: torch's CPU index $index cannot be reached (or has no torch for these constraints): PyPI's torch instead, with its CUDA libraries (about 6 GB of environment, not 1.6; TORCH=cuda skips this try)"
 fi
 exit 0
