@@ -3,17 +3,22 @@ config file, the commands a run prints for what comes next, ``train --threads``.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from tauopt._cli import main
 from tauopt.engine import default_val_size
-from tauopt.study import load_study
+from tauopt.study import load_config, load_study
+from tauopt.study._config import PARAMS, TrialBudget
 from tauopt.study._record import CONFIG_ATTR
 
 
@@ -170,3 +175,30 @@ def test_a_run_that_cannot_find_its_data_changes_nothing(
     err = capsys.readouterr().err
     assert "already exists with another configuration" in err and "trial.dataset" in err
     assert load_study(None, "d").user_attrs[CONFIG_ATTR]["study"]["n_trials"] == 1
+
+
+def test_every_config_key_is_in_the_docs_and_both_configs_load() -> None:
+    page = (REPO / "docs" / "config.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+)` \|", page, flags=re.MULTILINE))
+    study = {"objective", "n_trials", "min_val_accuracy", "stop_trials", "anchors"}
+    trial = {f.name for f in dataclasses.fields(TrialBudget)} - {"dataset_sha256"}  # create's
+    keys = study | set(PARAMS) | trial | {"heartbeat_interval", "grace_period"}
+    assert keys <= listed, sorted(keys - listed)
+    for name in ("tour.toml", "study.toml"):
+        assert load_config(REPO / "configs" / name).objective == "pareto"
+        assert "docs/config.md" in (REPO / "configs" / name).read_text()
+
+
+def test_every_export_column_is_in_the_docs(
+    digits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", "--dataset", "digits.npz", "--epochs", "1", "--n-trials", "1", "--quiet"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert main(["export", "-o", "all.csv"]) == 0
+    with open("all.csv") as fh:
+        header = next(csv.reader(fh))
+    page = (REPO / "docs" / "config.md").read_text().split("## What `tauopt export` writes")[1]
+    for column in header:
+        family = column.split("_")[0] + "_*" if column.startswith(("param_", "value_")) else None
+        named = f"`{column}`" in page or (family is not None and f"`{family}`" in page)
+        assert named or f"`{column.removeprefix('config_')}`" in page, column
