@@ -63,6 +63,14 @@ def pruning_accuracy(views: Sequence[TrialView]) -> go.Figure:
                 text=[f"trial {v.number}" for v in infeasible],
             )
         )
+    if not any(v.val_accuracy == v.val_accuracy for v in views):  # all NaN, or none
+        _say_why_empty(
+            fig,
+            "no trial with a validation accuracy yet"
+            if not views
+            else "these trials hold out no validation images<br>(the papers' runs do not):"
+            "<br>their test accuracy is in the papers' figure",
+        )
     fig.update_layout(
         title="Accuracy against what pruning removed (large markers: Pareto-optimal)",
         xaxis_title="parameters removed by pruning (% of the unpruned network)",
@@ -119,6 +127,13 @@ def taus_over_epochs(views: Sequence[TrialView]) -> go.Figure:
     return fig
 
 
+def _say_why_empty(fig: go.Figure, text: str) -> None:
+    """A figure with nothing to draw says why, where its points would be."""
+    fig.add_annotation(
+        text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font={"size": 13}
+    )
+
+
 def _whole_epochs(fig: go.Figure, epochs: int) -> None:
     """A tick per epoch where there are few: plotly would mark 0.5 between two."""
     if epochs <= 20:
@@ -140,6 +155,11 @@ def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
                 name=f"trial {v.number} ({v.params_removed:.0%} removed)",
                 text=[f"{b} blocks trained in this epoch" for b in blocks],
             )
+        )
+    if not pruned:
+        _say_why_empty(
+            fig,
+            "no trial has removed a block yet:<br>a line per trial that pruned will show here",
         )
     unpruned = [s for v in views if not v.pruned for s in v.epoch_seconds]
     if unpruned:
@@ -180,7 +200,7 @@ def learning_curves(views: Sequence[TrialView]) -> go.Figure:
             go.Scatter(
                 x=list(range(1, n + 1)),
                 y=[sum(r[i] for r in runs) / len(runs) for i in range(n)],
-                mode="lines",
+                mode="lines" if n > 1 else "markers",  # one epoch: a line of one point is none
                 line={"dash": "solid" if taus == "trainable" else "dot"},
                 name=f"{taus} taus, T={T:g}",
                 legendgroup=f"{taus} taus, T={T:g}",
@@ -191,11 +211,12 @@ def learning_curves(views: Sequence[TrialView]) -> go.Figure:
             col=at % cols + 1,
         )
     fig.update_layout(
-        title="Fixed against trainable step sizes: test accuracy per epoch (mean over seeds)",
+        title="Fixed against trainable taus: test accuracy per epoch (mean over seeds)",
         legend_title="dotted: fixed taus",
     )
     fig.update_xaxes(title_text="epoch")
-    fig.update_yaxes(title_text="test accuracy")
+    fig.update_yaxes(title_text="test accuracy", col=1)  # beside the second panel it crowds
+    _whole_epochs(fig, max((len(r) for runs in groups.values() for r in runs), default=0))
     return fig
 
 

@@ -29,7 +29,12 @@ from tauopt._cli import main
 from tauopt._dashboard import hide_study_attrs
 from tauopt.storage import StorageSettings, open_storage, storage_of, study_id
 from tauopt.study import _plots, load_study
-from tauopt.study._figures import epoch_seconds, taus_over_epochs
+from tauopt.study._figures import (
+    epoch_seconds,
+    learning_curves,
+    pruning_accuracy,
+    taus_over_epochs,
+)
 from tauopt.study._record import (
     CONFIG_ATTR,
     FIGURES_AT_ATTR,
@@ -106,6 +111,18 @@ def test_the_report_at_one_epoch_reads_well(
     assert "Every difference is 0" in soon and "With one epoch a run" in soon
     blocks = report.split("### Blocks removed by pruning")[1].split("##")[0]
     assert "No row: no pair of runs here has pruning on" in blocks and "|---" not in blocks
+    # the dashboard's copy of the papers' figure: one epoch drawn as points, not as nothing
+    views = trial_views(load_study(None, "paper"))
+    curves = learning_curves(views)
+    assert curves.data and all(
+        len(trace.x) == 1 and "markers" in trace.mode for trace in curves.data
+    )
+    # figures with nothing to draw say why (no validation images; nothing pruned in 1 epoch)
+    for figure, why in (
+        (pruning_accuracy(views), "hold out no validation images"),
+        (epoch_seconds(views), "no trial has removed a block yet"),
+    ):
+        assert any(why in a.text for a in figure.layout.annotations), why
 
 
 def _study(here: Path, data_dir: Path, min_val_accuracy: float, trials: int = 2) -> None:
