@@ -178,8 +178,11 @@ def test_every_trial_has_its_own_colour(here: Path, data_dir: Path) -> None:
             colour.setdefault(trace.legendgroup, set()).add(trace.line.color)
     assert len(colour) == 12 and all(len(c) == 1 for c in colour.values())
     assert len({next(iter(c)) for c in colour.values()}) == 12  # none reused
-    pruned = [v for v in many if v.pruned] or [
-        dataclasses.replace(v, record=dataclasses.replace(v.record, pruned_layers=[{"epoch": 1}]))
+    event = [{"epoch": 1, "position": 1, "block": 1}]  # where a trial kept every block
+    pruned = [
+        v
+        if v.pruned
+        else dataclasses.replace(v, record=dataclasses.replace(v.record, pruned_layers=event))
         for v in many
     ]
     seconds = epoch_seconds(pruned)
