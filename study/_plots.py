@@ -291,15 +291,18 @@ def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -
     """pareto.png (the feasible trials and their front) and importance.png."""
     fig, ax = plt.subplots(figsize=FIGSIZE)
     feasible = [v for v in views if v.feasible]
-    for pruned, marker, label in (
-        (False, "o", "no block removed"),
-        (True, "^", "blocks removed by pruning"),
+    for pruned, marker, colour, label in (
+        (False, "o", "C0", "no block removed"),
+        (True, "^", "C1", "blocks removed by pruning"),
     ):
         chosen = [v for v in feasible if bool(v.pruned) == pruned]
+        if not chosen:
+            continue  # no legend entry for a kind of trial that is not there
         ax.scatter(
             [v.active_params for v in chosen],
             [v.val_accuracy for v in chosen],
             marker=marker,
+            color=colour,
             alpha=0.6,
             label=label,
         )
@@ -322,9 +325,8 @@ def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -
     for i, name in enumerate(names):
         ax = axes[0][i]
         try:
-            with warnings.catch_warnings():  # it warns on any target; _objective set the sign
-                warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator", UserWarning)
-                warnings.filterwarnings("ignore", "Some regimes for parameter", UserWarning)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 importances = optuna.importance.get_param_importances(
                     study, target=_objective(study, i)
                 )
@@ -332,7 +334,20 @@ def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -
             ax.text(0.5, 0.5, f"no importances: {e}", ha="center", wrap=True)
             importances = {}
         ax.barh(list(importances), list(importances.values()))
-        ax.set_title(f"Parameter importance for {name}")
+        # Optuna's evaluator warns on any target (_objective set the sign) and where it
+        # cannot rank: then the bars are equal by construction, which the reader is told.
+        if any("importances will be equal" in str(w.message) for w in caught):
+            ax.text(
+                0.5,
+                1.0,
+                f"equal by default: the trials do not yet\ndiffer enough in {name} to rank",
+                transform=ax.transAxes,
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="dimgrey",
+            )
+        ax.set_title(f"Parameter importance for {name}", pad=24)
         ax.set_xlabel("importance (Optuna's default evaluator)")
         ax.set_ylabel("parameter")
     files.append(_save(fig, out / "importance.png"))

@@ -134,6 +134,27 @@ def _study(here: Path, data_dir: Path, min_val_accuracy: float, trials: int = 2)
     assert main([*argv, "--data-dir", str(data_dir), "--device", "cpu", "--threads", "1"]) == 0
 
 
+def test_the_search_report_at_two_trials_reads_well(
+    here: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    save = _plots._save
+
+    def checked(fig: Figure, path: Path) -> Path:
+        _check_figure(fig, path.name)
+        labels = [t for ax in fig.axes for t in ax.get_legend_handles_labels()[1]]
+        seen.append(path.name)
+        if path.name == "pareto.png":  # a legend entry only for what is drawn
+            drawn = [c.get_label() for ax in fig.axes for c in ax.collections]
+            assert set(labels) - {"Pareto front"} == set(drawn) - {"Pareto front"}
+        return save(fig, path)
+
+    monkeypatch.setattr(_plots, "_save", checked)
+    _study(here, data_dir, min_val_accuracy=0.0, trials=2)
+    assert main(["report", "--out", "rep"]) == 0
+    assert sorted(seen) == ["importance.png", "pareto.png"]
+
+
 def test_infeasible_trials_carry_the_constraint_optuna_dashboard_reads(
     here: Path, data_dir: Path
 ) -> None:
