@@ -6,17 +6,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
-# e.g. https://download.pytorch.org/whl/cpu: torch's CPU build, without the CUDA libraries
-TORCH_INDEX_URL ?=
+# torch's build: auto (the CPU build on Linux where no NVIDIA GPU is seen, else PyPI's), cpu,
+# or cuda (PyPI's, which on Linux brings the CUDA libraries); see tools/install-torch.sh
+TORCH ?= auto
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup run test lint bench
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt tools/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(if $(TORCH_INDEX_URL),$(BIN)/pip install -q -c constraints.txt --index-url $(TORCH_INDEX_URL) --extra-index-url https://pypi.org/simple torch torchvision)
+	TORCH=$(TORCH) TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) sh tools/install-torch.sh $(BIN)/pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 

@@ -39,7 +39,7 @@ BUDGET = load_config(REPO / "configs" / "study.toml").trial
 TRIAL: dict[str, Any] = {
     "dataset": BUDGET.dataset,
     "epochs": BUDGET.epochs,
-    "train_size": BUDGET.train_size,
+    "train_size": BUDGET.train_images,
     "batch_size": BUDGET.batch_size,
     "val_size": BUDGET.val_size,
     "normalize": BUDGET.normalize,

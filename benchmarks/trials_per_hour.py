@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from tauopt.engine import build_model
+from tauopt.engine import build_model, default_val_size
 from tauopt.engine._data import SPLIT_SEED
 from tauopt.models import TauResNet, reference_forward
 from tauopt.study import load_config
@@ -148,8 +148,9 @@ def baseline(
             str(root), train=True, download=False, transform=transforms.ToTensor()
         )
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SPLIT_SEED))
-        val_idx, train_idx = order[: config.trial.val_size], order[config.trial.val_size :]
-        train_set = Subset(full, train_idx[: config.trial.train_size].tolist())
+        held_out = config.trial.val_size or default_val_size(len(full))  # as create settles it
+        val_idx, train_idx = order[:held_out], order[held_out:]
+        train_set = Subset(full, train_idx[: config.trial.train_images].tolist())
         val_set = Subset(full, val_idx.tolist())
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:

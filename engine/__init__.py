@@ -4,7 +4,7 @@ Layer: it uses the networks (:mod:`tauopt.models`) and the exception types (:mod
 and nothing above it (no Optuna, no storage, no command line).
 """
 
-from tauopt.engine._config import ARCHS, PRECISIONS, PRUNE_RULES, TrainConfig
+from tauopt.engine._config import ARCHS, PRECISIONS, PRUNE_RULES, TrainConfig, default_val_size
 from tauopt.engine._data import (
     DATASETS,
     RawDataset,
@@ -37,6 +37,7 @@ __all__ = [
     "accuracy",
     "build_model",
     "default_data_dir",
+    "default_val_size",
     "group_key",
     "load_dataset",
     "make_splits",

@@ -23,6 +23,17 @@ PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 #: A run of more epochs would not end in a lifetime (a million epochs of the smallest
 #: network on a GPU are weeks).
 MAX_EPOCHS = 1_000_000
+#: The most validation images a run holds out when it is not told how many (see
+#: :func:`default_val_size`).
+DEFAULT_VAL_CAP = 10_000
+
+
+def default_val_size(train_images: int) -> int:
+    """The validation images held out of a training split of ``train_images`` when
+    ``val_size`` is unset: a fifth of it (at least one), at most :data:`DEFAULT_VAL_CAP`.
+    Every named dataset (60,000 or 50,000 training images) holds out 10,000, as the papers
+    do; scikit-learn's digits (1,347 training images in a 3:1 split) hold out 269."""
+    return min(DEFAULT_VAL_CAP, max(1, train_images // 5))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -46,7 +57,8 @@ class TrainConfig:
     the ResNet blocks whose ``|tau_l| / sum|tau|`` fall below ``prune_eps`` are removed: all of
     them (``prune_rule="all"``) or the smallest one (``"smallest"``, the papers' code).
     ``train_size`` takes a subset of the training split (after the validation hold-out);
-    ``val_size=0`` holds nothing out (no validation accuracy).
+    ``val_size=0`` holds nothing out (no validation accuracy); unset, the run holds out
+    :func:`default_val_size` of the dataset's training split (:meth:`for_training_split`).
 
     The horizon ``sum(tau) = T`` exactly: ``dependent_last_tau`` computes the last tau as
     ``T - sum(others)`` in the forward pass (the gradients see the constraint);
@@ -77,7 +89,7 @@ class TrainConfig:
     #: ``tauopt.models.TauNetwork``). ``fixed_tau`` fixes every tau.
     fixed_input_tau: bool = False
     train_size: int | None = None
-    val_size: int = 10_000
+    val_size: int | None = None
     tau_min: float = 1e-4
     detach_memory: bool = False
     #: Standardise every input feature by the training split's mean and std (stored with the
@@ -110,8 +122,9 @@ class TrainConfig:
             f"prune_rule must be one of {PRUNE_RULES}, got {self.prune_rule!r}",
         )
         _require(
-            _is_int(self.val_size) and self.val_size >= 0,
-            f"val_size must be an integer >= 0 (0: no validation), got {self.val_size!r}",
+            self.val_size is None or (_is_int(self.val_size) and self.val_size >= 0),
+            f"val_size must be an integer >= 0 (0: no validation; unset: a fifth of the "
+            f"training split, at most {DEFAULT_VAL_CAP:,}), got {self.val_size!r}",
         )
         _require(
             _is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS,
@@ -195,6 +208,20 @@ class TrainConfig:
         """The seed of the validation and training-subset draw: ``split_seed``, or the shared
         :data:`tauopt.engine.SPLIT_SEED` where it is unset."""
         return SPLIT_SEED if self.split_seed is None else self.split_seed
+
+    def for_training_split(self, train_images: int) -> TrainConfig:
+        """This config with ``val_size`` settled for a training split of ``train_images``
+        (:func:`default_val_size` where it is unset): what a run on that data trains."""
+        if self.val_size is not None:
+            return self
+        return self.replace(val_size=default_val_size(train_images))
+
+    @property
+    def held_out(self) -> int:
+        """``val_size``, once settled (see :meth:`for_training_split`)."""
+        if self.val_size is None:
+            raise ConfigError("val_size is unset: settle it for the data with for_training_split")
+        return self.val_size
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""

@@ -41,6 +41,15 @@ DATASETS: dict[str, str] = {
     "cifar10": "cifar-10-batches-py",
     "cifar100": "cifar-100-python",
 }
+#: The training split of each named dataset: what a study settles its validation size on
+#: before any worker has the files.
+TRAIN_IMAGES: dict[str, int] = {
+    "mnist": 60_000,
+    "fashion-mnist": 60_000,
+    "kmnist": 60_000,
+    "cifar10": 50_000,
+    "cifar100": 50_000,
+}
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

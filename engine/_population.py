@@ -82,6 +82,7 @@ def train_population(
     """
     if not configs:
         return []
+    configs = [c.for_training_split(len(dataset.train)) for c in configs]
     keys = {group_key(c) for c in configs}
     if len(keys) > 1:
         raise ConfigError("a population's configs must agree on " + ", ".join(_SHARED))
@@ -157,7 +158,7 @@ def _train_together(
         check_fits(config.replace(batch_size=batch), dataset.in_features, dataset.num_classes, dev)
     splits = make_splits(
         dataset,
-        val_size=first.val_size,
+        val_size=first.held_out,
         train_size=first.train_size,
         device=dev,
         normalize=first.normalize,

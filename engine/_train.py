@@ -50,6 +50,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+#: More threads than this are no machine's: 100,000 crash the process (OpenMP), 1,024 run.
+MAX_THREADS = 1024
+
+
 def set_threads(threads: int | None) -> None:
     """CPU threads for this process's tensor work (``None``: torch's default, every core).
 
@@ -58,8 +62,8 @@ def set_threads(threads: int | None) -> None:
     """
     if threads is None:
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
     torch.set_num_threads(threads)
 
 
@@ -248,11 +252,12 @@ def train(
     """
     if dataset.name != config.dataset:
         raise ConfigError(f"config asks for {config.dataset!r} but {dataset.name!r} was loaded")
+    config = config.for_training_split(len(dataset.train))
     dev = resolve_device(device)
     check_fits(config, dataset.in_features, dataset.num_classes, dev)
     splits = make_splits(
         dataset,
-        val_size=config.val_size,
+        val_size=config.held_out,
         train_size=config.train_size,
         device=dev,
         normalize=config.normalize,

@@ -82,9 +82,14 @@ def check() -> None:
     from optuna.storages._grpc import server as grpc_server
     from optuna.storages._rdb import models, storage
     from optuna.study import _constrained_optimization, _multi_objective
-    from optuna_dashboard import _custom_plot_data, _note
+    from optuna_dashboard import _custom_plot_data, _note, _serializer
 
     _require(models.SCHEMA_VERSION == SCHEMA_VERSION, "Optuna's database schema changed")
+    _require(
+        getattr(_serializer, "CONSTRAINTS_KEY", None)
+        == getattr(_constrained_optimization, "_CONSTRAINTS_KEY", None),
+        "optuna-dashboard no longer reads a trial's constraints where Optuna writes them",
+    )
     for owner, names in (
         (storage, ["_create_scoped_session"]),
         (
@@ -193,6 +198,15 @@ def is_new(trial: FrozenTrial) -> bool:
 def constraint_key(name: str) -> str:
     """The system attribute that ``trial.set_constraint(name, value)`` writes."""
     return f"{_CONSTRAINTS_KEY}:{name}"
+
+
+def constraint_attrs(name: str, value: float) -> dict[str, Any]:
+    """The system attributes of a trial's one constraint ``name``: the key that
+    ``trial.set_constraint(name, value)`` writes, and the list of Optuna's older form, the
+    only one optuna-dashboard reads (without it the dashboard's own Pareto plot colours an
+    infeasible trial as feasible). Optuna reads both: ``trial.constraints`` holds the value
+    under ``name`` and under ``"0"``."""
+    return {constraint_key(name): value, _CONSTRAINTS_KEY: [value]}
 
 
 # -- several attributes in one transaction ---------------------------------------------------

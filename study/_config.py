@@ -18,7 +18,8 @@ Shape of the file (every table and key optional; unknown ones are errors)::
     [trial]
     dataset = "mnist"
     epochs = 3
-    train_size = 10000          # 0: all 50,000 (60,000 less the validation images)
+    train_size = 10000          # 0: all that the validation images leave
+    val_size = 10000            # unset: a fifth of the training split, at most 10,000
 
     [storage]
     heartbeat_interval = 10
@@ -169,15 +170,24 @@ class SearchParam:
         return self.fixed
 
 
+#: A trial's training images where the config does not say (a quick trial: 3 epochs of them
+#: take seconds on a CPU).
+DEFAULT_TRAIN_SIZE = 10_000
+
+
 @dataclass(frozen=True)
 class TrialBudget:
     """What every trial trains on and for how long."""
 
     dataset: str = "mnist"  # a name, or the path of an .npz file
     epochs: int = 3
-    train_size: int | None = 10_000
+    #: Training images per trial, 0 for all that the validation split leaves; unset,
+    #: ``tauopt create`` stores :data:`DEFAULT_TRAIN_SIZE`, or all where that is fewer.
+    train_size: int | None = None
     batch_size: int = 100
-    val_size: int = 10_000
+    #: Unset: ``tauopt create`` stores :func:`tauopt.engine.default_val_size` of the
+    #: dataset's training split (a fifth, at most 10,000).
+    val_size: int | None = None
     normalize: bool = False  # standardise the inputs by the training split's statistics
     #: The training step's products: "float32" or "bfloat16" (``tauopt.engine.PRECISIONS``); a
     #: worker's ``--precision`` overrides it for the trials it trains.
@@ -185,6 +195,14 @@ class TrialBudget:
     #: A user's .npz file's content hash, set by ``tauopt create``: a worker whose file
     #: differs refuses to train.
     dataset_sha256: str = ""
+
+    @property
+    def train_images(self) -> int | None:
+        """``train_size`` as :class:`tauopt.engine.TrainConfig` takes it: None for all;
+        unset, :data:`DEFAULT_TRAIN_SIZE` (which ``create`` caps at what the data leaves)."""
+        if self.train_size is None:
+            return DEFAULT_TRAIN_SIZE
+        return self.train_size or None
 
 
 @dataclass(frozen=True)
@@ -213,7 +231,9 @@ class StudyConfig:
         if self.grace_period is not None:
             storage["grace_period"] = self.grace_period
         trial = dataclasses.asdict(self.trial)
-        trial["train_size"] = trial["train_size"] or 0  # TOML has no null: 0 is every image
+        for key in ("train_size", "val_size"):
+            if trial[key] is None:  # unset: the default rule (create settles it)
+                del trial[key]
         return {
             "study": {
                 "objective": self.objective,
@@ -235,6 +255,7 @@ class StudyConfig:
             ("objective", "study"),
             ("epochs", "trial"),
             ("train_size", "trial"),
+            ("val_size", "trial"),
             ("dataset", "trial"),
             ("heartbeat_interval", "storage"),
             ("grace_period", "storage"),
@@ -364,11 +385,12 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
             f"{values['dataset']!r} is not one of {list(DATASETS)} nor the path of an .npz file",
         )
     for key in ("epochs", "batch_size", "val_size"):
-        _at_least(
-            f"trial.{key}",
-            values[key],
-            0 if key == "val_size" and objective == GRID_OBJECTIVE else 1,
-        )
+        if values[key] is not None:
+            _at_least(
+                f"trial.{key}",
+                values[key],
+                0 if key == "val_size" and objective == GRID_OBJECTIVE else 1,
+            )
     if values["epochs"] > MAX_EPOCHS:
         raise _fail(
             "trial.epochs",
@@ -376,8 +398,8 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
         )
     if values["precision"] not in PRECISIONS:
         raise _fail("trial.precision", f"{values['precision']!r} is not one of {list(PRECISIONS)}")
-    _at_least("trial.train_size", values["train_size"], 0)
-    values["train_size"] = values["train_size"] or None  # 0: every training image
+    if values["train_size"] is not None:
+        _at_least("trial.train_size", values["train_size"], 0)  # 0: every training image
     interval = _take(storage, "heartbeat_interval", "storage", StorageSettings.heartbeat_interval)
     _at_least("storage.heartbeat_interval", interval, 1)
     grace = _take(storage, "grace_period", "storage", StorageSettings.grace_period)

@@ -10,12 +10,18 @@ from typing import Any
 
 import optuna
 
-from tauopt.engine import load_dataset
-from tauopt.engine._data import check_split_sizes, is_arrays
-from tauopt.errors import ConfigError
-from tauopt.storage import StorageSettings, access, open_storage, study_id
+from tauopt.engine import RawDataset, default_val_size, load_dataset
+from tauopt.engine._data import TRAIN_IMAGES, check_split_sizes, is_arrays
+from tauopt.errors import ConfigError, StorageError
+from tauopt.storage import (
+    StorageSettings,
+    access,
+    is_storage_error,
+    open_storage,
+    study_id,
+)
 from tauopt.study._anchors import enqueue_anchors, plan_anchors
-from tauopt.study._config import StudyConfig, parse_config
+from tauopt.study._config import DEFAULT_TRAIN_SIZE, StudyConfig, parse_config
 from tauopt.study._ledger import budget_used
 from tauopt.study._objective import DIRECTIONS, METRIC_NAMES
 from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR
@@ -37,16 +43,35 @@ def _differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def with_dataset_hash(config: StudyConfig, data_dir: Path | None) -> StudyConfig:
-    """``config`` with its .npz file's content hash, once the file is checked (against the
-    validation split too); a named dataset is left to the workers, which download it."""
+def settle(config: StudyConfig, dataset: RawDataset | None) -> StudyConfig:
+    """``config`` as its workers will train it: the validation size settled on the dataset's
+    training split where it is unset (:func:`tauopt.engine.default_val_size`), the training
+    size too (:data:`DEFAULT_TRAIN_SIZE`, or what the validation images leave where that is
+    fewer), and a user's
+    .npz file, ``dataset`` (loaded by the caller), checked against the split sizes and
+    identified by its content hash. A named dataset is left to the workers, which download
+    it: its training split's size is known."""
     budget = config.trial
-    if not is_arrays(budget.dataset):
-        return config
-    dataset = load_dataset(budget.dataset, data_dir)
-    check_split_sizes(dataset, val_size=budget.val_size, train_size=budget.train_size)
-    trial = dataclasses.replace(budget, dataset_sha256=str(dataset.sha256))
-    return dataclasses.replace(config, trial=trial)
+    if is_arrays(budget.dataset) and (dataset is None or dataset.name != budget.dataset):
+        raise ConfigError(f"settling a study on {budget.dataset} needs that file loaded")
+    images = len(dataset.train) if dataset is not None else TRAIN_IMAGES[budget.dataset]
+    val_size = budget.val_size if budget.val_size is not None else default_val_size(images)
+    train_size = budget.train_size
+    if train_size is None:
+        train_size = min(DEFAULT_TRAIN_SIZE, max(1, images - val_size))
+    budget = dataclasses.replace(budget, val_size=val_size, train_size=train_size)
+    if dataset is not None and is_arrays(budget.dataset):
+        check_split_sizes(dataset, val_size=val_size, train_size=budget.train_images)
+        budget = dataclasses.replace(budget, dataset_sha256=str(dataset.sha256))
+    return dataclasses.replace(config, trial=budget)
+
+
+def study_dataset(config: StudyConfig, data_dir: Path | None) -> RawDataset | None:
+    """The user's .npz file a study trains on, loaded (and checked); None for a named dataset,
+    which ``create`` leaves to the workers."""
+    if not is_arrays(config.trial.dataset):
+        return None
+    return load_dataset(config.trial.dataset, data_dir)
 
 
 def create_study(
@@ -55,15 +80,23 @@ def create_study(
     config: StudyConfig,
     *,
     data_dir: Path | None = None,
+    dataset: RawDataset | None = None,
 ) -> optuna.Study:
     """Create the schema and the study before workers start.
+
+    The stored config is settled (:func:`settle`): a user's .npz file is read from
+    ``data_dir`` unless the caller has ``dataset`` loaded already.
 
     Idempotent for the same config. On an existing study the budget (``study.n_trials``) may be
     changed to any total not below the trials already used; any other difference is refused,
     with the keys that differ named.
     """
     quiet_optuna()
-    config = with_dataset_hash(config, data_dir)
+    if is_arrays(config.trial.dataset) and (
+        dataset is None or dataset.name != config.trial.dataset
+    ):
+        dataset = study_dataset(config, data_dir)
+    config = settle(config, dataset)
     storage = open_storage(settings, create_schema=True)
     # Under the study's lock: processes that create the same study at the same moment see it
     # either absent or complete with its config, never in between.
@@ -133,18 +166,9 @@ def _update_existing(
         )
     if stored == new:
         return
-    # both in today's shape: keys added since the study was made take their defaults
-    diff = _differences(parse_config(stored).to_dict(), new)
-    if not diff:
+    if not _other_changes(study_name, stored, new):
         study.set_user_attr(CONFIG_ATTR, new)
         return
-    if any(not d.startswith("study.n_trials:") for d in diff):
-        raise ConfigError(
-            f"study {study_name!r} already exists with another configuration "
-            f"({'; '.join(diff)}). Only the budget, study.n_trials, can change on an existing "
-            "study: put the other keys back, or start a new study with another --study name "
-            "(TAUOPT_STUDY in .env under docker compose)"
-        )
     counts, own_failures = access(storage).counts(
         study_id(study), failed_with_attr=FAIL_REASON_ATTR
     )
@@ -155,3 +179,37 @@ def _update_existing(
             f"n_trials must be at least {used}, got {config.n_trials}"
         )
     study.set_user_attr(CONFIG_ATTR, new)
+
+
+def _other_changes(study_name: str, stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys in which ``new`` differs from the ``stored`` config; a difference in anything
+    but the budget (``study.n_trials``) is refused."""
+    # both in today's shape: keys added since the study was made take their defaults
+    diff = _differences(parse_config(stored).to_dict(), new)
+    if any(not d.startswith("study.n_trials:") for d in diff):
+        raise ConfigError(
+            f"study {study_name!r} already exists with another configuration "
+            f"({'; '.join(diff)}). Only the budget, study.n_trials, can change on an existing "
+            "study: put the other keys back, or start a new study with another --study name "
+            "(TAUOPT_STUDY in .env under docker compose)"
+        )
+    return diff
+
+
+def check_change(settings: StorageSettings, study_name: str, config: StudyConfig) -> None:
+    """Refuse now, reading only, a settled ``config`` that :func:`create_study` would refuse
+    for the existing study of that name: so that a command can check it before work that
+    comes first (loading, downloading) and fail without having changed anything. Where
+    there is no such study, or no database yet, there is nothing to check."""
+    try:
+        storage = open_storage(settings, create_schema=False)
+        sid = storage.get_study_id_from_name(study_name)
+        stored = storage.get_study_user_attrs(sid).get(CONFIG_ATTR)
+    except (KeyError, StorageError):
+        return
+    except Exception as e:
+        if is_storage_error(e):  # no tables yet, or the database away: create will tell
+            return
+        raise
+    if stored is not None and stored != config.to_dict():
+        _other_changes(study_name, stored, config.to_dict())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import optuna
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -21,6 +22,11 @@ from tauopt.study._views import TrialView, trial_views
 FIGURE_IDS = ("tauopt-pruning-accuracy", "tauopt-taus", "tauopt-epoch-seconds")
 CURVES_ID = "tauopt-learning-curves"
 _MAX_LINES = 12  # trials drawn as lines; more make the figure unreadable
+#: One colour per trial, none reused among the :data:`_MAX_LINES` drawn (plotly's default
+#: palette has ten, so the eleventh trial took the first one's colour).
+_TRIAL_COLOURS = plotly.colors.qualitative.Dark24
+#: One line style per block; a deeper network reuses them in turn.
+_BLOCK_DASHES = ("solid", "dot", "dash", "longdash", "dashdot", "longdashdot")
 
 
 def pruning_accuracy(views: Sequence[TrialView]) -> go.Figure:
@@ -57,6 +63,14 @@ def pruning_accuracy(views: Sequence[TrialView]) -> go.Figure:
                 text=[f"trial {v.number}" for v in infeasible],
             )
         )
+    if not any(v.val_accuracy == v.val_accuracy for v in views):  # all NaN, or none
+        _say_why_empty(
+            fig,
+            "no trial with a validation accuracy yet"
+            if not views
+            else "these trials hold out no validation images<br>(the papers' runs do not):"
+            "<br>their test accuracy is in the papers' figure",
+        )
     fig.update_layout(
         title="Accuracy against what pruning removed (large markers: Pareto-optimal)",
         xaxis_title="parameters removed by pruning (% of the unpruned network)",
@@ -67,10 +81,11 @@ def pruning_accuracy(views: Sequence[TrialView]) -> go.Figure:
 
 
 def taus_over_epochs(views: Sequence[TrialView]) -> go.Figure:
-    """Every step size over the epochs, for the Pareto-optimal trials."""
+    """Every step size over the epochs, for the Pareto-optimal trials: a colour per trial, a
+    line style per block."""
     fig = go.Figure()
     front = sorted((v for v in views if v.pareto), key=lambda v: -v.val_accuracy)[:_MAX_LINES]
-    for v in front:
+    for i, v in enumerate(front):
         epochs = list(range(1, len(v.tau_history) + 1))
         for block in range(v.depth):
             fig.add_trace(
@@ -78,32 +93,73 @@ def taus_over_epochs(views: Sequence[TrialView]) -> go.Figure:
                     x=epochs,
                     y=[row[block] if block < len(row) else 0.0 for row in v.tau_history],
                     mode="lines+markers",
-                    name=f"trial {v.number}, tau_{block}",
+                    line={
+                        "color": _TRIAL_COLOURS[i % len(_TRIAL_COLOURS)],
+                        "dash": _BLOCK_DASHES[block % len(_BLOCK_DASHES)],
+                    },
+                    name=f"trial {v.number}",
                     legendgroup=f"trial {v.number}",
+                    showlegend=block == 0,
+                    hovertemplate=f"trial {v.number}, tau_{block}: %{{y:.4g}} after epoch "
+                    "%{x}<extra></extra>",
                 )
             )
+    depth = max((v.depth for v in front), default=0)
+    for block in range(min(depth, len(_BLOCK_DASHES))):  # the line styles' key
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="lines",
+                line={"color": "grey", "dash": _BLOCK_DASHES[block]},
+                name=f"tau_{block}"
+                + "".join(f", tau_{b}" for b in range(block, depth, len(_BLOCK_DASHES))[1:]),
+                legendgroup="blocks",
+                legendgrouptitle_text="line style: block",
+            )
+        )
     fig.update_layout(
-        title="Step sizes over epochs of the Pareto-optimal trials",
+        title="Step sizes over epochs of the Pareto-optimal trials (a colour per trial)",
         xaxis_title="epoch",
         yaxis_title="tau_l (0 once the block is removed)",
     )
+    _whole_epochs(fig, max((len(v.tau_history) for v in front), default=0))
     return fig
+
+
+def _say_why_empty(fig: go.Figure, text: str) -> None:
+    """A figure with nothing to draw says why, where its points would be."""
+    fig.add_annotation(
+        text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font={"size": 13}
+    )
+
+
+def _whole_epochs(fig: go.Figure, epochs: int) -> None:
+    """A tick per epoch where there are few: plotly would mark 0.5 between two."""
+    if epochs <= 20:
+        fig.update_xaxes(dtick=1)
 
 
 def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
     """Seconds per epoch of the trials that pruned, with their pruning epochs marked."""
     fig = go.Figure()
     pruned = sorted((v for v in views if v.pruned), key=lambda v: -v.params_removed)[:_MAX_LINES]
-    for v in pruned:
+    for i, v in enumerate(pruned):
         blocks = v.blocks_before_pruning()
         fig.add_trace(
             go.Scatter(
                 x=list(range(1, len(v.epoch_seconds) + 1)),
                 y=v.epoch_seconds,
                 mode="lines+markers",
+                line={"color": _TRIAL_COLOURS[i % len(_TRIAL_COLOURS)]},
                 name=f"trial {v.number} ({v.params_removed:.0%} removed)",
                 text=[f"{b} blocks trained in this epoch" for b in blocks],
             )
+        )
+    if not pruned:
+        _say_why_empty(
+            fig,
+            "no trial has removed a block yet:<br>a line per trial that pruned will show here",
         )
     unpruned = [s for v in views if not v.pruned for s in v.epoch_seconds]
     if unpruned:
@@ -117,6 +173,7 @@ def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
         xaxis_title="epoch",
         yaxis_title="seconds per epoch",
     )
+    _whole_epochs(fig, max((len(v.epoch_seconds) for v in views), default=0))
     return fig
 
 
@@ -143,7 +200,7 @@ def learning_curves(views: Sequence[TrialView]) -> go.Figure:
             go.Scatter(
                 x=list(range(1, n + 1)),
                 y=[sum(r[i] for r in runs) / len(runs) for i in range(n)],
-                mode="lines",
+                mode="lines" if n > 1 else "markers",  # one epoch: a line of one point is none
                 line={"dash": "solid" if taus == "trainable" else "dot"},
                 name=f"{taus} taus, T={T:g}",
                 legendgroup=f"{taus} taus, T={T:g}",
@@ -154,11 +211,12 @@ def learning_curves(views: Sequence[TrialView]) -> go.Figure:
             col=at % cols + 1,
         )
     fig.update_layout(
-        title="Fixed against trainable step sizes: test accuracy per epoch (mean over seeds)",
+        title="Fixed against trainable taus: test accuracy per epoch (mean over seeds)",
         legend_title="dotted: fixed taus",
     )
     fig.update_xaxes(title_text="epoch")
-    fig.update_yaxes(title_text="test accuracy")
+    fig.update_yaxes(title_text="test accuracy", col=1)  # beside the second panel it crowds
+    _whole_epochs(fig, max((len(r) for runs in groups.values() for r in runs), default=0))
     return fig
 
 

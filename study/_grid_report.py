@@ -212,13 +212,39 @@ _HEADER = (
     "BH q",
     "verdict",
 )
+#: Why a measure's table has no row.
 _EMPTY = {
-    "Blocks removed by pruning": "No pair has a run that prunes: this grid never turns "
-    "pruning on where a factor varies (or no run of it pruned).",
+    "": "No pair of runs here differs in one factor only: the study has none of the grid's "
+    "pairs (run `tauopt reproduce` without `--only`).",
+    "Blocks removed by pruning": "No row: no pair of runs here has pruning on in either run, "
+    "and elsewhere both runs keep every block by construction (the grid's pruning cells "
+    "come with `tauopt reproduce` without `--only fixed-vs-trainable`).",
+}
+#: Why every difference of a measure's table is 0.
+_ALL_ZERO = {
+    "pts": "Every difference is 0: paired runs ended alike.",
+    "epochs": "Every difference is 0: in every pair both runs reached the target in the same "
+    "epoch.",
+    "blocks": "Every difference is 0: no run removed a different number of blocks than its "
+    "pair (no tau fell below its threshold, or both fell alike).",
 }
 
 
-def paired_section(rows: Sequence[Comparison]) -> list[str]:
+def _all_zero(rows: Sequence[Comparison]) -> bool:
+    return all(r.diff.mean == 0 and (r.diff.n == 1 or r.diff.all_equal) for r in rows)
+
+
+def _one_epoch(views: Sequence[TrialView]) -> str:
+    epochs = {int(v.config.get("epochs", 0)) for v in views}
+    if epochs != {1}:
+        return ""
+    return (
+        " With one epoch a run, the first epoch is the last: train more epochs (`tauopt "
+        "reproduce --epochs`) for this measure to say anything."
+    )
+
+
+def paired_section(views: Sequence[TrialView], rows: Sequence[Comparison]) -> list[str]:
     lines = [
         "## Paired differences",
         "",
@@ -234,7 +260,7 @@ def paired_section(rows: Sequence[Comparison]) -> list[str]:
         chosen = [r for r in rows if r.table == measure.title]
         lines += [f"### {measure.title}", ""]
         if not chosen:
-            lines += [_EMPTY.get(measure.title, "No pairs in this grid."), ""]
+            lines += [_EMPTY.get(measure.title, _EMPTY[""]), ""]
             continue
         if measure.unit == "epochs":
             lines += [
@@ -244,6 +270,8 @@ def paired_section(rows: Sequence[Comparison]) -> list[str]:
                 "",
             ]
         lines += [*_table(_HEADER, (_cells(r, measure.unit) for r in chosen)), ""]
+        if _all_zero(chosen):
+            lines += [_ALL_ZERO[measure.unit] + _one_epoch(views), ""]
     return lines
 
 

@@ -61,7 +61,7 @@ def suggest_config(trial: optuna.Trial, config: StudyConfig, *, seed: int) -> Tr
         arch=arch,
         dataset=budget.dataset,
         epochs=budget.epochs,
-        train_size=budget.train_size,
+        train_size=budget.train_images,
         batch_size=budget.batch_size,
         val_size=budget.val_size,
         normalize=budget.normalize,

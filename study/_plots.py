@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import optuna
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from tauopt.study._views import TrialView
 
@@ -57,6 +58,25 @@ def _legend(ax: Axes) -> None:
         ax.text(0.5, 0.5, "no runs of this kind in the study", ha="center", transform=ax.transAxes)
 
 
+def _marker(points: int) -> str | None:
+    """A line of one point draws nothing: a marker shows it (a run of one epoch)."""
+    return "o" if points == 1 else None
+
+
+def _epoch_axis(ax: Axes) -> None:
+    """Epochs are whole numbers: no tick at 0.98 (a one-epoch run showed five)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+
+
+def _log_axis(ax: Axes) -> None:
+    """A log scale labelled in plain numbers: within a decade matplotlib labels its minor
+    ticks "2.3x10^0", which reads badly and, several to an axis, crowds the labels."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -89,7 +109,11 @@ def _curve(
     cols = [[r[i] for r in rows] for i in range(n)]
     epochs = list(range(1, n + 1))
     (line,) = ax.plot(
-        epochs, [statistics.fmean(c) for c in cols], style, label=f"{label} (n={len(rows)})"
+        epochs,
+        [statistics.fmean(c) for c in cols],
+        style,
+        marker=_marker(n),
+        label=f"{label} (n={len(rows)})",
     )
     ax.fill_between(
         epochs, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.15
@@ -129,7 +153,7 @@ def _accuracy(views: Sequence[TrialView], out: Path) -> Path:
                 )  # fmt: skip
                 _curve(ax, chosen, lambda v: v.test_history, f"{taus} taus, T={T:g}", style)
         ax.set_title(f"{arch}, {dataset}")
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.set_ylabel("test accuracy")
         _legend(ax)
     fig.suptitle(
@@ -182,11 +206,12 @@ def _taus(views: Sequence[TrialView], out: Path) -> Path:
                 ax.plot(
                     range(1, len(v.tau_history) + 1),
                     [row[block] for row in v.tau_history],
+                    marker=_marker(len(v.tau_history)),
                     label=f"tau_{block}",
                 )
             ax.set_title(f"{arch}, {dataset}, T=1, seed {(v.grid or {}).get('seed')}")
         ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.set_ylabel("step size tau_l")
         _legend(ax)
     fig.suptitle("The step sizes over training (trainable taus, nothing else on)")
@@ -201,12 +226,15 @@ def _clean_loss(views: Sequence[TrialView], out: Path) -> Path:
         for name in dict.fromkeys(REGULARISERS.values()):
             chosen = [v for v in trainable if regulariser(v) == name]
             _curve(ax, chosen, lambda v: v.record.clean_loss_history, name)
-        ax.set_yscale("log")
-        ax.set_title(f"{arch}: clean loss (cross-entropy, no penalties), every dataset and T")
-        ax.set_xlabel("epoch")
+        _log_axis(ax)
+        ax.set_title(arch)
+        _epoch_axis(ax)
         ax.set_ylabel("training cross-entropy, mean over the epoch")
         _legend(ax)
-    fig.suptitle("How the loss decays under each regulariser (trainable taus, no pruning)")
+    fig.suptitle(
+        "How the clean loss (cross-entropy, no penalties) decays under each regulariser\n"
+        "trainable taus, no pruning, every dataset and T"
+    )
     return _save(fig, out / "clean_loss.png")
 
 
@@ -234,12 +262,14 @@ def _pruning(views: Sequence[TrialView], out: Path) -> Path:
         )
         _curve(right, pruned, lambda v: v.epoch_seconds, f"{dataset}, pruning")
         _curve(right, kept, lambda v: v.epoch_seconds, f"{dataset}, no pruning", "--")
-    left.set_title("Blocks trained per epoch (ResNet, l1 on, every T)")
-    left.set_xlabel("epoch")
+    left.set_title("Blocks trained per epoch")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("blocks trained in the epoch (pruning follows it)")
     right.set_title("Seconds per epoch")
-    right.set_xlabel("epoch")
     right.set_ylabel("seconds (a population's time shared out)")
+    fig.suptitle("Pruning: the ResNet with l1 on, every T (mean over runs, band: min to max)")
+    for ax in (left, right):
+        _epoch_axis(ax)
     for ax in (left, right):
         _legend(ax)
     return _save(fig, out / "pruning.png")
@@ -276,12 +306,13 @@ def _memory(views: Sequence[TrialView], out: Path) -> Path:
             ]
             right.bar([b + offset for b in range(depth)], means, width=0.4, label=memory)
     left.set_title("Fractional DNN: test accuracy")
-    left.set_xlabel("epoch")
+    _epoch_axis(left)
     left.set_ylabel("test accuracy")
     right.set_title(f"Final step sizes ({datasets[0] if datasets else '-'}, mean over seeds)")
     right.set_xlabel("block l")
     right.set_ylabel("tau_l after the last epoch")
-    right.set_yscale("log")
+    _log_axis(right)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (left, right):
         _legend(ax)
     return _save(fig, out / "fracdnn_memory.png")
@@ -301,15 +332,18 @@ def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -
     """pareto.png (the feasible trials and their front) and importance.png."""
     fig, ax = plt.subplots(figsize=FIGSIZE)
     feasible = [v for v in views if v.feasible]
-    for pruned, marker, label in (
-        (False, "o", "no block removed"),
-        (True, "^", "blocks removed by pruning"),
+    for pruned, marker, colour, label in (
+        (False, "o", "C0", "no block removed"),
+        (True, "^", "C1", "blocks removed by pruning"),
     ):
         chosen = [v for v in feasible if bool(v.pruned) == pruned]
+        if not chosen:
+            continue  # no legend entry for a kind of trial that is not there
         ax.scatter(
             [v.active_params for v in chosen],
             [v.val_accuracy for v in chosen],
             marker=marker,
+            color=colour,
             alpha=0.6,
             label=label,
         )
@@ -332,9 +366,8 @@ def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -
     for i, name in enumerate(names):
         ax = axes[0][i]
         try:
-            with warnings.catch_warnings():  # it warns on any target; _objective set the sign
-                warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator", UserWarning)
-                warnings.filterwarnings("ignore", "Some regimes for parameter", UserWarning)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 importances = optuna.importance.get_param_importances(
                     study, target=_objective(study, i)
                 )
@@ -342,7 +375,20 @@ def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -
             ax.text(0.5, 0.5, f"no importances: {e}", ha="center", wrap=True)
             importances = {}
         ax.barh(list(importances), list(importances.values()))
-        ax.set_title(f"Parameter importance for {name}")
+        # Optuna's evaluator warns on any target (_objective set the sign) and where it
+        # cannot rank: then the bars are equal by construction, which the reader is told.
+        if any("importances will be equal" in str(w.message) for w in caught):
+            ax.text(
+                0.5,
+                1.0,
+                f"equal by default: the trials do not yet\ndiffer enough in {name} to rank",
+                transform=ax.transAxes,
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="dimgrey",
+            )
+        ax.set_title(f"Parameter importance for {name}", pad=24)
         ax.set_xlabel("importance (Optuna's default evaluator)")
         ax.set_ylabel("parameter")
     files.append(_save(fig, out / "importance.png"))

@@ -34,6 +34,10 @@ GRID_ID_ATTR = "grid_id"
 #: parameters) and whether all are enqueued; trial user attribute: an anchor's index.
 ANCHORS_ATTR = "tauopt_anchors"
 ANCHOR_ATTR = "anchor"
+#: Study user attributes that are tauopt's bookkeeping, not the study's description: the
+#: dashboard leaves them out of the study's attributes (the config stays: it says what the
+#: study trains).
+INTERNAL_STUDY_ATTRS = (FIGURES_AT_ATTR, ANCHORS_ATTR)
 #: A second copy of a grid run, enqueued at the same moment by another process: failed, with
 #: the number of the run it copies.
 DUPLICATE_ATTR = "duplicate_of"

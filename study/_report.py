@@ -90,7 +90,7 @@ def write_grid_report(runs: GridRuns, out: Path) -> list[Path]:
     lines = [f"# Reproduction of the papers' experiments: {', '.join(runs.sources)}", ""]
     lines += budget(runs)
     lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    lines += reading(rows) + paired_section(rows) + lr_section(views, rows)
+    lines += reading(rows) + paired_section(views, rows) + lr_section(views, rows)
     lines += clean_loss_section(views) + regulariser_section(views) + tau_section(views)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

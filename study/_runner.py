@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from tauopt.engine import EpochStats, RawDataset, TrainResult, partial_result, train_population
 from tauopt.errors import StorageError, TauoptError
-from tauopt.storage import constraint_key, is_storage_error, trial_id
+from tauopt.storage import constraint_attrs, is_storage_error, trial_id
 from tauopt.study._checkpoint import save_checkpoint
 from tauopt.study._config import StudyConfig, stop_rule
 from tauopt.study._ledger import Claim, FinishedElsewhereError, Ledger
@@ -178,7 +178,7 @@ class Runner:
         values = objective_values(result, self.config.objective)
         # Feasible when <= 0: a trial below the floor is stored, shown, and never "best".
         margin = self.config.min_val_accuracy - (record.val_accuracy or 0.0)
-        system = {} if planned.grid else {constraint_key(MIN_ACCURACY_CONSTRAINT): margin}
+        system = {} if planned.grid else constraint_attrs(MIN_ACCURACY_CONSTRAINT, margin)
         self.ledger.complete(trial, values, record.to_attrs(), system)
         accuracy = (
             f"val {record.val_accuracy:.4f}" if record.val_accuracy is not None else "no validation"

@@ -117,7 +117,16 @@ def _load_study(
 class Worker:
     """Takes trials from one study, trains them, stores metrics and the trained network."""
 
-    def __init__(self, settings: StorageSettings, study_name: str, options: WorkerOptions) -> None:
+    def __init__(
+        self,
+        settings: StorageSettings,
+        study_name: str,
+        options: WorkerOptions,
+        *,
+        dataset: RawDataset | None = None,
+    ) -> None:
+        """``dataset``: the study's data, where the caller has it loaded already (checked
+        against the study like any other)."""
         quiet_optuna()
         self.options, self.settings, self.study_name = options, settings, study_name
         self.sampler_seed = (
@@ -135,6 +144,7 @@ class Worker:
         self.access = access(self.storage, max_retry=settings.max_retry)
         self.grace = settings.grace_period or 2 * settings.heartbeat_interval
         self._datasets: dict[str, RawDataset] = {}
+        self._loaded = dataset
 
     def _log(self, message: str) -> None:
         if not self.options.quiet:
@@ -152,7 +162,12 @@ class Worker:
         ``tauopt reproduce`` uses both datasets)."""
         name = name or self.config.trial.dataset
         if name not in self._datasets:
-            dataset = load_dataset(name, self.options.data_dir)
+            loaded = self._loaded
+            dataset = (
+                loaded
+                if loaded is not None and loaded.name == name
+                else load_dataset(name, self.options.data_dir)
+            )
             expected = self.config.trial.dataset_sha256
             if expected and dataset.sha256 != expected:
                 raise DataError(

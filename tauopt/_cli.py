@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tauopt import __version__
-from tauopt.engine._config import ARCHS, PRECISIONS, PRUNE_RULES, TrainConfig
+from tauopt.engine._config import ARCHS, DEFAULT_VAL_CAP, PRECISIONS, PRUNE_RULES, TrainConfig
 from tauopt.engine._data import DATASETS, default_data_dir, load_dataset
 from tauopt.errors import TauoptError
 
@@ -143,15 +143,18 @@ def _add_train_parser(sub: Any) -> None:
         "--train-size",
         type=int,
         default=None,
-        help="train on the first N images of the training split (default: all 50,000)",
+        help="train on the first N images of the training split (default: all that the "
+        "validation images leave, 50,000 of MNIST's 60,000)",
     )
     p.add_argument(
         "--val-size",
         type=int,
-        default=defaults.val_size,
-        help="validation images held out of training (0: none, train on all 60,000)",
+        default=None,
+        help="validation images held out of the training split (default: a fifth of it, at "
+        f"most {DEFAULT_VAL_CAP:,}; 0: none)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    add_threads(p)
     add_precision(p, defaults.precision)
     p.add_argument(
         "--no-cuda-graphs",
@@ -166,11 +169,17 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tauopt.engine._train import resolve_device, train  # deferred: torch is slow to import
+    from tauopt.engine._train import (  # deferred: torch is slow to import
+        resolve_device,
+        set_threads,
+        train,
+    )
 
     # Every train flag's dest is the TrainConfig field of the same name.
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     device = resolve_device(args.device)  # before minutes of loading or downloading data
+    set_threads(args.threads)
+    warn_threads(args.threads)
     dataset = load_dataset(config.dataset, args.data_dir or default_data_dir())
     result = train(config, dataset, device=device, progress=True, cuda_graphs=args.cuda_graphs)
     if args.json:
@@ -196,6 +205,49 @@ def add_precision(p: argparse.ArgumentParser, default: str | None) -> None:
         "and taus and pays where the hardware multiplies bfloat16 natively (docs/benchmarks.md"
         "#bfloat16-products)" + ("" if default else " (default: the study's [trial] precision)"),
     )
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads``, for ``train`` and the workers."""
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        help="CPU threads (default: every core; where other work shares the machine, fewer "
+        "are faster: one each for as many processes as there are cores)",
+    )
+
+
+def _threads(text: str) -> int:
+    from tauopt.engine._train import MAX_THREADS
+
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_THREADS}, got {text!r}")
+    return value
+
+
+def warn_threads(threads: int | None) -> None:
+    """One line where ``--threads`` asks for more threads than the machine has cores."""
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        print(
+            f"tauopt: warning: --threads {threads} is more than this machine's {cores} cores: "
+            "each epoch gets slower, not faster (give each process its share of the cores)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
 
 
 def dataset_name(text: str) -> str:

@@ -10,15 +10,19 @@ GET, HEAD and OPTIONS).
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import socket
 import sys
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from tauopt.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
 
 _App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -65,6 +69,25 @@ class Door:
         if self.read_only and environ.get("REQUEST_METHOD", "GET") not in _READS:
             return _refuse(start_response, "403 Forbidden", "this dashboard is read-only")
         return self.app(environ, start_response)
+
+
+def hide_study_attrs(storage: optuna.storages.BaseStorage, keys: Iterable[str]) -> None:
+    """Leave the study user attributes ``keys`` out of what optuna-dashboard shows: it lists
+    a study's user attributes from ``storage.get_all_studies()``, so this one storage object
+    (the dashboard's own) answers that call without them. Every other reader, and every
+    write, is untouched."""
+    hidden = frozenset(keys)
+    read = storage.get_all_studies
+
+    def get_all_studies() -> list[Any]:  # Optuna's FrozenStudy
+        shown = []
+        for study in read():
+            study = copy.copy(study)  # the storage's own object stays as it was
+            study.user_attrs = {k: v for k, v in study.user_attrs.items() if k not in hidden}
+            shown.append(study)
+        return shown
+
+    storage.get_all_studies = get_all_studies  # type: ignore[method-assign]
 
 
 def _refuse(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:

@@ -13,14 +13,18 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tauopt._cli import add_precision, dataset_name
+from tauopt._cli import add_precision, add_threads, dataset_name, warn_threads
+from tauopt._cli import positive_int as _positive_int
+from tauopt.engine._config import DEFAULT_VAL_CAP
 from tauopt.engine._data import DATASETS
 from tauopt.errors import ConfigError, TauoptError
 from tauopt.storage import StorageSettings
 from tauopt.study import OBJECTIVES, PROTOCOLS, StudyConfig, TrialBudget
+from tauopt.study._config import DEFAULT_TRAIN_SIZE
 from tauopt.study._reproduce import DATASETS as PAPER_DATASETS
 
 if TYPE_CHECKING:
+    from tauopt.engine import RawDataset
     from tauopt.study import BestTrials, WorkerSummary
 
 DEFAULT_STUDY = "tauopt"
@@ -86,7 +90,15 @@ def _add_create_flags(p: argparse.ArgumentParser) -> None:
         "--train-size",
         type=_non_negative_int,
         default=None,
-        help=f"training images per trial, 0 for all ({_FROM_CONFIG} {budget.train_size})",
+        help=f"training images per trial, 0 for all that the validation images leave "
+        f"({_FROM_CONFIG} {DEFAULT_TRAIN_SIZE:,}, or all where fewer)",
+    )
+    p.add_argument(
+        "--val-size",
+        type=_positive_int,
+        default=None,
+        help="validation images held out of the training split, which trials are selected on "
+        f"({_FROM_CONFIG} a fifth of the training split, at most {DEFAULT_VAL_CAP:,})",
     )
     p.add_argument(
         "--dataset",
@@ -115,13 +127,7 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
         help="this worker's sampler seed, 0 to 2**32 - 1 (default: random)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-trial and per-epoch progress")
-    p.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="CPU threads of this worker (default: every core; with several workers on one "
-        "machine give each cores/workers)",
-    )
+    add_threads(p)
     p.add_argument(
         "--batch-trials",
         type=_positive_int,
@@ -144,16 +150,6 @@ def _add_retry(p: argparse.ArgumentParser) -> None:
         help="how long to ride out a database that does not answer (a restart, dropped "
         "connections, a server still starting) before giving up",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -396,45 +392,70 @@ def _settings(url: str | None, interval: int, grace: int | None) -> StorageSetti
     return StorageSettings(url=resolve_url(url), heartbeat_interval=interval, grace_period=grace)
 
 
-def _create(args: argparse.Namespace) -> StudyConfig:
-    from tauopt.storage import RetryPolicy, redact
-    from tauopt.study import create_study, load_config
+def _study_config(args: argparse.Namespace) -> StudyConfig:
+    """The config file (or the built-in one) with the command line's settings."""
+    from tauopt.study import load_config
 
-    config = load_config(args.config).with_overrides(
+    return load_config(args.config).with_overrides(
         n_trials=args.n_trials,
         epochs=args.epochs,
         train_size=args.train_size,
+        val_size=args.val_size,
         dataset=args.dataset,
         objective=args.objective,
         heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period,
     )
-    settings = _settings(args.storage, config.heartbeat_interval, config.grace_period)
+
+
+def _storage_settings(args: argparse.Namespace, config: StudyConfig) -> StorageSettings:
+    return _settings(args.storage, config.heartbeat_interval, config.grace_period)
+
+
+def _create(
+    args: argparse.Namespace, config: StudyConfig, dataset: RawDataset | None
+) -> StudyConfig:
+    """Create the study (or raise its budget); ``dataset``: its data where loaded (a user's
+    .npz file must be). Returns the config as stored."""
+    from tauopt.storage import RetryPolicy, redact
+    from tauopt.study import create_study
+    from tauopt.study._create import settle
+
+    config = settle(config, dataset)
+    settings = _storage_settings(args, config)
     # Retried whole (it is idempotent): under compose a healthy database may still drop the
     # first connections, and a one-shot `create` that gives up stops every worker behind it.
     retry = RetryPolicy(limit=args.storage_retry_seconds)
-    data_dir = getattr(args, "data_dir", None)
     retry.call(
         "creating the study",
-        lambda: create_study(settings, args.study, config, data_dir=data_dir),
+        lambda: create_study(settings, args.study, config, dataset=dataset),
         _warn,
         first=True,
     )
     print(
         f"study {args.study!r} ready in {redact(settings.url)}: {config.objective} objective, "
-        f"{config.n_trials} trials of {config.trial.epochs} epochs on {config.trial.dataset}",
+        f"{config.n_trials} trials of {config.trial.epochs} epochs on {config.trial.dataset} "
+        f"({_images(config.trial.train_size)} training, {config.trial.val_size:,} validation "
+        "images)",
         file=sys.stderr,
     )
     return config
 
 
+def _images(train_size: int | None) -> str:
+    return f"{train_size:,}" if train_size else "all"
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
-    _create(args)
+    from tauopt.study._create import study_dataset
+
+    config = _study_config(args)
+    _create(args, config, study_dataset(config, None))
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    _report_stop(args, _run_worker(args))
+    _report_stop(args, _run_worker(args, None))
     return 0
 
 
@@ -449,7 +470,7 @@ def _report_stop(args: argparse.Namespace, summary: WorkerSummary) -> bool:
     return summary.stopped is not None
 
 
-def _run_worker(args: argparse.Namespace) -> WorkerSummary:
+def _run_worker(args: argparse.Namespace, dataset: RawDataset | None) -> WorkerSummary:
     from tauopt.storage import RetryPolicy, default_artifact_dir, resolve_url
     from tauopt.study import Worker, WorkerOptions, load_study, parse_config
     from tauopt.study._record import CONFIG_ATTR
@@ -457,12 +478,7 @@ def _run_worker(args: argparse.Namespace) -> WorkerSummary:
     url = resolve_url(args.storage)
     retry = RetryPolicy(limit=args.storage_retry_seconds)
     study = retry.call("loading the study", lambda: load_study(url, args.study), _warn, first=True)
-    cores = os.cpu_count() or 1
-    if args.threads is not None and args.threads > cores:
-        _warn(
-            f"warning: --threads {args.threads} is more than this machine's {cores} cores: "
-            "each epoch gets slower, not faster (give each worker its share of the cores)"
-        )
+    warn_threads(args.threads)
     attrs = retry.call("reading the study's config", lambda: study.user_attrs, _warn)
     stored = parse_config(attrs.get(CONFIG_ATTR, {}))
     settings = _settings(
@@ -481,7 +497,7 @@ def _run_worker(args: argparse.Namespace) -> WorkerSummary:
         batch_trials=args.batch_trials,
         precision=args.precision,
     )
-    summary = Worker(settings, args.study, options).run()
+    summary = Worker(settings, args.study, options, dataset=dataset).run()
     extra = "".join(
         f", {n} {what}"
         for n, what in ((summary.requeued, "queued again"), (summary.dropped, "dropped"))
@@ -515,25 +531,102 @@ def program() -> str:
     return f"{shlex.quote(sys.executable)} -m tauopt"
 
 
+#: The settings of ``tauopt run`` that a command printed for what comes next carries over:
+#: (flag, dest). Without them the printed command would describe another study (and be
+#: refused), or look for the data elsewhere.
+_RUN_SETTINGS = (
+    ("--config", "config"),
+    ("--dataset", "dataset"),
+    ("--epochs", "epochs"),
+    ("--train-size", "train_size"),
+    ("--val-size", "val_size"),
+    ("--objective", "objective"),
+    ("--heartbeat-interval", "heartbeat_interval"),
+    ("--grace-period", "grace_period"),
+    ("--device", "device"),
+    ("--threads", "threads"),
+    ("--precision", "precision"),
+)
+
+
+def _storage_flag(args: argparse.Namespace, shown: str) -> str:
+    """``--storage`` as given, or as ``$TAUOPT_STORAGE`` set it (a shell without it would
+    look in ./tauopt.db)."""
+    given = args.storage is not None or os.environ.get("TAUOPT_STORAGE")
+    return f" --storage {shlex.quote(shown)}" if given else ""
+
+
+def _data_dir(args: argparse.Namespace) -> str | None:
+    """The data root this run read: ``--data-dir``, else ``$TAUOPT_DATA`` (``TAUOPT_DATA=...
+    make run`` sets it for one command only), else None (./data)."""
+    if args.data_dir is not None:
+        return str(args.data_dir)
+    return os.environ.get("TAUOPT_DATA") or None
+
+
+def _again(args: argparse.Namespace, shown: str, **changes: object) -> str:
+    """``tauopt run`` with this run's settings (``changes`` replacing some, by dest), spelled
+    for the shell this run was started in."""
+    values = {dest: getattr(args, dest) for _, dest in _RUN_SETTINGS}
+    values["n_trials"] = args.n_trials
+    values["study"] = None if args.study == DEFAULT_STUDY else args.study
+    values["data_dir"] = _data_dir(args)
+    values["artifact_dir"] = args.artifact_dir or os.environ.get("TAUOPT_ARTIFACTS") or None
+    values["batch_trials"] = None if args.batch_trials == 1 else args.batch_trials
+    values.update(changes)
+    flags = (
+        ("--study", "study"),
+        ("--n-trials", "n_trials"),
+        *_RUN_SETTINGS,
+        ("--data-dir", "data_dir"),
+        ("--artifact-dir", "artifact_dir"),
+        ("--batch-trials", "batch_trials"),
+    )
+    words = [
+        f"{flag} {shlex.quote(str(values[dest]))}"
+        for flag, dest in flags
+        if values[dest] is not None
+    ]
+    if args.quiet:
+        words.append("--quiet")
+    return " ".join([f"{program()} run{_storage_flag(args, shown)}", *words])
+
+
+def _load_data(args: argparse.Namespace, config: StudyConfig) -> RawDataset:
+    """The study's data, read (a named dataset downloaded where missing) before anything is
+    changed: a run that cannot find its data leaves the study as it was."""
+    from tauopt.engine import load_dataset
+    from tauopt.study._create import check_change, settle, study_dataset
+
+    own = study_dataset(config, args.data_dir)  # a user's file: read and checked
+    # What create would refuse, refused first: the data of a study this run does not match
+    # may not even be here.
+    check_change(_storage_settings(args, config), args.study, settle(config, own))
+    return own if own is not None else load_dataset(config.trial.dataset, args.data_dir)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from tauopt.storage import default_artifact_dir, redact, resolve_url
     from tauopt.study import best_trials
 
-    config = _create(args)
-    summary = _run_worker(args)
+    config = _study_config(args)
+    dataset = _load_data(args, config)
+    config = _create(args, config, dataset)
+    summary = _run_worker(args, dataset)
     if _report_stop(args, summary):
         return 0
     url = resolve_url(args.storage)
     shown = redact(url)  # the exact commands for what comes next; never a password
     tauopt = program()
-    storage_flag = "" if args.storage is None else f" --storage {shlex.quote(shown)}"
+    storage_flag = _storage_flag(args, shown)
     study_flag = "" if args.study == DEFAULT_STUDY else f" --study {shlex.quote(args.study)}"
     if summary.trials_run == 0:
         print(
             f"\nstudy {args.study!r} had used its budget of {config.n_trials} trials already: "
-            f"nothing new ran. To add trials: {tauopt} run{storage_flag}{study_flag} "
-            f"--n-trials {2 * config.n_trials}; to start a new study: {tauopt} "
-            f"run{storage_flag} --study {shlex.quote(args.study + '-2')}"
+            "nothing new ran. To add trials:\n"
+            f"    {_again(args, shown, n_trials=2 * config.n_trials)}\n"
+            "to start a new study:\n"
+            f"    {_again(args, shown, study=args.study + '-2')}"
         )
     artifacts = (args.artifact_dir or default_artifact_dir(url)).resolve()
     trials = best_trials(url, args.study, artifact_dir=artifacts)
@@ -551,10 +644,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"    best = best_trials({shown!r}, {args.study!r}, artifact_dir={str(artifacts)!r})[0]"
         )
-        print("    model = best.load_model()   # logits of images (N, 28, 28) or rows (N, 784)")
+        print(f"    model = best.load_model()   # {_io(dataset)}")
     if shown != url:
         print("(the password is masked above: pass the real URL, or set $TAUOPT_STORAGE)")
     return 0
+
+
+def _io(dataset: RawDataset) -> str:
+    """What the study's models take and give, from its dataset: ``logits (N, 10) of images
+    (N, 28, 28) or rows (N, 784)``."""
+    rows = f"rows (N, {dataset.in_features})"
+    shape = ", ".join(str(d) for d in dataset.shape)
+    inputs = f"images (N, {shape}) or {rows}" if len(dataset.shape) > 1 else rows
+    return f"logits (N, {dataset.num_classes}) of {inputs}"
 
 
 def _print_best(study: str, trials: BestTrials) -> None:
@@ -677,11 +779,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     what = (
         f"enqueued {enqueued} runs" if enqueued else f"all {len(runs)} runs were enqueued already"
     )
+    where = f"{_storage_flag(args, redact(url))} --study {shlex.quote(args.study)}"
     print(
         f"study {args.study!r} in {redact(url)}: {what} ({args.protocol} protocol, "
         f"{spec['epochs']} epochs on {spec['train_size'] or 'all'} images); run them with "
-        f"`tauopt worker --study {args.study}` (as many as you like), then "
-        f"`tauopt report --study {args.study} --out report`",
+        f"`{program()} worker{where}` (as many as you like), then "
+        f"`{program()} report{where} --out report`",
         file=sys.stderr,
     )
     return 0
@@ -709,7 +812,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from tauopt._dashboard import Door, bind, warn_if_public
+    from tauopt._dashboard import Door, bind, hide_study_attrs, warn_if_public
     from tauopt.storage import (
         StorageSettings,
         artifact_store,
@@ -718,9 +821,11 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         redact,
         resolve_url,
     )
+    from tauopt.study._record import INTERNAL_STUDY_ATTRS
 
     url = resolve_url(args.storage)
     storage = open_storage(StorageSettings(url=url), create_schema=False)
+    hide_study_attrs(storage, INTERNAL_STUDY_ATTRS)
     # The dashboard only reads the models (compose mounts their volume read-only); it makes
     # the folder only where no worker has yet.
     folder = Path(args.artifact_dir or default_artifact_dir(url))

@@ -217,9 +217,9 @@ def _bad(tmp_path: Path, **arrays: np.ndarray) -> Path:
         ({"y_train": np.full(400, -1)}, "y_train has the label -1"),
         ({"y_test": np.zeros(50, dtype=np.float32)}, "y_test must hold integer labels"),
         ({"x_train": np.full((400, 5), np.nan, dtype=np.float32)}, "x_train holds NaN"),
-        (
-            {"x_train": RNG.random((5, 5)), "y_train": np.zeros(5, dtype=np.int64)},
-            "val_size must lie in [0, 5)",
+        (  # one image: the validation image, a fifth at least one, leaves none to train
+            {"x_train": RNG.random((1, 5)), "y_train": np.zeros(1, dtype=np.int64)},
+            "val_size must lie in [0, 1)",
         ),
         ({"x_test": RNG.random((50, 6))}, "differ in shape"),
     ],
