@@ -169,18 +169,34 @@ def paired(views: Sequence[TrialView], measure: Measure) -> list[Comparison]:
                 varying.discard(factor.key)
             # strata whose runs are the same runs (a setting that acted on none of them, as
             # pruning that never removed a block) give the same differences: one row
-            merged: dict[tuple[tuple[Any, float], ...], list[_Stratum]] = {}
+            merged: dict[tuple[Any, ...], list[_Stratum]] = {}
             for key in sorted(keys, key=str):
-                values = []
-                for b, o in strata[key]:
+                merged.setdefault(_runs_of(strata[key]), []).append(key)
+            for same in merged.values():
+                diffs = []
+                for b, o in strata[same[0]]:
                     base, other = measure.value(b, o)
-                    values.append((_coords(b).get("seed"), (other - base) * measure.scale))
-                merged.setdefault(tuple(sorted(values, key=str)), []).append(key)
-            for diffs, same in merged.items():
-                d = by_unit(list(diffs))
+                    diffs.append((_coords(b).get("seed"), (other - base) * measure.scale))
+                d = by_unit(diffs)
                 cells = (factor.title, factor.contrast, arch, dataset, _label(same, varying))
                 rows.append(Comparison(measure.title, (*cells, f"{len(diffs)} ({d.n})"), d, ""))
     return [replace(r, fmt=measure.fmt) for r in rows]
+
+
+def _runs_of(found: list[tuple[TrialView, TrialView]]) -> tuple[Any, ...]:
+    """What the pairs' runs trained to, epoch by epoch: equal for the same runs."""
+    return tuple(
+        sorted(
+            (
+                str(_coords(b).get("seed")),
+                tuple(b.test_history),
+                tuple(o.test_history),
+                b.test_accuracy,
+                o.test_accuracy,
+            )
+            for b, o in found
+        )
+    )
 
 
 def _label(strata: list[_Stratum], varying: set[str]) -> str:

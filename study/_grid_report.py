@@ -175,7 +175,8 @@ def reading(rows: Sequence[Comparison]) -> list[str]:
         "",
         f"This report makes **{len(tested)} comparisons** with a test (the rows of every table "
         f"below with two or more seeds that do not all agree); {raw} of them have a 95 % "
-        f"interval that excludes 0, **{kept} survive Holm's correction** over all "
+        f"interval that excludes 0, **{kept} {'survives' if kept == 1 else 'survive'} Holm's "
+        "correction** over all "
         f"{len(tested)}, and {fdr} have a Benjamini-Hochberg q below {ALPHA:g}. "
         f"{equal} more rows have every seed equal: their interval has zero width and they "
         'get no verdict ("all seeds equal").',
@@ -346,6 +347,67 @@ def every_rate(views: Sequence[TrialView]) -> list[str]:
         interval = "" if d.low is None else f" {d.interval('.2f')}"
         test = f"{d.mean:.2f}{interval} pts"
         rows.append(_row(*key[:2], f"{key[2]:g}", key[3], f"{key[4]:g}", d.n, test, f"{val} pts"))
+    return [*lines, *_table(header, rows), ""]
+
+
+def ends_section(views: Sequence[TrialView]) -> list[str]:
+    """Where each arm ends (descriptive): final training and test accuracy and the taus of
+    the runs with nothing else on, so that a difference above can be read against the level
+    it starts from (a gap between an underfitting and a fitting network says little)."""
+    lines = [
+        "## Where each arm ends",
+        "",
+        "Runs with nothing else on (no l1, no horizon penalty, a free last tau, no pruning), "
+        "means over the seeds; the taus' range over the runs' final step sizes.",
+        "",
+    ]
+    header = (
+        "network",
+        "dataset",
+        "T",
+        "taus",
+        "lr",
+        "runs",
+        "training accuracy",
+        "test accuracy",
+        "final taus (min to max)",
+    )
+    plain = {"l1": 0.0, "horizon_weight": 0.0, "last_tau": "free"}
+    rows = []
+    for arch, dataset in panels(views):
+        chosen = [
+            v
+            for v in pick(views, arch=arch, dataset=dataset, **plain)
+            if (v.grid or {}).get("pruning", "off") == "off"
+        ]
+        keys = {
+            ((g := v.grid or {})["T"], g["taus"], g.get("lr", v.config.get("lr"))) for v in chosen
+        }
+        for T, taus, lr in sorted(keys, key=str):
+            runs = [
+                v
+                for v in chosen
+                if (g := v.grid or {})["T"] == T
+                and g["taus"] == taus
+                and g.get("lr", v.config.get("lr")) == lr
+            ]
+            train = _mean((100 * (v.record.train_accuracy or math.nan) for v in runs), ".2f")
+            test = _mean((100 * v.test_accuracy for v in runs), ".2f")
+            final = [t for v in runs for t in v.record.taus]
+            spread = f"{min(final):.3g} to {max(final):.3g}" if final else "-"
+            rows.append(
+                _row(
+                    arch,
+                    dataset,
+                    f"{T:g}",
+                    taus,
+                    f"{lr:g}",
+                    len(runs),
+                    f"{train} pts",
+                    f"{test} pts",
+                    spread,
+                )
+            )
     return [*lines, *_table(header, rows), ""]
 
 

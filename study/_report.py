@@ -25,6 +25,7 @@ from tauopt.study._grid_report import (
     budget,
     clean_loss_section,
     comparisons,
+    ends_section,
     lr_section,
     paired_section,
     reading,
@@ -91,7 +92,8 @@ def write_grid_report(runs: GridRuns, out: Path) -> list[Path]:
     lines += budget(runs)
     lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
     lines += reading(rows) + paired_section(views, rows) + lr_section(views, rows)
-    lines += clean_loss_section(views) + regulariser_section(views) + tau_section(views)
+    lines += ends_section(views) + clean_loss_section(views)
+    lines += regulariser_section(views) + tau_section(views)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return [*figures, report]

@@ -262,7 +262,7 @@ def test_the_report_counts_its_comparisons_and_corrects_them(tmp_path: Path) -> 
     ]
     count = int(re.search(r"makes \*\*(\d+) comparisons\*\*", report).group(1))  # type: ignore[union-attr]
     assert count == len(tested) > 0
-    kept = int(re.search(r"\*\*(\d+) survive Holm", report).group(1))  # type: ignore[union-attr]
+    kept = int(re.search(r"\*\*(\d+) survives? Holm", report).group(1))  # type: ignore[union-attr]
     assert kept == sum(r.endswith("(Holm) |") for r in tested)
     assert "n = 4 seeds" in report  # few seeds: the normality caveat
 
