@@ -519,12 +519,20 @@ def tau_section(views: Sequence[TrialView]) -> list[str]:
         "runs with trained taus",
         "a tau below 0 at some epoch",
         "below 0 at the end",
+        "of those, by regulariser",
+        "lowest final tau",
     )
     rows = []
     for arch in _archs(views):
         for T in _Ts(views):
             runs = [v for v in pick(views, arch=arch, T=T) if (v.grid or {}).get("taus") != "fixed"]
             ever = sum(any(t < 0 for row in v.tau_history for t in row) for v in runs)
-            end = sum(any(t < 0 for t in v.record.taus) for v in runs)
-            rows.append(_row(arch, f"{T:g}", len(runs), ever, end))
+            below = [v for v in runs if any(t < 0 for t in v.record.taus)]
+            kinds: dict[str, int] = {}
+            for v in below:
+                name = regulariser(v) or "other"
+                kinds[name] = kinds.get(name, 0) + 1
+            which = ", ".join(f"{k}: {n}" for k, n in kinds.items()) or "-"
+            lowest = f"{min(min(v.record.taus) for v in below):.3g}" if below else "-"
+            rows.append(_row(arch, f"{T:g}", len(runs), ever, len(below), which, lowest))
     return [*lines, *_table(header, rows), ""]
