@@ -80,8 +80,10 @@ def _same(got: TrainResult | Exception, want: TrainResult | Exception) -> None:
     assert isinstance(got, TrainResult) and isinstance(want, TrainResult), (got, want)
     for name in METRICS:
         assert getattr(got, name) == getattr(want, name), name
-    for (key, a), b in zip(got.model.state_dict().items(), want.model.state_dict().values()):
-        assert torch.equal(a, b), key
+    mine, theirs = got.model.state_dict(), want.model.state_dict()
+    assert list(mine) == list(theirs)
+    for key, value in mine.items():
+        assert torch.equal(value, theirs[key]), key
 
 
 def _close(got: TrainResult | Exception, want: TrainResult | Exception) -> None:
@@ -173,11 +175,13 @@ def test_a_population_resumed_together_equals_one_trained_in_one_go(mnist: RawDa
         assert all(isinstance(o, RunPausedError) for o in out)
         states = [saves.saved[-1][i] for i in range(len(configs))]
         assert len({s.group for s in states}) == 1 and states[0].slots is not None
-        for got, want in zip(train_population(configs, mnist, device="cpu", states=states), whole):
+        again = train_population(configs, mnist, device="cpu", states=states)
+        for got, want in zip(again, whole, strict=True):
             _same(got, want)
         _close(train(configs[0], mnist, device="cpu", resume=states[0]), whole[0])
         apart = [dataclasses.replace(s, group=None) for s in states]  # as from other groups
-        for got, want in zip(train_population(configs, mnist, device="cpu", states=apart), whole):
+        rebuilt = train_population(configs, mnist, device="cpu", states=apart)
+        for got, want in zip(rebuilt, whole, strict=True):
             _close(got, want)
 
 
