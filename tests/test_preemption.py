@@ -232,3 +232,51 @@ def test_a_stopped_worker_s_trials_resume_with_the_results_of_an_uninterrupted_r
     with open(exported, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["state"] == "COMPLETE"]
     assert sum(1 for r in rows if r["resumed_from"] != "[]") == k
+
+
+def _grid(url: str, name: str) -> None:
+    argv = ["reproduce", "--storage", url, "--study", name, "--epochs", "12"]
+    assert main([*argv, "--train-size", "4000", "--datasets", "mnist", "--only", "pruning"]) == 0
+
+
+def _by_grid_id(url: str, name: str) -> dict[str, dict[str, Any]]:
+    trials = _trials(url, name)
+    done = {t.user_attrs["grid_id"]: t.user_attrs for t in trials if t.state == TrialState.COMPLETE}
+    assert len(done) == 4 and not [t for t in trials if t.state == TrialState.RUNNING]
+    return done
+
+
+@pytest.mark.postgres
+def test_the_authors_grid_through_the_proxy_resumes_with_the_results_of_an_uninterrupted_run(
+    tmp_path: Path, data_dir: Path, scratch_database: tuple[str, Any]
+) -> None:
+    """Four runs of the authors' grid (test accuracy every epoch) as one population, through
+    ``tauopt proxy``: SIGTERM, then another worker; the same results as on SQLite uninterrupted."""
+    from test_proxy import Proxy
+
+    local = f"sqlite:///{tmp_path / 'whole.db'}"
+    _grid(local, "grid")
+    whole = Worker(local, "grid", tmp_path / "whole", data_dir, 4)
+    assert whole.finish() == 0, whole.output
+    want = _by_grid_id(local, "grid")
+    proxy = Proxy(scratch_database[0])
+    proxy.start()
+    try:
+        _grid(proxy.url, "grid")
+        artifacts = tmp_path / "artifacts"
+        first = Worker(proxy.url, "grid", artifacts, data_dir, 4)
+        first.wait_until(lambda: "epoch 3/12" in first.output, "trained 3 epochs")
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.finish(timeout=60) == 0, first.output
+        assert first.output.count("it goes on from epoch") == 4, first.output
+        second = Worker(proxy.url, "grid", artifacts, data_dir, 4)
+        assert second.finish() == 0, second.output
+        assert second.output.count("goes on from its state after epoch") == 4, second.output
+        got = _by_grid_id(proxy.url, "grid")
+    finally:
+        proxy.stop()
+    for grid_id, attrs in got.items():
+        assert attrs["resumed_from"]
+        for metric in (*METRICS, "test_accuracy_history"):
+            assert attrs[metric] == want[grid_id][metric], (grid_id, metric)
+    assert _states(artifacts) == []
