@@ -280,3 +280,53 @@ def test_the_authors_grid_through_the_proxy_resumes_with_the_results_of_an_unint
         for metric in (*METRICS, "test_accuracy_history"):
             assert attrs[metric] == want[grid_id][metric], (grid_id, metric)
     assert _states(artifacts) == []
+
+
+def test_a_damaged_state_starts_the_trial_again_with_one_line_and_the_same_result(
+    tmp_path: Path, data_dir: Path, uninterrupted: dict[int, dict[int, dict[str, Any]]]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    name = _create(tmp_path, url, 1)
+    artifacts = tmp_path / "artifacts"
+    first = Worker(url, name, artifacts, data_dir, 1)
+    first.wait_until(lambda: "epoch 5/30" in first.output, "trained 5 epochs")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.finish(timeout=60) == 0, first.output
+    (path,) = _states(artifacts)
+    path.write_bytes(path.read_bytes()[:1000])  # cut short, as by a full disk elsewhere
+    second = Worker(url, name, artifacts, data_dir, 1)
+    assert second.finish() == 0, second.output
+    assert second.output.count("starts again from epoch 0: its saved state") == 1, second.output
+    assert "is damaged" in second.output and "Traceback" not in second.output
+    (attrs,) = _by_seed(url, name, 1).values()
+    assert attrs["resumed_from"] == []
+    for metric in METRICS:
+        assert attrs[metric] == uninterrupted[1][0][metric], metric
+    assert _states(artifacts) == []
+
+
+SMALL = """
+[study]
+anchors = 0
+[search]
+depth = 3
+width = 32
+[trial]
+epochs = 3
+train_size = 2000
+val_size = 500
+checkpoint_seconds = 0.01
+"""
+
+
+def test_a_folder_for_states_that_cannot_be_written_leaves_trials_training_and_is_said_once(
+    workdir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifacts = workdir / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "checkpoints").write_text("a file where the folder should be")
+    argv = ["run", "--data-dir", str(data_dir), "--config", "small.toml", "--n-trials", "3"]
+    assert main([*argv, "--artifact-dir", str(artifacts), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("cannot save the states of running trials") == 1, err
+    assert "3 complete" in err

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ from tauopt.engine import (
     train,
     train_population,
 )
+from tauopt.study import _liveness as liveness
+from tauopt.study._liveness import WorkerStopped, stop_on_signals
 from tauopt.study._resume import TrialIdentity, TrialStates, config_hash, dataset_hash
 
 SMALL: dict[str, Any] = {"epochs": 5, "train_size": 1500, "val_size": 500, "data_seed": 3}
@@ -343,3 +348,24 @@ def test_a_folder_that_cannot_be_written_is_said_once(
     assert not states.save(identity, state) and not states.save(identity, state)
     assert len(lines) == 1 and "cannot save the states of running trials" in lines[0]
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoints"]  # nothing left behind
+
+
+# -- stop signals ------------------------------------------------------------------------
+
+
+def test_a_stop_signal_in_training_is_a_request_and_past_the_grace_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(liveness, "HARD_STOP_MARGIN", 0.2)
+    with stop_on_signals(0.5) as stops:
+        assert stops.stop_in() is None
+        with pytest.raises(WorkerStopped, match="SIGTERM"), stops.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run: a request, not a stop
+            left = stops.stop_in()
+            assert stops.name == "SIGTERM" and left is not None and 0 < left <= 0.5
+            time.sleep(5)  # past grace and margin: the alarm stops whatever hangs here
+        assert stops.stop_in() == 0.0
+    with stop_on_signals(10.0), pytest.raises(WorkerStopped, match="SIGINT"):
+        os.kill(os.getpid(), signal.SIGINT)  # outside training: at once
+        time.sleep(5)
