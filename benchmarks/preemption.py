@@ -7,7 +7,7 @@ Reports the extra compute (CPU seconds and wall seconds of every worker process,
 against the uninterrupted worker's), the stops, where each trial resumed, and whether every
 trial's metrics and per-epoch records are identical (bitwise) to the uninterrupted run's.
 
-    python benchmarks/preemption.py --data-dir ../shared/data [--every 15] [--signal TERM] \\
+    python benchmarks/preemption.py --data-dir ../shared/data [--every 20] [--signal TERM] \\
         [--json benchmarks/results/preemption_cpu_DATE.json]
 """
 
@@ -165,7 +165,7 @@ def _trials(url: str, name: str) -> dict[int, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--every", type=float, default=15.0, help="seconds between stops")
+    parser.add_argument("--every", type=float, default=20.0, help="seconds between stops")
     parser.add_argument("--signal", choices=["TERM", "KILL"], default="TERM")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--train-size", type=int, default=10_000)
@@ -180,6 +180,8 @@ def main() -> None:
         whole = _run(url, "whole", args, folder / "whole", None)
         preempted = _run(url, "preempted", args, folder / "preempted", args.every)
         want, got = _trials(url, "whole"), _trials(url, "preempted")
+        # what starting a worker costs: one on the finished study starts, finds nothing, ends
+        start = _run(url, "whole", args, folder / "whole", None)["workers"][0]
         left = sorted(p.name for p in (folder / "preempted").glob("checkpoints/*"))
     identical = {seed: all(got[seed][m] == want[seed][m] for m in METRICS) for seed in sorted(want)}
     cpu = {
@@ -203,6 +205,10 @@ def main() -> None:
         "wall_seconds": {k: round(v, 1) for k, v in wall.items()},
         "extra_cpu": round(cpu["preempted"] / cpu["whole"] - 1, 4),
         "extra_wall": round(wall["preempted"] / wall["whole"] - 1, 4),
+        # a worker's start (imports, data, study) with nothing to train: the fixed cost of
+        # every restart
+        "start_cpu_seconds": start["cpu_seconds"],
+        "start_wall_seconds": start["wall_seconds"],
         "identical": identical,
         "all_identical": all(identical.values()),
         "resumed_from": {seed: got[seed]["resumed_from"] for seed in sorted(got)},
