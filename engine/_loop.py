@@ -348,6 +348,12 @@ class _Run:
     def saving(self) -> bool:
         return self.checkpoints is not None and self.checkpoints.every > 0
 
+    def due(self, stop: float | None) -> bool:
+        """Whether to save at this epoch boundary: a stop was asked, or ``every`` seconds of
+        training passed since the last save."""
+        every = 0.0 if self.checkpoints is None else self.checkpoints.every
+        return every > 0 and (stop is not None or self.since_save >= every)
+
     def pauser(self, start: int, total: int, began: float) -> Callable[[int], bool]:
         """``pause(done)`` for one pass: once a stop is asked, whether to stop after this
         batch (True) or go on to the epoch's end, which is then within the time left."""
@@ -465,11 +471,9 @@ def run_epochs(
         ended = time.perf_counter()
         going = []
         for position, index in enumerate(run.live):
+            record = records[index]
             try:
-                _end_epoch(
-                    stepper, position, records[index], epoch, done.losses, done.clean, splits,
-                    options,
-                )  # fmt: skip
+                _end_epoch(stepper, position, record, epoch, done, splits, options)
             except DivergedError as e:
                 outcome[index] = e
                 continue
@@ -505,7 +509,7 @@ def run_epochs(
         if epoch == first.epochs:
             break
         stop = run.stop_in()
-        if run.saving() and (stop is not None or run.since_save >= run.checkpoints.every):  # type: ignore[union-attr]
+        if run.due(stop):
             run.save(epoch, 0, run.generator.get_state(), None, 0.0)
         if stop is not None:
             outcome.update(run.paused())
@@ -520,14 +524,13 @@ def _end_epoch(
     position: int,
     record: RunRecord,
     epoch: int,
-    losses: Sequence[float],
-    clean: Sequence[float],
+    done: EpochPass,
     splits: Splits,
     options: LoopOptions,
 ) -> None:
     """Check, evaluate, record and prune one member after an epoch."""
     taus = stepper.taus(position)
-    check_finite(epoch, losses[position], taus)
+    check_finite(epoch, done.losses[position], taus)
     network = stepper.network(position)
     if splits.val_x.shape[0]:
         record.val.append(accuracy(network, splits.val_x, splits.val_y))
@@ -536,8 +539,8 @@ def _end_epoch(
         record.test.append(accuracy(network, splits.test_x, splits.test_y))
     ids = stepper.block_ids(position)
     record.record_taus(ids, taus)
-    record.losses.append(losses[position])
-    record.clean.append(clean[position])
+    record.losses.append(done.losses[position])
+    record.clean.append(done.clean[position])
     c = record.config
     if c.prune_eps is not None and c.arch == "resnet" and epoch % c.prune_every == 0:
         for removed in stepper.prune(position, c.prune_eps, c.prune_rule):

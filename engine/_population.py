@@ -126,7 +126,7 @@ def train_population(
             continue
         relay = None if on_epoch is None else partial(_relay, on_epoch, part)
         saves = None if checkpoints is None else _Renumbered(checkpoints, part)
-        part_states = [given[i] for i in part] if resumed else None
+        part_states = [s for s in (given[i] for i in part) if s is not None] or None
         if together or len(part) >= MIN_BATCH:
             arch = configs[part[0]].arch
             options = LoopOptions(
@@ -141,7 +141,7 @@ def train_population(
                 dataset,
                 dev=resolve_device(device),
                 options=options,
-                states=part_states,  # type: ignore[arg-type]
+                states=part_states,
             )
             outcome.update(zip(part, results, strict=True))
             continue
