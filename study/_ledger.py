@@ -27,7 +27,7 @@ from tauopt.storage import (
     trial_id,
 )
 from tauopt.study._liveness import Heartbeat
-from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR
+from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR, progressed
 
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 #: A claim holds the study's lock at most this long, then lets other workers claim: asking
@@ -92,7 +92,7 @@ def requeue(
     tid: int,
     reason: str | None,
     *,
-    counted: bool = True,
+    counted: bool | None = None,
 ) -> bool:
     """Fail trial ``tid`` through no fault of its own and queue it again with the same
     parameters and seed (Optuna's retry callback, as for a dead worker's trial); the reason
@@ -100,7 +100,9 @@ def requeue(
 
     ``counted=False`` (a worker stopped by a signal, which saved the trial's state): the
     retry does not count against the storage's ``max_retry``, which is there for trials that
-    kill their workers; a trial on preemptible machines may be stopped any number of times."""
+    kill their workers; a trial on preemptible machines may be stopped any number of times.
+    ``None`` (a dead worker's trial): counted unless the attempt saved a state past the one it
+    started from (a worker killed after its trial made progress is not the trial's doing)."""
     try:
         if reason is not None:
             storage.set_trial_user_attr(tid, RETRY_REASON_ATTR, reason)
@@ -109,6 +111,8 @@ def requeue(
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
     failed = storage.get_trial(tid)
+    if counted is None:
+        counted = not progressed(failed.user_attrs)
     if counted:
         access.retry(study, failed)
         return True

@@ -20,6 +20,7 @@ from tauopt.study._record import (
     ANCHOR_ATTR,
     RUN_KEY_ATTR,
     SAVED_STATE_ATTR,
+    STARTED_FROM_ATTR,
     WORKER_ATTR,
     grid_config,
 )
@@ -107,7 +108,9 @@ class Planner:
         # Recorded once the parameters are fixed: a retry of this trial reruns them, and
         # inherits the run key (a first attempt gets one here).
         key = stored.user_attrs.get(RUN_KEY_ATTR)
-        attrs: dict[str, Any] = {WORKER_ATTR: self.worker}
+        saved = stored.user_attrs.get(SAVED_STATE_ATTR)
+        # where this attempt starts (a retry inherits its predecessor's: written again)
+        attrs: dict[str, Any] = {WORKER_ATTR: self.worker, STARTED_FROM_ATTR: saved}
         if key is None:
             key = attrs[RUN_KEY_ATTR] = new_run_key()
         tid = trial_id(trial)
@@ -115,7 +118,6 @@ class Planner:
             "recording the worker",
             lambda: self.ledger.access.set_trial_attrs(tid, user=attrs, system={}),
         )
-        saved = stored.user_attrs.get(SAVED_STATE_ATTR)
         return Planned(
             claim,
             config,

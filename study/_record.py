@@ -31,6 +31,22 @@ WORKER_ATTR = "worker"
 RUN_KEY_ATTR = "run_key"
 #: Where the trial's latest saved state stands: {"epoch": e, "batch": b}.
 SAVED_STATE_ATTR = "saved_state"
+#: Where this attempt of the trial started: the saved state it went on from, or None.
+STARTED_FROM_ATTR = "started_from"
+
+
+def progressed(attrs: dict[str, Any]) -> bool:
+    """Whether an attempt of a trial saved a state past the one it started from (its user
+    attributes: a retry inherits them, these two included)."""
+    saved, start = attrs.get(SAVED_STATE_ATTR), attrs.get(STARTED_FROM_ATTR)
+    if not isinstance(saved, dict):
+        return False
+    if not isinstance(start, dict):
+        return True
+    point = (saved.get("epoch", 0), saved.get("batch", 0))
+    return bool(point > (start.get("epoch", 0), start.get("batch", 0)))
+
+
 #: A run of ``tauopt reproduce``: its TrainConfig, its coordinates and its unique name.
 GRID_CONFIG_ATTR = "grid_config"
 GRID_POINT_ATTR = "grid_point"

@@ -32,6 +32,7 @@ from tauopt.engine import (
 )
 from tauopt.study import _liveness as liveness
 from tauopt.study._liveness import WorkerStopped, stop_on_signals
+from tauopt.study._record import progressed
 from tauopt.study._resume import TrialIdentity, TrialStates, config_hash, dataset_hash
 
 SMALL: dict[str, Any] = {"epochs": 5, "train_size": 1500, "val_size": 500, "data_seed": 3}
@@ -369,3 +370,14 @@ def test_a_stop_signal_in_training_is_a_request_and_past_the_grace_a_stop(
     with stop_on_signals(10.0), pytest.raises(WorkerStopped, match="SIGINT"):
         os.kill(os.getpid(), signal.SIGINT)  # outside training: at once
         time.sleep(5)
+
+
+def test_a_dead_worker_s_trial_counts_against_max_retry_only_without_progress() -> None:
+    def at(epoch: int, batch: int = 0) -> dict[str, int]:
+        return {"epoch": epoch, "batch": batch}
+
+    assert not progressed({})  # never saved: the trial may be what kills its workers
+    assert progressed({"saved_state": at(3)})  # saved, started from scratch
+    assert progressed({"saved_state": at(3, 5), "started_from": at(3)})
+    assert not progressed({"saved_state": at(3), "started_from": at(3)})  # nothing new
+    assert not progressed({"saved_state": at(3), "started_from": at(3, 5)})
