@@ -22,7 +22,7 @@ from tauopt.storage import StorageSettings
 from tauopt.study import OBJECTIVES, PROTOCOLS, StudyConfig, TrialBudget
 from tauopt.study._config import DEFAULT_TRAIN_SIZE
 from tauopt.study._reproduce import DATASETS as PAPER_DATASETS
-from tauopt.study._worker import DEFAULT_STOP_GRACE
+from tauopt.study._worker import DEFAULT_STOP_GRACE, MAX_STOP_GRACE
 
 if TYPE_CHECKING:
     from tauopt.engine import RawDataset
@@ -140,7 +140,7 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--stop-grace",
-        type=_non_negative,
+        type=_stop_grace,
         default=DEFAULT_STOP_GRACE,
         metavar="S",
         help="on SIGTERM or SIGINT, save the running trials' states at the end of the current "
@@ -186,6 +186,13 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _stop_grace(text: str) -> float:
+    value = _non_negative(text)
+    if value > MAX_STOP_GRACE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STOP_GRACE:g} s, got {text!r}")
     return value
 
 

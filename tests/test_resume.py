@@ -9,6 +9,7 @@ signals against SQLite and PostgreSQL, are in ``tests/test_preemption.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from tauopt._cli import main
 from tauopt.engine import (
     RawDataset,
     RunPausedError,
@@ -30,6 +32,8 @@ from tauopt.engine import (
     train,
     train_population,
 )
+from tauopt.errors import ConfigError
+from tauopt.study import WorkerOptions, parse_config
 from tauopt.study import _liveness as liveness
 from tauopt.study._liveness import WorkerStopped, stop_on_signals
 from tauopt.study._record import progressed
@@ -381,3 +385,26 @@ def test_a_dead_worker_s_trial_counts_against_max_retry_only_without_progress() 
     assert progressed({"saved_state": at(3, 5), "started_from": at(3)})
     assert not progressed({"saved_state": at(3), "started_from": at(3)})  # nothing new
     assert not progressed({"saved_state": at(3), "started_from": at(3, 5)})
+
+
+@pytest.mark.parametrize("value", [-1, "60", True, math.inf])
+def test_checkpoint_seconds_must_be_a_number_of_seconds(value: object) -> None:
+    with pytest.raises(
+        ConfigError, match=r"trial\.checkpoint_seconds: must be a number of seconds"
+    ):
+        parse_config({"trial": {"checkpoint_seconds": value}})
+    assert parse_config({"trial": {"checkpoint_seconds": 0.5}}).trial.checkpoint_seconds == 0.5
+    assert parse_config({}).trial.checkpoint_seconds == 60
+
+
+def test_a_stop_grace_that_is_no_number_of_seconds_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for bad in ("-1", "soon", "inf"):
+        argv = ["worker", "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--stop-grace", bad]
+        with contextlib.suppress(SystemExit):
+            assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--stop-grace" in err and "Traceback" not in err, err
+    with pytest.raises(ConfigError, match="stop_grace must lie in"):
+        WorkerOptions(artifact_dir=tmp_path, stop_grace=-1.0)
