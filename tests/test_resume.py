@@ -116,8 +116,9 @@ PRUNING = {"width": 32, "depth": 5, "lr": 0.1, "l1": 0.01, "T": 1.0}
         {"prune_eps": 0.12, "dependent_last_tau": True, "T": 2.0},
         {"precision": "bfloat16", "prune_eps": 0.12},
         {"arch": "fracdnn", "l1": 0.0, "gamma": 0.4},
+        {"prune_eps": 0.12, "fixed_input_tau": True, "split_seed": 11},
     ],
-    ids=["resnet", "dependent", "bfloat16", "fracdnn"],
+    ids=["resnet", "dependent", "bfloat16", "fracdnn", "input-fixed"],
 )
 def test_a_run_resumed_at_an_epoch_or_after_any_batch_equals_one_trained_in_one_go(
     mnist: RawDataset, changes: dict[str, Any]
@@ -168,11 +169,13 @@ GROUP = [
     {"seed": 3, "lr": 0.2},
     {"seed": 4, "lr": 0.1, "l1": 0.01, "prune_eps": 0.12, "T": 3.0, "horizon_weight": 0.05},
     {"seed": 5, "lr": 0.08, "l1": 0.02, "prune_eps": 0.15, "projected_last_tau": True},
+    {"seed": 6, "lr": 0.1, "fixed_tau": True},
+    {"seed": 7, "lr": 0.1, "l1": 0.02, "prune_eps": 0.15, "fixed_input_tau": True},
 ]
 
 
 def test_a_population_resumed_together_equals_one_trained_in_one_go(mnist: RawDataset) -> None:
-    """Five members, pruned to different depths (one with a pruned block between kept ones
+    """Seven members (fixed, input-fixed and trainable taus), pruned to different depths (one with a pruned block between kept ones
     while the stack stays deep), stopped after a batch and at an epoch's end: resumed
     together, bitwise; a member resumed alone, or members rebuilt from their networks, to the
     population's tolerance."""
