@@ -175,10 +175,10 @@ GROUP = [
 
 
 def test_a_population_resumed_together_equals_one_trained_in_one_go(mnist: RawDataset) -> None:
-    """Seven members (fixed, input-fixed and trainable taus), pruned to different depths (one
-    with a pruned block between kept ones while the stack stays deep), stopped after a batch and at an epoch's end: resumed
-    together, bitwise; a member resumed alone, or members rebuilt from their networks, to the
-    population's tolerance."""
+    """Seven members (fixed, input-fixed and trainable taus), pruned to different depths
+    (one with a pruned block between kept ones while the stack stays deep), stopped after a
+    batch and at an epoch's end: resumed together, bitwise; a member resumed alone, or members
+    rebuilt from their networks, to the population's tolerance."""
     small = {**SMALL, "epochs": 6, "width": 32, "depth": 5, "T": 1.0}
     configs = [TrainConfig(**{**small, **member}) for member in GROUP]
     whole = train_population(configs, mnist, device="cpu")
