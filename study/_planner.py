@@ -95,8 +95,7 @@ class Planner:
         stored: Any = self.ledger.db(
             "reading the trial", lambda: self.ledger.storage.get_trial(trial_id(trial))
         )
-        first = int(stored.system_attrs.get(RETRIED_FROM, trial.number))
-        seed = first
+        seed = first = int(stored.system_attrs.get(RETRIED_FROM, trial.number))
         fixed = grid_config(stored.user_attrs)
         if fixed is not None:
             self._suggest_coordinates(trial)
