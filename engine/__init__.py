@@ -15,8 +15,10 @@ from tauopt.engine._data import (
 )
 from tauopt.engine._loop import EpochStats, PruneEvent, TrainResult, accuracy, partial_result
 from tauopt.engine._population import group_key, train_population
+from tauopt.engine._state import Checkpointing, RunPausedError, RunState
 from tauopt.engine._train import (
     build_model,
+    check_state,
     parameter_count,
     resolve_device,
     set_threads,
@@ -28,14 +30,18 @@ __all__ = [
     "DATASETS",
     "PRECISIONS",
     "PRUNE_RULES",
+    "Checkpointing",
     "EpochStats",
     "PruneEvent",
     "RawDataset",
+    "RunPausedError",
+    "RunState",
     "Splits",
     "TrainConfig",
     "TrainResult",
     "accuracy",
     "build_model",
+    "check_state",
     "default_data_dir",
     "default_val_size",
     "group_key",

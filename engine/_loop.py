@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,6 +22,13 @@ from tqdm import tqdm
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import Splits
+from tauopt.engine._state import (
+    RECORD_LISTS,
+    Checkpointing,
+    RunPausedError,
+    RunState,
+    estimate_seconds,
+)
 from tauopt.errors import DivergedError
 from tauopt.models import TauNetwork
 
@@ -81,6 +89,9 @@ class TrainResult:
     train_accuracy: list[float] = field(default_factory=list)
     clean_loss: list[float] = field(default_factory=list)
     penalties: list[dict[str, float]] = field(default_factory=list)
+    #: Where the run went on from a saved state, in order: ``{"epoch": e, "batch": b}`` (after
+    #: ``e`` epochs and ``b`` batches of the next one). Empty for a run trained in one go.
+    resumed_from: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def final_val_accuracy(self) -> float:
@@ -109,6 +120,7 @@ class TrainResult:
             "pruned": [vars(event) for event in self.pruned],
             "epoch_seconds": self.epoch_seconds,
             "train_seconds": self.train_seconds,
+            "resumed_from": self.resumed_from,
         }
 
 
@@ -129,6 +141,21 @@ class RunRecord:
     pruned: list[PruneEvent] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    resumed: list[dict[str, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_state(cls, state: RunState) -> RunRecord:
+        """The records of the run ``state`` is a point of, noting that it goes on from there."""
+        lists = {name: list(state.record[name]) for name in RECORD_LISTS}
+        lists["pruned"] = [PruneEvent(**event) for event in lists["pruned"]]
+        lists["resumed"].append({"epoch": state.epoch, "batch": state.batch})
+        return cls(state.config, state.initial_params, **lists)
+
+    def lists(self) -> dict[str, list[Any]]:
+        """Copies of every per-epoch record, as plain data (see :class:`RunState`)."""
+        lists = {name: list(getattr(self, name)) for name in RECORD_LISTS}
+        lists["pruned"] = [vars(event) for event in self.pruned]
+        return lists
 
     def record_taus(self, block_ids: Sequence[int], taus: Sequence[float]) -> None:
         """The taus of the blocks ``block_ids``, over every original block (a pruned block's
@@ -178,6 +205,7 @@ class RunRecord:
             train_accuracy=self.train_acc,
             clean_loss=self.clean,
             penalties=self.penalties,
+            resumed_from=self.resumed,
         )
 
 
@@ -206,6 +234,22 @@ def check_finite(epoch: int, loss: float, taus: list[float]) -> None:
         raise DivergedError(epoch, f"step sizes became non-finite: {taus}")
 
 
+@dataclass(frozen=True)
+class EpochPass:
+    """What one pass of :meth:`Stepper.train_epoch` did: ``batches`` of the epoch are done
+    (those it was told to skip included). A complete pass gives every member's mean loss and
+    mean clean loss; a pass paused before the epoch's end gives their sums so far instead."""
+
+    batches: int
+    losses: list[float] = field(default_factory=list)
+    clean: list[float] = field(default_factory=list)
+    sums: list[tuple[float, float]] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.sums is None
+
+
 class Stepper(Protocol):
     """Trains the members of a run (positions ``0 .. size-1``) one epoch at a time."""
 
@@ -213,9 +257,19 @@ class Stepper(Protocol):
     def depth(self) -> int:
         """Blocks the step computes now (a population's stack; one network's blocks)."""
 
-    def train_epoch(self, generator: torch.Generator, bar: tqdm[Any]) -> tuple[list[float], ...]:
-        """One pass over the shuffled training split, batches in ``generator``'s order; the
-        mean loss and the mean clean loss of every member."""
+    def train_epoch(
+        self,
+        order: torch.Tensor,
+        bar: tqdm[Any],
+        *,
+        start: int = 0,
+        sums: Sequence[tuple[float, float]] | None = None,
+        pause: Callable[[int], bool] = lambda done: False,
+    ) -> EpochPass:
+        """One pass over the training split, batches in ``order`` (a permutation of its
+        images): the first ``start`` batches are skipped (a pass that goes on, with the losses
+        summed so far ``sums``); after each batch but the last, ``pause(batches done)`` may end
+        the pass there."""
 
     def taus(self, position: int) -> list[float]:
         """The member's active taus."""
@@ -225,6 +279,10 @@ class Stepper(Protocol):
 
     def network(self, position: int) -> TauNetwork:
         """The member as a network, up to date."""
+
+    def state(self, position: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """The member's network as a :class:`RunState` holds it, and its slots in a
+        population's stack (None for a network stepped alone)."""
 
     def prune(self, position: int, eps: float, rule: str) -> list[int]:
         """Remove the member's blocks that ``rule`` picks; their positions in its taus."""
@@ -236,12 +294,118 @@ class Stepper(Protocol):
 @dataclass(frozen=True, kw_only=True)
 class LoopOptions:
     """How :func:`run_epochs` reports: ``on_epoch(index, stats)`` after every epoch (it may
-    raise to stop that member), progress lines (and a bar on a terminal) to stderr."""
+    raise to stop that member), progress lines (and a bar on a terminal) to stderr; and where
+    its states go (``checkpoints``: saved at epoch boundaries and when a stop is asked)."""
 
     on_epoch: Callable[[int, EpochStats], None] | None = None
     progress: bool = False
     label: str = ""
     test_every_epoch: bool = False
+    checkpoints: Checkpointing | None = None
+
+
+def loop_start(states: Sequence[RunState]) -> RunState | None:
+    """The point a run of these members goes on from (None: from the start). They must all
+    stand at one point, with one batch order."""
+    if not states:
+        return None
+    first = states[0]
+    for state in states[1:]:
+        if state.point != first.point or not torch.equal(state.order, first.order):
+            raise ValueError(
+                f"members that train together must go on from one point: {first.point} and "
+                f"{state.point}"
+            )
+    return first
+
+
+class _Run:
+    """One call of :func:`run_epochs`: its members, where they stand, and their states."""
+
+    def __init__(
+        self,
+        stepper: Stepper,
+        records: Sequence[RunRecord],
+        options: LoopOptions,
+        start: RunState | None,
+    ) -> None:
+        self.stepper, self.records, self.options = stepper, records, options
+        self.checkpoints = options.checkpoints
+        self.live = list(range(len(records)))  # record index of each stepper position
+        self.generator = torch.Generator().manual_seed(records[0].config.order_seed)
+        #: where each member's latest saved state stands
+        self.saved: dict[int, tuple[int, int]] = {}
+        self.group = uuid.uuid4().hex
+        self.since_save = 0.0  # seconds trained since the last save
+        self.after = 0.0  # seconds an epoch's end (evaluation, pruning, reports) took last
+        if start is not None:
+            self.generator.set_state(start.order)
+            self.saved = dict.fromkeys(self.live, start.point)
+
+    def stop_in(self) -> float | None:
+        return None if self.checkpoints is None else self.checkpoints.stop_in()
+
+    def saving(self) -> bool:
+        return self.checkpoints is not None and self.checkpoints.every > 0
+
+    def due(self, stop: float | None) -> bool:
+        """Whether to save at this epoch boundary: a stop was asked, or ``every`` seconds of
+        training passed since the last save."""
+        every = 0.0 if self.checkpoints is None else self.checkpoints.every
+        return every > 0 and (stop is not None or self.since_save >= every)
+
+    def pauser(self, start: int, total: int, began: float) -> Callable[[int], bool]:
+        """``pause(done)`` for one pass: once a stop is asked, whether to stop after this
+        batch (True) or go on to the epoch's end, which is then within the time left."""
+        decided: list[bool] = []
+
+        def pause(done: int) -> bool:
+            if not decided:
+                left = self.stop_in()
+                if left is None:
+                    return False
+                ahead = estimate_seconds(
+                    done - start, total - start, time.perf_counter() - began, self.after
+                )
+                decided.append(not self.saving() or ahead > left)
+            return decided[0]
+
+        return pause
+
+    def save(
+        self,
+        epoch: int,
+        batch: int,
+        order: torch.Tensor,
+        sums: Sequence[tuple[float, float]] | None,
+        seconds: float,
+    ) -> None:
+        """Hand every live member's state to the caller."""
+        if self.checkpoints is None or not self.live:
+            return
+        states = {}
+        for position, index in enumerate(self.live):
+            network, slots = self.stepper.state(position)
+            record = self.records[index]
+            states[index] = RunState(
+                config=record.config,
+                epoch=epoch,
+                batch=batch,
+                order=order.clone(),
+                network=network,
+                record=record.lists(),
+                initial_params=record.initial_params,
+                slots=slots,
+                group=None if slots is None else self.group,
+                sums=None if sums is None else sums[position],
+                epoch_seconds=seconds,
+            )
+        self.checkpoints.save(states)
+        self.saved.update(dict.fromkeys(self.live, (epoch, batch)))
+        self.since_save = 0.0
+
+    def paused(self) -> dict[int, Exception]:
+        return {index: RunPausedError(self.saved.get(index)) for index in self.live}
 
 
 def run_epochs(
@@ -250,61 +414,107 @@ def run_epochs(
     splits: Splits,
     device: torch.device,
     options: LoopOptions,
+    states: Sequence[RunState] | None = None,
 ) -> list[TrainResult | Exception]:
     """Train every member for its config's epochs; per member, its result or what ended it.
+
+    ``states``, one per member, are where the members go on from (one point: see
+    :func:`loop_start`; the caller restores the stepper and the records from them). With
+    ``options.checkpoints``, every live member's state is saved at the first epoch boundary
+    after ``every`` seconds of training; once a stop is asked, at the end of the current batch,
+    or at the epoch's end if that comes within the time left, and the members still training
+    end with :class:`RunPausedError`.
 
     Each member's ``seconds`` is the epoch's time shared out over the members trained in it.
     """
     first = records[0].config
-    live = list(range(len(records)))  # record index of each stepper position
+    start = loop_start(states or [])
+    run = _Run(stepper, records, options, start)
     outcome: dict[int, TrainResult | Exception] = {}
-    generator = torch.Generator().manual_seed(first.order_seed)
+    if run.stop_in() is not None:  # asked before anything was trained
+        return [run.paused()[i] for i in range(len(records))]
     n_batches = math.ceil(splits.train_x.shape[0] / first.batch_size)
     prefix = f"{options.label} " if options.label else ""
-    for epoch in range(1, first.epochs + 1):
-        start = time.perf_counter()
+    begin, batch = (0, 0) if start is None else start.point
+    sums = None
+    if states and start is not None and start.sums is not None:
+        sums = [s.sums or (0.0, 0.0) for s in states]
+    carried = 0.0 if start is None else start.epoch_seconds
+    for epoch in range(begin + 1, first.epochs + 1):
+        order_state = run.generator.get_state()
+        order = torch.randperm(splits.train_x.shape[0], generator=run.generator)
+        began = time.perf_counter()
         with tqdm(
             total=n_batches,
+            initial=batch,
             desc=f"{prefix}epoch {epoch}/{first.epochs}",
             # Not on a log file: a bar redrawn with carriage returns is noise there.
             disable=not (options.progress and sys.stderr.isatty()),
             file=sys.stderr,
             leave=False,
         ) as bar:
-            losses, clean = stepper.train_epoch(generator, bar)
-        trained = len(live)
-        train_seconds = (time.perf_counter() - start) / trained
+            done = stepper.train_epoch(
+                order,
+                bar,
+                start=batch,
+                sums=sums,
+                pause=run.pauser(batch, n_batches, began),
+            )
+        trained = len(run.live)
+        train_seconds = (time.perf_counter() - began) / trained + carried
+        if not done.complete:
+            if run.saving():
+                run.save(epoch - 1, done.batches, order_state, done.sums, train_seconds)
+            outcome.update(run.paused())
+            return [outcome[i] for i in range(len(records))]
+        batch, sums, carried = 0, None, 0.0
+        ended = time.perf_counter()
         going = []
-        for position, index in enumerate(live):
+        for position, index in enumerate(run.live):
+            record = records[index]
             try:
-                _end_epoch(stepper, position, records[index], epoch, losses, clean, splits, options)
+                _end_epoch(stepper, position, record, epoch, done, splits, options)
             except DivergedError as e:
                 outcome[index] = e
                 continue
             going.append(position)
-        seconds = (time.perf_counter() - start) / trained
+        seconds = train_seconds + (time.perf_counter() - ended) / trained
         stays = []
         for position in going:
-            record = records[live[position]]
+            record = records[run.live[position]]
             record.train_seconds.append(train_seconds)
             record.seconds.append(seconds)
             try:
                 if options.on_epoch is not None:
-                    options.on_epoch(live[position], record.stats(epoch, stepper.network(position)))
+                    options.on_epoch(
+                        run.live[position], record.stats(epoch, stepper.network(position))
+                    )
             except Exception as e:  # the caller stops this member (a pruner, say)
                 # what it trained so far goes with the exception (see partial_result)
                 network = stepper.network(position)
                 e.partial_result = record.result(network, splits, device)  # type: ignore[attr-defined]
-                outcome[live[position]] = e
+                outcome[run.live[position]] = e
                 continue
             stays.append(position)
         stepper.keep(stays)
         if options.progress:
-            _print_progress(prefix, epoch, records, live, going, stays, stepper, seconds * trained)
-        live = [live[p] for p in stays]
-        if not live:
+            _print_progress(
+                prefix, epoch, records, run.live, going, stays, stepper, seconds * trained
+            )
+        run.live = [run.live[p] for p in stays]
+        run.after = time.perf_counter() - ended
+        run.since_save += time.perf_counter() - began
+        if not run.live:
             break
-    for position, index in enumerate(live):
+        if epoch == first.epochs:
+            break
+        stop = run.stop_in()
+        if run.due(stop):
+            run.save(epoch, 0, run.generator.get_state(), None, 0.0)
+        if stop is not None:
+            outcome.update(run.paused())
+            return [outcome[i] for i in range(len(records))]
+    for position, index in enumerate(run.live):
         outcome[index] = records[index].result(stepper.network(position), splits, device)
     return [outcome[i] for i in range(len(records))]
 
@@ -314,14 +524,13 @@ def _end_epoch(
     position: int,
     record: RunRecord,
     epoch: int,
-    losses: Sequence[float],
-    clean: Sequence[float],
+    done: EpochPass,
     splits: Splits,
     options: LoopOptions,
 ) -> None:
     """Check, evaluate, record and prune one member after an epoch."""
     taus = stepper.taus(position)
-    check_finite(epoch, losses[position], taus)
+    check_finite(epoch, done.losses[position], taus)
     network = stepper.network(position)
     if splits.val_x.shape[0]:
         record.val.append(accuracy(network, splits.val_x, splits.val_y))
@@ -330,8 +539,8 @@ def _end_epoch(
         record.test.append(accuracy(network, splits.test_x, splits.test_y))
     ids = stepper.block_ids(position)
     record.record_taus(ids, taus)
-    record.losses.append(losses[position])
-    record.clean.append(clean[position])
+    record.losses.append(done.losses[position])
+    record.clean.append(done.clean[position])
     c = record.config
     if c.prune_eps is not None and c.arch == "resnet" and epoch % c.prune_every == 0:
         for removed in stepper.prune(position, c.prune_eps, c.prune_rule):

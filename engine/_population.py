@@ -9,18 +9,28 @@ same pruning decisions, and the evaluation runs on the member's own network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import RawDataset, make_splits
-from tauopt.engine._loop import EpochStats, LoopOptions, RunRecord, TrainResult, run_epochs
+from tauopt.engine._loop import (
+    EpochStats,
+    LoopOptions,
+    RunRecord,
+    TrainResult,
+    loop_start,
+    run_epochs,
+)
 from tauopt.engine._population_step import PopulationStepper
+from tauopt.engine._state import Checkpointing, RunPausedError, RunState
 from tauopt.engine._train import (
     build_model,
     check_fits,
+    check_resumes,
     parameter_count,
     resolve_device,
     train,
@@ -65,6 +75,8 @@ def train_population(
     progress: bool = False,
     label: str = "",
     test_every_epoch: bool = False,
+    states: Sequence[RunState | None] | None = None,
+    checkpoints: Checkpointing | None = None,
 ) -> list[TrainResult | Exception]:
     """Train every config of ``configs`` (all with one :func:`group_key`) as one population
     (ResNets and fractional networks together, or apart where both sides are large enough and
@@ -79,6 +91,14 @@ def train_population(
 
     An epoch's time is shared out: each member's ``epoch_seconds`` is the group's epoch time
     divided by the members trained in it.
+
+    ``states`` (None or one per config, None for a member that starts from scratch) are where
+    the members go on from; they must all stand at one point (epochs and batches done; a
+    member without a state stands at the start). Members whose states come from one training
+    of one group train together again, whatever their number, from their slots in its stack:
+    the same arithmetic as if they had never stopped. ``checkpoints`` takes their states as
+    they train (see :func:`tauopt.engine._loop.run_epochs`); once it asks for a stop, the
+    members not finished end with :class:`RunPausedError`.
     """
     if not configs:
         return []
@@ -88,20 +108,40 @@ def train_population(
         raise ConfigError("a population's configs must agree on " + ", ".join(_SHARED))
     if dataset.name != configs[0].dataset:
         raise ConfigError(f"config asks for {configs[0].dataset!r} but {dataset.name!r} was loaded")
+    given = list(states) if states is not None else [None] * len(configs)
+    if len(given) != len(configs):
+        raise ValueError(f"{len(given)} states for {len(configs)} configs")
+    resumed = [s for s in given if s is not None]
+    if resumed and len(resumed) < len(configs):
+        raise ValueError("members that train together go on from one point: all or none")
+    loop_start(resumed)
     outcome: dict[int, TrainResult | Exception] = {}
-    parts = _parts(configs)
+    parts, together = _parts(configs), False
+    groups = {s.group for s in resumed}
+    if resumed and None not in groups and len(groups) == 1:
+        parts, together = [list(range(len(configs)))], True  # one group's training goes on
     for part in parts:
+        if checkpoints is not None and checkpoints.stop_in() is not None:
+            outcome.update({i: _paused(given[i]) for i in part})
+            continue
         relay = None if on_epoch is None else partial(_relay, on_epoch, part)
-        if len(part) >= MIN_BATCH:
+        saves = None if checkpoints is None else _Renumbered(checkpoints, part)
+        part_states = [s for s in (given[i] for i in part) if s is not None] or None
+        if together or len(part) >= MIN_BATCH:
             arch = configs[part[0]].arch
             options = LoopOptions(
                 on_epoch=relay,
                 progress=progress,
                 label=f"{label} ({arch} members)".strip() if len(parts) > 1 else label,
                 test_every_epoch=test_every_epoch,
+                checkpoints=saves,
             )
             results = _train_together(
-                [configs[i] for i in part], dataset, dev=resolve_device(device), options=options
+                [configs[i] for i in part],
+                dataset,
+                dev=resolve_device(device),
+                options=options,
+                states=part_states,
             )
             outcome.update(zip(part, results, strict=True))
             continue
@@ -115,6 +155,8 @@ def train_population(
                     progress=progress,
                     label=_alone_label(label, index, len(configs)),
                     test_every_epoch=test_every_epoch,
+                    resume=given[index],
+                    checkpoints=None if checkpoints is None else _Renumbered(checkpoints, [index]),
                 )
             except Exception as e:  # this member's end; the others go on
                 outcome[index] = e
@@ -135,6 +177,28 @@ def _parts(configs: Sequence[TrainConfig]) -> list[list[int]]:
     return [list(range(len(configs)))]
 
 
+def _paused(state: RunState | None) -> RunPausedError:
+    return RunPausedError(None if state is None else state.point)
+
+
+@dataclass(frozen=True)
+class _Renumbered:
+    """A part's checkpoints: its members' states under their indices in the whole call."""
+
+    checkpoints: Checkpointing
+    part: list[int]
+
+    @property
+    def every(self) -> float:
+        return self.checkpoints.every
+
+    def stop_in(self) -> float | None:
+        return self.checkpoints.stop_in()
+
+    def save(self, states: Mapping[int, RunState]) -> None:
+        self.checkpoints.save({self.part[i]: state for i, state in states.items()})
+
+
 def _relay(
     on_epoch: Callable[[int, EpochStats], None], part: list[int], index: int, stats: EpochStats
 ) -> None:
@@ -151,6 +215,7 @@ def _train_together(
     *,
     dev: torch.device,
     options: LoopOptions,
+    states: Sequence[RunState] | None = None,
 ) -> list[TrainResult | Exception]:
     first = configs[0]
     for config in configs:  # K members hold K batches' states at once
@@ -166,8 +231,13 @@ def _train_together(
     )
     shape = (dataset.in_features, dataset.num_classes)
     records = [RunRecord(c, parameter_count(c, *shape)) for c in configs]
+    if states is not None:
+        for config, state in zip(configs, states, strict=True):
+            check_resumes(config, state)
+        records = [RunRecord.from_state(state) for state in states]
     networks = [build_model(c, *shape).to(dev) for c in configs]
     if splits.mean is not None and splits.std is not None:
         for network in networks:
             network.standardize_inputs(splits.mean, splits.std)
-    return run_epochs(PopulationStepper(configs, networks, splits), records, splits, dev, options)
+    stepper = PopulationStepper(configs, networks, splits, states=states)
+    return run_epochs(stepper, records, splits, dev, options, states)

@@ -7,8 +7,9 @@ loop is :func:`tauopt.engine._loop.run_epochs`; :class:`NetworkStepper` steps on
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import RawDataset, Splits, make_splits
 from tauopt.engine._loop import (
+    EpochPass,
     EpochStats,
     LoopOptions,
     RunRecord,
@@ -25,9 +27,10 @@ from tauopt.engine._loop import (
     run_epochs,
 )
 from tauopt.engine._population_step import PopulationStepper
+from tauopt.engine._state import Checkpointing, RunState, network_state, restore_network
 from tauopt.engine._step import GraphedTrainStep, TrainStep
 from tauopt.errors import ConfigError
-from tauopt.models import FractionalDNN, TauNetwork, TauResNet
+from tauopt.models import FractionalDNN, TauNetwork, TauPopulation, TauResNet
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -183,21 +186,36 @@ class NetworkStepper:
     def depth(self) -> int:
         return self.model.depth
 
-    def train_epoch(self, generator: torch.Generator, bar: tqdm[Any]) -> tuple[list[float], ...]:
+    def train_epoch(
+        self,
+        order: torch.Tensor,
+        bar: tqdm[Any],
+        *,
+        start: int = 0,
+        sums: Sequence[tuple[float, float]] | None = None,
+        pause: Callable[[int], bool] = lambda done: False,
+    ) -> EpochPass:
         step = _make_step(self.model, self.optimizer, self.splits, self.config, self.cuda_graphs)
-        n = step.x.shape[0]
+        if sums is not None:  # float32 sums, exact as Python floats
+            step.total.fill_(sums[0][0])
+            step.clean.fill_(sums[0][1])
         # Batches are gathered by index from the resident tensors: a batch-sized copy per step
         # is cheaper than shuffling the whole 150 MB training tensor once per epoch.
-        order = torch.randperm(n, generator=generator).to(step.x.device)
-        batches = 0
-        for idx in order.split(self.config.batch_size):
+        batches = order.to(step.x.device).split(self.config.batch_size)
+        done = start
+        for idx in batches[start:]:
             step(idx)
-            batches += 1
-            if batches % 50 == 0:
+            done += 1
+            if (done - start) % 50 == 0:
                 bar.update(50)
-        bar.update(batches % 50)
+            if done < len(batches) and pause(done):
+                return EpochPass(done, sums=[(float(step.total), float(step.clean))])
+        bar.update((done - start) % 50)
         # one host round trip per epoch; the graph pins this epoch's buffers until then
-        return [float(step.total) / batches], [float(step.clean) / batches]
+        return EpochPass(done, [float(step.total) / done], [float(step.clean) / done])
+
+    def state(self, position: int) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        return network_state(self.model, self.model.block_ids), None
 
     def taus(self, position: int) -> list[float]:
         values: list[float] = self.model.taus.detach().cpu().tolist()
@@ -221,6 +239,34 @@ class NetworkStepper:
         """One member: nothing to repack."""
 
 
+def _standardized(model: TauNetwork, splits: Splits) -> TauNetwork:
+    if splits.mean is not None and splits.std is not None:
+        model.standardize_inputs(splits.mean, splits.std)
+    return model
+
+
+def check_resumes(config: TrainConfig, state: RunState) -> None:
+    """Refuse to go on from the state of another run (a caller's mistake: a study checks
+    what it loads before it gets here)."""
+    if state.config != config:
+        raise ValueError(f"a state of another run: {state.config} is not {config}")
+
+
+def check_state(state: RunState, in_features: int, num_classes: int) -> None:
+    """Whether a run can go on from ``state`` (a state read from a file may be of another
+    shape or damaged): its network, its slots and its batch order are restored once on the
+    CPU, and ``ValueError`` (or what torch raises: ``RuntimeError``, ``KeyError``...) says why
+    not."""
+    config = state.config
+    torch.Generator().set_state(state.order)
+    restore_network(build_model(config, in_features, num_classes), state.network)
+    if state.slots is not None:
+        member = build_model(config, in_features, num_classes)
+        TauPopulation([member]).load_slots_([state.slots])
+    if state.sums is not None and not all(math.isfinite(v) for v in state.sums):
+        raise ValueError(f"loss sums {state.sums} are not finite")
+
+
 def train(
     config: TrainConfig,
     dataset: RawDataset,
@@ -231,6 +277,8 @@ def train(
     on_epoch: Callable[[EpochStats], None] | None = None,
     cuda_graphs: bool = True,
     test_every_epoch: bool = False,
+    resume: RunState | None = None,
+    checkpoints: Checkpointing | None = None,
 ) -> TrainResult:
     """Train the network of ``config`` on ``dataset``; see :class:`TrainResult`.
 
@@ -249,6 +297,12 @@ def train(
     ``on_epoch`` is called after every epoch (after pruning); it may raise to stop the run,
     which is how a study prunes an unpromising trial. Raises :class:`DivergedError` when the
     loss or a step size stops being finite.
+
+    ``resume`` goes on from a saved state of this config's run (see
+    :class:`tauopt.engine._state.RunState`); ``checkpoints`` takes the run's states as it
+    trains and may ask it to stop, which raises :class:`~tauopt.engine._state.RunPausedError`.
+    On the same device and thread count a run that goes on from a state of its own stepper
+    gives the very result of a run trained in one go.
     """
     if dataset.name != config.dataset:
         raise ConfigError(f"config asks for {config.dataset!r} but {dataset.name!r} was loaded")
@@ -263,22 +317,31 @@ def train(
         normalize=config.normalize,
         seed=config.split_order,
     )
-    model = build_model(config, dataset.in_features, dataset.num_classes).to(dev)
-    if splits.mean is not None and splits.std is not None:
-        model.standardize_inputs(splits.mean, splits.std)
+    model = build_model(config, dataset.in_features, dataset.num_classes)
     record = RunRecord(config, model.num_active_params())
-    stepper: Stepper = (
-        NetworkStepper(model, config, splits, cuda_graphs=cuda_graphs)
-        if config.precision == "float32"
-        else PopulationStepper([config], [model], splits)
-    )
+    if resume is not None:
+        check_resumes(config, resume)
+        record = RunRecord.from_state(resume)
+    stepper: Stepper
+    if config.precision == "float32":
+        if resume is not None:
+            restore_network(model, resume.network)
+        model = _standardized(model.to(dev), splits)
+        stepper = NetworkStepper(model, config, splits, cuda_graphs=cuda_graphs)
+    else:
+        model = _standardized(model.to(dev), splits)
+        states = None if resume is None else [resume]
+        stepper = PopulationStepper([config], [model], splits, states=states)
     options = LoopOptions(
         on_epoch=None if on_epoch is None else lambda _, stats: on_epoch(stats),
         progress=progress,
         label=label,
         test_every_epoch=test_every_epoch,
+        checkpoints=checkpoints,
     )
-    (outcome,) = run_epochs(stepper, [record], splits, dev, options)
+    (outcome,) = run_epochs(
+        stepper, [record], splits, dev, options, None if resume is None else [resume]
+    )
     if isinstance(outcome, Exception):
         raise outcome
     return outcome

@@ -2,7 +2,7 @@
 
 from tauopt.models._base import TauNetwork
 from tauopt.models._fractional import FractionalDNN, l1_memory_coefficients
-from tauopt.models._population import TauPopulation
+from tauopt.models._population import TauPopulation, network_slots
 from tauopt.models._reference import reference_forward
 from tauopt.models._resnet import TauResNet
 
@@ -12,5 +12,6 @@ __all__ = [
     "TauPopulation",
     "TauResNet",
     "l1_memory_coefficients",
+    "network_slots",
     "reference_forward",
 ]

@@ -23,7 +23,7 @@ each once per step. The float32 default is the exact float32 step.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import cast
 
 import torch
@@ -498,6 +498,53 @@ class TauPopulation(nn.Module):
         active = self.active[member].tolist()
         return [b for b, on in zip(self.block_ids[member], active, strict=True) if on]
 
+    def member_slots(self, member: int) -> dict[str, torch.Tensor]:
+        """``member``'s part of the stack, as :meth:`load_slots_` takes it back: its slices of
+        every parameter, which slots hold its blocks, and their original numbers (CPU)."""
+        parts = {
+            name: getattr(self, name)[member].detach().cpu().clone()
+            for name in ("w0", "w_hidden", "bias", "w_out", "tau_free", "active")
+        }
+        parts["block_ids"] = torch.tensor(self.block_ids[member], dtype=torch.long)
+        return parts
+
+    @torch.no_grad()
+    def load_slots_(self, slots: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Every member's part of the stack from ``slots`` (one per member, in order, all of
+        one depth; from :meth:`member_slots` or :func:`network_slots`): the population goes on
+        from there, as deep as they are. ``ValueError`` for slots of another shape."""
+        if len(slots) != self.size:
+            raise ValueError(f"{len(slots)} members' slots for a population of {self.size}")
+        depth = int(slots[0]["active"].shape[0]) if slots and "active" in slots[0] else 0
+        width, classes = self.w0.shape[1], self.w_out.shape[1]
+        shapes = {
+            "w0": tuple(self.w0.shape[1:]),
+            "w_hidden": (depth - 1, width, width),
+            "bias": (depth, width),
+            "w_out": (classes, width),
+            "tau_free": (depth,),
+            "active": (depth,),
+            "block_ids": (depth,),
+        }
+        if not 1 <= depth <= self.bias.shape[1]:
+            raise ValueError(f"slots {depth} deep for a stack of at most {self.bias.shape[1]}")
+        for member, parts in enumerate(slots):
+            for name, shape in shapes.items():
+                got = parts.get(name)
+                if not isinstance(got, torch.Tensor) or tuple(got.shape) != shape:
+                    seen = None if not isinstance(got, torch.Tensor) else tuple(got.shape)
+                    raise ValueError(f"member {member}'s {name} is {seen}, not {shape}")
+        device, dtype = self.w0.device, self.w0.dtype
+
+        def stacked(name: str) -> torch.Tensor:
+            return torch.stack([parts[name] for parts in slots]).to(device, dtype).contiguous()
+
+        for name in ("w0", "w_hidden", "bias", "w_out", "tau_free"):
+            like = getattr(self, name)
+            setattr(self, name, nn.Parameter(stacked(name), requires_grad=like.requires_grad))
+        self.active = torch.stack([parts["active"] for parts in slots]).to(device, torch.bool)
+        self.block_ids = [parts["block_ids"].tolist() for parts in slots]
+
     @torch.no_grad()
     def export(self, member: int, into: TauNetwork) -> TauNetwork:
         """Write ``member``'s parameters into ``into``, a network of the same class and shape
@@ -515,6 +562,37 @@ class TauPopulation(nn.Module):
         free = positions[:-1] if bool(self.dependent[member]) else positions
         into.tau_free.copy_(self.tau_free[member, free])
         return into
+
+
+@torch.no_grad()
+def network_slots(net: TauNetwork, depth: int) -> dict[str, torch.Tensor]:
+    """A network, pruned or not, as one member's slots of a stack ``depth`` deep (at least its
+    blocks), as :meth:`TauPopulation.keep` packs them: its blocks in order in the first slots
+    (a last block that carries the horizon in the last slot), the others empty."""
+    blocks = [cast(nn.Linear, b) for b in net.blocks]
+    if depth < len(blocks):
+        raise ValueError(f"a network of {len(blocks)} blocks does not fit {depth} slots")
+    layout = _packed([True] * len(blocks), depth, net.fixed_last_block)
+    first = blocks[0].weight
+    width = first.shape[0]
+    w_hidden = first.new_zeros(depth - 1, width, width)
+    bias = first.new_zeros(depth, width)
+    tau_free = first.new_zeros(depth)
+    active = torch.zeros(depth, dtype=torch.bool)
+    block_ids = torch.full((depth,), -1, dtype=torch.long)
+    taus = net.taus.detach()
+    for slot, source in enumerate(layout):
+        if source < 0:
+            continue
+        if slot:
+            w_hidden[slot - 1] = blocks[source].weight
+        bias[slot] = blocks[source].bias
+        tau_free[slot] = taus[source]
+        active[slot] = True
+        block_ids[slot] = net.block_ids[source]
+    parts = {"w0": first, "w_hidden": w_hidden, "bias": bias, "w_out": net.output.weight}
+    parts = {name: value.detach().cpu().clone() for name, value in parts.items()}
+    return {**parts, "tau_free": tau_free.cpu(), "active": active, "block_ids": block_ids}
 
 
 def _packed(active: list[bool], depth: int, dependent: bool) -> list[int]:

@@ -20,6 +20,7 @@ Shape of the file (every table and key optional; unknown ones are errors)::
     epochs = 3
     train_size = 10000          # 0: all that the validation images leave
     val_size = 10000            # unset: a fifth of the training split, at most 10,000
+    checkpoint_seconds = 60     # a running trial's state saved this often; 0: never
 
     [storage]
     heartbeat_interval = 10
@@ -195,6 +196,9 @@ class TrialBudget:
     #: A user's .npz file's content hash, set by ``tauopt create``: a worker whose file
     #: differs refuses to train.
     dataset_sha256: str = ""
+    #: Seconds of training between two saves of a running trial's state (at the first epoch
+    #: boundary after them), so that a stopped trial goes on from there; 0: none saved.
+    checkpoint_seconds: float = 60.0
 
     @property
     def train_images(self) -> int | None:
@@ -395,6 +399,12 @@ def parse_config(data: Mapping[str, Any]) -> StudyConfig:
         raise _fail(
             "trial.epochs",
             f"{values['epochs']} epochs would not end in a lifetime (at most {MAX_EPOCHS:,})",
+        )
+    seconds = values["checkpoint_seconds"]
+    if not _is_number(seconds) or seconds < 0:
+        raise _fail(
+            "trial.checkpoint_seconds",
+            f"must be a number of seconds >= 0 (0: no saved states), got {seconds!r}",
         )
     if values["precision"] not in PRECISIONS:
         raise _fail("trial.precision", f"{values['precision']!r} is not one of {list(PRECISIONS)}")

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from tauopt.errors import StorageError
 from tauopt.storage import (
     OVER_BUDGET_ATTR,
+    RETRIED_FROM,
     RetryPolicy,
     StudyAccess,
     is_storage_error,
@@ -26,7 +27,7 @@ from tauopt.storage import (
     trial_id,
 )
 from tauopt.study._liveness import Heartbeat
-from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR
+from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR, RETRY_REASON_ATTR, progressed
 
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 #: A claim holds the study's lock at most this long, then lets other workers claim: asking
@@ -90,10 +91,18 @@ def requeue(
     access: StudyAccess,
     tid: int,
     reason: str | None,
+    *,
+    counted: bool | None = None,
 ) -> bool:
     """Fail trial ``tid`` through no fault of its own and queue it again with the same
     parameters and seed (Optuna's retry callback, as for a dead worker's trial); the reason
-    is stored with it. False if another worker finished it first."""
+    is stored with it. False if another worker finished it first.
+
+    ``counted=False`` (a worker stopped by a signal, which saved the trial's state): the
+    retry does not count against the storage's ``max_retry``, which is there for trials that
+    kill their workers; a trial on preemptible machines may be stopped any number of times.
+    ``None`` (a dead worker's trial): counted unless the attempt saved a state past the one it
+    started from (a worker killed after its trial made progress is not the trial's doing)."""
     try:
         if reason is not None:
             storage.set_trial_user_attr(tid, RETRY_REASON_ATTR, reason)
@@ -101,7 +110,23 @@ def requeue(
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    access.retry(study, storage.get_trial(tid))
+    failed = storage.get_trial(tid)
+    if counted is None:
+        counted = not progressed(failed.user_attrs)
+    if counted:
+        access.retry(study, failed)
+        return True
+    # Optuna's retry callback without its entry in the retry history (public API only).
+    system = {RETRIED_FROM: failed.number, **failed.system_attrs}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=failed.params,
+            distributions=failed.distributions,
+            user_attrs=failed.user_attrs,
+            system_attrs=system,
+        )
+    )
     return True
 
 
@@ -296,7 +321,9 @@ class Ledger:
         try:
             done = policy.call(
                 "queueing the trial again",
-                lambda: requeue(self.study, self.storage, self.access, tid, reason),
+                lambda: requeue(
+                    self.study, self.storage, self.access, tid, reason, counted=not quick
+                ),
                 self.say,
             )
         except StorageError as e:

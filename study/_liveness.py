@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType, TracebackType
 
@@ -20,25 +21,79 @@ class WorkerStopped(BaseException):
         self.signal_name = signal_name
 
 
+#: Seconds past the grace after which a stop that was asked is made at once, whatever the
+#: worker is doing (a save or a booking that hangs on a storage that went away): the trials it
+#: still holds are handed back as on any stop, and go on from their latest saved states.
+HARD_STOP_MARGIN = 5.0
+
+
+class StopSignals:
+    """The first SIGTERM or SIGINT of a worker. Outside :meth:`deferred` it raises
+    :class:`WorkerStopped` at once in the main thread; inside, it is a request: ``stop_in()``
+    tells the training how many of the ``grace`` seconds are left, and if the worker has not
+    left the deferred part ``grace`` + :data:`HARD_STOP_MARGIN` seconds after the signal, an
+    alarm raises :class:`WorkerStopped` there. A second signal acts as it did before the
+    worker started (so a second Ctrl-C still stops at once)."""
+
+    def __init__(self, grace: float = 0.0) -> None:
+        self.grace = grace
+        self.name: str | None = None  # the signal's name, once one came
+        self._at = 0.0
+        self._deferring = False
+
+    def stop_in(self) -> float | None:
+        """Seconds of the grace left since a stop was asked; None while none was."""
+        if self.name is None:
+            return None
+        return max(0.0, self.grace - (time.monotonic() - self._at))
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A part of the work (training, booking) that a stop signal does not break into: it
+        is asked to stop instead (see the class)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if threading.current_thread() is threading.main_thread():
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _received(self, name: str) -> None:
+        self.name, self._at = name, time.monotonic()
+        if not self._deferring:
+            raise WorkerStopped(name)
+        signal.setitimer(signal.ITIMER_REAL, self.grace + HARD_STOP_MARGIN)
+
+    def _alarm(self, signum: int, frame: FrameType | None) -> None:
+        if self._deferring and self.name is not None:
+            raise WorkerStopped(self.name)
+
+
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Turn the first SIGTERM or SIGINT into :class:`WorkerStopped` in the main thread; a
-    second one acts as it did before (so a second Ctrl-C still stops at once)."""
+def stop_on_signals(grace: float = 0.0) -> Iterator[StopSignals]:
+    """Turn the first SIGTERM or SIGINT into a stop (see :class:`StopSignals`) in the main
+    thread; in another thread signals are left alone and nothing ever asks to stop."""
+    stops = StopSignals(grace)
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stops
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    alarm = signal.getsignal(signal.SIGALRM)
 
     def handler(signum: int, frame: FrameType | None) -> None:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        raise WorkerStopped(signal.Signals(signum).name)
+        stops._received(signal.Signals(signum).name)
 
     for sig in previous:
         signal.signal(sig, handler)
+    signal.signal(signal.SIGALRM, stops._alarm)
     try:
-        yield
+        yield stops
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
         for sig, old in previous.items():
             signal.signal(sig, old)
 

@@ -11,23 +11,43 @@ from typing import Any
 
 import optuna
 
-from tauopt.engine import TrainConfig, group_key
+from tauopt.engine import RunState, TrainConfig, group_key
 from tauopt.storage import RETRIED_FROM, trial_id
 from tauopt.study._config import StudyConfig
 from tauopt.study._ledger import Claim, Ledger
 from tauopt.study._objective import suggest_config
-from tauopt.study._record import ANCHOR_ATTR, WORKER_ATTR, grid_config
+from tauopt.study._record import (
+    ANCHOR_ATTR,
+    RUN_KEY_ATTR,
+    SAVED_STATE_ATTR,
+    STARTED_FROM_ATTR,
+    WORKER_ATTR,
+    grid_config,
+)
+from tauopt.study._resume import new_run_key, valid_run_key
 
 
 @dataclass(frozen=True)
 class Planned:
     """A claimed trial and what it trains; ``grid``: a fixed run of ``tauopt reproduce``;
-    ``anchor``: placed by ``create`` (``study.anchors``), not drawn."""
+    ``anchor``: placed by ``create`` (``study.anchors``), not drawn. ``run_key`` names its saved
+    state, shared with its retries (None: an attribute that is not a key; nothing is saved);
+    ``first_number`` is its first attempt's number; ``saved_at`` where its record says its
+    latest state stands; ``resume`` the state it goes on from, once loaded."""
 
     claim: Claim
     config: TrainConfig
     grid: bool
     anchor: bool
+    run_key: str | None = None
+    first_number: int = 0
+    saved_at: tuple[int, int] | None = None
+    resume: RunState | None = None
+
+    @property
+    def point(self) -> tuple[int, int]:
+        """Where it starts: (epochs done, batches of the next done)."""
+        return (0, 0) if self.resume is None else self.resume.point
 
     @property
     def trial(self) -> optuna.Trial:
@@ -75,7 +95,7 @@ class Planner:
         stored: Any = self.ledger.db(
             "reading the trial", lambda: self.ledger.storage.get_trial(trial_id(trial))
         )
-        seed = int(stored.system_attrs.get(RETRIED_FROM, trial.number))
+        seed = first = int(stored.system_attrs.get(RETRIED_FROM, trial.number))
         fixed = grid_config(stored.user_attrs)
         if fixed is not None:
             self._suggest_coordinates(trial)
@@ -84,11 +104,28 @@ class Planner:
             config = self._guarded(lambda: suggest_config(trial, self.config, seed=seed))
         if self.precision is not None:
             config = config.replace(precision=self.precision)
-        # Recorded once the parameters are fixed: a retry of this trial reruns them.
+        # Recorded once the parameters are fixed: a retry of this trial reruns them, and
+        # inherits the run key (a first attempt gets one here).
+        key = stored.user_attrs.get(RUN_KEY_ATTR)
+        saved = stored.user_attrs.get(SAVED_STATE_ATTR)
+        # where this attempt starts (a retry inherits its predecessor's: written again)
+        attrs: dict[str, Any] = {WORKER_ATTR: self.worker, STARTED_FROM_ATTR: saved}
+        if key is None:
+            key = attrs[RUN_KEY_ATTR] = new_run_key()
+        tid = trial_id(trial)
         self.ledger.guarded(
-            "recording the worker", lambda: trial.set_user_attr(WORKER_ATTR, self.worker)
+            "recording the worker",
+            lambda: self.ledger.access.set_trial_attrs(tid, user=attrs, system={}),
         )
-        return Planned(claim, config, fixed is not None, ANCHOR_ATTR in stored.user_attrs)
+        return Planned(
+            claim,
+            config,
+            fixed is not None,
+            ANCHOR_ATTR in stored.user_attrs,
+            run_key=key if valid_run_key(key) else None,
+            first_number=first,
+            saved_at=_point(saved),
+        )
 
     def _guarded(self, fn: Callable[[], TrainConfig]) -> TrainConfig:
         result: Any = self.ledger.guarded("reading the trial's parameters", fn)
@@ -104,9 +141,19 @@ class Planner:
         """Trials of one :func:`group_key` (and grid runs apart from searched ones) together,
         in the order they were claimed."""
         by_key: dict[tuple[object, ...], list[Planned]] = {}
-        for p in planned:
-            by_key.setdefault((*group_key(p.config), p.grid), []).append(p)
+        for p in planned:  # members go on from one point together
+            by_key.setdefault((*group_key(p.config), p.grid, p.point), []).append(p)
         return [Group(members) for members in by_key.values()]
+
+
+def _point(saved: object) -> tuple[int, int] | None:
+    """A ``SAVED_STATE_ATTR`` value as (epoch, batch), None where it is not one."""
+    if not isinstance(saved, dict):
+        return None
+    epoch, batch = saved.get("epoch"), saved.get("batch", 0)
+    if isinstance(epoch, int) and isinstance(batch, int):
+        return (epoch, batch)
+    return None
 
 
 def _suggester(trial: optuna.Trial, name: str, choices: list[Any]) -> Callable[[], object]:

@@ -222,6 +222,7 @@ _LIST_COLUMNS = (
     "clean_loss_history",
     "penalty_history",
     "tau_history",
+    "resumed_from",
 )
 _REASONS = (FAIL_REASON_ATTR, RETRY_REASON_ATTR, WORKER_ATTR)
 

@@ -26,6 +26,27 @@ FAIL_REASON_ATTR = "fail_reason"
 RETRY_REASON_ATTR = "retry_reason"
 #: Who ran the trial (host:pid), recorded once its parameters are fixed.
 WORKER_ATTR = "worker"
+#: A trial's run key, set at its first attempt and inherited by its retries: the name of its
+#: saved state (see ``tauopt.study._resume``).
+RUN_KEY_ATTR = "run_key"
+#: Where the trial's latest saved state stands: {"epoch": e, "batch": b}.
+SAVED_STATE_ATTR = "saved_state"
+#: Where this attempt of the trial started: the saved state it went on from, or None.
+STARTED_FROM_ATTR = "started_from"
+
+
+def progressed(attrs: dict[str, Any]) -> bool:
+    """Whether an attempt of a trial saved a state past the one it started from (its user
+    attributes: a retry inherits them, these two included)."""
+    saved, start = attrs.get(SAVED_STATE_ATTR), attrs.get(STARTED_FROM_ATTR)
+    if not isinstance(saved, dict):
+        return False
+    if not isinstance(start, dict):
+        return True
+    point = (saved.get("epoch", 0), saved.get("batch", 0))
+    return bool(point > (start.get("epoch", 0), start.get("batch", 0)))
+
+
 #: A run of ``tauopt reproduce``: its TrainConfig, its coordinates and its unique name.
 GRID_CONFIG_ATTR = "grid_config"
 GRID_POINT_ATTR = "grid_point"
@@ -76,6 +97,9 @@ class TrialRecord:
     grid_point: dict[str, Any] | None = None
     #: Where it trained: the CPU model and cores, or the GPU's name.
     machine: str = ""
+    #: Where it went on from a saved state after a stop, in order: {"epoch": e, "batch": b}
+    #: (after e epochs and b batches of the next). Empty: trained in one go.
+    resumed_from: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def config(self) -> TrainConfig:
@@ -128,6 +152,7 @@ class TrialRecord:
             epoch_seconds=result.epoch_seconds,
             model_artifact_id=artifact_id,
             machine=machine,
+            resumed_from=result.resumed_from,
         )
 
     def to_attrs(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ not be saved), or dropped (another worker finished it while this one stalled).""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import platform
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,21 +23,57 @@ import optuna
 from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
-from tauopt.engine import EpochStats, RawDataset, TrainResult, partial_result, train_population
+from tauopt.engine import (
+    EpochStats,
+    RawDataset,
+    RunPausedError,
+    RunState,
+    TrainResult,
+    partial_result,
+    train_population,
+)
 from tauopt.errors import StorageError, TauoptError
 from tauopt.storage import constraint_attrs, is_storage_error, trial_id
 from tauopt.study._checkpoint import save_checkpoint
 from tauopt.study._config import StudyConfig, stop_rule
 from tauopt.study._ledger import Claim, FinishedElsewhereError, Ledger
+from tauopt.study._liveness import StopSignals
 from tauopt.study._objective import objective_values
 from tauopt.study._planner import Group, Planned
-from tauopt.study._record import TrialRecord
+from tauopt.study._record import SAVED_STATE_ATTR, TrialRecord
+from tauopt.study._resume import (
+    FOLDER,
+    TrialIdentity,
+    TrialStates,
+    config_hash,
+    dataset_hash,
+    where,
+)
 from tauopt.study._stopping import DominanceRule
 
 #: Saves in a row that may fail (disk full, folder gone) before the worker stops.
 MAX_SAVE_FAILURES = 3
 #: The constraint a trial below the study's ``min_val_accuracy`` violates.
 MIN_ACCURACY_CONSTRAINT = "min_val_accuracy"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Saves:
+    """A group's checkpoints: every ``checkpoint_seconds``, and when the worker is stopped."""
+
+    runner: Runner
+    group: Group
+
+    @property
+    def every(self) -> float:
+        return self.runner.every if self.runner.states is not None else 0.0
+
+    def stop_in(self) -> float | None:
+        return self.runner.settings.stops.stop_in()
+
+    def save(self, states: Mapping[int, RunState]) -> None:
+        for index, state in states.items():
+            self.runner.save(self.group.members[index], state)
 
 
 def machine(device: str) -> str:
@@ -81,6 +118,8 @@ class RunSettings:
     store: Any  # an Optuna artifact store
     progress: bool
     label: str
+    #: The worker's stop signals: training is asked to stop and save rather than broken into.
+    stops: StopSignals = dataclasses.field(default_factory=StopSignals)
 
 
 class Runner:
@@ -99,6 +138,50 @@ class Runner:
         self._save_failures = 0
         self.stop_rule = stop_rule(config.stop_trials, config.objective)
         self._dominance = DominanceRule(ledger.study, ledger, config.trial.epochs)
+        self.every = float(config.trial.checkpoint_seconds)
+        #: Running trials' states, in the artifact folder (none where checkpoints are off).
+        self.states = (
+            TrialStates(settings.artifact_dir / FOLDER, ledger.say) if self.every > 0 else None
+        )
+        self._dataset_hashes: dict[str, str] = {}
+
+    def identity(self, planned: Planned) -> TrialIdentity | None:
+        """Whose state a trial's file holds (None: the trial saves none)."""
+        if self.states is None or planned.run_key is None:
+            return None
+        name = planned.config.dataset
+        if name not in self._dataset_hashes:
+            self._dataset_hashes[name] = dataset_hash(self.dataset(name))
+        return TrialIdentity(
+            study=self.ledger.study.study_name,
+            run_key=planned.run_key,
+            first_number=planned.first_number,
+            config_hash=config_hash(planned.config, self._dataset_hashes[name], planned.grid),
+        )
+
+    def with_states(self, planned: list[Planned]) -> list[Planned]:
+        """Each trial with the state it goes on from, where it has a usable one."""
+        out = []
+        for p in planned:
+            identity = self.identity(p)
+            if self.states is None or identity is None:
+                out.append(p)
+                continue
+            dataset = self.dataset(p.config.dataset)
+            state = self.states.load(
+                identity,
+                p.config,
+                (dataset.in_features, dataset.num_classes),
+                label=f"trial {p.trial.number}",
+                saved_at=p.saved_at,
+            )
+            if state is not None:
+                self.log(
+                    f"trial {p.trial.number} goes on from its state after {where(state.point)} "
+                    f"(of {p.config.epochs})"
+                )
+            out.append(dataclasses.replace(p, resume=state))
+        return out
 
     def run(self, group: Group) -> list[Booked]:
         """Train ``group`` as one population (or each alone, where it is small) and book
@@ -111,6 +194,7 @@ class Runner:
             if report is not None:
                 report(stats)
 
+        resumed = [p.resume for p in group.members]
         results = train_population(
             [p.config for p in group.members],
             self.dataset(group.members[0].config.dataset),
@@ -119,15 +203,46 @@ class Runner:
             progress=self.settings.progress,
             label=f"{self.settings.label} {group.name}",
             test_every_epoch=group.grid,
+            states=resumed if any(s is not None for s in resumed) else None,
+            checkpoints=_Saves(self, group),
         )
         seconds = time.perf_counter() - start
         return [self.book(p, r, seconds) for p, r in zip(group.members, results, strict=True)]
 
     def book(self, planned: Planned, result: TrainResult | Exception, seconds: float) -> Booked:
-        """Store a trial's result or book what ended it."""
+        """Store a trial's result or book what ended it; a trial that ended (complete,
+        stopped, failed through its own fault) leaves no saved state behind."""
+        if isinstance(result, RunPausedError):
+            return self._paused(planned, result)
         if isinstance(result, TrainResult):
-            return self._dropping(planned.trial, lambda: self._complete(planned, result, seconds))
-        return self.book_unplanned(planned.claim, result)
+            booked = self._dropping(planned.trial, lambda: self._complete(planned, result, seconds))
+        else:
+            booked = self.book_unplanned(planned.claim, result)
+        ended = booked.outcome in (Outcome.COMPLETE, Outcome.PRUNED, Outcome.FAILED)
+        if ended and self.states is not None and planned.run_key is not None:
+            self.states.delete(planned.run_key)
+        return booked
+
+    def _paused(self, planned: Planned, paused: RunPausedError) -> Booked:
+        """A trial whose worker was stopped: handed back, to go on from its saved state."""
+        name = self.settings.stops.name or "a signal"
+        saved = "" if paused.saved is None else f"; it goes on from epoch {paused.saved[0]}"
+        if paused.saved is not None and paused.saved[1]:
+            saved += f", batch {paused.saved[1]}"
+        self.ledger.hand_back(planned.trial, f"its worker was stopped by {name}{saved}", quick=True)
+        return Booked(planned.trial, Outcome.REQUEUED)
+
+    def save(self, planned: Planned, state: RunState) -> None:
+        """Save a trial's state and note in its record where it stands (the note is a
+        courtesy: one try, a failure only costs a clearer line if the file goes missing)."""
+        identity = self.identity(planned)
+        if self.states is None or identity is None or not self.states.save(identity, state):
+            return
+        point = {"epoch": state.epoch, "batch": state.batch}
+        with contextlib.suppress(Exception):
+            self.ledger.access.set_trial_attrs(
+                trial_id(planned.trial), user={SAVED_STATE_ATTR: point}, system={}
+            )
 
     def book_unplanned(self, claim: Claim, error: Exception) -> Booked:
         """Book a trial that ended with ``error`` (in training, or while its parameters were

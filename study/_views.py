@@ -164,6 +164,11 @@ def _cell(values: list[float], epoch: int, fmt: str = ".4f") -> str:
     return format(values[epoch], fmt) if epoch < len(values) else "-"
 
 
+def _resume_point(point: dict[str, int]) -> str:
+    epoch, batch = point.get("epoch", 0), point.get("batch", 0)
+    return f"after epoch {epoch}" + (f", batch {batch} of epoch {epoch + 1}" if batch else "")
+
+
 def trial_note(view: TrialView) -> str:
     """Markdown for the dashboard's note of one trial: its settings, the per-epoch records
     (accuracies, clean loss, penalties, taus), pruning and its savings."""
@@ -175,6 +180,9 @@ def trial_note(view: TrialView) -> str:
         f"{val}test accuracy {view.test_accuracy:.4f}{train}".capitalize()
         + ("" if view.feasible else " (**infeasible**: below the study's min_val_accuracy)")
     )
+    if r.resumed_from:
+        points = "; ".join(_resume_point(p) for p in r.resumed_from)
+        lines += ["", f"**Resumed** from a saved state after a stop: {points}."]
     lines += ["", "**Per epoch** (a tau is 0 once its block is removed)", ""]
     taus = [f"tau_{b}" for b in range(view.depth)]
     head = ["epoch", "train acc", "val acc", "test acc", "clean loss", "l1 term", "horizon term"]

@@ -36,7 +36,7 @@ from tauopt.storage import (
 from tauopt.study._config import GRID_OBJECTIVE, StudyConfig, parse_config, stop_rule
 from tauopt.study._create import quiet_optuna
 from tauopt.study._ledger import Claim, Ledger
-from tauopt.study._liveness import Heartbeat, WorkerStopped, stop_on_signals
+from tauopt.study._liveness import Heartbeat, StopSignals, WorkerStopped, stop_on_signals
 from tauopt.study._planner import Planner
 from tauopt.study._publisher import Publisher
 from tauopt.study._record import CONFIG_ATTR
@@ -44,6 +44,13 @@ from tauopt.study._reproduce import REPRODUCE_ATTR
 from tauopt.study._runner import Booked, Outcome, Runner, RunSettings
 
 T = TypeVar("T")
+
+#: The default of ``--stop-grace``: half of the shortest common preemption notice (30 s: spot
+#: VMs on Google Cloud and Azure, Kubernetes' default termination grace), so that the other
+#: half is left for saving the states, handing the trials back and exiting.
+DEFAULT_STOP_GRACE = 15.0
+#: A day: no preemption notice is longer.
+MAX_STOP_GRACE = 86_400.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +71,9 @@ class WorkerOptions:
     batch_trials: int = 1
     #: The training step's products for every trial here; unset, the study's [trial] one.
     precision: str | None = None
+    #: Seconds a stop signal gives the running trials to reach their epoch's end, where their
+    #: states are saved (else they are saved at the end of the current batch).
+    stop_grace: float = DEFAULT_STOP_GRACE
 
     def __post_init__(self) -> None:
         k = self.batch_trials
@@ -74,6 +84,13 @@ class WorkerOptions:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if seed is not None and not 0 <= seed < 2**32:
             raise ConfigError(f"sampler_seed must lie in [0, 2**32), got {seed}")
+        grace = self.stop_grace
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)):
+            raise ConfigError(f"stop_grace must be a number of seconds, got {grace!r}")
+        if not 0 <= grace <= MAX_STOP_GRACE:
+            raise ConfigError(
+                f"stop_grace must lie in [0, {MAX_STOP_GRACE:g}] seconds, got {grace}"
+            )
 
 
 @dataclass(frozen=True)
@@ -181,8 +198,11 @@ class Worker:
     def run(self) -> WorkerSummary:
         """Run trials until the study's budget is spent and no other worker's trial can fail.
 
-        SIGTERM or SIGINT fails the trials this worker holds at once and queues them again, so
-        that another worker reruns them now rather than after the grace period.
+        SIGTERM or SIGINT stops the training at the end of the current batch, or at the end of
+        the epoch if that comes within ``stop_grace`` seconds, saves the running trials' states
+        (see ``tauopt.study._resume``), then fails the trials this worker holds and queues
+        them again, so that another worker goes on with them now rather than after the grace
+        period. Outside training (claiming, waiting) it does so at once.
         """
         counts: Counter[Outcome] = Counter()
         stopped = None
@@ -197,9 +217,9 @@ class Worker:
             access=self.access,
         )
         publisher = Publisher(self.study, self.access, self._say)
-        with stop_on_signals(), heartbeat:
+        with stop_on_signals(self.options.stop_grace) as stops, heartbeat:
             try:
-                self._loop(ledger, publisher, counts)
+                self._loop(ledger, publisher, counts, stops)
                 publisher.last()  # this worker's last trials, unless drawn since
             except WorkerStopped as e:
                 stopped = e.signal_name
@@ -221,7 +241,13 @@ class Worker:
             stopped=stopped,
         )
 
-    def _loop(self, ledger: Ledger, publisher: Publisher, counts: Counter[Outcome]) -> None:
+    def _loop(
+        self,
+        ledger: Ledger,
+        publisher: Publisher,
+        counts: Counter[Outcome],
+        stops: StopSignals,
+    ) -> None:
         self.dataset()
         grid = self._db("reading the study", lambda: self.study.user_attrs.get(REPRODUCE_ATTR))
         planner = Planner(
@@ -236,6 +262,7 @@ class Worker:
             store=self.store,
             progress=not self.options.quiet,
             label=f"[worker {self.sampler_seed:x}]",
+            stops=stops,
         )
         runner = Runner(ledger, self.config, settings, self.dataset, self._log)
         while True:
@@ -247,10 +274,13 @@ class Worker:
                 # stale and comes back as a waiting retry that this worker must pick up.
                 time.sleep(self.options.poll_seconds)
                 continue
-            for booked in self._run_claims(claims, planner, runner):
-                counts[booked.outcome] += 1
-                if booked.record is not None:
-                    publisher.trial(booked.trial, booked.record, feasible=booked.feasible)
+            with stops.deferred():  # a stop signal asks the training to save and stop
+                for booked in self._run_claims(claims, planner, runner):
+                    counts[booked.outcome] += 1
+                    if booked.record is not None:
+                        publisher.trial(booked.trial, booked.record, feasible=booked.feasible)
+            if stops.name is not None:
+                raise WorkerStopped(stops.name)
 
     def _run_claims(self, claims: list[Claim], planner: Planner, runner: Runner) -> list[Booked]:
         booked: list[Booked] = []
@@ -260,6 +290,6 @@ class Worker:
                 planned.append(planner.prepare(claim))
             except Exception as e:  # its parameters could not be drawn: the trial's end
                 booked.append(runner.book_unplanned(claim, e))
-        for group in planner.groups(planned):
+        for group in planner.groups(runner.with_states(planned)):
             booked += runner.run(group)
         return booked

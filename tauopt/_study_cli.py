@@ -22,6 +22,7 @@ from tauopt.storage import StorageSettings
 from tauopt.study import OBJECTIVES, PROTOCOLS, StudyConfig, TrialBudget
 from tauopt.study._config import DEFAULT_TRAIN_SIZE
 from tauopt.study._reproduce import DATASETS as PAPER_DATASETS
+from tauopt.study._worker import DEFAULT_STOP_GRACE, MAX_STOP_GRACE
 
 if TYPE_CHECKING:
     from tauopt.engine import RawDataset
@@ -137,6 +138,15 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
         "batched computation (results equal to training each alone); see the README's "
         "trials-per-hour figures for a K that pays off on your hardware",
     )
+    p.add_argument(
+        "--stop-grace",
+        type=_stop_grace,
+        default=DEFAULT_STOP_GRACE,
+        metavar="S",
+        help="on SIGTERM or SIGINT, save the running trials' states at the end of the current "
+        "batch, or at the end of the epoch if that comes within S seconds, then hand them back "
+        f"(default {DEFAULT_STOP_GRACE:g}: half of a 30-s preemption notice)",
+    )
     add_precision(p, None)
     _add_retry(p)
     _add_artifacts(p)
@@ -176,6 +186,13 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _stop_grace(text: str) -> float:
+    value = _non_negative(text)
+    if value > MAX_STOP_GRACE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STOP_GRACE:g} s, got {text!r}")
     return value
 
 
@@ -496,6 +513,7 @@ def _run_worker(args: argparse.Namespace, dataset: RawDataset | None) -> WorkerS
         retry=retry,
         batch_trials=args.batch_trials,
         precision=args.precision,
+        stop_grace=args.stop_grace,
     )
     summary = Worker(settings, args.study, options, dataset=dataset).run()
     extra = "".join(
