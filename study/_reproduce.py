@@ -19,8 +19,10 @@ together as a population; runs of different seeds are independent replicates.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +72,7 @@ class _Protocol:
     prune_eps: float
     prune_rule: str
     last_tau: str  # how the grid's exact horizon is kept: "projected" or "dependent"
+    rates: tuple[float, ...] = MATCHED_RATES  # lr-matched: the learning rates at T = 1
 
 
 _PROTOCOLS = {
@@ -192,7 +195,7 @@ def _lr_matched(base: TrainConfig, p: _Protocol) -> Iterator[GridRun]:
     coordinate ``lr`` pairs the arms at each rate."""
     if base.arch != "resnet":
         return
-    for T, rates in ((1.0, MATCHED_RATES), (float(DEPTH), (0.01,))):
+    for T, rates in ((1.0, p.rates), (float(DEPTH), tuple(r for r in p.rates if r == 0.01))):
         for arm, lr in itertools.product(TAU_ARMS, rates):
             config = _arm(base, arm).replace(T=T, lr=lr, prune_rule=p.prune_rule)
             yield GridRun({**_coords("lr-matched", config), "lr": lr}, config)
@@ -227,18 +230,28 @@ def grid(
     first_seed: int = 0,
     datasets: tuple[str, ...] = DATASETS,
     only: tuple[str, ...] = (),
+    rates: tuple[float, ...] | None = None,
 ) -> list[GridRun]:
     """Every run of ``protocol``'s grid for the seeds ``first_seed .. first_seed + seeds - 1``
     (76 per seed for ``authors``, 104 for ``tauopt`` and 24 for ``lr-matched`` with both
     datasets), or only the runs of the named ``only`` cells. ``epochs`` and ``train_size``
-    default to the protocol's (see :data:`DEFAULT_EPOCHS`). A grid may run in parts, one
-    study per range of seeds: ``tauopt report`` reads several studies as one."""
+    default to the protocol's (see :data:`DEFAULT_EPOCHS`). ``rates`` replaces the
+    ``lr-matched`` grid's learning rates at T = 1 (its T = 6 runs come with 0.01 only). A grid
+    may run in parts, one study per range of seeds or of rates: ``tauopt report`` reads
+    several studies as one."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     unknown = sorted(set(only) - set(CELLS))
     if unknown:
         raise ConfigError(f"unknown cell {unknown[0]!r}: choose from {', '.join(CELLS)}")
     spec = _PROTOCOLS[protocol]
+    if rates is not None:
+        if protocol != "lr-matched":
+            raise ConfigError(f"rates apply to the lr-matched protocol only, not {protocol!r}")
+        bad = [r for r in rates if not (isinstance(r, float) and math.isfinite(r) and r > 0)]
+        if bad or not rates:
+            raise ConfigError(f"rates must be positive learning rates, got {list(rates)}")
+        spec = dataclasses.replace(spec, rates=tuple(sorted(set(rates))))
     make = {
         "authors": _authors,
         "tauopt": _tauopt,

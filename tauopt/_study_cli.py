@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tauopt._cli import add_precision, add_threads, dataset_name, warn_threads
+from tauopt._cli import positive_float as _positive_float
 from tauopt._cli import positive_int as _positive_int
 from tauopt.engine._config import DEFAULT_VAL_CAP
 from tauopt.engine._data import DATASETS
@@ -301,6 +302,15 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
         type=_positive_int,
         default=1,
         help=f"runs of every setting (at most {MAX_SEEDS}); the authors ran one",
+    )
+    p.add_argument(
+        "--rates",
+        type=_positive_float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help="lr-matched: the learning rates at T = 1 (default 0.01 0.03 0.1; T = 6 runs come "
+        "with 0.01 only): more rates as a study of their own, reported with the first",
     )
     p.add_argument(
         "--first-seed",
@@ -780,6 +790,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         first_seed=args.first_seed,
         datasets=tuple(args.datasets),
         only=tuple(args.only),
+        rates=tuple(args.rates) if args.rates else None,
     )
     spec = {
         "protocol": args.protocol,
@@ -791,6 +802,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         "seed_draws": ["weights", "order", "split"],
         "datasets": list(args.datasets),
         "only": list(args.only),
+        **({"rates": sorted(set(args.rates))} if args.rates else {}),
     }
     url = resolve_url(args.storage)
     _, enqueued = enqueue_grid(StorageSettings(url=url), args.study, runs, spec)

@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 from tauopt.engine import group_key
+from tauopt.errors import ConfigError
 from tauopt.study import GridRun, TrialRecord, grid, write_report
 from tauopt.study._evidence import (
     Factor,
@@ -93,6 +94,14 @@ def test_the_lr_matched_grid_crosses_arms_and_rates() -> None:
         assert run.coords["lr"] == c.lr
     # one population per dataset and seed: every arm and rate trains together
     assert len({group_key(r.config) for r in runs}) == 2
+    # more rates as a study of their own: T = 1 only (T = 6 comes with 0.01), keys of their own
+    more = grid(protocol="lr-matched", seeds=1, rates=(0.3, 1.0))
+    assert {(r.config.T, r.config.lr) for r in more} == {(1.0, 0.3), (1.0, 1.0)}
+    assert len(more) == 12 and not {r.key for r in more} & {r.key for r in runs}
+    with pytest.raises(ConfigError, match="lr-matched protocol only"):
+        grid(protocol="authors", rates=(0.3,))
+    with pytest.raises(ConfigError, match="positive learning rates"):
+        grid(protocol="lr-matched", rates=(-0.1,))
 
 
 def test_cells_select_parts_of_the_grid() -> None:
