@@ -38,6 +38,11 @@ _PG_CONNECT_ARGS = {
 }
 #: The longest study name Optuna's schema stores (``studies.study_name``).
 MAX_STUDY_NAME = 512
+#: The fewest connections a bounded pool may have: the proxy's budget check holds the study's
+#: lock on one connection while it counts on another.
+MIN_POOL = 2
+#: Seconds a call waits for a free connection of a bounded pool.
+POOL_WAIT_SECONDS = 30.0
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -89,8 +94,19 @@ class StorageSettings:
     heartbeat_interval: int = 10
     grace_period: int | None = None
     max_retry: int = 3
+    #: At most this many database connections (None: SQLAlchemy's 5, and 10 more at peaks).
+    pool_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.pool_size is not None and (
+            isinstance(self.pool_size, bool)
+            or not isinstance(self.pool_size, int)
+            or self.pool_size < MIN_POOL
+        ):
+            raise ConfigError(
+                f"the database connections must be a whole number >= {MIN_POOL}, got "
+                f"{self.pool_size!r}"
+            )
         if (
             isinstance(self.heartbeat_interval, bool)
             or not isinstance(self.heartbeat_interval, int)
@@ -189,6 +205,12 @@ def open_storage(
     elif make_url(url).get_backend_name() == "postgresql":
         engine_kwargs["pool_pre_ping"] = True  # survive server restarts and idle cut-offs
         engine_kwargs["connect_args"] = _connect_args(url)
+    if settings.pool_size is not None:
+        # A bound, not a peak: a call that finds every connection busy waits for one
+        # (POOL_WAIT_SECONDS, then a transient error the caller retries).
+        engine_kwargs.update(
+            pool_size=settings.pool_size, max_overflow=0, pool_timeout=POOL_WAIT_SECONDS
+        )
     if not create_schema:
         if db is not None:
             _prepare_sqlite(db, create=False)

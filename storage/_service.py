@@ -27,7 +27,6 @@ import grpc
 import optuna
 
 from tauopt.storage import _optuna as private
-from tauopt.storage._retry import is_transient, root_message
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
@@ -63,20 +62,38 @@ def _loads(data: bytes) -> dict[str, Any]:
     return message
 
 
+#: The gRPC metadata key that carries the proxy's shared secret with every call.
+SECRET_KEY = "tauopt-secret"
+
+
+class _Secret(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds the shared secret to every call of a channel."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), (SECRET_KEY, self.secret)]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+def proxy_channel(target: str, secret: str | None) -> grpc.Channel:
+    """A channel to the proxy at ``target`` (``host:port``, an IPv6 host in brackets) whose
+    calls present ``secret``; replies of any size (a study's trials can be large)."""
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)])
+    return channel if secret is None else grpc.intercept_channel(channel, _Secret(secret))
+
+
 @contextlib.contextmanager
 def _status(context: grpc.ServicerContext) -> Iterator[None]:
-    """Optuna's errors as the status codes its own service uses; a failure of the proxy's
-    database connection as UNAVAILABLE, which a worker rides out (the write is an upsert)."""
+    """Optuna's errors as the status codes its own service uses (a database failure is the
+    proxy's guard's to answer, :mod:`tauopt.storage._proxy`)."""
     try:
         yield
     except KeyError as e:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     except optuna.exceptions.UpdateFinishedTrialError as e:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-    except Exception as e:
-        if is_transient(e):
-            context.abort(grpc.StatusCode.UNAVAILABLE, root_message(e))
-        raise
 
 
 def dead_by_stamp(
@@ -229,14 +246,21 @@ class ServiceClient:
     one call per attribute of ``storage`` (the proxy's Optuna client), and the questions
     answer None (the caller asks Optuna's service)."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, host: str, port: int) -> None:
+    def __init__(
+        self,
+        storage: optuna.storages.BaseStorage,
+        host: str,
+        port: int,
+        secret: str | None = None,
+    ) -> None:
         self.storage = storage
         self.offered = True
         self._address = f"{host}:{port}"
+        self._secret = secret
         self._connect()
 
     def _connect(self) -> None:
-        self._channel = grpc.insecure_channel(self._address)
+        self._channel = proxy_channel(self._address, self._secret)
         self._calls = {
             name: self._channel.unary_unary(
                 f"/{SERVICE}/{name}", request_serializer=_dumps, response_deserializer=_loads
