@@ -314,7 +314,9 @@ def proxy_server(
         interceptors=[_Guard(secret, log)],
         options=[("grpc.so_reuseport", 0)],
     )
-    server.add_generic_rpc_handlers((TauoptService(rdb).handler(),))
+    from tauopt.storage._rdb import study_lock  # _rdb opens proxies: imported here, not above
+
+    server.add_generic_rpc_handlers((TauoptService(rdb, study_lock).handler(),))
     try:
         server.add_insecure_port(target)
     except RuntimeError as e:  # taken between the check and now
