@@ -294,7 +294,7 @@ def test_broken_model_ids_are_one_line(
     (best,) = best_trials(None, "tauopt")
     from tauopt.storage import StorageError
 
-    for bad in ("../x", "123"):
+    for bad in ("../x", "123", 123, ["x"]):  # the record edited: a number or a list too
         with pytest.raises(StorageError, match="is not one a worker writes"):
             best.__class__(**{**best.__dict__, "artifact_id": bad}).load_model()
     folder = tmp_path / "tauopt-artifacts" / str(best.artifact_id)
