@@ -142,9 +142,10 @@ def open_proxy(url: str) -> ProxyClient:
             "proxy) or check the address in --storage"
         ) from e
     try:
-        proxy.get_study_id_from_name("\0tauopt: does this proxy take me?")
+        # any answer will do (most likely: no such study): the proxy took the call
+        proxy.get_study_id_from_name("tauopt: does this proxy take my calls?")
     except KeyError:
-        pass  # the answer for a study that does not exist: the proxy took the call
+        pass
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.UNAUTHENTICATED:
             raise  # the database behind it may be away: the caller's retry decides
