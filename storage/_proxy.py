@@ -238,8 +238,11 @@ class _Guard(grpc.ServerInterceptor):  # type: ignore[misc]
             try:
                 reply = inner(request, context)
             except Exception as e:
-                if not is_storage_error(e):
-                    raise  # the service's own answer (NOT_FOUND, ...), or a bug: UNKNOWN
+                # the service's own answer (ALREADY_EXISTS for a duplicate study, whose cause
+                # is the database's error, NOT_FOUND, ...) stands; any other error than the
+                # database's is a bug, answered UNKNOWN
+                if _answered(context) or not is_storage_error(e):
+                    raise
                 transient = is_transient(e)
                 answer = "UNAVAILABLE (a worker retries)" if transient else "INTERNAL"
                 self.failures.failed(method, e, answer)
@@ -253,6 +256,13 @@ class _Guard(grpc.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _answered(context: grpc.ServicerContext) -> bool:
+    """Whether the service has set the call's status (``context.abort`` raises a bare
+    exception, chained to what the service caught)."""
+    code = getattr(context, "code", None)
+    return callable(code) and code() is not None
 
 
 def bind_address(host: str, port: int) -> str:
