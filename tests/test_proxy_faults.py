@@ -279,6 +279,35 @@ def test_workers_ride_out_three_short_restarts(
             proxy.stop()
 
 
+def test_workers_ride_out_connections_terminated_repeatedly(
+    cluster: Cluster, path: str, tmp_path: Path, data_dir: Path
+) -> None:
+    """Every client connection of the study's database terminated, 60 rounds 0.2 s apart,
+    under two training workers (the proxy's own connections, behind the proxy)."""
+    database, storage, proxy = _storage(cluster, path)
+    try:
+        study = _create(storage, tmp_path, 6, epochs=20, interval=2, grace=30)
+        workers = _workers(storage, study, tmp_path, data_dir, 2)
+        _past_first_contact(workers)
+        name = database.rsplit("/", 1)[1]
+        engine = sqlalchemy.create_engine(cluster.admin, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            for _ in range(60):
+                conn.execute(
+                    sqlalchemy.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname "
+                        "= :db AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                    ),
+                    {"db": name},
+                )
+                time.sleep(0.2)
+        engine.dispose()
+        _exact(database, study, 6, workers)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+
+
 def test_a_proxy_with_more_connections_than_its_role_may_open_keeps_its_workers(
     cluster: Cluster, tmp_path: Path, data_dir: Path
 ) -> None:
