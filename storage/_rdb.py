@@ -386,18 +386,21 @@ def _file_lock(
     in the database, so two holders for a moment cannot overshoot it.
     """
     path = _lock_path(url, what)
-    waited_on: tuple[int, float] | None = None  # (the file's inode, since when)
+    waited_on: tuple[tuple[int, int], float] | None = None  # (the held file, since when)
     pause = 0.002
     while True:
         fh: IO[str] = open(path, "a+")  # noqa: SIM115 (kept open past this loop while it holds the lock)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            inode, now = os.fstat(fh.fileno()).st_ino, time.monotonic()
-            if waited_on is None or waited_on[0] != inode:
-                waited_on = (inode, now)
+            # a file is its inode and its change time: a new holder's file may reuse the
+            # inode of one removed, never its time (its holder writes into it at once)
+            st, now = os.fstat(fh.fileno()), time.monotonic()
+            held = (st.st_ino, st.st_ctime_ns)
+            if waited_on is None or waited_on[0] != held:
+                waited_on = (held, now)
             elif idle_seconds is not None and now - waited_on[1] >= idle_seconds:
-                taken = _take_over(path, fh, inode)
+                taken = _take_over(path, fh)
                 if taken is not None:
                     log(
                         f"{name or what} was held for {now - waited_on[1]:.0f} s by "
@@ -421,20 +424,31 @@ def _file_lock(
         fh.flush()
         yield
     finally:
-        if _same_file(path, fh):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        with _folder_locked(path):  # not while a waiter puts its own file in this one's place
+            if _same_file(path, fh):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
 
 
-def _take_over(path: Path, fh: IO[str], inode: int) -> tuple[IO[str], str] | None:
-    """A locked file of this process in place of the held file ``inode`` at ``path`` (which
-    ``fh`` has open), and who held it; None if it changed meanwhile (another waiter took it
-    over, or the holder let it go)."""
+@contextlib.contextmanager
+def _folder_locked(path: Path) -> Iterator[None]:
+    """``flock`` on the folder of ``path``: a takeover and a release, one at a time. Held for
+    a few system calls, so no process stopped inside it holds it for long."""
     folder = os.open(path.parent, os.O_RDONLY)
     try:
-        fcntl.flock(folder, fcntl.LOCK_EX)  # one takeover at a time
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)
+
+
+def _take_over(path: Path, fh: IO[str]) -> tuple[IO[str], str] | None:
+    """A locked file of this process in place of the held file at ``path`` (which ``fh`` has
+    open), and who held it; None if it changed meanwhile (another waiter took it over, or the
+    holder let it go)."""
+    with _folder_locked(path):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -450,8 +464,6 @@ def _take_over(path: Path, fh: IO[str], inode: int) -> tuple[IO[str], str] | Non
         fcntl.flock(new, fcntl.LOCK_EX)
         os.replace(fresh, path)
         return new, who
-    finally:
-        os.close(folder)
 
 
 @contextlib.contextmanager
