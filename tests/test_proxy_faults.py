@@ -264,16 +264,18 @@ def test_workers_ride_out_three_short_restarts(
 ) -> None:
     database, storage, proxy = _storage(cluster, path)
     try:
-        study = _create(storage, tmp_path, 8, epochs=20, interval=2, grace=30)
+        # 10 trials of 30 epochs (5-7 s each here): with 20 epochs and 8 trials the study
+        # once ended before the third restart
+        study = _create(storage, tmp_path, 10, epochs=30, interval=2, grace=30)
         workers = _workers(storage, study, tmp_path, data_dir, 2)
         _past_first_contact(workers)
         for _ in range(3):
             cluster.stop()
             time.sleep(0.2)
             cluster.start()
-            time.sleep(3)
-        assert _states(database, study).get("COMPLETE", 0) < 8, "make the trials longer"
-        _exact(database, study, 8, workers)
+            time.sleep(2)
+        assert _states(database, study).get("COMPLETE", 0) < 10, "make the trials longer"
+        _exact(database, study, 10, workers)
     finally:
         if proxy is not None:
             proxy.stop()
