@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tauopt.engine._download import download
-from tauopt.engine._formats import cifar_part, read_idx, read_npz
+from tauopt.engine._formats import cifar_part, npz_classes, read_idx, read_npz
 from tauopt.errors import DataError
 
 #: The datasets known by name, mapped to their folder in torchvision's layout.
@@ -199,8 +199,9 @@ def _arrays(name: str, root: Path) -> RawDataset:
         path = root / name
     if not path.is_file():
         raise DataError(f"no dataset file {name}: give the path of an .npz file")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     arrays = read_npz(path)
+    classes = npz_classes(path, arrays)
+    digest = _sha256(path)
     parts = {}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -209,10 +210,17 @@ def _arrays(name: str, root: Path) -> RawDataset:
             flat.copy() if flat.dtype == np.uint8 else flat.astype(np.float32)
         )
         parts[split] = ImageSet(images, torch.from_numpy(y.astype(np.int64)))
-    classes = int(max(int(arrays["y_train"].max()), int(arrays["y_test"].max()))) + 1
     shape = tuple(int(d) for d in arrays["x_train"].shape[1:])
     _check_contents(str(path), parts, classes, "fix the arrays")
     return RawDataset(name, parts["train"], parts["test"], classes, shape, sha256=digest)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_dataset(name: str, root: Path | str | None = None, *, download: bool = True) -> RawDataset:

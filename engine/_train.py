@@ -97,9 +97,18 @@ def check_fits(
     need = 4 * (3 * params + 4 * config.batch_size * w * (d + 1))
     have = _memory_bytes(device)
     if need > have:
+        # the data's share (the first layer's inputs, the last one's classes) blamed where it
+        # is most of the network
+        data = in_features * w + w * num_classes
+        fix = (
+            f"the data's {in_features:,} features and {num_classes:,} classes make most of "
+            "it: use a dataset with fewer"
+            if data > params / 2
+            else "lower --width or --depth"
+        )
         raise ConfigError(
             f"width {w} and depth {d} need about {need / 2**30:.1f} GiB to train, more than the "
-            f"{have / 2**30:.1f} GiB of memory of {device}; lower --width or --depth"
+            f"{have / 2**30:.1f} GiB of memory of {device}; {fix}"
         )
 
 

@@ -18,7 +18,7 @@ import contextlib
 import datetime
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import optuna
@@ -33,6 +33,7 @@ from tauopt.storage._service import (
     ServiceClient,
     dead_by_stamp,
     past_budget_in_sql,
+    set_budget_in_sql,
     set_study_system_attrs_one_by_one,
     set_trial_attrs_one_by_one,
 )
@@ -68,8 +69,25 @@ class StudyAccess(Protocol):
     def retry(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
 
     def past_budget(
-        self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
-    ) -> bool: ...
+        self,
+        study_id: int,
+        trial_id: int,
+        n_trials: int,
+        *,
+        failed_with_attr: str,
+        budget_at: Sequence[str] | None = None,
+    ) -> bool:
+        """Whether new trial ``trial_id`` came past the budget (:func:`over_budget`): the
+        budget read from the study at ``budget_at`` (an attribute, then keys within it) where
+        given, as it is now, else ``n_trials``."""
+
+    def set_budget(
+        self, study_id: int, key: str, value: Any, n_trials: int, *, failed_with_attr: str
+    ) -> int:
+        """Store ``value``, which holds the budget ``n_trials``, as the study's user attribute
+        ``key`` unless the study has used more trials than that; returns the trials used. On a
+        database the caller holds the study's lock; through ``tauopt proxy`` the proxy takes
+        it (through another proxy, nothing does)."""
 
 
 class DirectAccess:
@@ -77,11 +95,16 @@ class DirectAccess:
 
     locks = True
 
-    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
+    def __init__(
+        self, storage: optuna.storages.BaseStorage, log: Callable[[str], None] | None = None
+    ) -> None:
         self.rdb = private.rdb_of(storage)
+        self.log = log
 
     def lock(self, study_name: str) -> contextlib.AbstractContextManager[None]:
-        return study_lock(self.rdb, study_name)
+        if self.log is None:
+            return study_lock(self.rdb, study_name)
+        return study_lock(self.rdb, study_name, log=self.log)
 
     def counts(self, study_id: int, *, failed_with_attr: str) -> tuple[dict[str, int], int]:
         return private.trial_counts(self.rdb, study_id, failed_with_attr=failed_with_attr)
@@ -118,11 +141,30 @@ class DirectAccess:
             callback(study, trial)
 
     def past_budget(
-        self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
+        self,
+        study_id: int,
+        trial_id: int,
+        n_trials: int,
+        *,
+        failed_with_attr: str,
+        budget_at: Sequence[str] | None = None,
     ) -> bool:
-        """See :func:`over_budget` (claims under the lock never come past it)."""
+        """See :func:`over_budget` (claims under the lock come past it only where a holder
+        lost the lock, or the budget was lowered)."""
         return past_budget_in_sql(
-            self.rdb, study_id, trial_id, n_trials, failed_with_attr=failed_with_attr
+            self.rdb,
+            study_id,
+            trial_id,
+            n_trials,
+            failed_with_attr=failed_with_attr,
+            budget_at=budget_at,
+        )
+
+    def set_budget(
+        self, study_id: int, key: str, value: Any, n_trials: int, *, failed_with_attr: str
+    ) -> int:
+        return set_budget_in_sql(
+            self.rdb, study_id, key, value, n_trials, failed_with_attr=failed_with_attr
         )
 
 
@@ -182,20 +224,50 @@ class ProxyAccess:
         return dead_by_stamp(stamps, time.time(), grace)
 
     def past_budget(
-        self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
+        self,
+        study_id: int,
+        trial_id: int,
+        n_trials: int,
+        *,
+        failed_with_attr: str,
+        budget_at: Sequence[str] | None = None,
     ) -> bool:
         """See :func:`over_budget`."""
         service = self._service()
         answer = (
-            service.past_budget(study_id, trial_id, n_trials, failed_with_attr=failed_with_attr)
+            service.past_budget(
+                study_id, trial_id, n_trials, failed_with_attr=failed_with_attr, budget_at=budget_at
+            )
             if service
             else None
         )
         if answer is not None:
             return answer
+        if budget_at:
+            value: Any = self.storage.get_study_user_attrs(study_id)
+            for key in budget_at:
+                value = value[key]
+            n_trials = int(value)
         trials = self.storage.get_all_trials(study_id, deepcopy=False)
         mine = next(t for t in trials if private.trial_id(t) == trial_id)
         return over_budget(trials, mine, n_trials, failed_with_attr)
+
+    def set_budget(
+        self, study_id: int, key: str, value: Any, n_trials: int, *, failed_with_attr: str
+    ) -> int:
+        service = self._service()
+        used = (
+            service.set_budget(study_id, key, value, n_trials, failed_with_attr=failed_with_attr)
+            if service
+            else None
+        )
+        if used is not None:
+            return used
+        counts, own = self.counts(study_id, failed_with_attr=failed_with_attr)
+        used = sum(counts.get(state, 0) for state in _COUNTED) + own
+        if n_trials >= used:
+            self.storage.set_study_user_attr(study_id, key, value)
+        return used
 
     def beat(self, trial_ids: Sequence[int]) -> None:
         service = self._service()
@@ -255,8 +327,14 @@ def over_budget(
     return used >= n_trials
 
 
-def access(storage: optuna.storages.BaseStorage, *, max_retry: int = 3) -> StudyAccess:
-    """The access of ``storage``: direct on a database, else through the proxy."""
+def access(
+    storage: optuna.storages.BaseStorage,
+    *,
+    max_retry: int = 3,
+    log: Callable[[str], None] | None = None,
+) -> StudyAccess:
+    """The access of ``storage``: direct on a database, else through the proxy; ``log`` takes
+    what the access must say (a lock taken over from a stalled holder)."""
     if private.is_rdb(storage):
-        return DirectAccess(storage)
+        return DirectAccess(storage, log)
     return ProxyAccess(storage, max_retry=max_retry)

@@ -18,9 +18,12 @@ grows with the study (measured at 5,000 trials on a 2-core CPU, ``docs/benchmark
 * the proxy's cache reading the running trials once for every request waiting at that moment
   (:class:`CoalescedCache`: Optuna's cache re-reads every running trial of the study from the
   database for each request, one at a time, and hundreds of workers queue behind it);
-* the proxy's gRPC server built by Optuna's ``make_server`` (:func:`proxy_server`), so that
-  tauopt's batched attribute calls share its port (``run_grpc_proxy_server`` offers no way to
-  add a service).
+* the proxy's gRPC server built from Optuna's servicer (:func:`proxy_server_with`), so that
+  tauopt's batched attribute calls share its port, a guard sees every call (the shared secret,
+  database errors as a status a worker waits out) and the port is the proxy's alone
+  (``run_grpc_proxy_server`` offers none of it);
+* Optuna's gRPC client on a channel of tauopt's (:class:`GrpcClient`: the shared secret with
+  every call; Optuna's client builds its own insecure channel).
 
 :func:`check` runs once, when this module is imported: it verifies the versions and every
 name, arity and schema version used here, and a mismatch raises :class:`DependencyError` with
@@ -38,6 +41,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Container, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -79,7 +83,10 @@ def check() -> None:
         version = Version(importlib.metadata.version(name))
         _require(version in SpecifierSet(spec), f"{name} {version} is not supported")
     from optuna.samplers._tpe import sampler as tpe
+    from optuna.storages._grpc import client as grpc_client
     from optuna.storages._grpc import server as grpc_server
+    from optuna.storages._grpc import servicer as grpc_servicer
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
     from optuna.storages._rdb import models, storage
     from optuna.study import _constrained_optimization, _multi_objective
     from optuna_dashboard import _custom_plot_data, _note, _serializer
@@ -117,6 +124,10 @@ def check() -> None:
         (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
         (_note, ["note_ver_key", "split_body"]),
         (grpc_server, ["make_server"]),
+        (grpc_servicer, ["OptunaStorageProxyService"]),
+        (api_pb2_grpc, ["add_StorageServiceServicer_to_server", "StorageServiceStub"]),
+        (grpc_client, ["GrpcClientCache", "create_insecure_channel"]),
+        (optuna.storages.GrpcStorageProxy, ["_setup"]),
     ):
         for name in names:
             _require(hasattr(owner, name), f"{owner.__name__}.{name} is missing")
@@ -132,6 +143,9 @@ def check() -> None:
         (_note.note_ver_key, 1),
         (optuna.storages._CachedStorage._read_trials_from_remote_storage, 2),
         (grpc_server.make_server, 4),
+        (grpc_servicer.OptunaStorageProxyService, 1),
+        (optuna.storages.GrpcStorageProxy._setup, 1),
+        (grpc_client.GrpcClientCache, 1),
     ):
         _require(_arity(fn) == n, f"{fn.__qualname__} takes {_arity(fn)} arguments, not {n}")
     sampler = optuna.samplers.TPESampler()
@@ -147,7 +161,10 @@ check()
 
 # Imported only once check() has passed.
 from optuna.samplers._tpe import sampler as _tpe  # noqa: E402
+from optuna.storages._grpc import client as _grpc_client  # noqa: E402
 from optuna.storages._grpc import server as _grpc_server  # noqa: E402
+from optuna.storages._grpc import servicer as _grpc_servicer  # noqa: E402
+from optuna.storages._grpc.auto_generated import api_pb2_grpc as _api_pb2_grpc  # noqa: E402
 from optuna.storages._rdb import models as _models  # noqa: E402
 from optuna.storages._rdb import storage as _rdb_storage  # noqa: E402
 from optuna.study._constrained_optimization import (  # noqa: E402
@@ -634,6 +651,39 @@ def proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int) -> 
     """Optuna's gRPC proxy server for ``storage`` on ``host:port``, not yet started (a
     ``grpc.Server``: services may still be added)."""
     return _grpc_server.make_server(storage, host, port, None)
+
+
+def proxy_server_with(
+    storage: optuna.storages.BaseStorage,
+    *,
+    threads: int,
+    interceptors: Sequence[Any],
+    options: Sequence[tuple[str, Any]],
+) -> Any:
+    """Optuna's proxy service for ``storage`` on a ``grpc.Server`` of ``threads`` threads with
+    ``interceptors`` and channel ``options``, no port yet (``make_server`` takes none of them)."""
+    import grpc
+
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=threads), interceptors=interceptors, options=options
+    )
+    servicer = _grpc_servicer.OptunaStorageProxyService(storage)
+    _api_pb2_grpc.add_StorageServiceServicer_to_server(servicer, server)
+    return server
+
+
+class GrpcClient(optuna.storages.GrpcStorageProxy):
+    """Optuna's client of the proxy on the channel :meth:`channel` makes (Optuna's own client
+    makes a plain insecure channel, with no way to add the shared secret to its calls)."""
+
+    def channel(self) -> Any:
+        """The channel to the proxy; a subclass adds its interceptors."""
+        return _grpc_client.create_insecure_channel(self._host, self._port)
+
+    def _setup(self) -> None:
+        self._channel = self.channel()
+        self._stub = _api_pb2_grpc.StorageServiceStub(self._channel)
+        self._cache = _grpc_client.GrpcClientCache(self._stub)
 
 
 class CoalescedCache(optuna.storages._CachedStorage):

@@ -1,26 +1,53 @@
 """Optuna's gRPC storage proxy: ``tauopt proxy`` serves a database to any number of workers,
 which need only its address (``--storage grpc://HOST:PORT``), no database credentials. The
-proxy holds the database connections and Optuna's cache of the studies; beside Optuna's
-service it serves tauopt's batched attribute calls (:mod:`tauopt.storage._service`)."""
+proxy holds the database connections (at most ``--db-connections``) and Optuna's cache of the
+studies; beside Optuna's service it serves tauopt's batched attribute calls
+(:mod:`tauopt.storage._service`).
+
+Every call passes the proxy's guard (:class:`_Guard`):
+
+* With a shared secret (``$TAUOPT_PROXY_SECRET`` on the proxy), a call that does not present
+  it is refused (UNAUTHENTICATED) before it reaches the database. Without one, anyone who
+  reaches the port can read, change and delete every study.
+* A database failure is answered UNAVAILABLE when waiting may cure it (the server down,
+  restarting, out of connections), which a worker rides out as it does on a direct database,
+  and INTERNAL when it will not (no such database); both are logged. Optuna's own service
+  would answer UNKNOWN for either, and say nothing.
+"""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import os
+import socket
+import threading
+import time
 import warnings
 from collections.abc import Callable, Container
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.errors import ConfigError, StorageError
 from tauopt.storage import _optuna as private
-from tauopt.storage._service import ServiceClient, TauoptService
+from tauopt.storage._retry import is_storage_error, is_transient, root_message
+from tauopt.storage._service import SECRET_KEY, ServiceClient, TauoptService, proxy_channel
 
 SCHEME = "grpc://"
+#: The environment variable that holds the proxy's shared secret, on the proxy and its clients.
+SECRET_ENV = "TAUOPT_PROXY_SECRET"
+MIN_SECRET_CHARS = 16
+#: The database connections a proxy holds at most, unless told otherwise.
+DEFAULT_CONNECTIONS = 8
 _WAITING = TrialState.WAITING
 #: Seconds a command waits for the proxy to answer at first contact.
 _READY_SECONDS = 10.0
+#: The same failure is logged at most once in this many seconds (with a count of the rest).
+_LOG_EVERY = 5.0
 
 
 def is_proxy_url(url: str) -> bool:
@@ -28,24 +55,47 @@ def is_proxy_url(url: str) -> bool:
 
 
 def address(url: str) -> tuple[str, int]:
-    """``grpc://HOST:PORT`` as (host, port)."""
-    parts = urlsplit(url)
+    """``grpc://HOST:PORT`` as (host, port); an IPv6 host keeps its brackets (``[::1]``), as
+    gRPC's ``host:port`` targets need them."""
+    wrong = f"{url!r} is not a proxy address: use grpc://HOST:PORT (an IPv6 host in brackets)"
     try:
+        parts = urlsplit(url)
         port = parts.port
-    except ValueError:
-        port = None
-    if not parts.hostname or port is None or parts.path not in ("", "/"):
-        raise ConfigError(f"{url!r} is not a proxy address: use grpc://HOST:PORT")
-    return parts.hostname, port
+        host = parts.hostname
+    except ValueError as e:  # "Invalid IPv6 URL", a port out of range or not a number
+        raise ConfigError(wrong) from e
+    if not host or port is None or parts.path not in ("", "/"):
+        raise ConfigError(wrong)
+    return (f"[{host}]" if ":" in host else host), port
 
 
-class ProxyClient(optuna.storages.GrpcStorageProxy):
-    """Optuna's client of the proxy, with tauopt's service as :attr:`service`."""
+def proxy_secret() -> str | None:
+    """The shared secret of ``$TAUOPT_PROXY_SECRET``, or None where it is not set."""
+    secret = os.environ.get(SECRET_ENV, "").strip()
+    if not secret:
+        return None
+    if len(secret) < MIN_SECRET_CHARS or not secret.isprintable():
+        raise ConfigError(
+            f"${SECRET_ENV} must be at least {MIN_SECRET_CHARS} printable characters, got "
+            f"{len(secret)}: make one with `python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'`"
+        )
+    return secret
 
-    def __init__(self, *, host: str, port: int) -> None:
-        super().__init__(host=host, port=port)
+
+class ProxyClient(private.GrpcClient):
+    """Optuna's client of the proxy, with tauopt's service as :attr:`service`; every call
+    presents ``secret``."""
+
+    def __init__(self, *, host: str, port: int, secret: str | None = None) -> None:
         self.address = (host, port)
-        self.service = ServiceClient(self, host, port)
+        self.secret = secret
+        super().__init__(host=host, port=port)
+        self.service = ServiceClient(self, host, port, secret)
+
+    def channel(self) -> Any:
+        host, port = self.address
+        return proxy_channel(f"{host}:{port}", self.secret)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
@@ -54,7 +104,7 @@ class ProxyClient(optuna.storages.GrpcStorageProxy):
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
-        self.service = ServiceClient(self, *self.address)
+        self.service = ServiceClient(self, *self.address, self.secret)
 
     def close(self) -> None:
         self.service.close()
@@ -76,30 +126,212 @@ class ProxyClient(optuna.storages.GrpcStorageProxy):
 
 
 def open_proxy(url: str) -> ProxyClient:
-    """A client of the proxy at ``url``, once it answers."""
+    """A client of the proxy at ``url``, once it answers and takes this client's secret."""
     host, port = address(url)
+    secret = proxy_secret()
     with warnings.catch_warnings():  # experimental since Optuna 4.2; relied on knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        proxy = ProxyClient(host=host, port=port)
+        proxy = ProxyClient(host=host, port=port, secret=secret)
     try:
+        # Optuna raises ConnectionError for a timeout (TimeoutError in older releases)
         proxy.wait_server_ready(timeout=_READY_SECONDS)
-    except TimeoutError as e:
+    except (TimeoutError, ConnectionError) as e:
+        proxy.close()
         raise StorageError(
             f"nothing answers at {url} within {_READY_SECONDS:g} s: start the proxy (tauopt "
             "proxy) or check the address in --storage"
         ) from e
+    try:
+        # any answer will do (most likely: no such study): the proxy took the call
+        proxy.get_study_id_from_name("tauopt: does this proxy take my calls?")
+    except KeyError:
+        pass
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+            raise  # the database behind it may be away: the caller's retry decides
+        proxy.close()
+        raise StorageError(
+            f"the proxy at {url} refused this client: set ${SECRET_ENV} to the proxy's secret"
+            + (" (the one set here differs)" if secret else " (none is set here)")
+        ) from e
     return proxy
 
 
-def proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int) -> Any:
-    """The proxy's gRPC server (not yet started): Optuna's service on ``storage`` with Optuna's
-    cache in front of it (its reads shared between waiting requests), and tauopt's batched
-    calls on it."""
+class _FailureLog:
+    """The proxy's log of database failures: the first of a kind at once, the same again at
+    most every :data:`_LOG_EVERY` seconds with a count, and a line when the database answers
+    again."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self._lock = threading.Lock()
+        self._last: tuple[str, float] | None = None
+        self._unsaid = 0
+        self._failing = 0
+
+    def failed(self, method: str, error: BaseException, answer: str) -> None:
+        cause = root_message(error)
+        with self._lock:
+            self._failing += 1
+            now = time.monotonic()
+            if (
+                self._last is not None
+                and self._last[0] == cause
+                and now - self._last[1] < _LOG_EVERY
+            ):
+                self._unsaid += 1
+                return
+            more = (
+                f" ({self._unsaid} more failed calls since the last line)" if self._unsaid else ""
+            )
+            self._last, self._unsaid = (cause, now), 0
+        self.log(f"database error in {method} ({cause}): answered {answer}{more}")
+
+    def answered(self) -> None:
+        if not self._failing:  # the common case, without the lock
+            return
+        with self._lock:
+            failing, self._failing, self._last, self._unsaid = self._failing, 0, None, 0
+        if failing:
+            self.log(f"the database answers again (after {failing} failed calls)")
+
+
+class _Guard(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Every call of the proxy: refused without the shared secret; a database failure
+    answered with a status a worker understands, and logged."""
+
+    def __init__(self, secret: str | None, log: Callable[[str], None]) -> None:
+        self.secret = secret.encode() if secret is not None else None
+        self.log = log
+        self.failures = _FailureLog(log)
+        self._refused: dict[str, float] = {}
+
+    def _presented(self, metadata: Any) -> bool:
+        if self.secret is None:
+            return True
+        given = [v for k, v in metadata or () if k == SECRET_KEY]
+        value = given[0].encode() if given and isinstance(given[0], str) else b""
+        return hmac.compare_digest(value, self.secret)
+
+    def _refuse(self, context: grpc.ServicerContext) -> None:
+        peer = context.peer().rsplit(":", 1)[0]
+        now = time.monotonic()
+        if now - self._refused.get(peer, -1e9) > 60:  # once a minute per address
+            self._refused[peer] = now
+            self.log(f"refused calls from {peer}: no shared secret, or a wrong one")
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"this proxy takes only calls with its shared secret: set ${SECRET_ENV} to it",
+        )
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # every call of both services is unary
+        allowed = self._presented(details.invocation_metadata)
+        method = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            if not allowed:
+                self._refuse(context)
+            try:
+                reply = inner(request, context)
+            except Exception as e:
+                # the service's own answer (ALREADY_EXISTS for a duplicate study, whose cause
+                # is the database's error, NOT_FOUND, ...) stands; any other error than the
+                # database's is a bug, answered UNKNOWN
+                if _answered(context) or not is_storage_error(e):
+                    raise
+                transient = is_transient(e)
+                answer = "UNAVAILABLE (a worker retries)" if transient else "INTERNAL"
+                self.failures.failed(method, e, answer)
+                code = grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.INTERNAL
+                context.abort(code, f"the database behind the proxy: {root_message(e)}")
+            self.failures.answered()
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _answered(context: grpc.ServicerContext) -> bool:
+    """Whether the service has set the call's status (``context.abort`` raises a bare
+    exception, chained to what the service caught)."""
+    code = getattr(context, "code", None)
+    return callable(code) and code() is not None
+
+
+def bind_address(host: str, port: int) -> str:
+    """``host:port`` for gRPC (an IPv6 address in brackets), once the host resolves and the
+    port is free: gRPC itself would print its own lines and share a port with another proxy."""
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a port: choose one in 1..65535")
+    bare = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"--host {host!r} cannot be resolved ({e.strerror or e})") from e
+    family, _, _, _, where = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR as gRPC sets it (a proxy restarted at once finds its port free), but
+        # not SO_REUSEPORT: a port another process listens on is refused.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(where)
+        except OSError as e:
+            what = (
+                "is in use (another proxy?)"
+                if e.errno in (98, 48)
+                else (f"cannot be opened ({e.strerror or e})")
+            )
+            raise ConfigError(f"port {port} on {host} {what}: choose another --port") from e
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
+def is_public(host: str) -> bool:
+    """Whether ``host`` is reachable from other machines (not a loopback address)."""
+    bare = host.strip("[]")
+    if bare in ("0.0.0.0", "::", ""):
+        return True
+    try:
+        resolved = str(socket.getaddrinfo(bare, None)[0][4][0])
+        return not ipaddress.ip_address(resolved.split("%")[0]).is_loopback
+    except (OSError, ValueError):
+        return True
+
+
+def proxy_server(
+    storage: optuna.storages.BaseStorage,
+    host: str,
+    port: int,
+    *,
+    secret: str | None = None,
+    threads: int = DEFAULT_CONNECTIONS,
+    log: Callable[[str], None] = lambda line: None,
+) -> Any:
+    """The proxy's gRPC server (not yet started) on ``host:port``, and on it alone: Optuna's
+    service on ``storage`` with Optuna's cache in front of it (its reads shared between
+    waiting requests), tauopt's batched calls, and the guard of both; ``threads`` calls at
+    once (each holds at most one database connection)."""
+    target = bind_address(host, port)
     rdb = private.rdb_of(storage)
-    server = private.proxy_server(private.CoalescedCache(rdb), host, port)
-    server.add_generic_rpc_handlers((TauoptService(rdb).handler(),))
+    server = private.proxy_server_with(
+        private.CoalescedCache(rdb),
+        threads=threads,
+        interceptors=[_Guard(secret, log)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    from tauopt.storage._rdb import study_lock  # _rdb opens proxies: imported here, not above
+
+    server.add_generic_rpc_handlers((TauoptService(rdb, study_lock).handler(),))
+    try:
+        server.add_insecure_port(target)
+    except RuntimeError as e:  # taken between the check and now
+        raise ConfigError(f"port {port} on {host} cannot be opened: choose another --port") from e
     return server
 
 
@@ -109,10 +341,13 @@ def serve(
     port: int,
     *,
     ready: Callable[[], None] = lambda: None,
+    secret: str | None = None,
+    threads: int = DEFAULT_CONNECTIONS,
+    log: Callable[[str], None] = lambda line: None,
 ) -> None:
     """Serve ``storage`` through the proxy until interrupted; ``ready`` is called once it
     listens."""
-    server = proxy_server(storage, host, port)
+    server = proxy_server(storage, host, port, secret=secret, threads=threads, log=log)
     server.start()
     ready()
     server.wait_for_termination()

@@ -7,12 +7,13 @@ import fcntl
 import hashlib
 import os
 import sqlite3
-import tempfile
+import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import optuna
 import sqlalchemy
@@ -38,6 +39,11 @@ _PG_CONNECT_ARGS = {
 }
 #: The longest study name Optuna's schema stores (``studies.study_name``).
 MAX_STUDY_NAME = 512
+#: The fewest connections a bounded pool may have: the proxy's budget check holds the study's
+#: lock on one connection while it counts on another.
+MIN_POOL = 2
+#: Seconds a call waits for a free connection of a bounded pool.
+POOL_WAIT_SECONDS = 30.0
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -89,8 +95,19 @@ class StorageSettings:
     heartbeat_interval: int = 10
     grace_period: int | None = None
     max_retry: int = 3
+    #: At most this many database connections (None: SQLAlchemy's 5, and 10 more at peaks).
+    pool_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.pool_size is not None and (
+            isinstance(self.pool_size, bool)
+            or not isinstance(self.pool_size, int)
+            or self.pool_size < MIN_POOL
+        ):
+            raise ConfigError(
+                f"the database connections must be a whole number >= {MIN_POOL}, got "
+                f"{self.pool_size!r}"
+            )
         if (
             isinstance(self.heartbeat_interval, bool)
             or not isinstance(self.heartbeat_interval, int)
@@ -189,6 +206,12 @@ def open_storage(
     elif make_url(url).get_backend_name() == "postgresql":
         engine_kwargs["pool_pre_ping"] = True  # survive server restarts and idle cut-offs
         engine_kwargs["connect_args"] = _connect_args(url)
+    if settings.pool_size is not None:
+        # A bound, not a peak: a call that finds every connection busy waits for one
+        # (POOL_WAIT_SECONDS, then a transient error the caller retries).
+        engine_kwargs.update(
+            pool_size=settings.pool_size, max_overflow=0, pool_timeout=POOL_WAIT_SECONDS
+        )
     if not create_schema:
         if db is not None:
             _prepare_sqlite(db, create=False)
@@ -231,6 +254,10 @@ def _rdb(
             raise StorageError(f"cannot open storage {redact(url)}: {root_message(e)}") from e
 
 
+def _stderr(line: str) -> None:
+    print(f"tauopt: {line}", file=sys.stderr, flush=True)
+
+
 def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
@@ -248,12 +275,14 @@ def study_lock(
     study_name: str,
     *,
     idle_seconds: float = LOCK_IDLE_SECONDS,
+    log: Callable[[str], None] = _stderr,
 ) -> Iterator[None]:
     """A lock every worker of one study shares, to claim trials against the budget atomically.
 
     PostgreSQL: a transaction-scoped advisory lock, freed by the server when its holder goes
-    ``idle_seconds`` without a statement on it. SQLite (one machine): ``flock`` on a file in
-    the machine's temporary folder, named after the database file and the study.
+    ``idle_seconds`` without a statement on it. SQLite (one machine): ``flock`` on a file
+    beside the database, there only while held (:func:`_file_lock`), taken over from a holder
+    that keeps it ``idle_seconds``, with a line to ``log``.
     """
     engine: sqlalchemy.engine.Engine = storage.engine
     key = _lock_key(study_name)
@@ -261,7 +290,8 @@ def study_lock(
         with _advisory_lock(engine, key, f"cannot lock study {study_name!r}", idle_seconds):
             yield
         return
-    with _file_lock(str(engine.url), f"study-{key & 0xFFFFFFFF:08x}"):
+    what = f"the claim lock of study {study_name!r}"
+    with _file_lock(str(engine.url), f"study-{key & 0xFFFFFFFF:08x}", what, idle_seconds, log):
         yield
 
 
@@ -298,22 +328,142 @@ def _advisory_lock(
             conn.close()
 
 
-@contextlib.contextmanager
-def _file_lock(url: str, what: str) -> Iterator[None]:
-    """``flock`` on a file of the temporary folder: one per SQLite database and ``what``, so
-    that no lock file piles up beside the user's database. (A SQLite study is for one machine:
-    its workers share the machine's temporary folder.)"""
+def _lock_path(url: str, what: str) -> Path:
+    """The lock file of ``what`` for the SQLite database of ``url``: beside it, hidden, so that
+    every process that opens the database finds the same file whatever its temporary folder
+    (a lock file in each process's own folder locks nothing)."""
     db = _sqlite_path(url)
-    where = str(db.resolve()) if db is not None else url
-    folder = Path(tempfile.gettempdir()) / "tauopt-locks"
-    folder.mkdir(mode=0o1777, exist_ok=True)
-    path = folder / f"{_lock_key(where) & 0xFFFFFFFFFFFF:012x}-{what}.lock"
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    if db is None:
+        raise ConfigError(f"{url!r}: a file lock is for SQLite databases")
+    db = db.resolve()
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(
+            f"cannot create the folder of the SQLite file {db}: {e.strerror or e}; "
+            "choose a writable path"
+        ) from e
+    return db.with_name(f".{db.name}.{what}.lock")
+
+
+def _same_file(path: Path, fh: IO[str]) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock at ``path``, as its holder wrote it, and whether that process is
+    stopped."""
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return "a process"
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return f"process {pid}"
+    return f"process {pid} ({'stopped' if state in ('T', 't') else 'not stopped'})"
+
+
+@contextlib.contextmanager
+def _file_lock(
+    url: str,
+    what: str,
+    name: str | None = None,
+    idle_seconds: float | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> Iterator[None]:
+    """``flock`` on a hidden file beside the SQLite database of ``url``, one per ``what``.
+
+    The file is there only while the lock is held: its holder removes it on release, and a
+    process that locked a file no longer at the path (removed, or replaced) tries again.
+    With ``idle_seconds``, a waiter that has waited that long on one holder (stopped, or
+    hung) takes the lock over: it puts a locked file of its own in the holder's place (under
+    a lock of the folder, so that one waiter does) and says so. The holder, resumed, finds
+    the path no longer its file and leaves it alone; claims check their place in the budget
+    in the database, so two holders for a moment cannot overshoot it.
+    """
+    path = _lock_path(url, what)
+    waited_on: tuple[tuple[int, int], float] | None = None  # (the held file, since when)
+    pause = 0.002
+    while True:
+        fh: IO[str] = open(path, "a+")  # noqa: SIM115 (kept open past this loop while it holds the lock)
         try:
-            yield
-        finally:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # a file is its inode and its change time: a new holder's file may reuse the
+            # inode of one removed, never its time (its holder writes into it at once)
+            st, now = os.fstat(fh.fileno()), time.monotonic()
+            held = (st.st_ino, st.st_ctime_ns)
+            if waited_on is None or waited_on[0] != held:
+                waited_on = (held, now)
+            elif idle_seconds is not None and now - waited_on[1] >= idle_seconds:
+                taken = _take_over(path, fh)
+                if taken is not None:
+                    log(
+                        f"{name or what} was held for {now - waited_on[1]:.0f} s by "
+                        f"{taken[1]}; taken over"
+                    )
+                    fh.close()
+                    fh = taken[0]
+                    break
+                waited_on = None
+            fh.close()
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+            continue
+        if _same_file(path, fh):
+            break
+        fh.close()  # removed or replaced while this process waited: lock the new one
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        with _folder_locked(path):  # not while a waiter puts its own file in this one's place
+            if _same_file(path, fh):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+@contextlib.contextmanager
+def _folder_locked(path: Path) -> Iterator[None]:
+    """``flock`` on the folder of ``path``: a takeover and a release, one at a time. Held for
+    a few system calls, so no process stopped inside it holds it for long."""
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)
+
+
+def _take_over(path: Path, fh: IO[str]) -> tuple[IO[str], str] | None:
+    """A locked file of this process in place of the held file at ``path`` (which ``fh`` has
+    open), and who held it; None if it changed meanwhile (another waiter took it over, or the
+    holder let it go)."""
+    with _folder_locked(path):
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
             fcntl.flock(fh, fcntl.LOCK_UN)
+            return None  # let go meanwhile: no takeover
+        if not _same_file(path, fh):
+            return None
+        who = _holder(path)
+        fresh = path.with_name(f"{path.name}.{os.getpid()}.new")
+        new = open(fresh, "a+")  # noqa: SIM115 (returned, locked, to the caller)
+        fcntl.flock(new, fcntl.LOCK_EX)
+        os.replace(fresh, path)
+        return new, who
 
 
 @contextlib.contextmanager
@@ -321,7 +471,7 @@ def _schema_lock(url: str) -> Iterator[None]:
     """Held while the tables are made: processes that create a study on a fresh database at
     the same moment make them once (else "table studies already exists")."""
     if make_url(url).get_backend_name() != "postgresql":
-        with _file_lock(url, "schema"):
+        with _file_lock(url, "schema", "the schema lock"):
             yield
         return
     engine = sqlalchemy.create_engine(

@@ -182,5 +182,7 @@ class RetryPolicy:
 
 
 def _refused(error: BaseException) -> bool:
+    if any(_grpc_code(c) is not None for c in _chain(error)):
+        return False  # the proxy answered: its database may be restarting
     message = root_message(error).lower()
     return "connection refused" in message or "could not connect to server" in message

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
 import optuna
 
 from tauopt.storage import _optuna as private
-from tauopt.storage._retry import is_transient, root_message
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
@@ -42,6 +42,7 @@ _NAMES = (
     "DeadTrials",
     "Counts",
     "PastBudget",
+    "SetBudget",
     "WaitingTrials",
     "Beat",
 )
@@ -63,20 +64,38 @@ def _loads(data: bytes) -> dict[str, Any]:
     return message
 
 
+#: The gRPC metadata key that carries the proxy's shared secret with every call.
+SECRET_KEY = "tauopt-secret"
+
+
+class _Secret(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds the shared secret to every call of a channel."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), (SECRET_KEY, self.secret)]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+def proxy_channel(target: str, secret: str | None) -> grpc.Channel:
+    """A channel to the proxy at ``target`` (``host:port``, an IPv6 host in brackets) whose
+    calls present ``secret``; replies of any size (a study's trials can be large)."""
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)])
+    return channel if secret is None else grpc.intercept_channel(channel, _Secret(secret))
+
+
 @contextlib.contextmanager
 def _status(context: grpc.ServicerContext) -> Iterator[None]:
-    """Optuna's errors as the status codes its own service uses; a failure of the proxy's
-    database connection as UNAVAILABLE, which a worker rides out (the write is an upsert)."""
+    """Optuna's errors as the status codes its own service uses (a database failure is the
+    proxy's guard's to answer, :mod:`tauopt.storage._proxy`)."""
     try:
         yield
     except KeyError as e:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     except optuna.exceptions.UpdateFinishedTrialError as e:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-    except Exception as e:
-        if is_transient(e):
-            context.abort(grpc.StatusCode.UNAVAILABLE, root_message(e))
-        raise
 
 
 def dead_by_stamp(
@@ -95,6 +114,19 @@ def dead_by_stamp(
     return out
 
 
+#: Beyond any trial's number: the trials "before" it are all of them.
+_EVERY = 2**62
+
+
+def budget_in_sql(rdb: optuna.storages.RDBStorage, study_id: int, at: Sequence[str]) -> int:
+    """The study's budget as stored now: its user attribute ``at[0]``, then the keys
+    ``at[1:]`` within it (``tauopt create`` may lower or raise it while workers claim)."""
+    value: Any = rdb.get_study_user_attrs(study_id)
+    for key in at:
+        value = value[key]
+    return int(value)
+
+
 def past_budget_in_sql(
     rdb: optuna.storages.RDBStorage,
     study_id: int,
@@ -102,9 +134,11 @@ def past_budget_in_sql(
     n_trials: int,
     *,
     failed_with_attr: str,
+    budget_at: Sequence[str] | None = None,
 ) -> bool:
     """Whether new trial ``trial_id`` came past the budget (the rule of
-    :func:`tauopt.storage._access.over_budget`), counted in SQL."""
+    :func:`tauopt.storage._access.over_budget`), counted in SQL; the budget is read from the
+    study at ``budget_at`` where given, else ``n_trials``."""
     trial = rdb.get_trial(trial_id)
     if not private.is_new(trial):
         return False
@@ -115,14 +149,48 @@ def past_budget_in_sql(
         failed_with_attr=failed_with_attr,
         uncounted_attr=OVER_BUDGET_ATTR,
     )
-    return used >= n_trials
+    return used >= (n_trials if budget_at is None else budget_in_sql(rdb, study_id, budget_at))
+
+
+def set_budget_in_sql(
+    rdb: optuna.storages.RDBStorage,
+    study_id: int,
+    key: str,
+    value: Any,
+    n_trials: int,
+    *,
+    failed_with_attr: str,
+) -> int:
+    """Store ``value`` (which holds the budget ``n_trials``) as the study's user attribute
+    ``key``, unless the study has used more trials than that; returns the trials used."""
+    used = private.budget_before(
+        rdb, study_id, _EVERY, failed_with_attr=failed_with_attr, uncounted_attr=OVER_BUDGET_ATTR
+    )
+    if n_trials >= used:
+        rdb.set_study_user_attr(study_id, key, value)
+    return used
 
 
 class TauoptService:
-    """The proxy's side, on the database behind it."""
+    """The proxy's side, on the database behind it. A new trial's place in the budget and a
+    change of the budget are decided under ``lock`` (the study's lock in the database, which
+    direct workers' claims take too), one at a time in this process: a budget lowered while
+    workers claim is then never overshot."""
 
-    def __init__(self, rdb: optuna.storages.RDBStorage) -> None:
+    def __init__(
+        self,
+        rdb: optuna.storages.RDBStorage,
+        lock: Callable[[optuna.storages.RDBStorage, str], contextlib.AbstractContextManager[None]],
+    ) -> None:
         self.rdb = rdb
+        self._lock = lock
+        self._one_at_a_time = threading.Lock()
+
+    @contextlib.contextmanager
+    def _study_locked(self, study_id: int) -> Iterator[None]:
+        # one thread at a time: the others wait here without holding a database connection
+        with self._one_at_a_time, self._lock(self.rdb, self.rdb.get_study_name_from_id(study_id)):
+            yield
 
     def handler(self) -> grpc.GenericRpcHandler:
         calls = {
@@ -131,6 +199,7 @@ class TauoptService:
             "DeadTrials": self._dead_trials,
             "Counts": self._counts,
             "PastBudget": self._past_budget,
+            "SetBudget": self._set_budget,
             "WaitingTrials": self._waiting_trials,
             "Beat": self._beat,
         }
@@ -186,14 +255,36 @@ class TauoptService:
         return {"counts": counts, "own": own}
 
     def _past_budget(self, request: dict[str, Any]) -> dict[str, Any]:
-        past = past_budget_in_sql(
-            self.rdb,
-            int(request["study_id"]),
-            int(request["trial_id"]),
-            int(request["n_trials"]),
-            failed_with_attr=request["failed_with_attr"],
-        )
-        return {"past": past}
+        study_id = int(request["study_id"])
+        budget_at = request.get("budget_at")
+
+        def past() -> bool:
+            return past_budget_in_sql(
+                self.rdb,
+                study_id,
+                int(request["trial_id"]),
+                int(request["n_trials"]),
+                failed_with_attr=request["failed_with_attr"],
+                budget_at=[str(k) for k in budget_at] if budget_at else None,
+            )
+
+        if not budget_at:  # a client that passes the budget it read: no lock helps it
+            return {"past": past()}
+        with self._study_locked(study_id):
+            return {"past": past()}
+
+    def _set_budget(self, request: dict[str, Any]) -> dict[str, Any]:
+        study_id = int(request["study_id"])
+        with self._study_locked(study_id):
+            used = set_budget_in_sql(
+                self.rdb,
+                study_id,
+                str(request["key"]),
+                request["value"],
+                int(request["n_trials"]),
+                failed_with_attr=request["failed_with_attr"],
+            )
+        return {"used": used}
 
     def _waiting_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ids": private.waiting_trial_ids(self.rdb, int(request["study_id"]))}
@@ -229,14 +320,21 @@ class ServiceClient:
     one call per attribute of ``storage`` (the proxy's Optuna client), and the questions
     answer None (the caller asks Optuna's service)."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, host: str, port: int) -> None:
+    def __init__(
+        self,
+        storage: optuna.storages.BaseStorage,
+        host: str,
+        port: int,
+        secret: str | None = None,
+    ) -> None:
         self.storage = storage
         self.offered = True
         self._address = f"{host}:{port}"
+        self._secret = secret
         self._connect()
 
     def _connect(self) -> None:
-        self._channel = grpc.insecure_channel(self._address)
+        self._channel = proxy_channel(self._address, self._secret)
         self._calls = {
             name: self._channel.unary_unary(
                 f"/{SERVICE}/{name}", request_serializer=_dumps, response_deserializer=_loads
@@ -282,11 +380,26 @@ class ServiceClient:
         return {str(k): int(v) for k, v in reply["counts"].items()}, int(reply["own"])
 
     def past_budget(
-        self, study_id: int, trial_id: int, n_trials: int, *, failed_with_attr: str
+        self,
+        study_id: int,
+        trial_id: int,
+        n_trials: int,
+        *,
+        failed_with_attr: str,
+        budget_at: Sequence[str] | None = None,
     ) -> bool | None:
-        request = {"study_id": study_id, "trial_id": trial_id, "n_trials": n_trials}
-        reply = self._call("PastBudget", {**request, "failed_with_attr": failed_with_attr})
+        request: dict[str, Any] = {"study_id": study_id, "trial_id": trial_id}
+        request |= {"n_trials": n_trials, "failed_with_attr": failed_with_attr}
+        reply = self._call("PastBudget", {**request, "budget_at": list(budget_at or [])})
         return None if reply is None else bool(reply["past"])
+
+    def set_budget(
+        self, study_id: int, key: str, value: Any, n_trials: int, *, failed_with_attr: str
+    ) -> int | None:
+        """See :func:`set_budget_in_sql`; None where the proxy offers no such call."""
+        request = {"study_id": study_id, "key": key, "value": value, "n_trials": n_trials}
+        reply = self._call("SetBudget", {**request, "failed_with_attr": failed_with_attr})
+        return None if reply is None else int(reply["used"])
 
     def beat(self, trial_ids: list[int]) -> bool:
         """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's

@@ -22,7 +22,6 @@ from tauopt.storage import (
 )
 from tauopt.study._anchors import enqueue_anchors, plan_anchors
 from tauopt.study._config import DEFAULT_TRAIN_SIZE, StudyConfig, parse_config
-from tauopt.study._ledger import budget_used
 from tauopt.study._objective import DIRECTIONS, METRIC_NAMES
 from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR
 
@@ -169,16 +168,16 @@ def _update_existing(
     if not _other_changes(study_name, stored, new):
         study.set_user_attr(CONFIG_ATTR, new)
         return
-    counts, own_failures = access(storage).counts(
-        study_id(study), failed_with_attr=FAIL_REASON_ATTR
+    # Counted and stored at once, under the study's lock (the proxy takes it there), so that
+    # no claim checks its place against the old budget in between.
+    used = access(storage).set_budget(
+        study_id(study), CONFIG_ATTR, new, config.n_trials, failed_with_attr=FAIL_REASON_ATTR
     )
-    used = budget_used(counts, own_failures)
     if config.n_trials < used:
         raise ConfigError(
             f"study {study_name!r} has already used {used} trials of its budget; "
             f"n_trials must be at least {used}, got {config.n_trials}"
         )
-    study.set_user_attr(CONFIG_ATTR, new)
 
 
 def _other_changes(study_name: str, stored: dict[str, Any], new: dict[str, Any]) -> list[str]:

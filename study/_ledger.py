@@ -33,6 +33,8 @@ _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialSta
 #: A claim holds the study's lock at most this long, then lets other workers claim: asking
 #: slows as running trials pile up, and a claim of hundreds would keep the others waiting.
 CLAIM_HOLD_SECONDS = 1.0
+#: Where the budget is stored: the study's config, then its keys.
+BUDGET_AT = (CONFIG_ATTR, "study", "n_trials")
 
 
 def budget_used(counts: dict[str, int], failures_with_reason: int) -> int:
@@ -255,7 +257,10 @@ class Ledger:
         it, and claiming stops: the budget's guard without a lock (through the proxy), and
         where a lock was lost (see ``tauopt.storage.study_lock``)."""
         sid, tid = study_id(self.study), trial_id(trial)
-        if not self.access.past_budget(sid, tid, self.n_trials, failed_with_attr=FAIL_REASON_ATTR):
+        # the budget as stored now, not as this claim read it: `create` may have lowered it
+        if not self.access.past_budget(
+            sid, tid, self.n_trials, failed_with_attr=FAIL_REASON_ATTR, budget_at=BUDGET_AT
+        ):
             return False
         try:
             self.storage.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)

@@ -66,7 +66,9 @@ class TrialResult:
         """
         if self.artifact_id is None:
             raise StorageError(f"trial {self.number} has no stored model artifact")
-        if not _ARTIFACT_ID.fullmatch(self.artifact_id):
+        # read from the study's record, which anyone with access may have changed: a number
+        # or a list is no id either
+        if not isinstance(self.artifact_id, str) or not _ARTIFACT_ID.fullmatch(self.artifact_id):
             raise StorageError(
                 f"trial {self.number}'s model id {self.artifact_id!r} is not one a worker "
                 "writes (a UUID): the study's record was changed; rerun the trial"

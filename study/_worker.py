@@ -158,7 +158,7 @@ class Worker:
         self.study, self.config = self._db(
             "loading the study", lambda: _load_study(self.storage, study_name, self.sampler_seed)
         )
-        self.access = access(self.storage, max_retry=settings.max_retry)
+        self.access = access(self.storage, max_retry=settings.max_retry, log=self._say)
         self.grace = settings.grace_period or 2 * settings.heartbeat_interval
         self._datasets: dict[str, RawDataset] = {}
         self._loaded = dataset

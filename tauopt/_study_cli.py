@@ -374,7 +374,10 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
         "Serve the database of --storage through Optuna's gRPC storage proxy, with Optuna's "
         "cache in front of it: every command then takes --storage grpc://HOST:PORT, and a "
         "worker host needs only that address, no database credentials. The proxy holds the "
-        "database connections, so hundreds of workers share a few.",
+        "database connections, so hundreds of workers share a few. With $TAUOPT_PROXY_SECRET "
+        "set, it takes only calls that present the same secret (set it on every worker "
+        "host); without one, anyone who reaches its port can read, change and delete every "
+        "study.",
     )
     p.add_argument(
         "--storage",
@@ -383,6 +386,14 @@ def add_study_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> Non
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address")
     p.add_argument("--port", type=int, default=13000, help="port")
+    p.add_argument(
+        "--db-connections",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="database connections the proxy holds at most (>= 2; docs/deployment.md says how "
+        "to size it)",
+    )
     p.set_defaults(handler=_cmd_proxy)
 
     p = parser(
@@ -879,15 +890,47 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
     from tauopt.storage import StorageSettings, open_storage, redact, resolve_url, serve_proxy
+    from tauopt.storage._proxy import SECRET_ENV, bind_address, is_public, proxy_secret
 
     url = resolve_url(args.storage)
     if url.startswith("grpc://"):
         raise ConfigError(f"--storage {url}: the proxy serves a database, not another proxy")
-    storage = open_storage(StorageSettings(url=url), create_schema=True)
+    secret = proxy_secret()
+    bind_address(args.host, args.port)  # before the database: a taken port is one line
+    storage = open_storage(
+        StorageSettings(url=url, pool_size=args.db_connections), create_schema=True
+    )
+    if is_public(args.host):
+        _warn(
+            f"proxy: warning: listening on {args.host}: "
+            + (
+                "calls must present the shared secret, but it and every study travel "
+                "unencrypted: keep the port on a network you trust"
+                if secret
+                else f"no ${SECRET_ENV} is set, so anyone who reaches this port can read, "
+                "change and delete every study (the dashboard's --read-only protects nothing "
+                "while they can); set one, or bind to 127.0.0.1"
+            )
+        )
 
     def ready() -> None:
-        where = f"grpc://{args.host}:{args.port}"
-        print(f"proxy for {redact(url)} listening on {where}", file=sys.stderr, flush=True)
+        bare = args.host.strip("[]")
+        host = f"[{bare}]" if ":" in bare else bare
+        guard = "shared secret required" if secret else "no secret: open to all who reach it"
+        print(
+            f"proxy for {redact(url)} listening on grpc://{host}:{args.port} ({guard}, at most "
+            f"{args.db_connections} database connections)",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    serve_proxy(storage, args.host, args.port, ready=ready)
+    serve_proxy(
+        storage,
+        args.host,
+        args.port,
+        ready=ready,
+        secret=secret,
+        threads=args.db_connections,
+        log=lambda line: _warn(f"proxy: {line}"),
+    )
     return 0

@@ -211,7 +211,7 @@ def test_multihost_files_are_valid(tmp_path: Path) -> None:
     env_file = tmp_path / "compose.env"
     env_file.write_text(
         "POSTGRES_USER=u\nPOSTGRES_PASSWORD=p\nPOSTGRES_DB=d\nTAUOPT_PROXY_HOST=main.example\n"
-        "TAUOPT_ARTIFACTS_DIR=/srv/tauopt-artifacts\n"
+        "TAUOPT_ARTIFACTS_DIR=/srv/tauopt-artifacts\nTAUOPT_PROXY_SECRET=shared-secret-0123456789\n"
     )
     main = _compose(
         "config",
@@ -220,7 +220,9 @@ def test_multihost_files_are_valid(tmp_path: Path) -> None:
     )
     assert main.returncode == 0, main.stderr
     config = yaml.safe_load(main.stdout)
-    assert any("13000" in str(p) for p in config["services"]["proxy"]["ports"])
+    (port,) = config["services"]["proxy"]["ports"]
+    assert port["published"] == "13000" and port["host_ip"] == "127.0.0.1"  # unless told
+    assert config["services"]["proxy"]["environment"]["TAUOPT_PROXY_SECRET"]
     assert "ports" not in config["services"]["db"]  # the database stays inside
     assert config["volumes"]["artifacts"]["driver_opts"]["device"] == "/srv/tauopt-artifacts"
     remote = _compose("config", env_file=env_file, files=("docker-compose.worker.yml",))
@@ -229,6 +231,16 @@ def test_multihost_files_are_valid(tmp_path: Path) -> None:
     assert set(services) == {"data", "worker"}
     environment = services["worker"]["environment"]
     assert environment["TAUOPT_STORAGE"] == "grpc://main.example:13000"
+    assert environment["TAUOPT_PROXY_SECRET"] == "shared-secret-0123456789"
+    # told otherwise: published where the worker hosts reach it; and never without a secret
+    told = env_file.read_text() + "TAUOPT_PROXY_BIND=10.0.0.5\n"
+    env_file.write_text(told)
+    files = ("docker-compose.yml", "docker-compose.multihost.yml")
+    main = _compose("config", env_file=env_file, files=files)
+    assert yaml.safe_load(main.stdout)["services"]["proxy"]["ports"][0]["host_ip"] == "10.0.0.5"
+    env_file.write_text(told.replace("TAUOPT_PROXY_SECRET=shared-secret-0123456789\n", ""))
+    refused = _compose("config", env_file=env_file, files=files)
+    assert refused.returncode != 0 and "TAUOPT_PROXY_SECRET" in refused.stderr
     assert not [k for k in environment if k.startswith(("PG", "POSTGRES"))]  # no credentials
 
 
@@ -248,6 +260,7 @@ def test_a_worker_host_needs_only_the_proxys_address(
         env_file = tmp_path / "worker.env"
         env_file.write_text(
             f"TAUOPT_PROXY_HOST=127.0.0.1\nTAUOPT_STUDY={resolved['study']}\n"
+            "TAUOPT_PROXY_SECRET=shared-secret-0123456789\n"
             f"TAUOPT_ARTIFACTS_DIR={tmp_path / 'artifacts'}\n"
         )
         remote = _compose("config", env_file=env_file, files=("docker-compose.worker.yml",))

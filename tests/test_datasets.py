@@ -218,7 +218,12 @@ def _bad(tmp_path: Path, **arrays: np.ndarray) -> Path:
         ({"y_test": np.zeros(50, dtype=np.float32)}, "y_test must hold integer labels"),
         ({"x_train": np.full((400, 5), np.nan, dtype=np.float32)}, "x_train holds NaN"),
         (  # one image: the validation image, a fifth at least one, leaves none to train
-            {"x_train": RNG.random((1, 5)), "y_train": np.zeros(1, dtype=np.int64)},
+            # (one image is one class: the file declares three, as its test labels hold)
+            {
+                "x_train": RNG.random((1, 5)),
+                "y_train": np.zeros(1, dtype=np.int64),
+                "num_classes": np.array(3),
+            },
             "val_size must lie in [0, 1)",
         ),
         ({"x_test": RNG.random((50, 6))}, "differ in shape"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -45,12 +46,12 @@ class _Fixture:
         ``before(trial_id)`` ran."""
         check, seen = self.access.past_budget, [0]
 
-        def lossy(study_id: int, tid: int, n_trials: int, *, failed_with_attr: str) -> bool:
+        def lossy(study_id: int, tid: int, n_trials: int, **kwargs: Any) -> bool:
             seen[0] += 1
             if seen[0] in calls:
                 before(tid)
                 raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception(LOST))
-            return check(study_id, tid, n_trials, failed_with_attr=failed_with_attr)
+            return check(study_id, tid, n_trials, **kwargs)
 
         self.access.past_budget = lossy  # type: ignore[method-assign]
 
