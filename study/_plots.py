@@ -3,6 +3,7 @@ search's front and importances. Pure functions of the trial views."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt
 import optuna
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from tauopt.study._views import TrialView
 
@@ -73,8 +74,21 @@ def _log_axis(ax: Axes) -> None:
     """A log scale labelled in plain numbers: within a decade matplotlib labels its minor
     ticks "2.3x10^0", which reads badly and, several to an axis, crowds the labels."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: _minor_label(ax, value)))
+
+
+def _minor_label(ax: Axes, value: float) -> str:
+    """A minor tick's label where it cannot crowd its neighbours: every one on an axis that
+    spans less than a factor 3, else only 1, 2, 3 and 5 times a power of ten (0.9 beside 1
+    would overprint it)."""
+    low, high = ax.get_ylim()
+    if value <= 0 or low <= 0:
+        return ""
+    leading = value / 10 ** math.floor(math.log10(value))
+    if high / low < 3 or round(leading, 6) in (1.0, 2.0, 3.0, 5.0):
+        return f"{value:.3g}"
+    return ""
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -219,21 +233,25 @@ def _taus(views: Sequence[TrialView], out: Path) -> Path:
 
 
 def _clean_loss(views: Sequence[TrialView], out: Path) -> Path:
+    """One panel per network and T: the horizons' losses differ by far more than the
+    regularisers' (a pooled band would hide them)."""
     archs = sorted({a for a, _ in panels(views)}, key=lambda a: a != "resnet")
-    fig, axes = _grid_axes(archs)
-    for ax, arch in zip(axes, archs, strict=False):
-        trainable = [v for v in pick(views, arch=arch, taus="trainable", pruning="off")]
+    horizons = sorted({float((v.grid or {}).get("T", 1.0)) for v in views})
+    where = [(arch, T) for arch in archs for T in horizons]
+    fig, axes = _grid_axes(where)
+    for ax, (arch, T) in zip(axes, where, strict=False):
+        trainable = [v for v in pick(views, arch=arch, T=T, taus="trainable", pruning="off")]
         for name in dict.fromkeys(REGULARISERS.values()):
             chosen = [v for v in trainable if regulariser(v) == name]
             _curve(ax, chosen, lambda v: v.record.clean_loss_history, name)
         _log_axis(ax)
-        ax.set_title(arch)
+        ax.set_title(f"{arch}, T={T:g}")
         _epoch_axis(ax)
-        ax.set_ylabel("training cross-entropy, mean over the epoch")
+        ax.set_ylabel("training cross-entropy (epoch mean)")
         _legend(ax)
     fig.suptitle(
         "How the clean loss (cross-entropy, no penalties) decays under each regulariser\n"
-        "trainable taus, no pruning, every dataset and T"
+        "trainable taus, no pruning, both datasets"
     )
     return _save(fig, out / "clean_loss.png")
 

@@ -132,7 +132,7 @@ def test_three_processes_enqueue_the_grid_exactly_once(tmp_path: Path) -> None:
     name = f"grid-{uuid.uuid4().hex[:10]}"
     argv = [sys.executable, "-m", "tauopt", "reproduce", "--storage", PG_URL, "--study", name]
     argv += ["--epochs", "1", "--train-size", "100"]
-    done = together([argv[3:]] * 3, tmp_path, timeout=120)
+    done = together([argv[3:]] * 3, tmp_path, timeout=300)
     outputs = [d.stdout for d in done]
     assert [d.returncode for d in done] == [0, 0, 0], outputs
     assert sum("enqueued 76 runs" in o for o in outputs) == 1, outputs
