@@ -51,6 +51,7 @@ class ExportedRuns:
     views: list[TrialView]
     spans: list[tuple[datetime, datetime]]
     runs: int
+    failed: list[tuple[dict[str, Any], str]]
 
 
 def _scalar(text: str) -> Any:
@@ -122,6 +123,7 @@ def read_export(path: Path) -> ExportedRuns:
     views: list[TrialView] = []
     spans: list[tuple[datetime, datetime]] = []
     points: set[str] = set()
+    failed: list[tuple[dict[str, Any], str]] = []
     for row in _rows(path):
         if "param_protocol" not in row and not row.get("grid_point"):
             raise DataError(
@@ -129,6 +131,8 @@ def read_export(path: Path) -> ExportedRuns:
                 "a search study is reported from its database, `tauopt report --study NAME`"
             )
         points.add(json.dumps(_grid_point(row), sort_keys=True))
+        if row.get("state") == "FAIL" and row.get("fail_reason"):
+            failed.append((_grid_point(row), row["fail_reason"]))
         if row.get("state") != "COMPLETE":
             continue
         try:
@@ -143,4 +147,4 @@ def read_export(path: Path) -> ExportedRuns:
             spans.append((begin, begin + timedelta(seconds=seconds)))
     if not points:
         raise DataError(f"{path} holds no trials")
-    return ExportedRuns(str(path), views, spans, len(points))
+    return ExportedRuns(str(path), views, spans, len(points), failed)

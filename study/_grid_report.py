@@ -6,6 +6,7 @@ descriptions of the taus and the loss. Pure functions of the runs (see :class:`G
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ class GridRuns:
     views: tuple[TrialView, ...]
     spans: tuple[tuple[datetime, datetime], ...]
     planned: int
+    #: Runs that failed through their own fault (diverged, say): coordinates and reason.
+    failed: tuple[tuple[dict[str, Any], str], ...] = ()
 
 
 def _row(*cells: object) -> str:
@@ -131,7 +134,38 @@ def budget(runs: GridRuns) -> list[str]:
 def _held(held: list[Any]) -> str:
     if not held:
         return " (no validation images held out)"
-    return f" ({'/'.join(f'{h:,}' for h in held)} more held out for validation)"
+    return f" (but the {'/'.join(f'{h:,}' for h in held)} held out for validation)"
+
+
+def failed_section(runs: GridRuns) -> list[str]:
+    """The runs that failed through their own fault, counted by setting: a diverged run is
+    no candidate for its arm's best learning rate, and a reader should know which failed."""
+    if not runs.failed:
+        return []
+    groups: dict[tuple[str, str], list[str]] = {}
+    for coords, reason in runs.failed:
+        shown = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in coords.items()
+            if k not in ("protocol", "seed") and v is not None
+        )
+        text = " ".join(reason.split())
+        epoch = re.search(r"in epoch (\d+)", text)
+        why = re.sub(r"in epoch \d+", "in epoch", text)[:160]
+        groups.setdefault((shown, why), []).append(epoch.group(1) if epoch else "-")
+    rows = [
+        _row(where, len(epochs), why, ", ".join(sorted(epochs, key=lambda e: (len(e), e))))
+        for (where, why), epochs in sorted(groups.items())
+    ]
+    return [
+        "## Runs that failed",
+        "",
+        f"{len(runs.failed)} {'run' if len(runs.failed) == 1 else 'runs'} failed through their "
+        "own fault and are left out of every table (they used their budget; a run stopped by its worker is retried instead).",
+        "",
+        *_table(("run", "seeds", "why", "epochs"), rows),
+        "",
+    ]
 
 
 def _compute(runs: GridRuns) -> list[str]:

@@ -30,6 +30,8 @@ from tauopt.study._checkpoint import load_checkpoint
 from tauopt.study._record import (
     CONFIG_ATTR,
     FAIL_REASON_ATTR,
+    GRID_CONFIG_ATTR,
+    GRID_POINT_ATTR,
     RETRY_REASON_ATTR,
     WORKER_ATTR,
     TrialRecord,
@@ -231,7 +233,15 @@ _REASONS = (FAIL_REASON_ATTR, RETRY_REASON_ATTR, WORKER_ATTR)
 
 def _record_cells(trial: FrozenTrial) -> list[Any]:
     if trial.state != optuna.trial.TrialState.COMPLETE:
-        return [None] * (len(_CONFIG_COLUMNS) + len(_RECORD_COLUMNS) + len(_LIST_COLUMNS) + 1)
+        cells: list[Any] = [None] * (1 + len(_CONFIG_COLUMNS) + len(_RECORD_COLUMNS))
+        # a grid run that has not finished still says which run it is
+        known = {
+            "train_config": trial.user_attrs.get(GRID_CONFIG_ATTR),
+            "grid_point": trial.user_attrs.get(GRID_POINT_ATTR),
+        }
+        return cells + [
+            None if known.get(name) is None else json.dumps(known[name]) for name in _LIST_COLUMNS
+        ]
     record = TrialRecord.from_attrs(trial.user_attrs)
     config = record.train_config
     view = view_of(trial.number, record, feasible=True)

@@ -26,6 +26,7 @@ from tauopt.study._grid_report import (
     clean_loss_section,
     comparisons,
     ends_section,
+    failed_section,
     lr_section,
     paired_section,
     reading,
@@ -33,7 +34,7 @@ from tauopt.study._grid_report import (
     tau_section,
 )
 from tauopt.study._plots import grid_figures, search_figures
-from tauopt.study._record import ANCHORS_ATTR
+from tauopt.study._record import ANCHORS_ATTR, FAIL_REASON_ATTR, GRID_POINT_ATTR
 from tauopt.study._reproduce import REPRODUCE_ATTR
 from tauopt.study._views import TrialView, trial_views
 
@@ -51,6 +52,7 @@ def grid_runs(studies: Sequence[optuna.Study]) -> GridRuns:
     """The finished runs of ``studies``, each a grid of ``tauopt reproduce``, as one grid."""
     views: list[TrialView] = []
     spans = []
+    failed = []
     planned = 0
     for study in studies:
         if REPRODUCE_ATTR not in study.user_attrs:
@@ -60,13 +62,19 @@ def grid_runs(studies: Sequence[optuna.Study]) -> GridRuns:
             )
         views += trial_views(study)
         planned += int(study.user_attrs[REPRODUCE_ATTR]["spec"].get("runs", 0))
+        trials = study.get_trials(deepcopy=False)
         spans += [
             (t.datetime_start, t.datetime_complete)
-            for t in study.get_trials(deepcopy=False)
+            for t in trials
             if t.datetime_start and t.datetime_complete
         ]
+        failed += [
+            (dict(t.user_attrs.get(GRID_POINT_ATTR) or {}), str(t.user_attrs[FAIL_REASON_ATTR]))
+            for t in trials
+            if t.state == optuna.trial.TrialState.FAIL and FAIL_REASON_ATTR in t.user_attrs
+        ]
     names = tuple(f"study {s.study_name!r}" for s in studies)
-    return GridRuns(names, tuple(views), tuple(spans), planned)
+    return GridRuns(names, tuple(views), tuple(spans), planned, tuple(failed))
 
 
 def exported_runs(paths: Sequence[Path]) -> GridRuns:
@@ -77,6 +85,7 @@ def exported_runs(paths: Sequence[Path]) -> GridRuns:
         tuple(v for p in parts for v in p.views),
         tuple(s for p in parts for s in p.spans),
         sum(p.runs for p in parts),
+        tuple(f for p in parts for f in p.failed),
     )
 
 
@@ -91,7 +100,8 @@ def write_grid_report(runs: GridRuns, out: Path) -> list[Path]:
     lines = [f"# Reproduction of the papers' experiments: {', '.join(runs.sources)}", ""]
     lines += budget(runs)
     lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    lines += reading(rows) + paired_section(views, rows) + lr_section(views, rows)
+    lines += reading(rows) + failed_section(runs) + paired_section(views, rows)
+    lines += lr_section(views, rows)
     lines += ends_section(views) + clean_loss_section(views)
     lines += regulariser_section(views) + tau_section(views)
     report = out / "report.md"

@@ -303,6 +303,17 @@ def test_each_arm_at_its_best_learning_rate(tmp_path: Path) -> None:
     assert (tmp_path / "rep" / "learning_rates.png").stat().st_size > 10_000
 
 
+def test_failed_runs_are_counted_and_left_out(tmp_path: Path) -> None:
+    study = _synthetic_study(tmp_path / "f.db", effect=0.05, noise=0.01, seeds=3)
+    run = grid(epochs=3, seeds=1, datasets=("mnist",), only=("fixed-vs-trainable",))[0]
+    attrs = {"grid_point": run.coords, "fail_reason": "training diverged in epoch 7: loss is nan"}
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs=attrs))
+    write_report(study, tmp_path / "rep")
+    report = (tmp_path / "rep" / "report.md").read_text()
+    failed = report.split("## Runs that failed")[1].split("\n## ")[0]
+    assert "1 run failed" in failed and "| training diverged in epoch: loss is nan | 7 |" in failed
+
+
 def test_the_p_value_and_the_corrections_by_hand() -> None:
     # df = 2: p = 1 - t / sqrt(2 + t^2); t = 0.5 gives 1 - 0.5 / 1.5 = 2/3
     assert t_two_sided_p(0.5, 2) == pytest.approx(2 / 3, rel=1e-12)
