@@ -161,7 +161,8 @@ def failed_section(runs: GridRuns) -> list[str]:
         "## Runs that failed",
         "",
         f"{len(runs.failed)} {'run' if len(runs.failed) == 1 else 'runs'} failed through their "
-        "own fault and are left out of every table (they used their budget; a run stopped by its worker is retried instead).",
+        "own fault and are left out of every table (they used their budget; a run stopped "
+        "by its worker is retried instead).",
         "",
         *_table(("run", "seeds", "why", "epochs"), rows),
         "",
