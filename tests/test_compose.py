@@ -207,6 +207,15 @@ def _process_output(service: dict[str, Any], code: str) -> str:
     return done.stdout
 
 
+def _published(port: str | dict[str, Any]) -> tuple[str, str]:
+    """(host address, host port) of a resolved port entry: docker-compose 1.29 keeps the short
+    syntax ("127.0.0.1:13000:13000"), the compose specification's tools write the long one."""
+    if isinstance(port, dict):
+        return str(port["host_ip"]), str(port["published"])
+    host_ip, published, _target = port.rsplit(":", 2)
+    return host_ip, published
+
+
 def test_multihost_files_are_valid(tmp_path: Path) -> None:
     env_file = tmp_path / "compose.env"
     env_file.write_text(
@@ -221,7 +230,7 @@ def test_multihost_files_are_valid(tmp_path: Path) -> None:
     assert main.returncode == 0, main.stderr
     config = yaml.safe_load(main.stdout)
     (port,) = config["services"]["proxy"]["ports"]
-    assert port["published"] == "13000" and port["host_ip"] == "127.0.0.1"  # unless told
+    assert _published(port) == ("127.0.0.1", "13000")  # unless told
     assert config["services"]["proxy"]["environment"]["TAUOPT_PROXY_SECRET"]
     assert "ports" not in config["services"]["db"]  # the database stays inside
     assert config["volumes"]["artifacts"]["driver_opts"]["device"] == "/srv/tauopt-artifacts"
@@ -237,7 +246,8 @@ def test_multihost_files_are_valid(tmp_path: Path) -> None:
     env_file.write_text(told)
     files = ("docker-compose.yml", "docker-compose.multihost.yml")
     main = _compose("config", env_file=env_file, files=files)
-    assert yaml.safe_load(main.stdout)["services"]["proxy"]["ports"][0]["host_ip"] == "10.0.0.5"
+    (port,) = yaml.safe_load(main.stdout)["services"]["proxy"]["ports"]
+    assert _published(port) == ("10.0.0.5", "13000")
     env_file.write_text(told.replace("TAUOPT_PROXY_SECRET=shared-secret-0123456789\n", ""))
     refused = _compose("config", env_file=env_file, files=files)
     assert refused.returncode != 0 and "TAUOPT_PROXY_SECRET" in refused.stderr

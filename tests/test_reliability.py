@@ -143,15 +143,15 @@ def test_export_writes_through_special_files_and_refuses_the_rest(
     (tmp_path / "link.csv").symlink_to("real.csv")
     assert main(["export", "-o", "link.csv"]) == 0
     assert (tmp_path / "link.csv").is_symlink()  # the link stays, its target is the CSV
-    assert (tmp_path / "real.csv").read_text().startswith("number,state")
+    assert (tmp_path / "real.csv").read_text().startswith("study,number,state")
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
     assert main(["export", "-o", str(fifo)]) == 0
-    assert reader.communicate(timeout=30)[0].startswith("number,state")
+    assert reader.communicate(timeout=30)[0].startswith("study,number,state")
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a FIFO, not replaced by a file
     done = _tauopt("export", "-o", "/dev/stdout", cwd=tmp_path)
-    assert done.returncode == 0 and done.stdout.startswith("number,state"), done.stderr
+    assert done.returncode == 0 and done.stdout.startswith("study,number,state"), done.stderr
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(tmp_path / "sock"))
     capsys.readouterr()
