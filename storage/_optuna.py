@@ -579,8 +579,9 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
     Keyword-only arguments as TPESampler's.
 
     Its proposals are TPESampler's own for a study no larger than the window (same seed, same
-    trials: ``tests/test_sampler.py``); ``_sample`` is Optuna 5's, with the trials' split
-    taken from the per-trial cache.
+    trials: ``test_within_the_window_the_proposals_are_tpes_own`` in
+    ``tests/test_optuna_contract.py``); ``_sample`` is Optuna 5's, with the trials' split taken
+    from the per-trial cache.
     """
 
     def __init__(self, *, window: int = HISTORY_WINDOW, **kwargs: Any) -> None:

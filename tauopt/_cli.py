@@ -188,7 +188,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         taus = ", ".join(f"{t:.4f}" for t in result.taus)
-        print(f"test accuracy {result.test_accuracy:.4f}, validation {result.val_accuracy[-1]:.4f}")
+        # --val-size 0 holds nothing out: there is no validation accuracy to print.
+        val = f", validation {result.val_accuracy[-1]:.4f}" if result.val_accuracy else ""
+        print(f"test accuracy {result.test_accuracy:.4f}{val}")
         print(
             f"{result.active_blocks} active blocks, {result.active_params} parameters, "
             f"taus [{taus}]"

@@ -85,6 +85,17 @@ def test_train_fracdnn_fashion_human_output(
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_train_without_validation_prints_the_test_accuracy(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--data-dir", str(data_dir), "--epochs", "1", "--train-size", "200", "--val-size", "0"]
+    assert main(["train", *argv, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("test accuracy ") and "validation" not in out
+    assert main(["train", *argv, "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_accuracy"] == []
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

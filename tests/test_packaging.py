@@ -44,6 +44,76 @@ def _layer_of(module: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "tauopt" and len(parts) > 1 else parts[0]
 
 
+#: The one module that may use Optuna's and optuna-dashboard's private names; it checks them
+#: against the installed versions at start.
+PRIVATE_API_MODULE = REPO / "storage" / "_optuna.py"
+FOREIGN = ("optuna", "optuna_dashboard")
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_foreign_names(source: str) -> list[str]:
+    """Private names of Optuna or optuna-dashboard that ``source`` uses: a private module in an
+    import, a private name imported, or a private attribute read off one of their modules."""
+    tree = ast.parse(source)
+    found: list[str] = []
+    bound: set[str] = set()  # local names of their modules
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in FOREIGN:
+                    bound.add(alias.asname or alias.name.split(".")[0])
+                    if any(_is_private(part) for part in alias.name.split(".")):
+                        found.append(alias.name)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] not in FOREIGN:
+                continue
+            if any(_is_private(part) for part in node.module.split(".")):
+                found.append(node.module)
+            found += [f"{node.module}.{a.name}" for a in node.names if _is_private(a.name)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            root: ast.expr = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in bound:
+                found.append(f"{ast.unparse(node.value)}.{node.attr}")
+    return found
+
+
+def test_the_check_for_private_names_finds_them() -> None:
+    source = (
+        "import optuna\nimport optuna_dashboard as od\nfrom optuna.storages import _rdb\n"
+        "from optuna_dashboard import _note, save_note\n"
+        "optuna.samplers._tpe.sampler\nod._serializer\noptuna.__version__\n"
+    )
+    assert sorted(_private_foreign_names(source)) == sorted(
+        [
+            "optuna.storages._rdb",
+            "optuna_dashboard._note",
+            "optuna.samplers._tpe",
+            "od._serializer",
+        ]
+    )
+    assert _private_foreign_names("import optuna\noptuna.create_study\nx._y\n") == []
+
+
+def test_only_one_module_uses_optunas_private_names() -> None:
+    files = [p for folder in (*LAYERS, "tauopt") for p in sorted((REPO / folder).glob("*.py"))]
+    assert PRIVATE_API_MODULE in files
+    assert _private_foreign_names(PRIVATE_API_MODULE.read_text())  # it is the one that does
+    for path in files:
+        if path != PRIVATE_API_MODULE:
+            names = _private_foreign_names(path.read_text())
+            assert not names, (
+                f"{path.relative_to(REPO)} uses {names}: private names of Optuna and "
+                f"optuna-dashboard belong in {PRIVATE_API_MODULE.relative_to(REPO)}, which "
+                "checks them against the installed versions"
+            )
+
+
 @pytest.mark.parametrize("folder", sorted(LAYERS))
 def test_layers_import_only_downward(folder: str) -> None:
     files = sorted((REPO / folder).glob("*.py"))
