@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _burst import burst
 from _machine import machine
-from step_ab import burst
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import load_dataset, make_splits
@@ -31,7 +31,7 @@ from tauopt.models import _fractional
 def _burst(model: Any, optimizer: Any, batches: list[Any], host: bool) -> float:
     """Microseconds per step over ``batches`` with the host (True) or device (False) form."""
     _fractional.host_arithmetic = lambda device: host and device.type == "cpu"  # type: ignore[assignment]
-    return burst((model, optimizer), batches)  # the training steps step_ab.py times
+    return burst((model, optimizer), batches)  # the training steps ab/step_ab.py times
 
 
 def main() -> None:
