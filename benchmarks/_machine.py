@@ -41,6 +41,7 @@ def machine() -> dict[str, object]:
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+JSON_HELP = "where the JSON goes (default: benchmarks/results/<script>_<device>_<date>.json)"
 
 
 def device_label(device: str = "cpu") -> str:
@@ -49,6 +50,8 @@ def device_label(device: str = "cpu") -> str:
         return device
     import torch  # only here: most benchmarks that record where they ran never touch a GPU
 
+    if not torch.cuda.is_available():
+        return "cuda"  # the script's own check of the device says what is wrong
     words = torch.cuda.get_device_name(torch.device(device)).replace("NVIDIA", "").split()
     return words[0].lower() if words else "cuda"
 
