@@ -24,7 +24,7 @@ import optuna
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _machine import machine  # noqa: E402
+from _machine import JSON_HELP, machine, result_path  # noqa: E402
 
 CORNER = {"arch": "resnet", "layer_prune_eps": 0.2, "time_reg": "none"}
 
@@ -66,16 +66,16 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--lr", type=float, nargs="+", required=True)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []
     for seed in range(args.seeds):
         for row in run(seed, args.lr, args.data_dir):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({**machine(), "corner": CORNER, "trials": rows}, indent=1))
+    args.json.write_text(json.dumps({**machine(), "corner": CORNER, "trials": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _machine import machine  # noqa: E402
+from _machine import JSON_HELP, machine, result_path  # noqa: E402
 from front_per_hour import FLOOR, hypervolume  # noqa: E402
 
 AFTER = (3, 10, 30)
@@ -68,8 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     results = []
     for seed in range(args.seeds):
         for anchors in (3, 0) if seed % 2 == 0 else (0, 3):  # alternating: no arm always first
@@ -80,9 +81,8 @@ def main() -> None:
                 f"{result['hypervolume_after']}, at {result['seconds_after']} s",
                 flush=True,
             )
-    if args.json:
-        out = {"machine": machine(), "floor": FLOOR, "results": results}
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    out = {"machine": machine(), "floor": FLOOR, "results": results}
+    args.json.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import optuna
-from _machine import machine
+from _machine import JSON_HELP, machine, result_path
 
 from tauopt.storage import normalize_url
 
@@ -77,8 +77,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=512)
     parser.add_argument("--n-trials", type=int, default=1200)
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(
+        __file__, "cpu", f"{args.storage.split(':')[0].split('+')[0]}_k{args.k}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "tiny.toml"
         config.write_text(TINY)
@@ -134,8 +137,7 @@ def main() -> None:
     }
     summary = {**machine(), **summary}
     print(json.dumps(summary, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ temporary file, flushed to disk and renamed into place) against one epoch, for a
 50,000 training images, one thread), and what that is at the default ``checkpoint_seconds``
 (60 s): one save per 60 s of training or more.
 
-    python benchmarks/checkpoint_cost.py --data-dir ../shared/data [--epochs 4] \\
-        [--json benchmarks/results/checkpoint_cost_cpu_DATE.json]
+    python benchmarks/checkpoint_cost.py --data-dir ../shared/data [--epochs 4] [--json out.json]
 
 Each epoch but the last saves (``every`` set to save at every boundary); the saves are timed
 around the engine's own save step (``tauopt.engine._loop._Run.save``), so the figure holds the
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import machine
+from _machine import JSON_HELP, machine, result_path
 
 from tauopt.engine import RunState, TrainConfig, _loop, load_dataset, train, train_population
 from tauopt.study._resume import TrialIdentity, TrialStates, config_hash, dataset_hash
@@ -108,8 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     torch.set_num_threads(1)
     summary = {
         **machine(),
@@ -118,8 +118,7 @@ def main() -> None:
         "runs": [measure(k, args.epochs, args.data_dir) for k in (1, 12)],
     }
     print(json.dumps(summary, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

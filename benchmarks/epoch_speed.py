@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import JSON_HELP, result_path
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
@@ -221,12 +222,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     parser.add_argument(
         "--device", default="cpu", help="cpu (default; the issue's target) or cuda[:N]"
     )
     args = parser.parse_args()
     device = resolve_device(args.device)
+    args.json = args.json or result_path(__file__, str(device))
     with tempfile.TemporaryDirectory() as scratch:
         results = run(args.data_dir, args.repeats, Path(scratch), device)
     for arch in ("resnet", "fracdnn"):
@@ -245,8 +247,7 @@ def main() -> None:
             f"engine {r['test_accuracy_after_one_epoch']['engine']:.4f} vs loop "
             f"{r['test_accuracy_after_one_epoch']['loop']:.4f}"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import machine
-from step_ab import burst
+from _burst import burst
+from _machine import JSON_HELP, machine, result_path
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import load_dataset, make_splits
@@ -31,7 +31,7 @@ from tauopt.models import _fractional
 def _burst(model: Any, optimizer: Any, batches: list[Any], host: bool) -> float:
     """Microseconds per step over ``batches`` with the host (True) or device (False) form."""
     _fractional.host_arithmetic = lambda device: host and device.type == "cpu"  # type: ignore[assignment]
-    return burst((model, optimizer), batches)  # the training steps step_ab.py times
+    return burst((model, optimizer), batches)  # the training steps ab/step_ab.py times
 
 
 def main() -> None:
@@ -39,8 +39,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--depth", type=int, nargs="+", default=[6, 20])
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     torch.set_num_threads(1)  # a worker's default: one thread per trial
     dataset = load_dataset("mnist", args.data_dir, download=False)
     splits = make_splits(dataset, val_size=10_000, train_size=None, device=torch.device("cpu"))
@@ -76,8 +77,7 @@ def main() -> None:
             f"ops {row['device_us_per_step']:.0f} us/step, device/host median ratio "
             f"{row['device_over_host_median']:.3f} over {args.rounds} paired bursts"
         )
-    if args.json:
-        args.json.write_text(json.dumps({**machine(), "results": results}, indent=1) + "\n")
+    args.json.write_text(json.dumps({**machine(), "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

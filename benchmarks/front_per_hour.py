@@ -48,7 +48,7 @@ import optuna
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _machine import machine  # noqa: E402
+from _machine import JSON_HELP, machine, result_path  # noqa: E402
 from trials_per_hour import baseline  # noqa: E402
 
 from tauopt.study import load_config  # noqa: E402
@@ -223,8 +223,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds from this one on")
     parser.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results: list[dict[str, Any]] = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -256,11 +257,10 @@ def main() -> None:
             )
             shown = {k: v for k, v in results[-1].items() if k not in ("curve", "trials_finished")}
             print(json.dumps(shown), flush=True)
-            if args.json:  # after every run: a run cut short keeps what it measured
-                _write(args, results, [])
+            # after every run: a run cut short keeps what it measured
+            _write(args, results, [])
     rows = summary(results)
-    if args.json:
-        _write(args, results, rows)
+    _write(args, results, rows)
 
 
 def _write(args: argparse.Namespace, results: list[dict[str, Any]], rows: list[Any]) -> None:

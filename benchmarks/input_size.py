@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import machine
+from _machine import JSON_HELP, machine, result_path
 
 from tauopt.engine import RawDataset, TrainConfig, load_dataset, train, train_population
 from tauopt.engine._data import ImageSet
@@ -47,8 +47,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--train-size", type=int, default=10_000)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     datasets = {"mnist": load_dataset("mnist", args.data_dir, download=False)}
     datasets["cifar-shaped"] = cifar_shaped(args.train_size + 1_000, 2_000)
     rows: dict[str, list[float]] = {}
@@ -73,20 +74,19 @@ def main() -> None:
         for label in ("alone", f"K={args.k}"):
             ratio = medians[f"cifar-shaped {arch} {label}"] / medians[f"mnist {arch} {label}"]
             print(f"{arch} {label}: CIFAR-shaped / MNIST = {ratio:.2f}")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    **machine(),
-                    "threads": torch.get_num_threads(),
-                    "train_size": args.train_size,
-                    "k": args.k,
-                    "seconds_per_member_epoch": rows,
-                    "medians": medians,
-                },
-                indent=2,
-            )
+    args.json.write_text(
+        json.dumps(
+            {
+                **machine(),
+                "threads": torch.get_num_threads(),
+                "train_size": args.train_size,
+                "k": args.k,
+                "seconds_per_member_epoch": rows,
+                "medians": medians,
+            },
+            indent=2,
         )
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import Any
 import optuna
 import sqlalchemy
 import torch
-from _machine import machine
+from _machine import JSON_HELP, machine, result_path
 
 HEARTBEAT = 5
 TINY = f"""
@@ -228,6 +228,14 @@ def _connections(
     engine.dispose()
 
 
+def _variant(args: argparse.Namespace) -> str:
+    """What the result's file name tells of the run: the path, the service, N, and the trials'
+    length where it is not the default 2 s."""
+    via = "direct" if args.via == "direct" else f"proxy_service-{args.service}"
+    length = "" if args.trial_seconds == 2.0 else f"_{args.trial_seconds:g}s"
+    return f"{via}_n{args.workers}{length}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--postgres", required=True, help="a superuser URL of the server")
@@ -238,8 +246,9 @@ def main() -> None:
     parser.add_argument("--connection-limit", type=int, default=20)
     parser.add_argument("--via", choices=("direct", "proxy"), default="proxy")
     parser.add_argument("--service", choices=("on", "off"), default="on")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__, "cpu", _variant(args))
     from tauopt.storage import normalize_url
 
     args.postgres = normalize_url(args.postgres)
@@ -365,8 +374,7 @@ def main() -> None:
         conn.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
     summary = {**machine(), **summary}
     print(json.dumps(summary, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

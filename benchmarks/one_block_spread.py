@@ -28,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _machine import machine  # noqa: E402
+from _machine import JSON_HELP, machine, result_path  # noqa: E402
 
 from tauopt.engine import TrainConfig, load_dataset, train  # noqa: E402
 from tauopt.study import load_config  # noqa: E402
@@ -84,8 +84,11 @@ def main() -> None:
     )
     parser.add_argument("--no-fixed", action="store_true", help="only the grid")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(
+        __file__, "cpu", "orders" if len(args.data_seeds) > 1 else ""
+    )
     torch.set_num_threads(args.threads)
     data = load_dataset(BUDGET.dataset, args.data_dir, download=False)
     grid = [
@@ -114,8 +117,7 @@ def main() -> None:
         },
     }
     print(json.dumps(summary), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({**machine(), "runs": rows, "summary": summary}, indent=1))
+    args.json.write_text(json.dumps({**machine(), "runs": rows, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from _machine import JSON_HELP, result_path
 
 import tauopt.engine._population as population
 from tauopt.engine import TrainConfig, load_dataset, train_population
@@ -52,8 +53,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dataset = load_dataset("mnist", args.data_dir)
     ways = {"as the worker groups them": population._parts, "one population": _all_together}
@@ -82,8 +84,7 @@ def main() -> None:
         population._parts = ways["as the worker groups them"]
         if kept["one population"] != kept["as the worker groups them"]:
             raise SystemExit("the two ways kept different blocks")
-    if args.json:
-        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+    args.json.write_text(json.dumps(runs, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import JSON_HELP, result_path
 
 from tauopt.engine import TrainConfig
 from tauopt.engine._data import load_dataset, make_splits
@@ -110,8 +111,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--member-steps", type=int, default=320, help="per burst")
-    parser.add_argument("--json", type=Path, help="write the raw timings here")
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     torch.set_num_threads(args.threads)
     dataset = load_dataset("mnist", args.data_dir, download=False)
     splits = make_splits(dataset, val_size=10_000, train_size=None, device=torch.device("cpu"))
@@ -140,9 +142,8 @@ def main() -> None:
             fn(steps)
             per_member[key].append((time.perf_counter() - start) / len(steps) / k * 1e3)
     _print(per_member, args.k, args.rounds)
-    if args.json:
-        raw = {f"{a}/{k or 'alone'}": v for (a, k), v in per_member.items()}
-        args.json.write_text(json.dumps({"threads": args.threads, "ms": raw}, indent=1) + "\n")
+    raw = {f"{a}/{k or 'alone'}": v for (a, k), v in per_member.items()}
+    args.json.write_text(json.dumps({"threads": args.threads, "ms": raw}, indent=1) + "\n")
 
 
 def _print(per_member: dict[tuple[str, int], list[float]], ks: list[int], rounds: int) -> None:

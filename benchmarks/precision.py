@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import machine
+from _machine import JSON_HELP, machine, result_path
 from input_size import member_epoch_seconds
 
 from tauopt.engine import (
@@ -168,12 +168,12 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__, "cpu", args.part)
     out = accuracy(args) if args.part == "accuracy" else speed(args)
-    if args.json:
-        record = {**machine(), "threads": torch.get_num_threads(), "part": args.part, **out}
-        args.json.write_text(json.dumps(record, indent=2))
+    record = {**machine(), "threads": torch.get_num_threads(), "part": args.part, **out}
+    args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ Reports the extra compute (CPU seconds and wall seconds of every worker process,
 against the uninterrupted worker's), the stops, where each trial resumed, and whether every
 trial's metrics and per-epoch records are identical (bitwise) to the uninterrupted run's.
 
-    python benchmarks/preemption.py --data-dir ../shared/data [--every 20] [--signal TERM] \\
-        [--json benchmarks/results/preemption_cpu_DATE.json]
+    python benchmarks/preemption.py --data-dir ../shared/data [--every 20] [--signal TERM]
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from _machine import machine
+from _machine import JSON_HELP, machine, result_path
 
 from tauopt.storage import StorageSettings
 from tauopt.study import create_study, load_config
@@ -170,8 +169,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--train-size", type=int, default=10_000)
     parser.add_argument("--checkpoint-seconds", type=float, default=60.0)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__, "cpu", f"sig{args.signal.lower()}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         url = f"sqlite:///{folder / 'preemption.db'}"
@@ -217,8 +217,7 @@ def main() -> None:
         "preempted": preempted,
     }
     print(json.dumps(summary, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import many_workers
-from _machine import machine
+from _machine import JSON_HELP, machine, result_path
 
 
 def free_port() -> int:
@@ -70,8 +70,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=10)
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--service", choices=("on", "off"), default="on")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__, "cpu", f"service-{args.service}")
     counts: collections.Counter[str] = collections.Counter()
     _count(counts, args.service == "on")
     claims: list[float] = []
@@ -129,8 +130,7 @@ def main() -> None:
         "calls_per_trial": {name: round(n / args.trials, 2) for name, n in counts.most_common()},
     }
     print(json.dumps(summary, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import machine
+from _machine import JSON_HELP, machine, result_path
 
 SECRET = "benchmark-secret-0123456789abcdef"
 TINY = """
@@ -137,8 +137,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     results: dict[str, Any] = {
         "machine": machine(),
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -173,8 +174,7 @@ def main() -> None:
             f"{args.rounds}); {statistics.median(trials[mode]):.3f} s per trial (median of "
             f"{args.pairs})"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+from _machine import JSON_HELP, result_path
 
 from tauopt.storage import StorageSettings, open_storage
 from tauopt.study import (
@@ -147,8 +148,9 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="+", default=[10, 5000])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--postgres", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(__file__)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -168,8 +170,7 @@ def main() -> None:
             finally:
                 with admin.connect() as conn:
                     conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

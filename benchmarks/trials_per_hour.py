@@ -46,6 +46,7 @@ from typing import Any
 
 import optuna
 import torch
+from _machine import JSON_HELP, result_path
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
@@ -216,8 +217,11 @@ def main() -> None:
     parser.add_argument(
         "--precision", default="float32", help="the service's --precision (float32, bfloat16)"
     )
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    args.json = args.json or result_path(
+        __file__, args.device, "same_trials" if args.same_trials else ""
+    )
     fixed = fixed_trials(max(args.trials, args.baseline_trials)) if args.same_trials else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     variants: list[Any] = [("baseline", 0)] if args.baseline_trials else []
@@ -242,19 +246,18 @@ def main() -> None:
         rates = [r["trials_per_hour"] for r in runs if r["variant"] == name]
         summary[name] = {"median_trials_per_hour": statistics.median(rates), "runs": rates}
     print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "threads": args.threads,
-                    "device": args.device,
-                    "same_trials": fixed,
-                    "runs": runs,
-                    "summary": summary,
-                },
-                indent=2,
-            )
+    args.json.write_text(
+        json.dumps(
+            {
+                "threads": args.threads,
+                "device": args.device,
+                "same_trials": fixed,
+                "runs": runs,
+                "summary": summary,
+            },
+            indent=2,
         )
+    )
 
 
 if __name__ == "__main__":

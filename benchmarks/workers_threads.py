@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import JSON_HELP, result_path
+
 
 def _run(workers: int, threads: int, trials: int, data_dir: Path) -> float:
     """Trials per hour of one study run by ``workers`` processes of ``threads`` threads."""
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--trials", type=int, default=12, help="trials per study")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="JSON file for the figures")
+    parser.add_argument("--json", "--out", type=Path, help=JSON_HELP)
     args = parser.parse_args(argv)
+    args.json = args.json or result_path(__file__)
     cores = os.cpu_count() or 1
     combos = sorted({(w, t) for w in (1, 2, cores) for t in (1, 2, cores) if w * t <= 2 * cores})
     rates: dict[str, list[float]] = {f"{w}x{t}": [] for w, t in combos}
@@ -69,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_trials_per_hour": {k: statistics.median(v) for k, v in rates.items()},
         "runs": rates,
     }
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

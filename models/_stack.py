@@ -175,7 +175,7 @@ def stack_forward(
     inp = x
     for layer in range(len(weights)):
         # mm + add_ rather than addmm with the bias: an earlier machine ran that addmm ~40%
-        # slower; on the current one the two tie (benchmarks/step_ab.py).
+        # slower; on the current one the two tie (benchmarks/ab/step_ab.py).
         act = torch.mm(inp, weights_t[layer], out=a_views[layer])
         act.add_(biases[layer]).relu_()
         if not memory:

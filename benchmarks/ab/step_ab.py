@@ -3,9 +3,10 @@
 Whole-epoch timings on a machine whose speed drifts (see the README) cannot resolve a change of
 a few per cent. This loads both checkouts side by side, alternates short bursts of real training
 steps (the engine's loss_and_grad, optimiser step and projection on the same MNIST batches) and
-reports the median of the paired ratios, which drift cancels out of. Usage::
+reports the median of the paired ratios, which drift cancels out of. Each checkout is imported
+through a tree of links laid out as the wheel installs it (see ``checkout_ab.py``). Usage::
 
-    python benchmarks/step_ab.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 40] [--data-dir DIR]
+    python benchmarks/ab/step_ab.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 40] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -14,39 +15,30 @@ import argparse
 import importlib
 import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 
-_PACKAGES = ("models", "tauopt")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: _burst
+from _burst import burst
+from checkout_ab import link_tree
 
 
-def load_checkout(root: Path) -> tuple[ModuleType, ModuleType]:
-    """The engine and config modules of the checkout at ``root``, imported under their own
-    names and then unregistered, so that the next checkout imports afresh."""
-    sys.path.insert(0, str(root))
+def load_checkout(root: Path, tree: Path) -> tuple[ModuleType, ModuleType]:
+    """The engine and config modules of the checkout at ``root`` (linked into ``tree``),
+    imported under their own names and then unregistered, so that the next checkout imports
+    afresh."""
+    sys.path.insert(0, str(link_tree(root, tree)))
     try:
         engine = importlib.import_module("tauopt.engine._train")
         config = importlib.import_module("tauopt.engine._config")
     finally:
         sys.path.pop(0)
-        for name in [n for n in sys.modules if n.split(".")[0] in _PACKAGES]:
+        for name in [n for n in sys.modules if n.split(".")[0] == "tauopt"]:
             del sys.modules[name]
     return engine, config
-
-
-def burst(run: tuple[Any, Any], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Microseconds per step over ``batches``."""
-    model, optimizer = run
-    start = time.perf_counter()
-    for x, y in batches:
-        model.loss_and_grad(x, y)
-        optimizer.step()
-        model.project_taus_()
-    return (time.perf_counter() - start) / len(batches) * 1e6
 
 
 def main() -> None:
@@ -56,9 +48,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     args = parser.parse_args()
-    checkouts = [load_checkout(args.old), load_checkout(args.new)]
+    with tempfile.TemporaryDirectory(prefix="tauopt-step-ab-") as tmp:
+        trees = {side: Path(tmp) / side for side in ("old", "new")}
+        checkouts = [load_checkout(getattr(args, side), tree) for side, tree in trees.items()]
+        compare(checkouts, args.data_dir, args.rounds)
+
+
+def compare(checkouts: list[tuple[ModuleType, ModuleType]], data_dir: Path, rounds: int) -> None:
     data = importlib.import_module("tauopt.engine._data")
-    dataset = data.load_dataset("mnist", args.data_dir, download=False)
+    dataset = data.load_dataset("mnist", data_dir, download=False)
     splits = data.make_splits(dataset, val_size=10_000, train_size=None, device=torch.device("cpu"))
     order = torch.randperm(splits.train_x.shape[0], generator=torch.Generator().manual_seed(0))
     batches = [
@@ -74,7 +72,7 @@ def main() -> None:
         for run in runs:  # warm-up
             burst(run, batches[:20])
         times: list[list[float]] = [[], []]
-        for r in range(args.rounds):
+        for r in range(rounds):
             for k in (0, 1) if r % 2 == 0 else (1, 0):
                 times[k].append(burst(runs[k], batches))
         ratios = [new / old for old, new in zip(times[0], times[1], strict=True)]
