@@ -13,7 +13,13 @@ from tauopt.engine._data import (
     load_dataset,
     make_splits,
 )
-from tauopt.engine._loop import EpochStats, PruneEvent, TrainResult, accuracy, partial_result
+from tauopt.engine._loop import (
+    EpochStats,
+    PruneEvent,
+    RunStoppedError,
+    TrainResult,
+    accuracy,
+)
 from tauopt.engine._population import group_key, train_population
 from tauopt.engine._state import Checkpointing, RunPausedError, RunState
 from tauopt.engine._train import (
@@ -36,6 +42,7 @@ __all__ = [
     "RawDataset",
     "RunPausedError",
     "RunState",
+    "RunStoppedError",
     "Splits",
     "TrainConfig",
     "TrainResult",
@@ -48,7 +55,6 @@ __all__ = [
     "load_dataset",
     "make_splits",
     "parameter_count",
-    "partial_result",
     "resolve_device",
     "set_threads",
     "train",
