@@ -263,9 +263,8 @@ class Runner:
 
     def _ended(self, claim: Claim, e: Exception) -> Booked:
         trial, place = claim.trial, claim.place
-        partial = e.result if isinstance(e, RunStoppedError) else None
-        if isinstance(e, RunStoppedError):  # booked by what stopped it, with what it trained
-            e = e.cause
+        partial = e.result if isinstance(e, RunStoppedError) else None  # what it trained
+        e = e.cause if isinstance(e, RunStoppedError) else e  # booked by what stopped it
         if isinstance(e, optuna.TrialPruned):
             return self._stopped(claim, e, partial)
         if isinstance(e, (StorageError, FinishedElsewhereError)) or (
