@@ -4,7 +4,14 @@ Layer: it uses the networks (:mod:`tauopt.models`) and the exception types (:mod
 and nothing above it (no Optuna, no storage, no command line).
 """
 
-from tauopt.engine._config import ARCHS, PRECISIONS, PRUNE_RULES, TrainConfig, default_val_size
+from tauopt.engine._config import (
+    ARCHS,
+    DEFAULT_VAL_CAP,
+    PRECISIONS,
+    PRUNE_RULES,
+    TrainConfig,
+    default_val_size,
+)
 from tauopt.engine._data import (
     DATASETS,
     RawDataset,
@@ -23,6 +30,7 @@ from tauopt.engine._loop import (
 from tauopt.engine._population import group_key, train_population
 from tauopt.engine._state import Checkpointing, RunPausedError, RunState
 from tauopt.engine._train import (
+    MAX_THREADS,
     build_model,
     check_state,
     parameter_count,
@@ -34,6 +42,8 @@ from tauopt.engine._train import (
 __all__ = [
     "ARCHS",
     "DATASETS",
+    "DEFAULT_VAL_CAP",
+    "MAX_THREADS",
     "PRECISIONS",
     "PRUNE_RULES",
     "Checkpointing",
