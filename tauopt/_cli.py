@@ -1,15 +1,11 @@
 """The ``tauopt`` command line: the parser, assembled from one module per command family, and
 :func:`main`, the only place where an exception becomes a message and an exit code.
 
-======================  ==========================================
-``tauopt._cli_train``   train, data
-``tauopt._cli_study``   create, worker
-``tauopt._cli_run``     run (create and one worker, the main job)
-``tauopt._cli_query``   best, export, report
-``tauopt._cli_reproduce``  reproduce (the papers' grid)
-``tauopt._cli_serve``   proxy, dashboard
-``tauopt._cli_args``    what they share: argument types and flags
-======================  ==========================================
+The families: ``_cli_train`` (train, data), ``_cli_study`` (create, worker), ``_cli_run`` (run:
+create and one worker, the main job), ``_cli_query`` (best, export, report),
+``_cli_reproduce`` (reproduce: the papers' grid) and ``_cli_serve`` (proxy, dashboard); what
+they share (argument types, common flags) is in ``_cli_args``. They import one way: no
+command module imports this one.
 """
 
 from __future__ import annotations
