@@ -4,7 +4,14 @@ Layer: it uses the networks (:mod:`tauopt.models`) and the exception types (:mod
 and nothing above it (no Optuna, no storage, no command line).
 """
 
-from tauopt.engine._config import ARCHS, PRECISIONS, PRUNE_RULES, TrainConfig, default_val_size
+from tauopt.engine._config import (
+    ARCHS,
+    DEFAULT_VAL_CAP,
+    PRECISIONS,
+    PRUNE_RULES,
+    TrainConfig,
+    default_val_size,
+)
 from tauopt.engine._data import (
     DATASETS,
     RawDataset,
@@ -13,10 +20,17 @@ from tauopt.engine._data import (
     load_dataset,
     make_splits,
 )
-from tauopt.engine._loop import EpochStats, PruneEvent, TrainResult, accuracy, partial_result
+from tauopt.engine._loop import (
+    EpochStats,
+    PruneEvent,
+    RunStoppedError,
+    TrainResult,
+    accuracy,
+)
 from tauopt.engine._population import group_key, train_population
 from tauopt.engine._state import Checkpointing, RunPausedError, RunState
 from tauopt.engine._train import (
+    MAX_THREADS,
     build_model,
     check_state,
     parameter_count,
@@ -28,6 +42,8 @@ from tauopt.engine._train import (
 __all__ = [
     "ARCHS",
     "DATASETS",
+    "DEFAULT_VAL_CAP",
+    "MAX_THREADS",
     "PRECISIONS",
     "PRUNE_RULES",
     "Checkpointing",
@@ -36,6 +52,7 @@ __all__ = [
     "RawDataset",
     "RunPausedError",
     "RunState",
+    "RunStoppedError",
     "Splits",
     "TrainConfig",
     "TrainResult",
@@ -48,7 +65,6 @@ __all__ = [
     "load_dataset",
     "make_splits",
     "parameter_count",
-    "partial_result",
     "resolve_device",
     "set_threads",
     "train",

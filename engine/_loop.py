@@ -29,7 +29,7 @@ from tauopt.engine._state import (
     RunState,
     estimate_seconds,
 )
-from tauopt.errors import DivergedError
+from tauopt.errors import DivergedError, TauoptError
 from tauopt.models import TauNetwork
 
 _EVAL_CHUNK = 10_000
@@ -221,10 +221,20 @@ def accuracy(model: TauNetwork, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(correct) / x.shape[0]
 
 
-def partial_result(error: BaseException) -> TrainResult | None:
-    """The run as far as it got, for a run that ``on_epoch`` stopped (None otherwise)."""
-    result = getattr(error, "partial_result", None)
-    return result if isinstance(result, TrainResult) else None
+class RunStoppedError(TauoptError):
+    """The caller's ``on_epoch`` stopped the run after ``epoch`` (a study's pruner, say) by
+    raising ``cause``; ``result`` is the run as far as it got (its records up to that epoch,
+    the test accuracy of the network it had then)."""
+
+    epoch: int
+    cause: Exception
+    result: TrainResult
+
+    def __init__(self, epoch: int, cause: Exception, result: TrainResult) -> None:
+        super().__init__(f"stopped by its caller after epoch {epoch}: {cause}")
+        self.epoch = epoch
+        self.cause = cause
+        self.result = result
 
 
 def check_finite(epoch: int, loss: float, taus: list[float]) -> None:
@@ -490,10 +500,10 @@ def run_epochs(
                         run.live[position], record.stats(epoch, stepper.network(position))
                     )
             except Exception as e:  # the caller stops this member (a pruner, say)
-                # what it trained so far goes with the exception (see partial_result)
                 network = stepper.network(position)
-                e.partial_result = record.result(network, splits, device)  # type: ignore[attr-defined]
-                outcome[run.live[position]] = e
+                stopped = RunStoppedError(epoch, e, record.result(network, splits, device))
+                stopped.__cause__ = e
+                outcome[run.live[position]] = stopped
                 continue
             stays.append(position)
         stepper.keep(stays)

@@ -84,7 +84,8 @@ def train_population(
     them, else each alone with :func:`train`.
 
     Returns, per config in order, its :class:`TrainResult`, or the exception that ended it:
-    :class:`DivergedError` when its loss or a step size stopped being finite, or whatever
+    :class:`DivergedError` when its loss or a step size stopped being finite, or a
+    :class:`~tauopt.engine._loop.RunStoppedError` (with what it trained so far) where
     ``on_epoch(index, stats)`` raised for it (a study's pruner stops a member that way). Such a
     member leaves the group and the others go on. A ``BaseException`` that is not an
     ``Exception`` (a stop signal) ends the whole call.

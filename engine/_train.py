@@ -304,8 +304,10 @@ def train(
     model selection never sees it.
 
     ``on_epoch`` is called after every epoch (after pruning); it may raise to stop the run,
-    which is how a study prunes an unpromising trial. Raises :class:`DivergedError` when the
-    loss or a step size stops being finite.
+    which is how a study prunes an unpromising trial: the run then raises
+    :class:`~tauopt.engine._loop.RunStoppedError`, which holds what ``on_epoch`` raised and the
+    run as far as it got. Raises :class:`DivergedError` when the loss or a step size stops
+    being finite.
 
     ``resume`` goes on from a saved state of this config's run (see
     :class:`tauopt.engine._state.RunState`); ``checkpoints`` takes the run's states as it

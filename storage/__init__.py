@@ -37,6 +37,9 @@ from tauopt.storage._optuna import (
     trial_id,
     with_heartbeat,
 )
+from tauopt.storage._proxy import SECRET_ENV as PROXY_SECRET_ENV
+from tauopt.storage._proxy import bind_address, proxy_secret
+from tauopt.storage._proxy import is_public as is_public_host
 from tauopt.storage._proxy import serve as serve_proxy
 from tauopt.storage._rdb import (
     ARTIFACTS_ENV,
@@ -63,6 +66,7 @@ __all__ = [
     "HISTORY_WINDOW",
     "MAX_STUDY_NAME",
     "OVER_BUDGET_ATTR",
+    "PROXY_SECRET_ENV",
     "RETRIED_FROM",
     "STORAGE_ENV",
     "DirectAccess",
@@ -74,17 +78,20 @@ __all__ = [
     "WindowedTPESampler",
     "access",
     "artifact_store",
+    "bind_address",
     "constraint_attrs",
     "constraint_key",
     "default_artifact_dir",
     "figure_attrs",
     "first_note_attrs",
+    "is_public_host",
     "is_storage_error",
     "is_transient",
     "normalize_url",
     "open_storage",
     "over_budget",
     "pareto_front",
+    "proxy_secret",
     "rdb_of",
     "redact",
     "resolve_url",

@@ -13,6 +13,7 @@ import optuna
 
 from tauopt.study._config import (
     DEFAULT_SEARCH,
+    DEFAULT_TRAIN_SIZE,
     OBJECTIVES,
     PARAMS,
     SearchParam,
@@ -21,13 +22,20 @@ from tauopt.study._config import (
     load_config,
     parse_config,
 )
-from tauopt.study._create import create_study
+from tauopt.study._create import check_change, create_study, settle, study_dataset
 from tauopt.study._liveness import WorkerStopped
 from tauopt.study._objective import objective_values, suggest_config
 from tauopt.study._query import BestTrials, TrialResult, best_trials, export_csv, load_study
-from tauopt.study._record import TrialRecord
+from tauopt.study._record import CONFIG_ATTR, INTERNAL_STUDY_ATTRS, TrialRecord
 from tauopt.study._reproduce import CELLS, PROTOCOLS, GridRun, enqueue_grid, grid
-from tauopt.study._worker import Worker, WorkerOptions, WorkerSummary
+from tauopt.study._reproduce import DATASETS as PAPER_DATASETS
+from tauopt.study._worker import (
+    DEFAULT_STOP_GRACE,
+    MAX_STOP_GRACE,
+    Worker,
+    WorkerOptions,
+    WorkerSummary,
+)
 
 
 def write_report(study: optuna.Study, out: Path) -> list[Path]:
@@ -56,8 +64,14 @@ def write_grid_report(
 
 __all__ = [
     "CELLS",
+    "CONFIG_ATTR",
     "DEFAULT_SEARCH",
+    "DEFAULT_STOP_GRACE",
+    "DEFAULT_TRAIN_SIZE",
+    "INTERNAL_STUDY_ATTRS",
+    "MAX_STOP_GRACE",
     "OBJECTIVES",
+    "PAPER_DATASETS",
     "PARAMS",
     "PROTOCOLS",
     "BestTrials",
@@ -72,6 +86,7 @@ __all__ = [
     "WorkerStopped",
     "WorkerSummary",
     "best_trials",
+    "check_change",
     "create_study",
     "enqueue_grid",
     "export_csv",
@@ -80,6 +95,8 @@ __all__ = [
     "load_study",
     "objective_values",
     "parse_config",
+    "settle",
+    "study_dataset",
     "suggest_config",
     "write_grid_report",
     "write_report",

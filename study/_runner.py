@@ -28,8 +28,8 @@ from tauopt.engine import (
     RawDataset,
     RunPausedError,
     RunState,
+    RunStoppedError,
     TrainResult,
-    partial_result,
     train_population,
 )
 from tauopt.errors import StorageError, TauoptError
@@ -263,8 +263,10 @@ class Runner:
 
     def _ended(self, claim: Claim, e: Exception) -> Booked:
         trial, place = claim.trial, claim.place
+        partial = e.result if isinstance(e, RunStoppedError) else None  # what it trained
+        e = e.cause if isinstance(e, RunStoppedError) else e  # booked by what stopped it
         if isinstance(e, optuna.TrialPruned):
-            return self._stopped(claim, e)
+            return self._stopped(claim, e, partial)
         if isinstance(e, (StorageError, FinishedElsewhereError)) or (
             is_storage_error(e) and not isinstance(e, TauoptError)
         ):
@@ -307,10 +309,10 @@ class Runner:
         )
         return Booked(trial, Outcome.COMPLETE, record, feasible=planned.grid or margin <= 0)
 
-    def _stopped(self, claim: Claim, e: optuna.TrialPruned) -> Booked:
-        """A trial the stop rule ended: PRUNED, with the record of what it trained."""
+    def _stopped(self, claim: Claim, e: optuna.TrialPruned, result: TrainResult | None) -> Booked:
+        """A trial the stop rule ended: PRUNED, with the record of what it trained (``result``,
+        where it trained at all)."""
         trial, place = claim.trial, claim.place
-        result = partial_result(e)
         if result is not None:
             dataset = self.dataset(result.config.dataset)
             record = TrialRecord.from_result(

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from tauopt.engine import (
+    EpochStats,
     RawDataset,
+    RunStoppedError,
     TrainConfig,
     build_model,
     load_dataset,
@@ -116,6 +118,22 @@ def test_on_epoch_sees_every_epoch(mnist: RawDataset) -> None:
         on_epoch=lambda s: seen.append(s.epoch),
     )
     assert seen == [1, 2]
+
+
+def test_a_run_its_caller_stops_raises_with_what_it_trained(mnist: RawDataset) -> None:
+    class StopError(Exception):
+        pass
+
+    def stop_after_two(stats: EpochStats) -> None:
+        if stats.epoch == 2:
+            raise StopError("enough")
+
+    with pytest.raises(RunStoppedError, match="after epoch 2: enough") as stopped:
+        train(_config(epochs=4, train_size=300), mnist, device="cpu", on_epoch=stop_after_two)
+    assert isinstance(stopped.value.cause, StopError) and stopped.value.epoch == 2
+    partial = stopped.value.result
+    assert len(partial.train_loss) == len(partial.val_accuracy) == 2
+    assert 0.0 <= partial.test_accuracy <= 1.0
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,127 @@ def test_the_cli_needs_no_torchvision() -> None:
         assert "torchvision" not in {m.split(".")[0] for m in _imports(path)}, path
 
 
+#: The command line's modules (tauopt/*.py): one per command family, none longer than this.
+MAX_CLI_LINES = 300
+
+
+def _long_modules(folder: Path, limit: int) -> list[str]:
+    """``name: lines`` of every module in ``folder`` longer than ``limit`` lines."""
+    lengths = {p.name: len(p.read_text().splitlines()) for p in sorted(folder.glob("*.py"))}
+    return [f"{name}: {n}" for name, n in lengths.items() if n > limit]
+
+
+def _module_graph(folder: Path, package: str) -> dict[str, set[str]]:
+    """Module -> the modules of ``folder`` (the package ``package``) that it imports, at its
+    top or inside a function: ``from package import name`` imports the module ``name`` where
+    there is one, else the package's ``__init__``."""
+    modules = {
+        package if p.stem == "__init__" else f"{package}.{p.stem}": p for p in folder.glob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        used: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                used.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    whole = f"{node.module}.{alias.name}"
+                    used.add(whole if whole in modules else node.module)
+        graph[name] = {m for m in used if m in modules and m != name}
+    return graph
+
+
+def _import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (its modules in order, the first again at the end), or
+    [] where there is none."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return []
+        for other in sorted(graph.get(module, ())):
+            cycle = visit(other, [*path, module])
+            if cycle:
+                return cycle
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        cycle = visit(module, [])
+        if cycle:
+            return cycle
+    return []
+
+
+def _private_imports(source: str, package: str) -> list[str]:
+    """Private modules (or private names) of ``package``'s subpackages that ``source``
+    imports: ``package.sub._x``, or ``_x`` from ``package.sub``."""
+
+    def private(name: str) -> bool:
+        parts = name.split(".")
+        return parts[0] == package and len(parts) > 2 and any(map(_is_private, parts[2:]))
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if private(alias.name))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+            found.update([node.module] if private(node.module) else filter(private, names))
+    return sorted(found)
+
+
+def test_the_checks_of_the_command_line_find_what_they_look_for(tmp_path: Path) -> None:
+    (tmp_path / "__init__.py").write_text("from pkg.b import x\n")
+    (tmp_path / "a.py").write_text("import os\n" * (MAX_CLI_LINES + 1))
+    (tmp_path / "b.py").write_text("def f():\n    from pkg import c\n")
+    (tmp_path / "c.py").write_text("from pkg.a import y\nimport pkg.b\n")
+    assert _long_modules(tmp_path, MAX_CLI_LINES) == [f"a.py: {MAX_CLI_LINES + 1}"]
+    graph = _module_graph(tmp_path, "pkg")
+    assert graph == {
+        "pkg": {"pkg.b"},
+        "pkg.a": set(),
+        "pkg.b": {"pkg.c"},
+        "pkg.c": {"pkg.a", "pkg.b"},
+    }
+    assert _import_cycle(graph) == ["pkg.b", "pkg.c", "pkg.b"]
+    assert _import_cycle({"x": {"y"}, "y": {"z"}, "z": set()}) == []
+    source = (
+        "import tauopt.engine._config\nfrom tauopt.study._record import CONFIG_ATTR\n"
+        "from tauopt.storage import _proxy, redact\nfrom tauopt._cli_args import warn\n"
+        "from tauopt.study import load_study\nimport tauopt.errors\n"
+    )
+    assert _private_imports(source, "tauopt") == [
+        "tauopt.engine._config",
+        "tauopt.storage._proxy",
+        "tauopt.study._record",
+    ]
+
+
+def test_no_module_of_the_command_line_is_long() -> None:
+    long = _long_modules(REPO / "tauopt", MAX_CLI_LINES)
+    assert not long, f"split these (one module per command family): {long}"
+
+
+def test_the_command_lines_modules_import_no_circle() -> None:
+    graph = _module_graph(REPO / "tauopt", "tauopt")
+    assert graph["tauopt._cli"], "the parser is assembled from the command modules"
+    cycle = _import_cycle(graph)
+    assert not cycle, f"an import circle: {' -> '.join(cycle)}"
+
+
+def test_the_command_line_uses_only_the_public_names_of_the_layers() -> None:
+    for path in sorted((REPO / "tauopt").glob("*.py")):
+        private = _private_imports(path.read_text(), "tauopt")
+        assert not private, (
+            f"{path.relative_to(REPO)} imports {private}: import the package's public names "
+            "(re-exported in its __init__.py) instead"
+        )
+
+
 def test_errors_module_is_a_leaf() -> None:
     assert not {m for m in _imports(REPO / "tauopt" / "errors.py") if m.startswith("tauopt")}
 

@@ -10,6 +10,7 @@ import torch
 from tauopt.engine import (
     EpochStats,
     RawDataset,
+    RunStoppedError,
     TrainConfig,
     TrainResult,
     group_key,
@@ -404,7 +405,12 @@ def test_a_member_stopped_by_its_caller_leaves_and_the_rest_go_on(mnist: RawData
             raise StopError()
 
     results = train_population(configs, mnist, device="cpu", on_epoch=on_epoch)
-    assert isinstance(results[1], StopError)
+    stopped = results[1]
+    assert isinstance(stopped, RunStoppedError) and isinstance(stopped.cause, StopError)
+    assert stopped.epoch == 1 and stopped.__cause__ is stopped.cause
+    # what it trained up to the epoch that stopped it comes with it
+    assert stopped.result.config == configs[1] and len(stopped.result.train_loss) == 1
+    assert 0.0 <= stopped.result.test_accuracy <= 1.0
     assert seen == [(0, 1), (1, 1), (2, 1), (3, 1), (0, 2), (2, 2), (3, 2), (0, 3), (2, 3), (3, 3)]
     _assert_same(results[2], train(configs[2], mnist, device="cpu"))
 
