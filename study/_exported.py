@@ -50,8 +50,20 @@ class ExportedRuns:
     source: str
     views: list[TrialView]
     spans: list[tuple[datetime, datetime]]
-    runs: int
+    #: Every grid run the export holds, finished or not, by its coordinates (``point_key``).
+    points: frozenset[str]
+    #: The coordinates of its finished runs, in the order of ``views``.
+    finished: list[str]
     failed: list[tuple[dict[str, Any], str]]
+
+    @property
+    def runs(self) -> int:
+        return len(self.points)
+
+
+def point_key(point: dict[str, Any]) -> str:
+    """A grid run's coordinates as one comparable string."""
+    return json.dumps(point, sort_keys=True)
 
 
 def _scalar(text: str) -> Any:
@@ -123,6 +135,7 @@ def read_export(path: Path) -> ExportedRuns:
     views: list[TrialView] = []
     spans: list[tuple[datetime, datetime]] = []
     points: set[str] = set()
+    finished: list[str] = []
     failed: list[tuple[dict[str, Any], str]] = []
     for row in _rows(path):
         if "param_protocol" not in row and not row.get("grid_point"):
@@ -130,7 +143,7 @@ def read_export(path: Path) -> ExportedRuns:
                 f"{path} is not the export of a `tauopt reproduce` grid (no grid coordinates): "
                 "a search study is reported from its database, `tauopt report --study NAME`"
             )
-        points.add(json.dumps(_grid_point(row), sort_keys=True))
+        points.add(point_key(_grid_point(row)))
         if row.get("state") == "FAIL" and row.get("fail_reason"):
             failed.append((_grid_point(row), row["fail_reason"]))
         if row.get("state") != "COMPLETE":
@@ -141,10 +154,11 @@ def read_export(path: Path) -> ExportedRuns:
         except (ValueError, TypeError, KeyError) as e:
             raise DataError(f"{path}, trial {row.get('number')}: {e}") from e
         views.append(view_of(int(row["number"]), record, feasible=row.get("feasible") == "True"))
+        finished.append(point_key(_grid_point(row)))
         started, seconds = row.get("datetime_start"), _scalar(row.get("duration_seconds", ""))
         if started and isinstance(seconds, (int, float)) and math.isfinite(seconds):
             begin = datetime.fromisoformat(started)
             spans.append((begin, begin + timedelta(seconds=seconds)))
     if not points:
         raise DataError(f"{path} holds no trials")
-    return ExportedRuns(str(path), views, spans, len(points), failed)
+    return ExportedRuns(str(path), views, spans, frozenset(points), finished, failed)

@@ -193,8 +193,12 @@ def _rates(views: Sequence[TrialView], out: Path) -> Path:
             means = [statistics.fmean(c) for c in cols]
             low = [m - min(c) for m, c in zip(means, cols, strict=True)]
             high = [max(c) - m for m, c in zip(means, cols, strict=True)]
+            # Rates may have run with different numbers of seeds (a part of the grid still to
+            # run, a run that diverged): the legend gives the range, not one of them.
+            few, most = min(len(c) for c in cols), max(len(c) for c in cols)
+            n = f"{few}" if few == most else f"{few} to {most} per rate"
             ax.errorbar(rates, means, yerr=[low, high], marker=marker, capsize=3,
-                        label=f"{taus} taus (n={min(len(c) for c in cols)})")  # fmt: skip
+                        label=f"{taus} taus (n={n})")  # fmt: skip
         ax.set_xscale("log")
         shown = sorted({float((v.grid or {})["lr"]) for v in pick(views, arch=arch)})
         ax.set_xticks(shown, [f"{r:g}" for r in shown])

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import optuna
 
-from tauopt.errors import ConfigError
+from tauopt.errors import ConfigError, DataError
 from tauopt.storage import access, storage_of
-from tauopt.study._exported import read_export
+from tauopt.study._exported import point_key, read_export
 from tauopt.study._figures import publish
 from tauopt.study._grid_report import (
     GridRuns,
@@ -53,16 +53,26 @@ def grid_runs(studies: Sequence[optuna.Study]) -> GridRuns:
     views: list[TrialView] = []
     spans = []
     failed = []
-    planned = 0
-    for study in studies:
+    points: set[str] = set()
+    where: dict[str, int] = {}
+    for i, study in enumerate(studies):
         if REPRODUCE_ATTR not in study.user_attrs:
             raise ConfigError(
                 f"study {study.study_name!r} is a search, not a grid of `tauopt reproduce`: "
                 "report it alone"
             )
         views += trial_views(study)
-        planned += int(study.user_attrs[REPRODUCE_ATTR]["spec"].get("runs", 0))
         trials = study.get_trials(deepcopy=False)
+        for t in trials:  # a run counts once, as in exported_runs
+            key = point_key(dict(t.user_attrs.get(GRID_POINT_ATTR) or {}))
+            points.add(key)
+            finished = t.state == optuna.trial.TrialState.COMPLETE
+            if finished and where.setdefault(key, i) != i:
+                raise DataError(
+                    f"the grid run {key} is finished in both study "
+                    f"{studies[where[key]].study_name!r} and "
+                    f"study {study.study_name!r}: give each part of a grid once"
+                )
         spans += [
             (t.datetime_start, t.datetime_complete)
             for t in trials
@@ -74,17 +84,29 @@ def grid_runs(studies: Sequence[optuna.Study]) -> GridRuns:
             if t.state == optuna.trial.TrialState.FAIL and FAIL_REASON_ATTR in t.user_attrs
         ]
     names = tuple(f"study {s.study_name!r}" for s in studies)
-    return GridRuns(names, tuple(views), tuple(spans), planned, tuple(failed))
+    return GridRuns(names, tuple(views), tuple(spans), len(points), tuple(failed))
 
 
 def exported_runs(paths: Sequence[Path]) -> GridRuns:
     """The finished runs of the grid exports at ``paths`` (``tauopt export``), as one grid."""
     parts = [read_export(p) for p in paths]
+    # A grid runs in parts, one study per range of seeds, and a part's exported study may still
+    # hold as waiting the runs that another part finished: a run counts once, and a run finished
+    # in two exports (the same file given twice, say) would count twice in every pair.
+    where: dict[str, int] = {}
+    for i, part in enumerate(parts):
+        for key in part.finished:
+            if where.setdefault(key, i) != i:
+                raise DataError(
+                    f"the grid run {key} is finished in both {parts[where[key]].source} and "
+                    f"{part.source}: "
+                    "give each finished run once (each part of a grid, each file once)"
+                )
     return GridRuns(
         tuple(p.source for p in parts),
         tuple(v for p in parts for v in p.views),
         tuple(s for p in parts for s in p.spans),
-        sum(p.runs for p in parts),
+        len(frozenset().union(*(p.points for p in parts))),
         tuple(f for p in parts for f in p.failed),
     )
 

@@ -125,6 +125,13 @@ def test_grid_runs_and_its_report_renders(
     assert "study 'paper', study 'paper-1'" in both
     assert "a seed draws a run's initial weights, the order of its batches" in both
     assert "**One seed:**" not in both and "| 2 (2) |" in both
+    capsys.readouterr()
+    # A run finished in two sources would count twice in every pair: refused, nothing written.
+    assert main(["report", "--trials", "grid.csv.gz", "grid.csv.gz", "--out", "twice"]) == 2
+    assert "is finished in both grid.csv.gz and grid.csv.gz" in capsys.readouterr().err
+    assert main(["report", "--study", "paper", "paper", "--out", "twice"]) == 2
+    assert "finished in both study 'paper' and study 'paper'" in capsys.readouterr().err
+    assert not (workdir / "twice").exists()
 
 
 @pytest.mark.postgres
