@@ -63,7 +63,13 @@ PUBLISHED = {
     "paper-short": ["trials.csv.gz"],
     "tauopt-short": ["trials.csv.gz"],
     "t-vs-lr": ["trials.csv.gz"],
-    "lr-matched": ["trials.csv.gz", "trials-hi.csv.gz", "trials-f4.csv.gz", "trials-m0.csv.gz"],
+    "lr-matched": [
+        "trials.csv.gz",
+        "trials-hi.csv.gz",
+        "trials-f4.csv.gz",
+        "trials-m0.csv.gz",
+        "trials-m12.csv.gz",
+    ],
 }
 
 
