@@ -44,7 +44,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 @dataclass(frozen=True)
 class ExportedRuns:
-    """The finished runs of one export, when each ran, and how many grid runs it held (a run
+    """The finished runs of one export, when each ran, and which grid runs it held (a run
     retried after its worker stopped is one run, however many rows it left)."""
 
     source: str
@@ -55,10 +55,6 @@ class ExportedRuns:
     #: The coordinates of its finished runs, in the order of ``views``.
     finished: list[str]
     failed: list[tuple[dict[str, Any], str]]
-
-    @property
-    def runs(self) -> int:
-        return len(self.points)
 
 
 def point_key(point: dict[str, Any]) -> str:
@@ -143,9 +139,10 @@ def read_export(path: Path) -> ExportedRuns:
                 f"{path} is not the export of a `tauopt reproduce` grid (no grid coordinates): "
                 "a search study is reported from its database, `tauopt report --study NAME`"
             )
-        points.add(point_key(_grid_point(row)))
+        point = _grid_point(row)
+        points.add(key := point_key(point))
         if row.get("state") == "FAIL" and row.get("fail_reason"):
-            failed.append((_grid_point(row), row["fail_reason"]))
+            failed.append((point, row["fail_reason"]))
         if row.get("state") != "COMPLETE":
             continue
         try:
@@ -154,7 +151,7 @@ def read_export(path: Path) -> ExportedRuns:
         except (ValueError, TypeError, KeyError) as e:
             raise DataError(f"{path}, trial {row.get('number')}: {e}") from e
         views.append(view_of(int(row["number"]), record, feasible=row.get("feasible") == "True"))
-        finished.append(point_key(_grid_point(row)))
+        finished.append(key)
         started, seconds = row.get("datetime_start"), _scalar(row.get("duration_seconds", ""))
         if started and isinstance(seconds, (int, float)) and math.isfinite(seconds):
             begin = datetime.fromisoformat(started)
