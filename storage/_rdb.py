@@ -192,7 +192,8 @@ def open_storage(
     """An Optuna RDB storage for ``settings.url``, with heartbeats and stale-trial retries, or
     the client of a proxy for a ``grpc://HOST:PORT`` URL.
 
-    ``create_schema=False`` is for workers and readers: they never create tables. With
+    ``create_schema=False`` is for workers and readers: they never create tables, and one
+    that finds them being made waits for their creator (:func:`_schema_stamped`). With
     ``create_schema=True`` the tables are made under a lock of the whole database, so that any
     number of processes may create studies on a fresh database at the same moment.
     """
@@ -215,7 +216,11 @@ def open_storage(
     if not create_schema:
         if db is not None:
             _prepare_sqlite(db, create=False)
-        storage = _rdb(url, settings, engine_kwargs, create_schema=False)
+        if _schema_stamped(url, engine_kwargs):
+            storage = _rdb(url, settings, engine_kwargs, create_schema=False)
+        else:  # tables being made, or none: Optuna's open would write the version rows
+            with _schema_lock(url):
+                storage = _rdb(url, settings, engine_kwargs, create_schema=False)
     else:
         with _schema_lock(url):
             if db is not None:
@@ -252,6 +257,26 @@ def _rdb(
             optuna.exceptions.StorageInternalError,
         ) as e:
             raise StorageError(f"cannot open storage {redact(url)}: {root_message(e)}") from e
+
+
+def _schema_stamped(url: str, engine_kwargs: dict[str, object]) -> bool:
+    """Whether the tables are all made: Optuna's open writes the version rows where they are
+    missing, even with ``skip_table_creation``, and stamps the schema's revision last. A reader
+    that opened beside a creator making the tables wrote those rows too, and one of the two
+    failed on "UNIQUE constraint failed: alembic_version.version_num"."""
+    engine = sqlalchemy.create_engine(
+        url,
+        connect_args=engine_kwargs.get("connect_args", {}),
+        poolclass=sqlalchemy.pool.NullPool,
+    )
+    try:
+        with engine.connect() as conn:
+            stamped = conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM alembic_version"))
+            return bool(stamped.scalar())
+    except sa_exc.SQLAlchemyError:
+        return False  # no such table, or the database away: the locked open will tell
+    finally:
+        engine.dispose()
 
 
 def _stderr(line: str) -> None:

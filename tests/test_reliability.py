@@ -258,6 +258,49 @@ def test_creation_races_on_an_empty_postgres_database(
     _creation_race(scratch_database[0], tmp_path, data_dir)
 
 
+def _reader_waits_for_the_schema(url: str) -> None:
+    """A reader that opens while a creator makes the tables (here: the tables are there, the
+    version rows not yet, the schema lock held) waits for the lock instead of writing the
+    version rows beside the creator; it opens once the creator is done."""
+    import threading
+
+    from tauopt.storage import StorageSettings, open_storage
+    from tauopt.storage._rdb import _rdb, _schema_lock, normalize_url
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).touch()
+    engine = sqlalchemy.create_engine(normalize_url(url), poolclass=sqlalchemy.pool.NullPool)
+    optuna.storages._rdb.models.BaseModel.metadata.create_all(engine)
+    opened: list[object] = []
+    reader = threading.Thread(
+        target=lambda: opened.append(open_storage(StorageSettings(url=url), create_schema=False)),
+        daemon=True,
+    )
+    with _schema_lock(url):
+        reader.start()
+        reader.join(timeout=1.0)
+        assert reader.is_alive() and not opened  # it waits for the creator
+        assert not sqlalchemy.inspect(engine).has_table("alembic_version")  # wrote nothing
+        # the creator's own open, as `tauopt create` makes it under the lock
+        _rdb(normalize_url(url), StorageSettings(url=url), {}, create_schema=True)
+    reader.join(timeout=60)
+    assert len(opened) == 1
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM alembic_version")).scalar() == 1
+    engine.dispose()
+
+
+def test_a_reader_waits_while_the_tables_are_made_on_sqlite(tmp_path: Path) -> None:
+    _reader_waits_for_the_schema(f"sqlite:///{tmp_path / 'fresh.db'}")
+
+
+@pytest.mark.postgres
+def test_a_reader_waits_while_the_tables_are_made_on_postgres(
+    scratch_database: tuple[str, Callable[[], None]],
+) -> None:
+    _reader_waits_for_the_schema(scratch_database[0])
+
+
 @pytest.mark.postgres
 def test_a_plain_postgresql_url_works(
     scratch_database: tuple[str, Callable[[], None]], tmp_path: Path
