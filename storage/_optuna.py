@@ -240,9 +240,12 @@ def set_trial_attrs(
     then one upsert statement for each kind (Optuna's per-attribute upsert looks the trial up
     again for every attribute: three statements each, half the proxy's time on a finished
     trial's record). KeyError for an unknown trial, ``UpdateFinishedTrialError`` for a
-    finished one, as Optuna's."""
+    finished one, as Optuna's. The trial's row is locked for the check and the writes, as
+    Optuna's ``set_trial_state_values`` locks it to finish the trial: attributes never land
+    on a trial finished meanwhile (Optuna's own attribute writes check without the lock), so
+    a finished trial that a proxy's cache keeps as it read it never changes afterwards."""
     with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
-        trial = _models.TrialModel.find_or_raise_by_id(trial_id, session)
+        trial = _models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
         state: Any = trial.state  # a TrialState (the column's Enum type)
         storage.check_trial_is_updatable(trial_id, state)
         for model, attrs in (
@@ -292,14 +295,19 @@ def stamp_running(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int],
     """Set system attribute ``key`` of each of ``trial_ids`` that still runs to this host's
     clock now (seconds since the epoch), in one statement (an upsert of the running ones);
     finished or unknown trials are left alone. A heartbeat stamped where the dead-trial check
-    reads it: one clock for every worker's stamps."""
+    reads it: one clock for every worker's stamps. The running trials' rows are locked as
+    they are chosen (as in :func:`set_trial_attrs`): a trial finished meanwhile is left alone."""
     if not trial_ids:
         return
     model, trials = _models.TrialSystemAttributeModel, _models.TrialModel
     now = time.time()
-    running = sqlalchemy.select(
-        trials.trial_id, sqlalchemy.literal(key), sqlalchemy.literal(json.dumps(now))
-    ).where(trials.trial_id.in_(list(trial_ids)), trials.state == TrialState.RUNNING)
+    running = (
+        sqlalchemy.select(
+            trials.trial_id, sqlalchemy.literal(key), sqlalchemy.literal(json.dumps(now))
+        )
+        .where(trials.trial_id.in_(list(trial_ids)), trials.state == TrialState.RUNNING)
+        .with_for_update()
+    )
     statement = _upsert(storage.engine.name, model, running)
     if statement is None:  # a database without an upsert: Optuna's way, one by one
         with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:

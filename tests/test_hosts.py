@@ -6,7 +6,9 @@ mounts (one file system here, a shared folder across machines).
 
 Faults: a worker host cut off past the grace period and back (its trial rerun elsewhere, its
 late result dropped), the database host cut off for 30 s (the workers ride it out), the proxy
-restarted. Each study ends with exactly its budget.
+restarted. Each study ends with exactly its budget. Two proxies on the one database, one on
+each worker host for that host's commands: the budget exact, a killed worker's trial rerun
+once, a grid that both hosts' ``reproduce`` enqueue at once enqueued once.
 
 Needs root, ``ip`` (iproute2) and PostgreSQL's server binaries; skipped without them unless
 ``TAUOPT_REQUIRE_HOSTS=1`` (CI), which turns the skip into a failure.
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.hosts
 SUBNET = "10.77.0"
 DB_ADDRESS = f"{SUBNET}.1"
 PROXY = f"grpc://{DB_ADDRESS}:13000"
+DATABASE = f"postgresql://postgres@{DB_ADDRESS}:5432/tauopt"
 HOSTS = {"db": 1, "w1": 2, "w2": 3}
 # A small learning rate and time horizon: no trial may diverge. A diverged trial is its own
 # failure and uses its budget, which these tests would misread as a fault's doing (the
@@ -154,6 +157,7 @@ class Cluster:
         self.pgdata = root / "pgdata"
         self.postgres: Process | None = None
         self.proxy: Process | None = None
+        self.host_proxies: dict[str, Process] = {}
 
     def start(self) -> None:
         self.net.up()
@@ -185,10 +189,21 @@ class Cluster:
 
     def start_proxy(self) -> None:
         self.proxy = Process(self.net.argv(
-            "db", sys.executable, "-m", "tauopt", "proxy", "--storage",
-            f"postgresql://postgres@{DB_ADDRESS}:5432/tauopt", "--host", DB_ADDRESS,
+            "db", sys.executable, "-m", "tauopt", "proxy", "--storage", DATABASE,
+            "--host", DB_ADDRESS,
         ))  # fmt: skip
         self._wait(lambda: "listening on" in self.proxy_output(), "the proxy")
+
+    def start_host_proxy(self, host: str) -> str:
+        """A proxy of ``host``'s own, on its address, serving the same database as the
+        database host's; returns its address."""
+        address = f"{SUBNET}.{HOSTS[host]}"
+        proxy = self.host_proxies[host] = Process(self.net.argv(
+            host, sys.executable, "-m", "tauopt", "proxy", "--storage", DATABASE,
+            "--host", address,
+        ))  # fmt: skip
+        self._wait(lambda: "listening on" in proxy.output, f"the proxy on {host}")
+        return f"grpc://{address}:13000"
 
     def proxy_output(self) -> str:
         return self.proxy.output if self.proxy else ""
@@ -197,7 +212,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while not ready():  # type: ignore[operator]
             if time.monotonic() > deadline:
-                pytest.fail(f"{what} did not come up on the database host")
+                pytest.fail(f"{what} did not come up")
             time.sleep(0.3)
 
     def tauopt(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -206,17 +221,23 @@ class Cluster:
             capture_output=True, text=True, timeout=300, cwd=self.root,
         )  # fmt: skip
 
-    def worker(self, host: str, study: str) -> Process:
+    def started(self, host: str, *args: str) -> Process:
+        """``tauopt ARGS`` on ``host``, left running."""
+        return Process(self.net.argv(host, sys.executable, "-m", "tauopt", *args), cwd=self.root)
+
+    def worker(self, host: str, study: str, proxy: str = PROXY) -> Process:
         return Process(self.net.argv(
-            host, sys.executable, "-m", "tauopt", "worker", "--storage", PROXY, "--study", study,
+            host, sys.executable, "-m", "tauopt", "worker", "--storage", proxy, "--study", study,
             "--data-dir", str(self.data_dir), "--artifact-dir", str(self.artifacts),
             "--device", "cpu", "--threads", "1",
         ))  # fmt: skip
 
-    def create(self, study: str, n: int, *, epochs: int, interval: int, grace: int) -> None:
+    def create(
+        self, study: str, n: int, *, epochs: int, interval: int, grace: int, proxy: str = PROXY
+    ) -> None:
         config = self.root / f"{study}.toml"
         config.write_text(CONFIG.format(epochs=epochs, interval=interval, grace=grace))
-        done = self.tauopt("w1", "create", "--storage", PROXY, "--study", study, "--config",
+        done = self.tauopt("w1", "create", "--storage", proxy, "--study", study, "--config",
                            str(config), "--n-trials", str(n))  # fmt: skip
         assert done.returncode == 0, done.stderr
 
@@ -255,8 +276,15 @@ class Cluster:
             time.sleep(0.3)
         pytest.fail(f"the worker never ran a trial:\n{worker.output}")
 
+    def running_numbers(self, study: str) -> list[int]:
+        rows = self.sql(
+            "SELECT t.number FROM trials t JOIN studies s ON s.study_id = t.study_id "
+            f"WHERE s.study_name = '{study}' AND t.state = 'RUNNING'"
+        )
+        return [int(row) for row in rows.splitlines()]
+
     def stop(self) -> None:
-        for process in (self.proxy, self.postgres):
+        for process in (*self.host_proxies.values(), self.proxy, self.postgres):
             if process is not None:
                 process.stop()
         self.net.down()
@@ -347,3 +375,56 @@ def test_the_workers_ride_out_a_restarted_proxy(cluster: Cluster) -> None:
     cluster.start_proxy()
     _finish(workers)
     cluster.assert_exact(study, 6, outputs=[w.output for w in workers])
+
+
+def test_two_proxies_on_one_database_one_per_worker_host(cluster: Cluster) -> None:
+    """Each worker host runs a proxy of its own on the database, and its commands go through
+    it: the two proxies' caches and their services share nothing but the database."""
+    proxies = {host: cluster.start_host_proxy(host) for host in ("w1", "w2")}
+    # the grid from both hosts at once, each through its own proxy
+    grid = f"grid-{uuid.uuid4().hex[:6]}"
+    tiny = ("--study", grid, "--epochs", "1", "--train-size", "100")
+    racing = [
+        cluster.started(host, "reproduce", "--storage", url, *tiny) for host, url in proxies.items()
+    ]
+    for process in racing:
+        process.proc.wait(timeout=300)
+    assert [p.proc.returncode for p in racing] == [0, 0], [p.output for p in racing]
+    rows = cluster.sql(
+        "SELECT t.state, a.value_json, (SELECT COUNT(*) FROM trial_user_attributes d WHERE "
+        "d.trial_id = t.trial_id AND d.key = 'duplicate_of') FROM trials t JOIN studies s ON "
+        "s.study_id = t.study_id JOIN trial_user_attributes a ON a.trial_id = t.trial_id WHERE "
+        f"s.study_name = '{grid}' AND a.key = 'grid_id'"
+    )
+    trials = [row.split("|") for row in rows.splitlines()]
+    waiting = [run for state, run, _ in trials if state == "WAITING"]
+    assert len(waiting) == len(set(waiting)) == 76, trials
+    assert all(state == "FAIL" and copy == "1" for state, _, copy in trials if state != "WAITING")
+
+    # a worker killed under its trial, and one worker on each host through its own proxy
+    study = f"two-{uuid.uuid4().hex[:6]}"
+    cluster.create(study, 6, epochs=40, interval=1, grace=6, proxy=proxies["w1"])
+    doomed = cluster.worker("w1", study, proxies["w1"])
+    cluster.running_of(doomed, study)
+    killed = cluster.running_numbers(study)
+    for pid in _children(doomed.proc.pid):
+        subprocess.run(["kill", "-KILL", pid], check=False)
+    doomed.proc.wait(timeout=30)
+    workers = [cluster.worker(host, study, url) for host, url in proxies.items()]
+    _finish(workers)
+    outputs = [w.output for w in workers]
+    cluster.assert_exact(study, 6, outputs)
+    assert killed and "failed and queued again" in "".join(outputs), outputs
+    for number in killed:  # failed once, rerun once
+        reruns = cluster.sql(
+            "SELECT COUNT(*) FROM trial_system_attributes a JOIN trials t ON t.trial_id = "
+            "a.trial_id JOIN studies s ON s.study_id = t.study_id WHERE "
+            f"s.study_name = '{study}' AND a.key = 'failed_trial' AND a.value_json = '{number}'"
+        )
+        state = cluster.sql(
+            "SELECT t.state FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE "
+            f"s.study_name = '{study}' AND t.number = {number}"
+        )
+        assert (state, reruns) == ("FAIL", "1"), (number, state, reruns, *outputs)
+    for host, proxy in cluster.host_proxies.items():
+        assert "Traceback" not in proxy.output, (host, proxy.output)

@@ -1,17 +1,23 @@
 """The proxy's cache shares its reads of running trials between the requests waiting for one,
-and still shows every request each write made before it asked."""
+and still shows every request each write made before it asked. Two proxies' caches on one
+PostgreSQL database each see every trial the other makes, takes and finishes; a finished trial,
+which each keeps as it read it, takes no write that raced its finish."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
+import sqlalchemy
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
 
-from tauopt.storage._optuna import CoalescedCache
+from tauopt.storage._optuna import CoalescedCache, set_trial_attrs, stamp_running
 
 STUDY = 1  # the first study of a fresh database
 
@@ -116,3 +122,91 @@ def test_a_restarted_proxy_sets_the_parameters_of_a_trial_it_never_saw(tmp_path:
         CoalescedCache(rdb).set_trial_param(
             trial_id, "x", 0.0, optuna.distributions.IntDistribution(0, 3)
         )
+
+
+def _both(*calls: Callable[[], None]) -> None:
+    threads = [threading.Thread(target=call) for call in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_two_proxies_caches_on_one_database_each_see_every_trial(
+    scratch_database: tuple[str, Callable[[], None]],
+) -> None:
+    """Trial ids of a study are given under the study's row lock, so each cache's mark (the
+    highest finished trial id it read) never passes a trial it has not read."""
+    url, _ = scratch_database
+    rdb = optuna.storages.RDBStorage(url)
+    a, b = CoalescedCache(rdb), CoalescedCache(optuna.storages.RDBStorage(url))
+    sid = a.create_new_study([StudyDirection.MAXIMIZE], "s")
+    assert b.get_study_id_from_name("s") == sid
+
+    def make(cache: CoalescedCache) -> None:
+        for i in range(20):
+            tid = cache.create_new_trial(sid)
+            if i % 2:
+                cache.set_trial_state_values(tid, TrialState.COMPLETE, [float(i)])
+            cache.get_all_trials(sid)  # a read between the writes moves the cache's mark
+
+    _both(lambda: make(a), lambda: make(b))
+    truth = [(t.number, t.state, t.values) for t in rdb.get_all_trials(sid)]
+    for cache in (a, b):
+        assert [(t.number, t.state, t.values) for t in cache.get_all_trials(sid)] == truth
+    assert [number for number, _, _ in truth] == list(range(40))
+
+    # enqueued through one, taken once and finished through the other
+    template = optuna.trial.create_trial(state=TrialState.WAITING)
+    waiting = a.create_new_trial(sid, template_trial=template)
+    a.get_all_trials(sid)
+    assert b.set_trial_state_values(waiting, TrialState.RUNNING)
+    assert not a.set_trial_state_values(waiting, TrialState.RUNNING)
+    x = optuna.distributions.FloatDistribution(0.0, 1.0)
+    b.set_trial_param(waiting, "x", 0.25, x)  # a trial b never read: set in the database
+    b.set_trial_state_values(waiting, TrialState.COMPLETE, [1.0])
+    seen = {t._trial_id: t for t in a.get_all_trials(sid)}[waiting]
+    assert (seen.state, seen.params, seen.values) == (TrialState.COMPLETE, {"x": 0.25}, [1.0])
+
+
+def test_a_write_that_races_a_finish_waits_for_it_and_leaves_the_trial_alone(
+    scratch_database: tuple[str, Callable[[], None]],
+) -> None:
+    """A worker's late record or heartbeat, while another worker fails the trial as dead:
+    the write waits for the row that the finish holds, then finds the trial finished (it
+    would otherwise land on a finished trial that the caches keep without it)."""
+    url, _ = scratch_database
+    rdb = optuna.storages.RDBStorage(url)
+    sid = rdb.create_new_study([StudyDirection.MAXIMIZE], "s")
+    tid = rdb.create_new_trial(sid)
+    outcome: list[str] = []
+
+    def record() -> None:
+        try:
+            set_trial_attrs(rdb, tid, user={"late": 1})
+            outcome.append("written")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            outcome.append("refused")
+
+    def beat() -> None:
+        stamp_running(rdb, [tid], "beat")
+        outcome.append("stamped")
+
+    engine = sqlalchemy.create_engine(url)
+    with engine.connect() as conn, conn.begin():
+        # the row as Optuna's set_trial_state_values holds it while it finishes the trial
+        lock = "SELECT state FROM trials WHERE trial_id = :t FOR UPDATE"
+        conn.execute(sqlalchemy.text(lock), {"t": tid})
+        threads = [threading.Thread(target=call) for call in (record, beat)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert outcome == []  # both wait for the row
+        fail = "UPDATE trials SET state = 'FAIL', datetime_complete = now() WHERE trial_id = :t"
+        conn.execute(sqlalchemy.text(fail), {"t": tid})
+    for t in threads:
+        t.join()
+    engine.dispose()
+    assert sorted(outcome) == ["refused", "stamped"]
+    trial = rdb.get_trial(tid)
+    assert "late" not in trial.user_attrs and "beat" not in trial.system_attrs
