@@ -296,8 +296,14 @@ class Ledger:
         self.finish(trial, values, TrialState.COMPLETE)
 
     def fail(self, trial: optuna.Trial, reason: str) -> None:
-        """The trial's own failure: it stays failed and uses its budget."""
-        self.guarded("storing the failure", lambda: trial.set_user_attr(FAIL_REASON_ATTR, reason))
+        """The trial's own failure: it stays failed and uses its budget. The reason is written
+        under the trial's row lock (as the metrics are), so that it never lands on a trial
+        another worker has failed and queued again meanwhile: that would count it twice."""
+        tid = trial_id(trial)
+        self.guarded(
+            "storing the failure",
+            lambda: self.access.set_trial_attrs(tid, user={FAIL_REASON_ATTR: reason}, system={}),
+        )
         self.finish(trial, None, TrialState.FAIL)
 
     def finish(self, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:

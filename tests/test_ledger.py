@@ -114,3 +114,25 @@ def test_the_budget_still_holds_after_a_lost_connection(fixture: _Fixture) -> No
     assert [c.trial.number for c in claims] == [0, 1, 2, 3]
     assert fixture.ledger.claim(1) == ([], True)  # all four run: nothing left to claim
     assert fixture.states() == [TrialState.RUNNING] * 4
+
+
+def test_a_failure_booked_on_a_trial_failed_elsewhere_is_not_stored(fixture: _Fixture) -> None:
+    """A stalled worker books its trial's own failure after another worker failed the trial as
+    dead (and queued it again): the reason is not written (it would count the trial against
+    the budget beside its rerun), and it goes through the locked write of the metrics."""
+    from tauopt.study._ledger import FinishedElsewhereError
+
+    (claim,), _ = fixture.ledger.claim(1)
+    written: list[dict[str, Any]] = []
+    locked = fixture.access.set_trial_attrs
+
+    def recorded(tid: int, *, user: dict[str, Any], system: dict[str, Any]) -> None:
+        written.append(user)
+        locked(tid, user=user, system=system)
+
+    fixture.access.set_trial_attrs = recorded  # type: ignore[method-assign]
+    fixture.storage.set_trial_state_values(trial_id(claim.trial), state=TrialState.FAIL)
+    with pytest.raises(FinishedElsewhereError):
+        fixture.ledger.fail(claim.trial, "diverged")
+    assert written == [{"fail_reason": "diverged"}]
+    assert "fail_reason" not in fixture.study.get_trials(deepcopy=False)[0].user_attrs
