@@ -32,6 +32,7 @@ one line naming the supported versions, before any command touches a study.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import importlib.metadata
@@ -101,7 +102,7 @@ def check() -> None:
         (storage, ["_create_scoped_session"]),
         (
             optuna.storages.RDBStorage,
-            ["_set_trial_attr_without_commit", "_get_stale_trial_ids"],
+            ["_get_stale_trial_ids"],
         ),
         (
             models,
@@ -137,7 +138,6 @@ def check() -> None:
         (optuna.samplers.TPESampler._build_parzen_estimator, 5),
         (optuna.samplers.TPESampler._get_internal_repr, 4),
         (_multi_objective._get_pareto_front_trials_by_trials, 3),
-        (optuna.storages.RDBStorage._set_trial_attr_without_commit, 6),
         (_custom_plot_data.split_plot_data, 2),
         (_note.split_body, 2),
         (_note.note_ver_key, 1),
@@ -244,6 +244,13 @@ def set_trial_attrs(
     Optuna's ``set_trial_state_values`` locks it to finish the trial: attributes never land
     on a trial finished meanwhile (Optuna's own attribute writes check without the lock), so
     a finished trial that a proxy's cache keeps as it read it never changes afterwards."""
+    if _upsert(storage.engine.name, _models.TrialUserAttributeModel, []) is None:
+        # a database without an upsert: Optuna's public calls, a commit each, checked unlocked
+        for key, value in (user or {}).items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        for key, value in (system or {}).items():
+            storage.set_trial_system_attr(trial_id, key, value)
+        return
     with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
         trial = _models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
         state: Any = trial.state  # a TrialState (the column's Enum type)
@@ -252,18 +259,12 @@ def set_trial_attrs(
             (_models.TrialUserAttributeModel, user or {}),
             (_models.TrialSystemAttributeModel, system or {}),
         ):
-            if not attrs:
-                continue
-            rows = [
-                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-                for key, value in attrs.items()
-            ]
-            statement = _upsert(storage.engine.name, model, rows)
-            if statement is None:  # a database without an upsert: Optuna's way, one by one
-                for key, value in attrs.items():
-                    storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
-            else:
-                session.execute(statement)
+            if attrs:
+                rows = [
+                    {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                    for key, value in attrs.items()
+                ]
+                session.execute(_upsert(storage.engine.name, model, rows))
 
 
 def _upsert(dialect: str, model: Any, rows: list[dict[str, Any]] | sqlalchemy.Select[Any]) -> Any:
@@ -301,18 +302,21 @@ def stamp_running(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int],
         return
     model, trials = _models.TrialSystemAttributeModel, _models.TrialModel
     now = time.time()
+    ours = (trials.trial_id.in_(list(trial_ids)), trials.state == TrialState.RUNNING)
     running = (
         sqlalchemy.select(
             trials.trial_id, sqlalchemy.literal(key), sqlalchemy.literal(json.dumps(now))
         )
-        .where(trials.trial_id.in_(list(trial_ids)), trials.state == TrialState.RUNNING)
+        .where(*ours)
         .with_for_update()
     )
     statement = _upsert(storage.engine.name, model, running)
-    if statement is None:  # a database without an upsert: Optuna's way, one by one
-        with _rdb_storage._create_scoped_session(storage.scoped_session, True) as session:
-            for tid in session.execute(running).scalars():
-                storage._set_trial_attr_without_commit(session, model, int(tid), key, now)
+    if statement is None:  # a database without an upsert: Optuna's public call, one by one
+        with storage.engine.connect() as conn:
+            chosen = list(conn.execute(sqlalchemy.select(trials.trial_id).where(*ours)).scalars())
+        for tid in chosen:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_system_attr(int(tid), key, now)  # finished meanwhile
         return
     with storage.engine.begin() as conn:
         conn.execute(statement)

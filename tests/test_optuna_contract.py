@@ -156,6 +156,30 @@ def test_many_attributes_at_once_replace_and_refuse_as_optunas_own(
         set_trial_attrs(rdb, theirs + 100, user={"a": 2})
 
 
+def test_without_an_upsert_the_attributes_and_stamps_go_through_optunas_public_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database without an upsert (here SQLite older than 3.24, as the module sees it) gets
+    the same attributes and stamps, one public call each, and the same refusals."""
+    monkeypatch.setattr(_optuna.sqlite3, "sqlite_version_info", (3, 23, 0))
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'old.db'}")
+    sid = rdb.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "s")
+    running, done = rdb.create_new_trial(sid), rdb.create_new_trial(sid)
+    assert _optuna._upsert("sqlite", _optuna._models.TrialUserAttributeModel, []) is None
+    set_trial_attrs(rdb, running, user={"a": 1, "b": [2]}, system={"s": 0.5})
+    set_trial_attrs(rdb, running, user={"b": [3]})
+    rdb.set_trial_state_values(done, TrialState.COMPLETE, [0.5])
+    before = time.time()
+    _optuna.stamp_running(rdb, [running, done], "beat")
+    got = rdb.get_trial(running)
+    assert got.user_attrs == {"a": 1, "b": [3]}
+    assert got.system_attrs["s"] == 0.5 and before <= got.system_attrs["beat"] <= time.time()
+    assert "beat" not in rdb.get_trial(done).system_attrs
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_trial_attrs(rdb, done, user={"a": 2})
+    rdb.engine.dispose()
+
+
 def test_a_heartbeat_stamps_only_running_trials_with_the_database_hosts_clock(
     rdb: optuna.storages.RDBStorage,
 ) -> None:
