@@ -85,7 +85,6 @@ def check() -> None:
         _require(version in SpecifierSet(spec), f"{name} {version} is not supported")
     from optuna.samplers._tpe import sampler as tpe
     from optuna.storages._grpc import client as grpc_client
-    from optuna.storages._grpc import server as grpc_server
     from optuna.storages._grpc import servicer as grpc_servicer
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
     from optuna.storages._rdb import models, storage
@@ -124,7 +123,6 @@ def check() -> None:
         (optuna.storages._CachedStorage, ["_read_trials_from_remote_storage"]),
         (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
         (_note, ["note_ver_key", "split_body"]),
-        (grpc_server, ["make_server"]),
         (grpc_servicer, ["OptunaStorageProxyService"]),
         (api_pb2_grpc, ["add_StorageServiceServicer_to_server", "StorageServiceStub"]),
         (grpc_client, ["GrpcClientCache", "create_insecure_channel"]),
@@ -142,7 +140,6 @@ def check() -> None:
         (_note.split_body, 2),
         (_note.note_ver_key, 1),
         (optuna.storages._CachedStorage._read_trials_from_remote_storage, 2),
-        (grpc_server.make_server, 4),
         (grpc_servicer.OptunaStorageProxyService, 1),
         (optuna.storages.GrpcStorageProxy._setup, 1),
         (grpc_client.GrpcClientCache, 1),
@@ -162,7 +159,6 @@ check()
 # Imported only once check() has passed.
 from optuna.samplers._tpe import sampler as _tpe  # noqa: E402
 from optuna.storages._grpc import client as _grpc_client  # noqa: E402
-from optuna.storages._grpc import server as _grpc_server  # noqa: E402
 from optuna.storages._grpc import servicer as _grpc_servicer  # noqa: E402
 from optuna.storages._grpc.auto_generated import api_pb2_grpc as _api_pb2_grpc  # noqa: E402
 from optuna.storages._rdb import models as _models  # noqa: E402
@@ -658,12 +654,6 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
 
 
 # -- the proxy: its server and its cache ------------------------------------------------------
-
-
-def proxy_server(storage: optuna.storages.BaseStorage, host: str, port: int) -> Any:
-    """Optuna's gRPC proxy server for ``storage`` on ``host:port``, not yet started (a
-    ``grpc.Server``: services may still be added)."""
-    return _grpc_server.make_server(storage, host, port, None)
 
 
 def proxy_server_with(

@@ -28,6 +28,14 @@ USER = {f"record_{i}": [i, i / 3, f"v{i}"] for i in range(25)}
 SYSTEM = {"tauopt:heartbeat": 1.5, "tauopt:member": {"k": 4}}
 
 
+def _plain(rdb: optuna.storages.RDBStorage, port: int) -> Any:
+    """Optuna's proxy service alone on a server of its own, as ``run_grpc_proxy_server`` makes
+    it (ten threads, no interceptors)."""
+    server = _optuna.proxy_server_with(rdb, threads=10, interceptors=[], options=[])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    return server
+
+
 class Served:
     """A SQLite database, a proxy on it (tauopt's, or Optuna's without the batched calls) and a
     client of that proxy."""
@@ -35,8 +43,9 @@ class Served:
     def __init__(self, tmp_path: Path, *, batched: bool) -> None:
         self.rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
         port = free_port()
-        make = _proxy.proxy_server if batched else _optuna.proxy_server
-        self.server = make(self.rdb, "127.0.0.1", port)
+        self.server = (
+            _proxy.proxy_server(self.rdb, "127.0.0.1", port) if batched else _plain(self.rdb, port)
+        )
         self.server.start()
         self.client = _proxy.open_proxy(f"grpc://127.0.0.1:{port}")
         self.access = ProxyAccess(self.client, max_retry=1)
