@@ -150,8 +150,6 @@ def check() -> None:
         _require(hasattr(sampler, name), f"TPESampler has no {name}")
     cached = optuna.storages._CachedStorage.__init__
     _require("backend" in inspect.signature(cached).parameters, "_CachedStorage changed")
-    source = inspect.getsource(optuna.storages._CachedStorage.set_trial_param)
-    _require("_trial_id_to_study_id_and_number" in source, "_CachedStorage changed")
 
 
 check()
@@ -715,12 +713,11 @@ class CoalescedCache(optuna.storages._CachedStorage):
         # Optuna's cache looks the trial up in its own map, which a proxy restarted under a
         # running trial has not filled yet: KeyError, NOT_FOUND to the worker. The database
         # knows the trial: set it there (the database checks the distribution, too).
-        with self._lock:
-            known = trial_id in getattr(self, "_trial_id_to_study_id_and_number", {trial_id: 0})
-        if not known:
+        # (Optuna's looks the trial up before it writes anything: a KeyError wrote nothing.)
+        try:
+            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        except KeyError:
             self._backend.set_trial_param(trial_id, param_name, param_value_internal, distribution)
-            return
-        super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         with self._round:
