@@ -5,8 +5,9 @@ latest 1,000 finished trials, read through the study's cache. Two questions deci
 copy earns its place:
 
 * ``ask``: what a trial's ask, suggestions and tell cost in a SQLite study of the default
-  search space prefilled with 1,000 or 10,000 finished trials (as ``sampler_ask.py`` fills
-  it), each sampler in turn, their order alternating over ``--rounds``;
+  search space prefilled with 1,000 or 10,000 finished trials (as ``storage_overhead.py``
+  fills it; the study's trials are in its cache already, as after a worker's first claim),
+  each sampler in turn, their order alternating over ``--rounds``;
 * ``front``: the default study (``tauopt run``'s built-in config, one process, one thread)
   run for ``--trials`` trials per sampler seed, and the feasible front's hypervolume after
   each of ``--at`` trials (``front_per_hour.hypervolume``). Optuna's default TPE is then
