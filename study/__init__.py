@@ -25,8 +25,9 @@ from tauopt.study._config import (
 from tauopt.study._create import check_change, create_study, settle, study_dataset
 from tauopt.study._liveness import WorkerStopped
 from tauopt.study._objective import objective_values, suggest_config
+from tauopt.study._point import GridPoint
 from tauopt.study._query import BestTrials, TrialResult, best_trials, export_csv, load_study
-from tauopt.study._record import CONFIG_ATTR, INTERNAL_STUDY_ATTRS, GridPoint, TrialRecord
+from tauopt.study._record import CONFIG_ATTR, INTERNAL_STUDY_ATTRS, TrialRecord
 from tauopt.study._reproduce import CELLS, PROTOCOLS, GridRun, enqueue_grid, grid
 from tauopt.study._reproduce import DATASETS as PAPER_DATASETS
 from tauopt.study._worker import (

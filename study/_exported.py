@@ -21,7 +21,8 @@ from typing import Any
 
 from tauopt.engine import TrainConfig
 from tauopt.errors import DataError
-from tauopt.study._record import GRID_POINT_ATTR, HISTORY_ATTRS, GridPoint, TrialRecord
+from tauopt.study._point import GridPoint
+from tauopt.study._record import GRID_POINT_ATTR, HISTORY_ATTRS, TrialRecord
 from tauopt.study._views import TrialView, view_of
 
 #: The record's JSON columns (lists and dicts), as ``export_csv`` writes them.
