@@ -182,7 +182,7 @@ def paired(views: Sequence[TrialView], measure: Measure) -> list[Comparison]:
                 diffs = []
                 for b, o in strata[same[0]]:
                     base, other = measure.value(b, o)
-                    diffs.append((_coords(b).get("seed"), (other - base) * measure.scale))
+                    diffs.append((b.record.point.seed, (other - base) * measure.scale))
                 d = by_unit(diffs)
                 cells = (factor.title, factor.contrast, arch, dataset, _label(same, varying))
                 rows.append(Comparison(measure.title, (*cells, f"{len(diffs)} ({d.n})"), d, ""))
@@ -194,7 +194,7 @@ def _runs_of(found: list[tuple[TrialView, TrialView]]) -> tuple[Any, ...]:
     return tuple(
         sorted(
             (
-                str(_coords(b).get("seed")),
+                str(b.record.point.seed),
                 tuple(b.record.history.test_accuracy),
                 tuple(o.record.history.test_accuracy),
                 b.record.test_accuracy,
@@ -223,14 +223,14 @@ def best_rates(views: Sequence[TrialView]) -> dict[tuple[Any, ...], TrialView]:
     validation accuracy is highest (the lower rate on a tie)."""
     groups: dict[tuple[Any, ...], list[TrialView]] = {}
     for v in views:
-        g = _coords(v)
-        if "lr" in g:
-            key = (g["arch"], g["dataset"], g["T"], g["seed"], g["taus"])
+        p = v.record.point
+        if p.lr is not None:
+            key = (p.arch, p.dataset, p.T, p.seed, p.taus)
             groups.setdefault(key, []).append(v)
     return {
-        key: max(runs, key=lambda v: (v.record.final_val_accuracy, -float(_coords(v)["lr"])))
+        key: max(runs, key=lambda v: (v.record.final_val_accuracy, -(v.record.point.lr or 0.0)))
         for key, runs in groups.items()
-        if len({_coords(v)["lr"] for v in runs}) > 1
+        if len({v.record.point.lr for v in runs}) > 1
     }
 
 

@@ -194,7 +194,7 @@ def learning_curves(views: Sequence[TrialView]) -> go.Figure:
     groups: dict[tuple[str, str, str, float], list[list[float]]] = {}
     for v in views:
         p = v.record.point
-        plain = not p.l1 and not p.horizon_weight and p.get("pruning") == "off"
+        plain = not p.l1 and not p.horizon_weight and not p.prunes
         if plain and p.last_tau == "free" and v.record.history.test_accuracy:
             key = (p.arch, p.dataset, p.taus, p.T)
             groups.setdefault(key, []).append(v.record.history.test_accuracy)
