@@ -84,7 +84,7 @@ def measure(k: int, epochs: int, data_dir: Path) -> dict[str, Any]:
             results = train_population(configs, dataset, device="cpu", checkpoints=files)
     # a member's epoch_seconds is the group's epoch time shared out: the group's is the sum
     per_epoch = statistics.median(
-        sum(r.epoch_seconds[e] for r in results if not isinstance(r, Exception))
+        sum(r.history.epoch_seconds[e] for r in results if not isinstance(r, Exception))
         for e in range(epochs)
     )
     save = statistics.median(saves)

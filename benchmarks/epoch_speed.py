@@ -181,14 +181,16 @@ def run(data_dir: Path, repeats: int, scratch: Path, device: torch.device) -> di
         acc: dict[str, float] = {}
         for rep in range(repeats):
             result = train(config, dataset, device=device)
-            times["engine"].append(result.train_seconds[0])  # the training pass, as the loop's
-            times["engine_with_validation"].append(result.epoch_seconds[0])
+            times["engine"].append(
+                result.history.train_seconds[0]
+            )  # the training pass, as the loop's
+            times["engine_with_validation"].append(result.history.epoch_seconds[0])
             acc["engine"] = result.test_accuracy
             if on_cpu:
                 times["engine_one_thread"].append(one_thread_epoch(config, dataset))
             else:
                 eager = train(config, dataset, device=device, cuda_graphs=False)
-                times["engine_no_graphs"].append(eager.train_seconds[0])
+                times["engine_no_graphs"].append(eager.history.train_seconds[0])
             times["matmul_floor"].append(matmul_floor(config, batches, device))
             for variant in ("loop", "loop_fused"):
                 model = build_model(config, 784, 10).to(device)

@@ -75,7 +75,7 @@ def _patch(
     """The training becomes a sleep and a tiny model's result; claims and heartbeats are timed,
     claims also in the CPU time of the thread that claims (Optuna's ask(), the sampler, the
     calls' encoding)."""
-    from tauopt.engine import TrainResult, build_model
+    from tauopt.engine import History, TrainResult, build_model
     from tauopt.study import _ledger, _runner, _worker
 
     def train_population(configs: list[Any], dataset: Any, **_: Any) -> list[Any]:
@@ -87,17 +87,18 @@ def _patch(
                 TrainResult(
                     config=config,
                     device="cpu",
-                    val_accuracy=[0.5],
                     test_accuracy=0.5,
-                    train_loss=[1.0],
                     taus=model.taus.detach().tolist(),
-                    tau_history=[[0.5, 0.5]],
                     active_blocks=2,
                     active_block_ids=[0, 1],
                     active_params=model.num_active_params(),
-                    pruned=[],
-                    epoch_seconds=[seconds],
-                    train_seconds=[seconds],
+                    history=History(
+                        val_accuracy=[0.5],
+                        train_loss=[1.0],
+                        taus=[[0.5, 0.5]],
+                        epoch_seconds=[seconds],
+                        train_seconds=[seconds],
+                    ),
                     model=model,
                     initial_params=model.num_active_params(),
                 )

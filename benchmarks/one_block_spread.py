@@ -59,8 +59,8 @@ def one(data: Any, data_seed: int, **settings: Any) -> dict[str, Any]:
     row = {
         **settings,
         "data_seed": data_seed,
-        "val_accuracy": result.val_accuracy[-1],
-        "val_accuracy_per_epoch": result.val_accuracy,
+        "val_accuracy": result.history.val_accuracy[-1],
+        "val_accuracy_per_epoch": result.history.val_accuracy,
         "active_params": result.active_params,
         "active_blocks": result.active_blocks,
         "seconds": round(time.perf_counter() - start, 2),

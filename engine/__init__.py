@@ -20,12 +20,13 @@ from tauopt.engine._data import (
     load_dataset,
     make_splits,
 )
+from tauopt.engine._history import History, PruneEvent
 from tauopt.engine._loop import (
     EpochStats,
-    PruneEvent,
     RunStoppedError,
     TrainResult,
     accuracy,
+    result_data,
 )
 from tauopt.engine._population import group_key, train_population
 from tauopt.engine._state import Checkpointing, RunPausedError, RunState
@@ -48,6 +49,7 @@ __all__ = [
     "PRUNE_RULES",
     "Checkpointing",
     "EpochStats",
+    "History",
     "PruneEvent",
     "RawDataset",
     "RunPausedError",
@@ -66,6 +68,7 @@ __all__ = [
     "make_splits",
     "parameter_count",
     "resolve_device",
+    "result_data",
     "set_threads",
     "train",
     "train_population",

@@ -9,6 +9,7 @@ it from ``on_epoch``, leaves the run; the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -22,8 +23,8 @@ from tqdm import tqdm
 
 from tauopt.engine._config import TrainConfig
 from tauopt.engine._data import Splits
+from tauopt.engine._history import History, PruneEvent
 from tauopt.engine._state import (
-    RECORD_LISTS,
     Checkpointing,
     RunPausedError,
     RunState,
@@ -33,15 +34,6 @@ from tauopt.errors import DivergedError, TauoptError
 from tauopt.models import TauNetwork
 
 _EVAL_CHUNK = 10_000
-
-
-@dataclass(frozen=True)
-class PruneEvent:
-    """Block ``block`` (original numbering) was removed after ``epoch`` from ``position``."""
-
-    epoch: int
-    position: int
-    block: int
 
 
 @dataclass(frozen=True)
@@ -58,104 +50,68 @@ class EpochStats:
     clean_loss: float = math.nan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainResult:
-    """Metrics of one finished run and the trained (possibly pruned) network.
-
-    Per epoch: ``val_accuracy`` (empty without validation images), ``train_accuracy`` (on a
-    fixed subset of the training split, see :data:`tauopt.engine._data.TRAIN_EVAL_SIZE`),
-    ``train_loss`` (the loss trained on, mean over the epoch's batches), ``clean_loss`` (its
-    cross-entropy alone), ``penalties`` (the l1 and horizon terms at the epoch's end) and, with
-    ``train(..., test_every_epoch=True)``, ``test_accuracy_history``.
-    """
+    """One finished run: its per-epoch ``history``, where it ended, and the trained (possibly
+    pruned) network."""
 
     config: TrainConfig
     device: str
-    val_accuracy: list[float]
     test_accuracy: float
-    train_loss: list[float]
+    #: The active blocks' taus at the end.
     taus: list[float]
-    tau_history: list[list[float]]
     active_blocks: int
     active_block_ids: list[int]
     active_params: int
-    pruned: list[PruneEvent]
-    epoch_seconds: list[float]
-    train_seconds: list[float]
-    model: TauNetwork = field(repr=False, compare=False)
     #: Parameters of the network before any pruning.
     initial_params: int = 0
-    test_accuracy_history: list[float] = field(default_factory=list)
-    train_accuracy: list[float] = field(default_factory=list)
-    clean_loss: list[float] = field(default_factory=list)
-    penalties: list[dict[str, float]] = field(default_factory=list)
-    #: Where the run went on from a saved state, in order: ``{"epoch": e, "batch": b}`` (after
-    #: ``e`` epochs and ``b`` batches of the next one). Empty for a run trained in one go.
-    resumed_from: list[dict[str, int]] = field(default_factory=list)
+    history: History = field(default_factory=History)
+    model: TauNetwork = field(repr=False, compare=False)
 
     @property
     def final_val_accuracy(self) -> float:
         """The last epoch's validation accuracy (NaN without validation images)."""
-        return self.val_accuracy[-1] if self.val_accuracy else math.nan
+        values = self.history.val_accuracy
+        return values[-1] if values else math.nan
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready metrics (the network itself is left out)."""
-        return {
-            "config": self.config.to_dict(),
-            "device": self.device,
-            "val_accuracy": self.val_accuracy,
-            "test_accuracy": self.test_accuracy,
-            "train_accuracy": self.train_accuracy,
-            "train_loss": self.train_loss,
-            "clean_loss": self.clean_loss,
-            "penalties": self.penalties,
-            "taus": self.taus,
-            "tau_sum": sum(self.taus),
-            "tau_history": self.tau_history,
-            "active_blocks": self.active_blocks,
-            "active_block_ids": self.active_block_ids,
-            "active_params": self.active_params,
-            "initial_params": self.initial_params,
-            "test_accuracy_history": self.test_accuracy_history,
-            "pruned": [vars(event) for event in self.pruned],
-            "epoch_seconds": self.epoch_seconds,
-            "train_seconds": self.train_seconds,
-            "resumed_from": self.resumed_from,
-        }
+    @property
+    def tau_sum(self) -> float:
+        return sum(self.taus)
+
+
+def result_data(result: TrainResult) -> dict[str, Any]:
+    """A result as JSON-ready data, the network left out: its fields, ``tau_sum``, and its
+    history's lists under their ``"json"`` names (see :class:`History`)."""
+    data: dict[str, Any] = {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if f.name == "model":
+            continue
+        if isinstance(value, History):
+            data.update(value.to_names("json"))
+        elif isinstance(value, TrainConfig):
+            data[f.name] = value.to_dict()
+        else:
+            data[f.name] = value
+    return {**data, "tau_sum": result.tau_sum}
 
 
 @dataclass
 class RunRecord:
-    """What one run records epoch by epoch, and its :class:`TrainResult` once trained."""
+    """What one run records epoch by epoch as it trains, and its :class:`TrainResult` once
+    trained."""
 
     config: TrainConfig
     #: Parameters of the network before any pruning.
     initial_params: int
-    val: list[float] = field(default_factory=list)
-    test: list[float] = field(default_factory=list)
-    train_acc: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    clean: list[float] = field(default_factory=list)
-    penalties: list[dict[str, float]] = field(default_factory=list)
-    history: list[list[float]] = field(default_factory=list)
-    pruned: list[PruneEvent] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    train_seconds: list[float] = field(default_factory=list)
-    resumed: list[dict[str, int]] = field(default_factory=list)
+    history: History = field(default_factory=History)
 
     @classmethod
     def from_state(cls, state: RunState) -> RunRecord:
         """The records of the run ``state`` is a point of, noting that it goes on from there."""
-        lists = {name: list(state.record[name]) for name in RECORD_LISTS}
-        lists["pruned"] = [PruneEvent(**event) for event in lists["pruned"]]
-        lists["resumed"].append({"epoch": state.epoch, "batch": state.batch})
-        return cls(state.config, state.initial_params, **lists)
-
-    def lists(self) -> dict[str, list[Any]]:
-        """Copies of every per-epoch record, as plain data (see :class:`RunState`)."""
-        lists = {name: list(getattr(self, name)) for name in RECORD_LISTS}
-        lists["pruned"] = [vars(event) for event in self.pruned]
-        return lists
+        history = state.record.copy()
+        history.resumed_from.append({"epoch": state.epoch, "batch": state.batch})
+        return cls(state.config, state.initial_params, history)
 
     def record_taus(self, block_ids: Sequence[int], taus: Sequence[float]) -> None:
         """The taus of the blocks ``block_ids``, over every original block (a pruned block's
@@ -163,9 +119,9 @@ class RunRecord:
         full = [0.0] * self.config.depth
         for block, tau in zip(block_ids, taus, strict=True):
             full[block] = tau
-        self.history.append(full)
+        self.history.taus.append(full)
         c = self.config
-        self.penalties.append(
+        self.history.penalties.append(
             {
                 "l1": c.l1 * sum(abs(t) for t in taus),
                 "horizon": c.horizon_weight * (sum(taus) - c.T) ** 2,
@@ -173,14 +129,15 @@ class RunRecord:
         )
 
     def stats(self, epoch: int, network: TauNetwork) -> EpochStats:
+        h = self.history
         return EpochStats(
             epoch,
-            self.val[-1] if self.val else math.nan,
-            self.losses[-1],
+            h.val_accuracy[-1] if h.val_accuracy else math.nan,
+            h.train_loss[-1],
             network.depth,
             network.num_active_params(),
-            self.train_acc[-1],
-            self.clean[-1],
+            h.train_accuracy[-1],
+            h.clean_loss[-1],
         )
 
     def result(self, model: TauNetwork, splits: Splits, device: torch.device) -> TrainResult:
@@ -188,24 +145,14 @@ class RunRecord:
         return TrainResult(
             config=self.config,
             device=str(device),
-            val_accuracy=self.val,
             test_accuracy=accuracy(model, splits.test_x, splits.test_y),
-            train_loss=self.losses,
             taus=model.taus.detach().cpu().tolist(),
-            tau_history=self.history,
             active_blocks=model.depth,
             active_block_ids=list(model.block_ids),
             active_params=model.num_active_params(),
-            pruned=self.pruned,
-            epoch_seconds=self.seconds,
-            train_seconds=self.train_seconds,
-            model=model,
             initial_params=self.initial_params,
-            test_accuracy_history=self.test,
-            train_accuracy=self.train_acc,
-            clean_loss=self.clean,
-            penalties=self.penalties,
-            resumed_from=self.resumed,
+            history=self.history,
+            model=model,
         )
 
 
@@ -403,7 +350,7 @@ class _Run:
                 batch=batch,
                 order=order.clone(),
                 network=network,
-                record=record.lists(),
+                record=record.history.copy(),
                 initial_params=record.initial_params,
                 slots=slots,
                 group=None if slots is None else self.group,
@@ -492,8 +439,8 @@ def run_epochs(
         stays = []
         for position in going:
             record = records[run.live[position]]
-            record.train_seconds.append(train_seconds)
-            record.seconds.append(seconds)
+            record.history.train_seconds.append(train_seconds)
+            record.history.epoch_seconds.append(seconds)
             try:
                 if options.on_epoch is not None:
                     options.on_epoch(
@@ -542,19 +489,20 @@ def _end_epoch(
     taus = stepper.taus(position)
     check_finite(epoch, done.losses[position], taus)
     network = stepper.network(position)
+    h = record.history
     if splits.val_x.shape[0]:
-        record.val.append(accuracy(network, splits.val_x, splits.val_y))
-    record.train_acc.append(accuracy(network, splits.train_eval_x, splits.train_eval_y))
+        h.val_accuracy.append(accuracy(network, splits.val_x, splits.val_y))
+    h.train_accuracy.append(accuracy(network, splits.train_eval_x, splits.train_eval_y))
     if options.test_every_epoch:
-        record.test.append(accuracy(network, splits.test_x, splits.test_y))
+        h.test_accuracy.append(accuracy(network, splits.test_x, splits.test_y))
     ids = stepper.block_ids(position)
     record.record_taus(ids, taus)
-    record.losses.append(done.losses[position])
-    record.clean.append(done.clean[position])
+    h.train_loss.append(done.losses[position])
+    h.clean_loss.append(done.clean[position])
     c = record.config
     if c.prune_eps is not None and c.arch == "resnet" and epoch % c.prune_every == 0:
         for removed in stepper.prune(position, c.prune_eps, c.prune_rule):
-            record.pruned.append(PruneEvent(epoch, removed, ids[removed]))
+            h.pruned.append(PruneEvent(epoch, removed, ids[removed]))
 
 
 def _print_progress(
@@ -572,16 +520,17 @@ def _print_progress(
     if len(records) == 1:
         line = "diverged"
         if going:
-            record = records[0]
+            h = records[0].history
             acc = (
-                f"val accuracy {record.val[-1]:.4f}"
-                if record.val
-                else (f"train accuracy {record.train_acc[-1]:.4f}")
+                f"val accuracy {h.val_accuracy[-1]:.4f}"
+                if h.val_accuracy
+                else (f"train accuracy {h.train_accuracy[-1]:.4f}")
             )
-            line = f"loss {record.losses[-1]:.4f}, {acc}, {stepper.depth} blocks"
+            line = f"loss {h.train_loss[-1]:.4f}, {acc}, {stepper.depth} blocks"
         print(f"{prefix}epoch {epoch}/{epochs}: {line}, {took:.2f}s", file=sys.stderr, flush=True)
         return
-    vals = [records[live[p]].val[-1] for p in going if records[live[p]].val]
+    histories = [records[live[p]].history for p in going]
+    vals = [h.val_accuracy[-1] for h in histories if h.val_accuracy]
     best = f", best val accuracy {max(vals):.4f}" if vals else ""
     depth = stepper.depth
     stack = f" (stack of {depth}/{full} blocks)" if stays and depth < full else ""

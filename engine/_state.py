@@ -24,26 +24,12 @@ from typing import Any, Protocol
 import torch
 
 from tauopt.engine._config import TrainConfig
+from tauopt.engine._history import History
 from tauopt.models import TauNetwork
 
 #: What the optimiser keeps between steps: plain SGD (``engine._train.PlainSGD`` and the
 #: population's fused update) keeps nothing but its parameters, which the network holds.
 OPTIMIZER_STATE: dict[str, str] = {"kind": "plain-sgd"}
-
-#: The per-epoch records of a run, as :class:`tauopt.engine._loop.RunRecord` names them.
-RECORD_LISTS = (
-    "val",
-    "test",
-    "train_acc",
-    "losses",
-    "clean",
-    "penalties",
-    "history",
-    "pruned",
-    "seconds",
-    "train_seconds",
-    "resumed",
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +43,8 @@ class RunState:
     ``epoch_seconds`` the training time they took. ``network`` is the member's network as
     ``{"block_ids": [...], "state_dict": {...}}`` (CPU tensors); ``slots`` its part of a
     population's stack (``tauopt.models.TauPopulation.member_slots``), None for a network
-    that trained alone. ``record`` maps each of :data:`RECORD_LISTS` to its list.
+    that trained alone. ``record`` is the run's history so far (written under its names in a
+    state, :meth:`History.to_names` ``("state")``).
     """
 
     config: TrainConfig
@@ -65,7 +52,7 @@ class RunState:
     batch: int
     order: torch.Tensor
     network: Mapping[str, Any]
-    record: Mapping[str, list[Any]]
+    record: History
     initial_params: int
     slots: Mapping[str, torch.Tensor] | None = None
     #: The population the slots come from (one token per training of a group): members of one
@@ -84,7 +71,7 @@ class RunState:
             raise ValueError(f"batch {self.batch} and loss sums {self.sums} do not agree")
         if dict(self.optimizer) != OPTIMIZER_STATE:
             raise ValueError(f"an optimiser state this engine does not train: {self.optimizer}")
-        lengths = {name: len(self.record.get(name, [])) for name in ("losses", "history")}
+        lengths = {"losses": len(self.record.train_loss), "history": len(self.record.taus)}
         if set(lengths.values()) != {self.epoch}:
             raise ValueError(f"records of {lengths} epochs in a state after epoch {self.epoch}")
 
@@ -99,7 +86,7 @@ class RunState:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["config"] = self.config.to_dict()
         data["network"] = dict(self.network)
-        data["record"] = {name: list(values) for name, values in self.record.items()}
+        data["record"] = self.record.to_names("state")
         data["slots"] = None if self.slots is None else dict(self.slots)
         data["sums"] = None if self.sums is None else list(self.sums)
         data["optimizer"] = dict(self.optimizer)
@@ -119,7 +106,7 @@ class RunState:
             batch=int(data["batch"]),
             order=order,
             network=dict(data["network"]),
-            record={name: list(data["record"][name]) for name in RECORD_LISTS},
+            record=History.from_names(data["record"], "state", strict=True),
             initial_params=int(data["initial_params"]),
             slots=None if data["slots"] is None else dict(data["slots"]),
             group=None if data["group"] is None else str(data["group"]),

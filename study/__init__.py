@@ -25,6 +25,7 @@ from tauopt.study._config import (
 from tauopt.study._create import check_change, create_study, settle, study_dataset
 from tauopt.study._liveness import WorkerStopped
 from tauopt.study._objective import objective_values, suggest_config
+from tauopt.study._point import GridPoint
 from tauopt.study._query import BestTrials, TrialResult, best_trials, export_csv, load_study
 from tauopt.study._record import CONFIG_ATTR, INTERNAL_STUDY_ATTRS, TrialRecord
 from tauopt.study._reproduce import CELLS, PROTOCOLS, GridRun, enqueue_grid, grid
@@ -75,6 +76,7 @@ __all__ = [
     "PARAMS",
     "PROTOCOLS",
     "BestTrials",
+    "GridPoint",
     "GridRun",
     "SearchParam",
     "StudyConfig",

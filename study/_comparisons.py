@@ -53,16 +53,18 @@ _Measure = Callable[[TrialView, TrialView], tuple[float, float]]
 
 def _gap(view: TrialView) -> float:
     train = view.record.train_accuracy
-    return math.nan if train is None else train - view.test_accuracy
+    return math.nan if train is None else train - view.record.test_accuracy
 
 
 def _soon(base: TrialView, other: TrialView) -> tuple[float, float]:
-    target = SOON_SHARE * min(base.test_accuracy, other.test_accuracy)
-    return epochs_to(base.test_history, target), epochs_to(other.test_history, target)
+    target = SOON_SHARE * min(base.record.test_accuracy, other.record.test_accuracy)
+    return epochs_to(base.record.history.test_accuracy, target), epochs_to(
+        other.record.history.test_accuracy, target
+    )
 
 
 def _prunes(view: TrialView) -> bool:
-    return bool((view.grid or {}).get("pruning", "off") != "off")
+    return view.record.point.prunes
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,11 @@ class Measure:
 
 MEASURES = (
     Measure(
-        "Final test accuracy", "pts", 100.0, "+.2f", lambda b, o: (b.test_accuracy, o.test_accuracy)
+        "Final test accuracy",
+        "pts",
+        100.0,
+        "+.2f",
+        lambda b, o: (b.record.test_accuracy, o.record.test_accuracy),
     ),
     Measure(
         f"Epochs to {SOON_SHARE:.0%} of the lower final test accuracy of the pair (the papers' "
@@ -102,7 +108,7 @@ MEASURES = (
         "blocks",
         1.0,
         "+.2f",
-        lambda b, o: (float(b.blocks_removed), float(o.blocks_removed)),
+        lambda b, o: (float(b.record.blocks_removed), float(o.record.blocks_removed)),
         lambda b, o: _prunes(b) or _prunes(o),
     ),
 )
@@ -126,7 +132,7 @@ class Comparison:
 
 
 def _coords(view: TrialView) -> dict[str, Any]:
-    return dict(view.grid or {})
+    return view.record.point.as_dict()
 
 
 def _show(value: Any) -> str:
@@ -176,7 +182,7 @@ def paired(views: Sequence[TrialView], measure: Measure) -> list[Comparison]:
                 diffs = []
                 for b, o in strata[same[0]]:
                     base, other = measure.value(b, o)
-                    diffs.append((_coords(b).get("seed"), (other - base) * measure.scale))
+                    diffs.append((b.record.point.seed, (other - base) * measure.scale))
                 d = by_unit(diffs)
                 cells = (factor.title, factor.contrast, arch, dataset, _label(same, varying))
                 rows.append(Comparison(measure.title, (*cells, f"{len(diffs)} ({d.n})"), d, ""))
@@ -188,11 +194,11 @@ def _runs_of(found: list[tuple[TrialView, TrialView]]) -> tuple[Any, ...]:
     return tuple(
         sorted(
             (
-                str(_coords(b).get("seed")),
-                tuple(b.test_history),
-                tuple(o.test_history),
-                b.test_accuracy,
-                o.test_accuracy,
+                str(b.record.point.seed),
+                tuple(b.record.history.test_accuracy),
+                tuple(o.record.history.test_accuracy),
+                b.record.test_accuracy,
+                o.record.test_accuracy,
             )
             for b, o in found
         )
@@ -217,14 +223,14 @@ def best_rates(views: Sequence[TrialView]) -> dict[tuple[Any, ...], TrialView]:
     validation accuracy is highest (the lower rate on a tie)."""
     groups: dict[tuple[Any, ...], list[TrialView]] = {}
     for v in views:
-        g = _coords(v)
-        if "lr" in g:
-            key = (g["arch"], g["dataset"], g["T"], g["seed"], g["taus"])
+        p = v.record.point
+        if p.lr is not None:
+            key = (p.arch, p.dataset, p.T, p.seed, p.taus)
             groups.setdefault(key, []).append(v)
     return {
-        key: max(runs, key=lambda v: (v.val_accuracy, -float(_coords(v)["lr"])))
+        key: max(runs, key=lambda v: (v.record.final_val_accuracy, -(v.record.point.lr or 0.0)))
         for key, runs in groups.items()
-        if len({_coords(v)["lr"] for v in runs}) > 1
+        if len({v.record.point.lr for v in runs}) > 1
     }
 
 
@@ -241,7 +247,7 @@ def best_rate_comparisons(views: Sequence[TrialView]) -> list[Comparison]:
                     best.get((arch, dataset, T, seed, base)),
                 )
                 if o is not None and b is not None:
-                    diffs.append(100.0 * (o.test_accuracy - b.test_accuracy))
+                    diffs.append(100.0 * (o.record.test_accuracy - b.record.test_accuracy))
             if diffs:
                 d = difference(diffs)
                 cells = (f"{other} - {base}", arch, dataset, _show(T), str(d.n))

@@ -21,23 +21,12 @@ from typing import Any
 
 from tauopt.engine import TrainConfig
 from tauopt.errors import DataError
-from tauopt.study._record import TrialRecord
+from tauopt.study._point import GridPoint
+from tauopt.study._record import GRID_POINT_ATTR, HISTORY_ATTRS, TrialRecord
 from tauopt.study._views import TrialView, view_of
 
 #: The record's JSON columns (lists and dicts), as ``export_csv`` writes them.
-_JSON = (
-    "taus",
-    "pruned_layers",
-    "epoch_seconds",
-    "val_accuracy_history",
-    "test_accuracy_history",
-    "train_accuracy_history",
-    "train_loss_history",
-    "clean_loss_history",
-    "penalty_history",
-    "tau_history",
-    "active_block_ids",
-)
+_JSON = ("taus", "active_block_ids", *HISTORY_ATTRS)
 _NUMBERS = ("test_accuracy", "val_accuracy", "active_blocks", "active_params", "initial_params")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -59,7 +48,7 @@ class ExportedRuns:
 
 def point_key(point: dict[str, Any]) -> str:
     """A grid run's coordinates as one comparable string."""
-    return json.dumps(point, sort_keys=True)
+    return GridPoint.of(point).key
 
 
 def _scalar(text: str) -> Any:
@@ -100,7 +89,7 @@ def _grid_point(row: dict[str, str]) -> dict[str, Any]:
 
 
 def _attrs(row: dict[str, str]) -> dict[str, Any]:
-    attrs: dict[str, Any] = {"train_config": _config(row), "grid_point": _grid_point(row)}
+    attrs: dict[str, Any] = {"train_config": _config(row), GRID_POINT_ATTR: _grid_point(row)}
     for name in _JSON:
         if row.get(name):
             attrs[name] = json.loads(row[name])
@@ -146,8 +135,7 @@ def read_export(path: Path) -> ExportedRuns:
         if row.get("state") != "COMPLETE":
             continue
         try:
-            record = TrialRecord.from_attrs(_attrs(row))
-            record.config  # noqa: B018  (validates the stored settings)
+            record = TrialRecord.from_attrs(_attrs(row))  # validates the stored settings
         except (ValueError, TypeError, KeyError) as e:
             raise DataError(f"{path}, trial {row.get('number')}: {e}") from e
         views.append(view_of(int(row["number"]), record, feasible=row.get("feasible") == "True"))

@@ -32,14 +32,14 @@ _BLOCK_DASHES = ("solid", "dot", "dash", "longdash", "dashdot", "longdashdot")
 def pruning_accuracy(views: Sequence[TrialView]) -> go.Figure:
     """Validation accuracy against the share of parameters pruning removed."""
     fig = go.Figure()
-    groups = sorted({v.blocks_removed for v in views})
+    groups = sorted({v.record.blocks_removed for v in views})
     for removed in groups:
-        chosen = [v for v in views if v.blocks_removed == removed and v.feasible]
+        chosen = [v for v in views if v.record.blocks_removed == removed and v.feasible]
         if chosen:
             fig.add_trace(
                 go.Scatter(
-                    x=[100 * v.params_removed for v in chosen],
-                    y=[v.val_accuracy for v in chosen],
+                    x=[100 * v.record.params_removed for v in chosen],
+                    y=[v.record.final_val_accuracy for v in chosen],
                     mode="markers",
                     marker={
                         "size": [13 if v.pareto else 8 for v in chosen],
@@ -55,15 +55,17 @@ def pruning_accuracy(views: Sequence[TrialView]) -> go.Figure:
     if infeasible:
         fig.add_trace(
             go.Scatter(
-                x=[100 * v.params_removed for v in infeasible],
-                y=[v.val_accuracy for v in infeasible],
+                x=[100 * v.record.params_removed for v in infeasible],
+                y=[v.record.final_val_accuracy for v in infeasible],
                 mode="markers",
                 marker={"color": "lightgrey", "symbol": "x"},
                 name="infeasible (below min_val_accuracy)",
                 text=[f"trial {v.number}" for v in infeasible],
             )
         )
-    if not any(v.val_accuracy == v.val_accuracy for v in views):  # all NaN, or none
+    if not any(
+        v.record.final_val_accuracy == v.record.final_val_accuracy for v in views
+    ):  # all NaN, or none
         _say_why_empty(
             fig,
             "no trial with a validation accuracy yet"
@@ -84,14 +86,16 @@ def taus_over_epochs(views: Sequence[TrialView]) -> go.Figure:
     """Every step size over the epochs, for the Pareto-optimal trials: a colour per trial, a
     line style per block."""
     fig = go.Figure()
-    front = sorted((v for v in views if v.pareto), key=lambda v: -v.val_accuracy)[:_MAX_LINES]
+    front = sorted((v for v in views if v.pareto), key=lambda v: -v.record.final_val_accuracy)[
+        :_MAX_LINES
+    ]
     for i, v in enumerate(front):
-        epochs = list(range(1, len(v.tau_history) + 1))
-        for block in range(v.depth):
+        epochs = list(range(1, len(v.record.history.taus) + 1))
+        for block in range(v.record.config.depth):
             fig.add_trace(
                 go.Scatter(
                     x=epochs,
-                    y=[row[block] if block < len(row) else 0.0 for row in v.tau_history],
+                    y=[row[block] if block < len(row) else 0.0 for row in v.record.history.taus],
                     mode="lines+markers",
                     line={
                         "color": _TRIAL_COLOURS[i % len(_TRIAL_COLOURS)],
@@ -104,7 +108,7 @@ def taus_over_epochs(views: Sequence[TrialView]) -> go.Figure:
                     "%{x}<extra></extra>",
                 )
             )
-    depth = max((v.depth for v in front), default=0)
+    depth = max((v.record.config.depth for v in front), default=0)
     for block in range(min(depth, len(_BLOCK_DASHES))):  # the line styles' key
         fig.add_trace(
             go.Scatter(
@@ -123,7 +127,7 @@ def taus_over_epochs(views: Sequence[TrialView]) -> go.Figure:
         xaxis_title="epoch",
         yaxis_title="tau_l (0 once the block is removed)",
     )
-    _whole_epochs(fig, max((len(v.tau_history) for v in front), default=0))
+    _whole_epochs(fig, max((len(v.record.history.taus) for v in front), default=0))
     return fig
 
 
@@ -143,16 +147,18 @@ def _whole_epochs(fig: go.Figure, epochs: int) -> None:
 def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
     """Seconds per epoch of the trials that pruned, with their pruning epochs marked."""
     fig = go.Figure()
-    pruned = sorted((v for v in views if v.pruned), key=lambda v: -v.params_removed)[:_MAX_LINES]
+    pruned = sorted(
+        (v for v in views if v.record.history.pruned), key=lambda v: -v.record.params_removed
+    )[:_MAX_LINES]
     for i, v in enumerate(pruned):
-        blocks = v.blocks_before_pruning()
+        blocks = v.record.history.blocks_before_pruning()
         fig.add_trace(
             go.Scatter(
-                x=list(range(1, len(v.epoch_seconds) + 1)),
-                y=v.epoch_seconds,
+                x=list(range(1, len(v.record.history.epoch_seconds) + 1)),
+                y=v.record.history.epoch_seconds,
                 mode="lines+markers",
                 line={"color": _TRIAL_COLOURS[i % len(_TRIAL_COLOURS)]},
-                name=f"trial {v.number} ({v.params_removed:.0%} removed)",
+                name=f"trial {v.number} ({v.record.params_removed:.0%} removed)",
                 text=[f"{b} blocks trained in this epoch" for b in blocks],
             )
         )
@@ -161,7 +167,9 @@ def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
             fig,
             "no trial has removed a block yet:<br>a line per trial that pruned will show here",
         )
-    unpruned = [s for v in views if not v.pruned for s in v.epoch_seconds]
+    unpruned = [
+        s for v in views if not v.record.history.pruned for s in v.record.history.epoch_seconds
+    ]
     if unpruned:
         fig.add_hline(
             y=sum(unpruned) / len(unpruned),
@@ -173,21 +181,23 @@ def epoch_seconds(views: Sequence[TrialView]) -> go.Figure:
         xaxis_title="epoch",
         yaxis_title="seconds per epoch",
     )
-    _whole_epochs(fig, max((len(v.epoch_seconds) for v in views), default=0))
+    _whole_epochs(fig, max((len(v.record.history.epoch_seconds) for v in views), default=0))
     return fig
 
 
 def learning_curves(views: Sequence[TrialView]) -> go.Figure:
     """Test accuracy per epoch of a ``tauopt reproduce`` grid, fixed against trainable taus
     with nothing else on, the mean over seeds: one panel per network and dataset."""
-    panels = sorted({(v.grid["arch"], v.grid["dataset"]) for v in views if v.grid})
+    panels = sorted(
+        {(v.record.point.arch, v.record.point.dataset) for v in views if v.record.point}
+    )
     groups: dict[tuple[str, str, str, float], list[list[float]]] = {}
     for v in views:
-        g = v.grid or {}
-        plain = not g.get("l1") and not g.get("horizon_weight") and g.get("pruning") == "off"
-        if plain and g.get("last_tau") == "free" and v.test_history:
-            key = (str(g["arch"]), str(g["dataset"]), str(g["taus"]), float(g["T"]))
-            groups.setdefault(key, []).append(v.test_history)
+        p = v.record.point
+        plain = not p.l1 and not p.horizon_weight and not p.prunes
+        if plain and p.last_tau == "free" and v.record.history.test_accuracy:
+            key = (p.arch, p.dataset, p.taus, p.T)
+            groups.setdefault(key, []).append(v.record.history.test_accuracy)
     cols = min(2, max(1, len(panels)))
     rows = max(1, -(-len(panels) // cols))
     fig = make_subplots(
@@ -225,7 +235,9 @@ def publish(study: optuna.Study, access: StudyAccess) -> None:
     views = trial_views(study)
     figures = [pruning_accuracy(views), taus_over_epochs(views), epoch_seconds(views)]
     ids = list(FIGURE_IDS)
-    if any(v.grid for v in views):  # a `tauopt reproduce` study: the papers' main figure too
+    if any(
+        v.record.point for v in views
+    ):  # a `tauopt reproduce` study: the papers' main figure too
         figures.append(learning_curves(views))
         ids.append(CURVES_ID)
     for figure_id, figure in zip(ids, figures, strict=True):

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from tauopt.engine import TrainConfig
 from tauopt.study._comparisons import (
     BEST_TABLE,
     MEASURES,
@@ -63,17 +64,16 @@ def _mean(values: Iterable[float], fmt: str = ".4f") -> str:
     return format(statistics.fmean(data), fmt) if data else "-"
 
 
-def _config_values(runs: GridRuns, name: str) -> list[Any]:
-    return sorted({v.config.get(name) for v in runs.views}, key=lambda x: (x is None, str(x)))
+def _config_values(runs: GridRuns, value: Callable[[TrainConfig], Any]) -> list[Any]:
+    return sorted({value(v.record.config) for v in runs.views}, key=lambda x: (x is None, str(x)))
 
 
 def seeding(views: Sequence[TrialView]) -> str:
     """What a seed varied in these runs, in one paragraph."""
     draws: dict[Any, set[tuple[Any, Any]]] = {}
     for v in views:
-        draws.setdefault(v.config.get("seed"), set()).add(
-            (v.config.get("data_seed"), v.config.get("split_seed"))
-        )
+        c = v.record.config
+        draws.setdefault(c.seed, set()).add((c.data_seed, c.split_seed))
     own = [next(iter(d)) for d in draws.values() if len(d) == 1]
     independent = (
         len(draws) > 1
@@ -98,11 +98,11 @@ def seeding(views: Sequence[TrialView]) -> str:
 
 def budget(runs: GridRuns) -> list[str]:
     views = runs.views
-    protocols = sorted({str((v.grid or {}).get("protocol")) for v in views})
-    epochs = _config_values(runs, "epochs")
-    sizes = ["all" if s is None else f"{s:,}" for s in _config_values(runs, "train_size")]
-    held = [s for s in _config_values(runs, "val_size") if s]
-    seeds = sorted({int((v.grid or {}).get("seed", 0)) for v in views})
+    protocols = sorted({v.record.point.protocol for v in views})
+    epochs = _config_values(runs, lambda c: c.epochs)
+    sizes = ["all" if s is None else f"{s:,}" for s in _config_values(runs, lambda c: c.train_size)]
+    held = [s for s in _config_values(runs, lambda c: c.val_size) if s]
+    seeds = sorted({v.record.point.seed for v in views})
     lines = [
         f"Protocol {', '.join(f'`{p}`' for p in protocols)}: {len(views)} finished runs of "
         f"{runs.planned}, {'/'.join(map(str, epochs))} epochs on {'/'.join(sizes)} training "
@@ -172,7 +172,7 @@ def failed_section(runs: GridRuns) -> list[str]:
 def _compute(runs: GridRuns) -> list[str]:
     """Compute per run (its epochs' seconds: a population's shared out) and the wall time
     from the first run's start to the last run's end."""
-    per_run = sorted(sum(v.epoch_seconds) for v in runs.views)
+    per_run = sorted(sum(v.record.history.epoch_seconds) for v in runs.views)
     if not per_run or not runs.spans:
         return []
     start = min(s for s, _ in runs.spans)
@@ -271,7 +271,7 @@ def _all_zero(rows: Sequence[Comparison]) -> bool:
 
 
 def _one_epoch(views: Sequence[TrialView]) -> str:
-    epochs = {int(v.config.get("epochs", 0)) for v in views}
+    epochs = {v.record.config.epochs for v in views}
     if epochs != {1}:
         return ""
     return (
@@ -349,9 +349,10 @@ def lr_section(views: Sequence[TrialView], rows: Sequence[Comparison]) -> list[s
         runs = [v for k, v in best.items() if (k[0], k[1], k[2], k[4]) == key]
         counts: dict[Any, int] = {}
         for v in runs:
-            counts[(v.grid or {})["lr"]] = counts.get((v.grid or {})["lr"], 0) + 1
+            lr = v.record.point.lr
+            counts[lr] = counts.get(lr, 0) + 1
         picked = ", ".join(f"lr {lr:g}: {n}" for lr, n in sorted(counts.items()))
-        acc = _mean((100 * v.test_accuracy for v in runs), ".2f")
+        acc = _mean((100 * v.record.test_accuracy for v in runs), ".2f")
         chosen_rows.append(_row(*key[:2], f"{key[2]:g}", key[3], f"{acc} pts", picked))
     lines += [*_table(rates, chosen_rows), ""]
     return lines + every_rate(views)
@@ -368,17 +369,17 @@ def every_rate(views: Sequence[TrialView]) -> list[str]:
     ]
     header = ("network", "dataset", "T", "arm", "lr", "seeds", "test accuracy", "validation")
     keys = {
-        (g["arch"], g["dataset"], g["T"], g["taus"], g["lr"])
+        (p.arch, p.dataset, p.T, p.taus, p.lr)
         for v in views
-        if "lr" in (g := v.grid or {})
+        if (p := v.record.point).lr is not None
     }
     rows = []
     for key in sorted(keys, key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
         runs = [
             v for v in pick(views, arch=key[0], dataset=key[1], T=key[2], taus=key[3], lr=key[4])
         ]
-        d = mean_and_interval([100 * v.test_accuracy for v in runs])
-        val = _mean((100 * v.val_accuracy for v in runs), ".2f")
+        d = mean_and_interval([100 * v.record.test_accuracy for v in runs])
+        val = _mean((100 * v.record.final_val_accuracy for v in runs), ".2f")
         interval = "" if d.low is None else f" {d.interval('.2f')}"
         test = f"{d.mean:.2f}{interval} pts"
         rows.append(_row(*key[:2], f"{key[2]:g}", key[3], f"{key[4]:g}", d.n, test, f"{val} pts"))
@@ -411,23 +412,17 @@ def ends_section(views: Sequence[TrialView]) -> list[str]:
     rows = []
     for arch, dataset in panels(views):
         chosen = [
-            v
-            for v in pick(views, arch=arch, dataset=dataset, **plain)
-            if (v.grid or {}).get("pruning", "off") == "off"
+            v for v in pick(views, arch=arch, dataset=dataset, **plain) if not v.record.point.prunes
         ]
-        keys = {
-            ((g := v.grid or {})["T"], g["taus"], g.get("lr", v.config.get("lr"))) for v in chosen
-        }
+        keys = {(v.record.point.T, v.record.point.taus, _rate(v)) for v in chosen}
         for T, taus, lr in sorted(keys, key=str):
             runs = [
                 v
                 for v in chosen
-                if (g := v.grid or {})["T"] == T
-                and g["taus"] == taus
-                and g.get("lr", v.config.get("lr")) == lr
+                if v.record.point.T == T and v.record.point.taus == taus and _rate(v) == lr
             ]
             train = _mean((100 * (v.record.train_accuracy or math.nan) for v in runs), ".2f")
-            test = _mean((100 * v.test_accuracy for v in runs), ".2f")
+            test = _mean((100 * v.record.test_accuracy for v in runs), ".2f")
             final = [t for v in runs for t in v.record.taus]
             spread = f"{min(final):.3g} to {max(final):.3g}" if final else "-"
             rows.append(
@@ -446,12 +441,18 @@ def ends_section(views: Sequence[TrialView]) -> list[str]:
     return [*lines, *_table(header, rows), ""]
 
 
+def _rate(view: TrialView) -> float:
+    """The run's learning rate: its coordinate where the grid varies it, else its config's."""
+    lr = view.record.point.lr
+    return view.record.config.lr if lr is None else lr
+
+
 def _archs(views: Sequence[TrialView]) -> list[str]:
     return sorted({a for a, _ in panels(views)}, key=lambda a: a != "resnet")
 
 
 def _Ts(views: Sequence[TrialView]) -> list[float]:
-    return sorted({float((v.grid or {}).get("T", 1.0)) for v in views})
+    return sorted({v.record.point.T for v in views})
 
 
 def clean_loss_section(views: Sequence[TrialView]) -> list[str]:
@@ -469,7 +470,7 @@ def clean_loss_section(views: Sequence[TrialView]) -> list[str]:
         for T in _Ts(views):
             trainable = pick(views, arch=arch, T=T, taus="trainable", pruning="off")
             for name in dict.fromkeys(REGULARISERS.values()):
-                runs = [v.record.clean_loss_history for v in trainable if regulariser(v) == name]
+                runs = [v.record.history.clean_loss for v in trainable if regulariser(v) == name]
                 runs = [r for r in runs if r]
                 if runs:
                     mid = min(len(r) for r in runs) // 2
@@ -516,14 +517,14 @@ def regulariser_section(views: Sequence[TrialView]) -> list[str]:
                 runs = [v for v in trainable if regulariser(v) == name and v.record.taus]
                 if not runs:
                     continue
-                pruning = [float(v.blocks_removed) for v in runs if _prunes(v)]
+                pruning = [float(v.record.blocks_removed) for v in runs if _prunes(v)]
                 rows.append(
                     _row(
                         arch,
                         f"{T:g}",
                         name,
                         len(runs),
-                        _mean(v.test_accuracy for v in runs),
+                        _mean(v.record.test_accuracy for v in runs),
                         _mean(abs(v.record.tau_sum - T) for v in runs),
                         _mean(
                             max(map(abs, v.record.taus)) / sum(map(abs, v.record.taus))
@@ -536,7 +537,7 @@ def regulariser_section(views: Sequence[TrialView]) -> list[str]:
 
 
 def _prunes(view: TrialView) -> bool:
-    return bool((view.grid or {}).get("pruning", "off") != "off")
+    return view.record.point.prunes
 
 
 def tau_section(views: Sequence[TrialView]) -> list[str]:
@@ -560,8 +561,8 @@ def tau_section(views: Sequence[TrialView]) -> list[str]:
     rows = []
     for arch in _archs(views):
         for T in _Ts(views):
-            runs = [v for v in pick(views, arch=arch, T=T) if (v.grid or {}).get("taus") != "fixed"]
-            ever = sum(any(t < 0 for row in v.tau_history for t in row) for v in runs)
+            runs = [v for v in pick(views, arch=arch, T=T) if v.record.point.taus != "fixed"]
+            ever = sum(any(t < 0 for row in v.record.history.taus for t in row) for v in runs)
             below = [v for v in runs if any(t < 0 for t in v.record.taus)]
             kinds: dict[str, int] = {}
             for v in below:

@@ -89,9 +89,9 @@ def objective_values(result: TrainResult, objective: str) -> list[float]:
     grid run of ``tauopt reproduce``, which selects nothing, tells its final test accuracy."""
     if objective == GRID_OBJECTIVE:
         return [result.test_accuracy]
-    if not result.val_accuracy:
+    if not result.history.val_accuracy:
         raise ConfigError("a search study selects on validation accuracy: give val_size >= 1")
-    values = [result.val_accuracy[-1]]
+    values = [result.history.val_accuracy[-1]]
     if objective == "pareto":
         values.append(float(result.active_params))
     return values

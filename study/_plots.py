@@ -36,19 +36,23 @@ REGULARISERS = {
 
 
 def regulariser(view: TrialView) -> str | None:
-    g = view.grid or {}
-    key = (bool(g.get("l1")), bool(g.get("horizon_weight")), str(g.get("last_tau")))
+    p = view.record.point
+    key = (bool(p.l1), bool(p.horizon_weight), p.last_tau)
     return REGULARISERS.get(key)
 
 
 def panels(views: Sequence[TrialView]) -> list[tuple[str, str]]:
     """(network, dataset) of the grid, in a fixed order."""
-    found = {(v.grid["arch"], v.grid["dataset"]) for v in views if v.grid}
+    found = {(v.record.point.arch, v.record.point.dataset) for v in views if v.record.point}
     return sorted(found, key=lambda p: (p[0] != "resnet", p[1]))
 
 
 def pick(views: Sequence[TrialView], **coords: object) -> list[TrialView]:
-    return [v for v in views if v.grid and all(v.grid.get(k) == c for k, c in coords.items())]
+    return [
+        v
+        for v in views
+        if v.record.point and all(v.record.point.get(k) == c for k, c in coords.items())
+    ]
 
 
 def _legend(ax: Axes) -> None:
@@ -142,15 +146,15 @@ def grid_figures(views: Sequence[TrialView], out: Path) -> list[Path]:
     """accuracy.png, taus.png, pruning.png, clean_loss.png and, where the memory varies,
     fracdnn_memory.png; where the learning rate varies, learning_rates.png (the other
     figures then show the runs at the papers' rate)."""
-    rates = {float((v.grid or {})["lr"]) for v in views if "lr" in (v.grid or {})}
+    rates = {v.record.point.lr for v in views if v.record.point.lr is not None}
     extra = []
     if len(rates) > 1:
         extra.append(_rates(views, out))
-        views = [v for v in views if float((v.grid or {}).get("lr", PAPERS_LR)) == PAPERS_LR]
+        views = [v for v in views if v.record.point.lr in (None, PAPERS_LR)]
     files = [_accuracy(views, out), _taus(views, out), _clean_loss(views, out), *extra]
-    if any((v.grid or {}).get("pruning") != "off" for v in pick(views, arch="resnet")):
+    if any(v.record.point.prunes for v in pick(views, arch="resnet")):
         files.append(_pruning(views, out))
-    if len({(v.grid or {}).get("memory") for v in pick(views, arch="fracdnn")}) > 1:
+    if len({v.record.point.memory for v in pick(views, arch="fracdnn")}) > 1:
         files.append(_memory(views, out))
     return files
 
@@ -165,7 +169,13 @@ def _accuracy(views: Sequence[TrialView], out: Path) -> Path:
                     views, arch=arch, dataset=dataset, T=T, taus=taus, l1=0.0,
                     horizon_weight=0.0, last_tau="free", pruning="off",
                 )  # fmt: skip
-                _curve(ax, chosen, lambda v: v.test_history, f"{taus} taus, T={T:g}", style)
+                _curve(
+                    ax,
+                    chosen,
+                    lambda v: v.record.history.test_accuracy,
+                    f"{taus} taus, T={T:g}",
+                    style,
+                )
         ax.set_title(f"{arch}, {dataset}")
         _epoch_axis(ax)
         ax.set_ylabel("test accuracy")
@@ -183,11 +193,11 @@ def _rates(views: Sequence[TrialView], out: Path) -> Path:
     for ax, (arch, dataset) in zip(axes, where, strict=False):
         for taus, marker in (("fixed", "s"), ("input-fixed", "^"), ("trainable", "o")):
             chosen = [v for v in pick(views, arch=arch, dataset=dataset, T=1.0, taus=taus)]
-            rates = sorted({float((v.grid or {})["lr"]) for v in chosen})
+            rates = sorted({float(v.record.point.lr or 0.0) for v in chosen})
             if not rates:
                 continue
             cols = [
-                [100 * v.test_accuracy for v in chosen if (v.grid or {})["lr"] == lr]
+                [100 * v.record.test_accuracy for v in chosen if v.record.point.lr == lr]
                 for lr in rates
             ]
             means = [statistics.fmean(c) for c in cols]
@@ -200,7 +210,7 @@ def _rates(views: Sequence[TrialView], out: Path) -> Path:
             ax.errorbar(rates, means, yerr=[low, high], marker=marker, capsize=3,
                         label=f"{taus} taus (n={n})")  # fmt: skip
         ax.set_xscale("log")
-        shown = sorted({float((v.grid or {})["lr"]) for v in pick(views, arch=arch)})
+        shown = sorted({float(v.record.point.lr or 0.0) for v in pick(views, arch=arch)})
         ax.set_xticks(shown, [f"{r:g}" for r in shown])
         ax.minorticks_off()
         ax.set_title(f"{arch}, {dataset}, T=1")
@@ -219,15 +229,15 @@ def _taus(views: Sequence[TrialView], out: Path) -> Path:
             views, arch=arch, dataset=dataset, T=1.0, taus="trainable", l1=0.0,
             horizon_weight=0.0, last_tau="free", pruning="off",
         )  # fmt: skip
-        for v in sorted(chosen, key=lambda v: (v.grid or {}).get("seed", 0))[:1]:
-            for block in range(v.depth):
+        for v in sorted(chosen, key=lambda v: v.record.point.seed)[:1]:
+            for block in range(v.record.config.depth):
                 ax.plot(
-                    range(1, len(v.tau_history) + 1),
-                    [row[block] for row in v.tau_history],
-                    marker=_marker(len(v.tau_history)),
+                    range(1, len(v.record.history.taus) + 1),
+                    [row[block] for row in v.record.history.taus],
+                    marker=_marker(len(v.record.history.taus)),
                     label=f"tau_{block}",
                 )
-            ax.set_title(f"{arch}, {dataset}, T=1, seed {(v.grid or {}).get('seed')}")
+            ax.set_title(f"{arch}, {dataset}, T=1, seed {v.record.point.seed}")
         ax.axhline(0.0, color="grey", linewidth=0.5)
         _epoch_axis(ax)
         ax.set_ylabel("step size tau_l")
@@ -240,14 +250,14 @@ def _clean_loss(views: Sequence[TrialView], out: Path) -> Path:
     """One panel per network and T: the horizons' losses differ by far more than the
     regularisers' (a pooled band would hide them)."""
     archs = sorted({a for a, _ in panels(views)}, key=lambda a: a != "resnet")
-    horizons = sorted({float((v.grid or {}).get("T", 1.0)) for v in views})
+    horizons = sorted({v.record.point.T for v in views})
     where = [(arch, T) for arch in archs for T in horizons]
     fig, axes = _grid_axes(where)
     for ax, (arch, T) in zip(axes, where, strict=False):
         trainable = [v for v in pick(views, arch=arch, T=T, taus="trainable", pruning="off")]
         for name in dict.fromkeys(REGULARISERS.values()):
             chosen = [v for v in trainable if regulariser(v) == name]
-            _curve(ax, chosen, lambda v: v.record.clean_loss_history, name)
+            _curve(ax, chosen, lambda v: v.record.history.clean_loss, name)
         _log_axis(ax)
         ax.set_title(f"{arch}, T={T:g}")
         _epoch_axis(ax)
@@ -270,20 +280,18 @@ def _pruning(views: Sequence[TrialView], out: Path) -> Path:
             "horizon_weight": 0.0,
             "last_tau": "free",
         }
-        pruned = [
-            v
-            for v in pick(views, **coords)
-            if (v.grid or {}).get("pruning") != "off" and (v.grid or {}).get("l1")
-        ]
-        kept = [v for v in pick(views, pruning="off", **coords) if (v.grid or {}).get("l1")]
+        pruned = [v for v in pick(views, **coords) if v.record.point.prunes and v.record.point.l1]
+        kept = [v for v in pick(views, pruning="off", **coords) if v.record.point.l1]
         _curve(
             left,
             pruned,
-            lambda v: [float(b) for b in v.blocks_before_pruning()],
+            lambda v: [float(b) for b in v.record.history.blocks_before_pruning()],
             f"{dataset}, pruning",
         )
-        _curve(right, pruned, lambda v: v.epoch_seconds, f"{dataset}, pruning")
-        _curve(right, kept, lambda v: v.epoch_seconds, f"{dataset}, no pruning", "--")
+        _curve(right, pruned, lambda v: v.record.history.epoch_seconds, f"{dataset}, pruning")
+        _curve(
+            right, kept, lambda v: v.record.history.epoch_seconds, f"{dataset}, no pruning", "--"
+        )
     left.set_title("Blocks trained per epoch")
     left.yaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("blocks trained in the epoch (pruning follows it)")
@@ -314,16 +322,18 @@ def _memory(views: Sequence[TrialView], out: Path) -> Path:
             _curve(
                 left,
                 chosen,
-                lambda v: v.test_history,
+                lambda v: v.record.history.test_accuracy,
                 f"{dataset}, {memory} memory gradient",
                 style,
             )
     for offset, memory in ((-0.2, "full"), (0.2, "detached")):
         chosen = pick(views, dataset=datasets[0], memory=memory, **base) if datasets else []
         if chosen:
-            depth = chosen[0].depth
+            depth = chosen[0].record.config.depth
             means = [
-                statistics.fmean(v.tau_history[-1][b] for v in chosen if v.tau_history)
+                statistics.fmean(
+                    v.record.history.taus[-1][b] for v in chosen if v.record.history.taus
+                )
                 for b in range(depth)
             ]
             right.bar([b + offset for b in range(depth)], means, width=0.4, label=memory)
@@ -358,21 +368,21 @@ def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -
         (False, "o", "C0", "no block removed"),
         (True, "^", "C1", "blocks removed by pruning"),
     ):
-        chosen = [v for v in feasible if bool(v.pruned) == pruned]
+        chosen = [v for v in feasible if bool(v.record.history.pruned) == pruned]
         if not chosen:
             continue  # no legend entry for a kind of trial that is not there
         ax.scatter(
-            [v.active_params for v in chosen],
-            [v.val_accuracy for v in chosen],
+            [v.record.active_params for v in chosen],
+            [v.record.final_val_accuracy for v in chosen],
             marker=marker,
             color=colour,
             alpha=0.6,
             label=label,
         )
-    front = sorted((v for v in feasible if v.pareto), key=lambda v: v.active_params)
+    front = sorted((v for v in feasible if v.pareto), key=lambda v: v.record.active_params)
     ax.plot(
-        [v.active_params for v in front],
-        [v.val_accuracy for v in front],
+        [v.record.active_params for v in front],
+        [v.record.final_val_accuracy for v in front],
         "k-",
         marker="s",
         mfc="none",

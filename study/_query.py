@@ -32,6 +32,7 @@ from tauopt.study._record import (
     FAIL_REASON_ATTR,
     GRID_CONFIG_ATTR,
     GRID_POINT_ATTR,
+    HISTORY_ATTRS,
     RETRY_REASON_ATTR,
     WORKER_ATTR,
     TrialRecord,
@@ -211,23 +212,16 @@ _RECORD_COLUMNS = (
     "num_classes",
 )
 #: JSON: lists, and the whole training config and grid point (``tauopt report --trials`` reads
-#: an export back from them).
-_LIST_COLUMNS = (
+#: an export back from them); these first, then the history's other lists in its order.
+_LEAD_COLUMNS = (
     "train_config",
-    "grid_point",
+    GRID_POINT_ATTR,
     "taus",
     "active_block_ids",
     "pruned_layers",
     "epoch_seconds",
-    "val_accuracy_history",
-    "test_accuracy_history",
-    "train_accuracy_history",
-    "train_loss_history",
-    "clean_loss_history",
-    "penalty_history",
-    "tau_history",
-    "resumed_from",
 )
+_LIST_COLUMNS = (*_LEAD_COLUMNS, *(n for n in HISTORY_ATTRS if n not in _LEAD_COLUMNS))
 _REASONS = (FAIL_REASON_ATTR, RETRY_REASON_ATTR, WORKER_ATTR)
 
 
@@ -237,19 +231,21 @@ def _record_cells(trial: FrozenTrial) -> list[Any]:
         # a grid run that has not finished still says which run it is
         known = {
             "train_config": trial.user_attrs.get(GRID_CONFIG_ATTR),
-            "grid_point": trial.user_attrs.get(GRID_POINT_ATTR),
+            GRID_POINT_ATTR: trial.user_attrs.get(GRID_POINT_ATTR),
         }
         return cells + [
             None if known.get(name) is None else json.dumps(known[name]) for name in _LIST_COLUMNS
         ]
     record = TrialRecord.from_attrs(trial.user_attrs)
-    config = record.train_config
+    config = record.config.to_dict()
+    point = None if record.grid_point is None else record.grid_point.as_dict()
+    stored = {**record.to_attrs(), GRID_POINT_ATTR: point}
     view = view_of(trial.number, record, feasible=True)
     return [
         settings_line(view),
-        *(config.get(name) for name in _CONFIG_COLUMNS),
+        *(config[name] for name in _CONFIG_COLUMNS),
         *(getattr(record, name) for name in _RECORD_COLUMNS),
-        *(json.dumps(getattr(record, name)) for name in _LIST_COLUMNS),
+        *(json.dumps(stored[name]) for name in _LIST_COLUMNS),
     ]
 
 

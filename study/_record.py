@@ -7,12 +7,15 @@ with what they can be derived from, or leaves them empty.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tauopt.engine import TrainConfig, TrainResult, parameter_count
+from tauopt.engine import History, TrainConfig, TrainResult, parameter_count
+from tauopt.study._point import NO_POINT, GridPoint
 
 #: Study user attribute: the study's config, as stored by ``tauopt create``.
 CONFIG_ATTR = "tauopt_config"
@@ -64,16 +67,23 @@ INTERNAL_STUDY_ATTRS = (FIGURES_AT_ATTR, ANCHORS_ATTR)
 DUPLICATE_ATTR = "duplicate_of"
 #: A trial's (validation accuracy, active parameters) at a rung of ``stop_trials = "dominated"``.
 _RUNG_PREFIX = "rung_"
+#: The stored names of a trial's per-epoch lists, in :class:`History`'s order.
+HISTORY_ATTRS = tuple(
+    name for f in dataclasses.fields(History) if (name := History.name_in(f, "stored")) is not None
+)
+#: A finished trial's training config (:meth:`TrialRecord.to_attrs`).
+_CONFIG_KEY = "train_config"
 #: Input width and classes of the studies stored before they were recorded: MNIST's.
 _LEGACY_SHAPE = (784, 10)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrialRecord:
-    """The metrics and settings of one finished trial (see :class:`tauopt.engine.TrainResult`
-    for what each history means). ``val_accuracy`` is None for a run without validation."""
+    """What one finished trial stored: its config, where its run ended (the final values of
+    :class:`tauopt.engine.TrainResult`), its per-epoch :class:`tauopt.engine.History`, and
+    where it ran. ``val_accuracy`` is None for a run without validation."""
 
-    train_config: dict[str, Any]
+    config: TrainConfig
     test_accuracy: float
     val_accuracy: float | None
     active_blocks: int
@@ -84,39 +94,45 @@ class TrialRecord:
     taus: list[float]
     device: str = ""
     active_block_ids: list[int] = field(default_factory=list)
-    val_accuracy_history: list[float] = field(default_factory=list)
-    test_accuracy_history: list[float] = field(default_factory=list)
-    train_accuracy_history: list[float] = field(default_factory=list)
-    train_loss_history: list[float] = field(default_factory=list)
-    clean_loss_history: list[float] = field(default_factory=list)
-    penalty_history: list[dict[str, float]] = field(default_factory=list)
-    tau_history: list[list[float]] = field(default_factory=list)
-    pruned_layers: list[dict[str, int]] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)
+    history: History = field(default_factory=History)
     model_artifact_id: str | None = None
-    grid_point: dict[str, Any] | None = None
+    #: Stored when the run is enqueued, not by the worker: never written by :meth:`to_attrs`.
+    grid_point: GridPoint | None = None
     #: Where it trained: the CPU model and cores, or the GPU's name.
     machine: str = ""
-    #: Where it went on from a saved state after a stop, in order: {"epoch": e, "batch": b}
-    #: (after e epochs and b batches of the next). Empty: trained in one go.
-    resumed_from: list[dict[str, int]] = field(default_factory=list)
-
-    @property
-    def config(self) -> TrainConfig:
-        return TrainConfig(**self.train_config)
 
     @property
     def seed(self) -> int:
-        return int(self.train_config.get("seed", 0))
+        return self.config.seed
+
+    @property
+    def point(self) -> GridPoint:
+        """Its coordinates in a grid of ``tauopt reproduce`` (none in a search study)."""
+        return self.grid_point or NO_POINT
 
     @property
     def tau_sum(self) -> float:
         return sum(self.taus)
 
     @property
+    def final_val_accuracy(self) -> float:
+        """The final validation accuracy, NaN without validation images."""
+        return math.nan if self.val_accuracy is None else self.val_accuracy
+
+    @property
     def train_accuracy(self) -> float | None:
         """The last epoch's training accuracy (None where it was not recorded)."""
-        return self.train_accuracy_history[-1] if self.train_accuracy_history else None
+        values = self.history.train_accuracy
+        return values[-1] if values else None
+
+    @property
+    def blocks_removed(self) -> int:
+        return len(self.history.pruned)
+
+    @property
+    def params_removed(self) -> float:
+        """Share of the unpruned network's parameters that pruning removed, 0..1."""
+        return 1.0 - self.active_params / self.initial_params if self.initial_params else 0.0
 
     @classmethod
     def from_result(
@@ -128,64 +144,58 @@ class TrialRecord:
         artifact_id: str | None,
         machine: str = "",
     ) -> TrialRecord:
+        """The record of a finished run: every field it shares with the result, and where
+        it ran."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {
+            f.name for f in dataclasses.fields(result)
+        }
         val = result.final_val_accuracy
         return cls(
-            train_config=result.config.to_dict(),
-            test_accuracy=result.test_accuracy,
+            **{name: getattr(result, name) for name in shared},
             val_accuracy=None if math.isnan(val) else val,
-            active_blocks=result.active_blocks,
-            active_params=result.active_params,
-            initial_params=result.initial_params,
             in_features=in_features,
             num_classes=num_classes,
-            taus=result.taus,
-            device=result.device,
-            active_block_ids=result.active_block_ids,
-            val_accuracy_history=result.val_accuracy,
-            test_accuracy_history=result.test_accuracy_history,
-            train_accuracy_history=result.train_accuracy,
-            train_loss_history=result.train_loss,
-            clean_loss_history=result.clean_loss,
-            penalty_history=result.penalties,
-            tau_history=result.tau_history,
-            pruned_layers=[vars(event) for event in result.pruned],
-            epoch_seconds=result.epoch_seconds,
             model_artifact_id=artifact_id,
             machine=machine,
-            resumed_from=result.resumed_from,
         )
 
     def to_attrs(self) -> dict[str, Any]:
-        """The user attributes (JSON-ready); ``tau_sum`` and ``seed`` also, for export."""
-        attrs = dataclasses.asdict(self)
-        attrs.pop("grid_point")  # stored at enqueue time, not by the worker
+        """The user attributes (JSON-ready): every field under its stored name, the history's
+        lists under theirs; ``tau_sum`` and ``seed`` also, for export."""
+        attrs: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, History):
+                attrs.update(value.to_names("stored"))
+            elif isinstance(value, TrainConfig):
+                attrs[_CONFIG_KEY] = value.to_dict()
+            elif f.name != "grid_point":  # stored at enqueue time, not by the worker
+                attrs[f.name] = copy.deepcopy(value)
         return {**attrs, "tau_sum": self.tau_sum, "seed": self.seed}
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> TrialRecord:
-        """The record of a finished trial from its user attributes."""
-        config = dict(attrs.get("train_config", {}))
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> TrialRecord:
+        """The record of a finished trial from its user attributes; what a trial stored by
+        an earlier version lacks is derived or left empty."""
+        config = TrainConfig(**attrs.get(_CONFIG_KEY, {}))
         in_features = int(attrs.get("in_features", _LEGACY_SHAPE[0]))
         num_classes = int(attrs.get("num_classes", _LEGACY_SHAPE[1]))
-        initial = attrs.get("initial_params") or parameter_count(
-            TrainConfig(**config), in_features, num_classes
-        )
-        names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in attrs.items() if k in names}
+        initial = attrs.get("initial_params") or parameter_count(config, in_features, num_classes)
+        point = attrs.get(GRID_POINT_ATTR)
+        optional = {"device", "active_block_ids", "model_artifact_id", "machine"}
         return cls(
-            **{
-                **known,
-                "train_config": config,
-                "in_features": in_features,
-                "num_classes": num_classes,
-                "initial_params": int(initial),
-                "val_accuracy": attrs.get("val_accuracy"),
-                "test_accuracy": float(attrs.get("test_accuracy", math.nan)),
-                "active_blocks": int(attrs.get("active_blocks", len(attrs.get("taus", [])))),
-                "active_params": int(attrs.get("active_params", 0)),
-                "taus": list(attrs.get("taus", [])),
-                "train_loss_history": list(attrs.get("train_loss_history", [])),
-            }
+            **{k: v for k, v in attrs.items() if k in optional},
+            config=config,
+            in_features=in_features,
+            num_classes=num_classes,
+            initial_params=int(initial),
+            val_accuracy=attrs.get("val_accuracy"),
+            test_accuracy=float(attrs.get("test_accuracy", math.nan)),
+            active_blocks=int(attrs.get("active_blocks", len(attrs.get("taus", [])))),
+            active_params=int(attrs.get("active_params", 0)),
+            taus=list(attrs.get("taus", [])),
+            history=History.from_names(attrs, "stored", strict=False),
+            grid_point=None if point is None else GridPoint.of(point),
         )
 
 

@@ -141,7 +141,7 @@ def _search_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -
         "## The front",
         "",
         f"{len(views)} complete trials, {len(feasible)} feasible, {len(front)} on the front; "
-        f"{sum(bool(v.pruned) for v in front)} of those pruned blocks.",
+        f"{sum(bool(v.record.history.pruned) for v in front)} of those pruned blocks.",
         "",
         "A search draws its trials at random and steers them: no two of them differ in one "
         "setting only, so it cannot say what a setting does. For paired answers, run the grid "
@@ -157,23 +157,23 @@ def _search_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -
         "|---|---|---|---|---|",
     ]
     groups = {
-        "no block removed": [v for v in feasible if not v.pruned],
-        "blocks removed": [v for v in feasible if v.pruned],
-        "l1 off": [v for v in feasible if not v.config.get("l1")],
-        "l1 on": [v for v in feasible if v.config.get("l1")],
+        "no block removed": [v for v in feasible if not v.record.history.pruned],
+        "blocks removed": [v for v in feasible if v.record.history.pruned],
+        "l1 off": [v for v in feasible if not v.record.config.l1],
+        "l1 on": [v for v in feasible if v.record.config.l1],
     }
     for name, chosen in groups.items():
         lines.append(
             _row(
                 name,
                 len(chosen),
-                _mean(v.val_accuracy for v in chosen),
+                _mean(v.record.final_val_accuracy for v in chosen),
                 _mean(
-                    v.record.train_accuracy - v.test_accuracy
+                    v.record.train_accuracy - v.record.test_accuracy
                     for v in chosen
                     if v.record.train_accuracy is not None
                 ),
-                _mean(float(v.blocks_removed) for v in chosen),
+                _mean(float(v.record.blocks_removed) for v in chosen),
             )
         )
     return [*lines, ""]

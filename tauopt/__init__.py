@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "FractionalDNN": "tauopt.models",
     "TrainConfig": "tauopt.engine",
     "TrainResult": "tauopt.engine",
+    "History": "tauopt.engine",
     "EpochStats": "tauopt.engine",
     "load_dataset": "tauopt.engine",
     "train": "tauopt.engine",
@@ -50,7 +51,7 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
-    from tauopt.engine import EpochStats, TrainConfig, TrainResult, load_dataset, train
+    from tauopt.engine import EpochStats, History, TrainConfig, TrainResult, load_dataset, train
     from tauopt.models import FractionalDNN, TauNetwork, TauResNet
     from tauopt.study import StudyConfig, TrialResult, best_trials, export_csv, load_config
 
@@ -61,6 +62,7 @@ __all__ = [
     "DivergedError",
     "EpochStats",
     "FractionalDNN",
+    "History",
     "StorageError",
     "StudyConfig",
     "TauNetwork",

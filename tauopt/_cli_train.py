@@ -27,6 +27,7 @@ from tauopt.engine import (
     default_data_dir,
     load_dataset,
     resolve_device,
+    result_data,
     set_threads,
     train,
 )
@@ -171,12 +172,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     dataset = load_dataset(config.dataset, args.data_dir or default_data_dir())
     result = train(config, dataset, device=device, progress=True, cuda_graphs=args.cuda_graphs)
     if args.json:
-        json.dump(result.to_dict(), sys.stdout)
+        json.dump(result_data(result), sys.stdout)
         sys.stdout.write("\n")
     else:
         taus = ", ".join(f"{t:.4f}" for t in result.taus)
         # --val-size 0 holds nothing out: there is no validation accuracy to print.
-        val = f", validation {result.val_accuracy[-1]:.4f}" if result.val_accuracy else ""
+        val = f", validation {result.final_val_accuracy:.4f}" if result.history.val_accuracy else ""
         print(f"test accuracy {result.test_accuracy:.4f}{val}")
         print(
             f"{result.active_blocks} active blocks, {result.active_params} parameters, "

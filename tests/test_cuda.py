@@ -70,8 +70,10 @@ def test_training_on_gpu_follows_the_cpu(mnist: RawDataset, arch: str) -> None:
     on_gpu = train(config, mnist, device="cuda")
     assert on_gpu.device.startswith("cuda")
     assert next(on_gpu.model.parameters()).device.type == "cuda"
-    assert on_gpu.val_accuracy[-1] > 0.6
-    assert on_gpu.val_accuracy[-1] == pytest.approx(on_cpu.val_accuracy[-1], abs=0.01)
+    assert on_gpu.history.val_accuracy[-1] > 0.6
+    assert on_gpu.history.val_accuracy[-1] == pytest.approx(
+        on_cpu.history.val_accuracy[-1], abs=0.01
+    )
     assert on_gpu.taus == pytest.approx(on_cpu.taus, abs=1e-3)
 
 
@@ -81,7 +83,7 @@ def test_pruning_and_the_horizon_on_gpu(mnist: RawDataset) -> None:
         mnist,
         device="cuda",
     )
-    assert pruned.pruned and pruned.active_blocks < 6
+    assert pruned.history.pruned and pruned.active_blocks < 6
     assert len(pruned.model.blocks) == pruned.active_blocks
     held = train(
         TrainConfig(  # type: ignore[arg-type]
@@ -90,7 +92,7 @@ def test_pruning_and_the_horizon_on_gpu(mnist: RawDataset) -> None:
         mnist,
         device="cuda",
     )
-    for taus in held.tau_history:
+    for taus in held.history.taus:
         assert sum(taus) == pytest.approx(3.0, abs=1e-6)
     assert held.taus != pytest.approx([0.5] * 6)
 
@@ -150,10 +152,10 @@ def test_training_with_and_without_graphs_agrees(mnist: RawDataset, arch: str) -
     eager = train(config, mnist, device="cuda", cuda_graphs=False)
     assert graphed.active_block_ids == eager.active_block_ids
     assert graphed.taus == pytest.approx(eager.taus, rel=1e-4, abs=1e-6)
-    assert graphed.train_loss == pytest.approx(eager.train_loss, rel=1e-4)
-    assert graphed.val_accuracy == pytest.approx(eager.val_accuracy, abs=0.002)
+    assert graphed.history.train_loss == pytest.approx(eager.history.train_loss, rel=1e-4)
+    assert graphed.history.val_accuracy == pytest.approx(eager.history.val_accuracy, abs=0.002)
     if arch == "resnet":
-        assert graphed.pruned, "the case is meant to prune between epochs"
+        assert graphed.history.pruned, "the case is meant to prune between epochs"
 
 
 def test_a_worker_training_many_runs_does_not_accumulate_gpu_memory(mnist: RawDataset) -> None:

@@ -31,9 +31,9 @@ def _config(**changes: object) -> TrainConfig:
 
 def test_resnet_learns_mnist_subset(mnist: RawDataset) -> None:
     result = train(_config(epochs=3), mnist, device="cpu")
-    assert result.val_accuracy[-1] > 0.75
+    assert result.history.val_accuracy[-1] > 0.75
     assert result.test_accuracy > 0.75
-    assert len(result.tau_history) == 3 and len(result.epoch_seconds) == 3
+    assert len(result.history.taus) == 3 and len(result.history.epoch_seconds) == 3
 
 
 def test_fracdnn_learns_fashion_subset(fashion: RawDataset) -> None:
@@ -47,7 +47,7 @@ def test_fracdnn_learns_fashion_subset(fashion: RawDataset) -> None:
 def test_same_seed_same_result(mnist: RawDataset) -> None:
     a = train(_config(epochs=1, train_size=500, arch="fracdnn"), mnist, device="cpu")
     b = train(_config(epochs=1, train_size=500, arch="fracdnn"), mnist, device="cpu")
-    assert a.taus == b.taus and a.val_accuracy == b.val_accuracy
+    assert a.taus == b.taus and a.history.val_accuracy == b.history.val_accuracy
     c = train(_config(epochs=1, train_size=500, arch="fracdnn", seed=1), mnist, device="cpu")
     assert c.taus != a.taus
 
@@ -66,7 +66,7 @@ def test_dependent_last_tau_keeps_the_horizon(mnist: RawDataset, arch: str) -> N
     result = train(
         _config(arch=arch, epochs=3, T=3.0, dependent_last_tau=True, l1=0.05), mnist, device="cpu"
     )
-    for taus in result.tau_history:
+    for taus in result.history.taus:
         assert sum(taus) == pytest.approx(3.0, abs=1e-6)
     assert result.taus != pytest.approx([0.5] * 6)  # the taus did move
 
@@ -87,16 +87,16 @@ def test_l1_penalty_shrinks_taus(mnist: RawDataset) -> None:
 
 def test_pruning_shrinks_the_network_and_training_goes_on(mnist: RawDataset) -> None:
     result = train(_config(epochs=4, l1=0.3, prune_eps=0.12), mnist, device="cpu")
-    assert result.pruned, "expected the l1 penalty to drive some taus below eps"
-    assert result.active_blocks == 6 - len(result.pruned) == len(result.taus)
+    assert result.history.pruned, "expected the l1 penalty to drive some taus below eps"
+    assert result.active_blocks == 6 - len(result.history.pruned) == len(result.taus)
     assert 0 in result.active_block_ids
-    last_epoch = max(e.epoch for e in result.pruned)
-    for event in result.pruned:
-        assert result.tau_history[-1][event.block] == 0.0 or event.epoch == result.config.epochs
+    last_epoch = max(e.epoch for e in result.history.pruned)
+    for event in result.history.pruned:
+        assert result.history.taus[-1][event.block] == 0.0 or event.epoch == result.config.epochs
     assert result.active_params < 784 * 100 + 100 + 5 * (100 * 100 + 100) + 1000 + 6
     assert result.model.depth == result.active_blocks
     if last_epoch < result.config.epochs:
-        assert all(loss == loss for loss in result.train_loss)
+        assert all(loss == loss for loss in result.history.train_loss)
 
 
 def test_fixed_tau_keeps_taus(mnist: RawDataset) -> None:
@@ -132,7 +132,7 @@ def test_a_run_its_caller_stops_raises_with_what_it_trained(mnist: RawDataset) -
         train(_config(epochs=4, train_size=300), mnist, device="cpu", on_epoch=stop_after_two)
     assert isinstance(stopped.value.cause, StopError) and stopped.value.epoch == 2
     partial = stopped.value.result
-    assert len(partial.train_loss) == len(partial.val_accuracy) == 2
+    assert len(partial.history.train_loss) == len(partial.history.val_accuracy) == 2
     assert 0.0 <= partial.test_accuracy <= 1.0
 
 
@@ -232,10 +232,19 @@ def test_every_epoch_records_training_accuracy_clean_loss_and_penalties(
 ) -> None:
     config = _config(epochs=2, train_size=1200, l1=0.05, horizon_weight=0.2, T=2.0)
     result = train(config, mnist, device="cpu")
-    assert len(result.train_accuracy) == len(result.clean_loss) == len(result.penalties) == 2
-    assert all(0.1 < a <= 1.0 for a in result.train_accuracy)
+    assert (
+        len(result.history.train_accuracy)
+        == len(result.history.clean_loss)
+        == len(result.history.penalties)
+        == 2
+    )
+    assert all(0.1 < a <= 1.0 for a in result.history.train_accuracy)
     for total, clean, terms, taus in zip(
-        result.train_loss, result.clean_loss, result.penalties, result.tau_history, strict=True
+        result.history.train_loss,
+        result.history.clean_loss,
+        result.history.penalties,
+        result.history.taus,
+        strict=True,
     ):
         assert clean < total  # the penalties are positive
         assert terms["l1"] == pytest.approx(0.05 * sum(abs(t) for t in taus))
@@ -244,17 +253,19 @@ def test_every_epoch_records_training_accuracy_clean_loss_and_penalties(
 
 def test_without_validation_images_the_run_records_none(mnist: RawDataset) -> None:
     result = train(_config(epochs=1, train_size=500, val_size=0), mnist, device="cpu")
-    assert result.val_accuracy == [] and result.final_val_accuracy != result.final_val_accuracy
-    assert len(result.train_accuracy) == 1
+    assert (
+        result.history.val_accuracy == [] and result.final_val_accuracy != result.final_val_accuracy
+    )
+    assert len(result.history.train_accuracy) == 1
 
 
 def test_the_papers_pruning_removes_at_most_one_block_per_epoch(mnist: RawDataset) -> None:
     both = {"epochs": 3, "l1": 0.3, "prune_eps": 0.12}
     every = train(_config(**both), mnist, device="cpu")
     one = train(_config(**both, prune_rule="smallest"), mnist, device="cpu")
-    per_epoch = [sum(e.epoch == k for e in one.pruned) for k in (1, 2, 3)]
-    assert max(per_epoch) == 1 and one.pruned
-    assert max(sum(e.epoch == k for e in every.pruned) for k in (1, 2, 3)) > 1
+    per_epoch = [sum(e.epoch == k for e in one.history.pruned) for k in (1, 2, 3)]
+    assert max(per_epoch) == 1 and one.history.pruned
+    assert max(sum(e.epoch == k for e in every.history.pruned) for k in (1, 2, 3)) > 1
 
 
 def test_projected_last_tau_keeps_the_horizon_exactly(mnist: RawDataset) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tauopt.engine import group_key
+from tauopt.engine import History, group_key
 from tauopt.errors import ConfigError
-from tauopt.study import GridRun, TrialRecord, grid, write_report
+from tauopt.study import GridPoint, GridRun, TrialRecord, grid, write_report
 from tauopt.study._evidence import (
     Factor,
     benjamini_hochberg,
@@ -145,7 +145,7 @@ def test_pairs_agree_on_everything_but_the_factor() -> None:
 
 def _record(run: GridRun, accuracy: float, val: float | None = None) -> TrialRecord:
     return TrialRecord(
-        train_config=run.config.to_dict(),
+        config=run.config,
         test_accuracy=accuracy,
         val_accuracy=val,
         active_blocks=6,
@@ -154,12 +154,14 @@ def _record(run: GridRun, accuracy: float, val: float | None = None) -> TrialRec
         in_features=784,
         num_classes=10,
         taus=[1 / 6] * 6,
-        val_accuracy_history=[] if val is None else [val - 0.1, val],
-        test_accuracy_history=[accuracy - 0.2, accuracy - 0.1, accuracy],
-        train_accuracy_history=[accuracy + 0.01] * 3,
-        clean_loss_history=[1.0, 0.5, 0.3],
-        tau_history=[[1 / 6] * 6] * 3,
-        grid_point=run.coords,
+        history=History(
+            val_accuracy=[] if val is None else [val - 0.1, val],
+            test_accuracy=[accuracy - 0.2, accuracy - 0.1, accuracy],
+            train_accuracy=[accuracy + 0.01] * 3,
+            clean_loss=[1.0, 0.5, 0.3],
+            taus=[[1 / 6] * 6] * 3,
+        ),
+        grid_point=GridPoint.of(run.coords),
     )
 
 

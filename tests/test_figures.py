@@ -27,6 +27,7 @@ from PIL import Image
 
 from tauopt._cli import main
 from tauopt._dashboard import hide_study_attrs
+from tauopt.engine import PruneEvent
 from tauopt.storage import StorageSettings, open_storage, storage_of, study_id
 from tauopt.study import _plots, load_study
 from tauopt.study._figures import (
@@ -199,11 +200,16 @@ def test_every_trial_has_its_own_colour(here: Path, data_dir: Path) -> None:
             colour.setdefault(trace.legendgroup, set()).add(trace.line.color)
     assert len(colour) == 12 and all(len(c) == 1 for c in colour.values())
     assert len({next(iter(c)) for c in colour.values()}) == 12  # none reused
-    event = [{"epoch": 1, "position": 1, "block": 1}]  # where a trial kept every block
+    event = [PruneEvent(epoch=1, position=1, block=1)]  # where a trial kept every block
     pruned = [
         v
-        if v.pruned
-        else dataclasses.replace(v, record=dataclasses.replace(v.record, pruned_layers=event))
+        if v.record.history.pruned
+        else dataclasses.replace(
+            v,
+            record=dataclasses.replace(
+                v.record, history=dataclasses.replace(v.record.history, pruned=event)
+            ),
+        )
         for v in many
     ]
     seconds = epoch_seconds(pruned)

@@ -327,11 +327,11 @@ def _assert_same(
     accuracy: float = 2e-3,
 ) -> None:
     assert isinstance(together, TrainResult), together
-    assert together.val_accuracy == pytest.approx(alone.val_accuracy, abs=accuracy)
+    assert together.history.val_accuracy == pytest.approx(alone.history.val_accuracy, abs=accuracy)
     assert together.test_accuracy == pytest.approx(alone.test_accuracy, abs=accuracy)
-    assert together.train_loss == pytest.approx(alone.train_loss, rel=rel)
+    assert together.history.train_loss == pytest.approx(alone.history.train_loss, rel=rel)
     assert together.taus == pytest.approx(alone.taus, rel=rel, abs=1e-6)
-    assert together.pruned == alone.pruned
+    assert together.history.pruned == alone.history.pruned
     assert together.active_block_ids == alone.active_block_ids
     assert together.active_params == alone.active_params
     assert together.initial_params == alone.initial_params
@@ -358,7 +358,9 @@ def test_resnets_with_pruning_and_mixed_hyperparameters_equal_training_alone(
     alone = [train(c, mnist, device="cpu") for c in configs]
     for together, single in zip(results, alone, strict=True):
         _assert_same(together, single)
-    assert any(r.pruned for r in alone) and any(not r.pruned for r in alone)  # both kinds ran
+    assert any(r.history.pruned for r in alone) and any(
+        not r.history.pruned for r in alone
+    )  # both kinds ran
 
 
 def test_fractional_networks_with_mixed_orders_and_horizons_equal_training_alone(
@@ -409,7 +411,7 @@ def test_a_member_stopped_by_its_caller_leaves_and_the_rest_go_on(mnist: RawData
     assert isinstance(stopped, RunStoppedError) and isinstance(stopped.cause, StopError)
     assert stopped.epoch == 1 and stopped.__cause__ is stopped.cause
     # what it trained up to the epoch that stopped it comes with it
-    assert stopped.result.config == configs[1] and len(stopped.result.train_loss) == 1
+    assert stopped.result.config == configs[1] and len(stopped.result.history.train_loss) == 1
     assert 0.0 <= stopped.result.test_accuracy <= 1.0
     assert seen == [(0, 1), (1, 1), (2, 1), (3, 1), (0, 2), (2, 2), (3, 2), (0, 3), (2, 3), (3, 3)]
     _assert_same(results[2], train(configs[2], mnist, device="cpu"))

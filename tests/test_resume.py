@@ -24,6 +24,7 @@ import torch
 
 from tauopt._cli import main
 from tauopt.engine import (
+    PruneEvent,
     RawDataset,
     RunPausedError,
     RunState,
@@ -40,8 +41,16 @@ from tauopt.study._record import progressed
 from tauopt.study._resume import TrialIdentity, TrialStates, config_hash, dataset_hash
 
 SMALL: dict[str, Any] = {"epochs": 5, "train_size": 1500, "val_size": 500, "data_seed": 3}
-#: Every metric of a run but its timings.
+#: Every metric of a run but its timings: where it ended, and its history.
 METRICS = (
+    "test_accuracy",
+    "taus",
+    "active_blocks",
+    "active_block_ids",
+    "active_params",
+    "initial_params",
+)
+HISTORY = (
     "val_accuracy",
     "test_accuracy",
     "train_accuracy",
@@ -49,11 +58,6 @@ METRICS = (
     "clean_loss",
     "penalties",
     "taus",
-    "tau_history",
-    "active_blocks",
-    "active_block_ids",
-    "active_params",
-    "initial_params",
     "pruned",
 )
 
@@ -90,6 +94,8 @@ def _same(got: TrainResult | Exception, want: TrainResult | Exception) -> None:
     assert isinstance(got, TrainResult) and isinstance(want, TrainResult), (got, want)
     for name in METRICS:
         assert getattr(got, name) == getattr(want, name), name
+    for name in HISTORY:
+        assert getattr(got.history, name) == getattr(want.history, name), name
     mine, theirs = got.model.state_dict(), want.model.state_dict()
     assert list(mine) == list(theirs)
     for key, value in mine.items():
@@ -99,11 +105,11 @@ def _same(got: TrainResult | Exception, want: TrainResult | Exception) -> None:
 def _close(got: TrainResult | Exception, want: TrainResult | Exception) -> None:
     """The tolerance of a population against its members alone (``tests/test_population``)."""
     assert isinstance(got, TrainResult) and isinstance(want, TrainResult), (got, want)
-    assert got.val_accuracy == pytest.approx(want.val_accuracy, abs=2e-3)
+    assert got.history.val_accuracy == pytest.approx(want.history.val_accuracy, abs=2e-3)
     assert got.test_accuracy == pytest.approx(want.test_accuracy, abs=2e-3)
-    assert got.train_loss == pytest.approx(want.train_loss, rel=5e-4)
+    assert got.history.train_loss == pytest.approx(want.history.train_loss, rel=5e-4)
     assert got.taus == pytest.approx(want.taus, rel=5e-4, abs=1e-6)
-    assert got.pruned == want.pruned and got.active_params == want.active_params
+    assert got.history.pruned == want.history.pruned and got.active_params == want.active_params
 
 
 PRUNING = {"width": 32, "depth": 5, "lr": 0.1, "l1": 0.01, "T": 1.0}
@@ -130,11 +136,11 @@ def test_a_run_resumed_at_an_epoch_or_after_any_batch_equals_one_trained_in_one_
     with pytest.raises(RunPausedError, match="state after epoch 3"):
         train(config, mnist, device="cpu", checkpoints=at_epoch)
     state = at_epoch.saved[-1][0]
-    assert state.point == (3, 0) and len(state.record["val"]) == 3
+    assert state.point == (3, 0) and len(state.record.val_accuracy) == 3
     resumed = train(config, mnist, device="cpu", resume=state)
     _same(resumed, whole)
-    assert resumed.resumed_from == [{"epoch": 3, "batch": 0}]
-    assert len(resumed.val_accuracy) == config.epochs  # no epoch twice, none missing
+    assert resumed.history.resumed_from == [{"epoch": 3, "batch": 0}]
+    assert len(resumed.history.val_accuracy) == config.epochs  # no epoch twice, none missing
     # after a batch in the middle of epoch 2 (15 batches an epoch: 2 questions before it)
     mid = Saves(every=1e9, stop_at_call=22)
     with pytest.raises(RunPausedError, match="batch 6 of the next"):
@@ -147,10 +153,10 @@ def test_a_run_resumed_at_an_epoch_or_after_any_batch_equals_one_trained_in_one_
     with pytest.raises(RunPausedError):
         train(config, mnist, device="cpu", resume=states[0], checkpoints=again)
     last = again.saved[-1][0]
-    assert last.point == (3, 0) and last.record["resumed"] == [{"epoch": 1, "batch": 6}]
+    assert last.point == (3, 0) and last.record.resumed_from == [{"epoch": 1, "batch": 6}]
     twice = train(config, mnist, device="cpu", resume=last)
     _same(twice, whole)
-    assert twice.resumed_from == [{"epoch": 1, "batch": 6}, {"epoch": 3, "batch": 0}]
+    assert twice.history.resumed_from == [{"epoch": 1, "batch": 6}, {"epoch": 3, "batch": 0}]
 
 
 def test_no_state_is_saved_when_checkpoints_are_off_and_a_stop_ends_the_run(
@@ -182,7 +188,7 @@ def test_a_population_resumed_together_equals_one_trained_in_one_go(mnist: RawDa
     small = {**SMALL, "epochs": 6, "width": 32, "depth": 5, "T": 1.0}
     configs = [TrainConfig(**{**small, **member}) for member in GROUP]
     whole = train_population(configs, mnist, device="cpu")
-    assert any(r.pruned for r in whole if isinstance(r, TrainResult))
+    assert any(r.history.pruned for r in whole if isinstance(r, TrainResult))
     for saves in (Saves(stop_after=3), Saves(every=1e9, stop_at_call=40)):
         out = train_population(configs, mnist, device="cpu", checkpoints=saves)
         assert all(isinstance(o, RunPausedError) for o in out)
@@ -259,6 +265,38 @@ def test_a_saved_state_is_replaced_atomically_and_read_back(
     assert not any((tmp_path / "checkpoints").iterdir())
     assert _load(states, identity, config, mnist) is None  # expected, missing: said
     assert len(lines) == 1 and "is not in" in lines[0] and "starts again from epoch 0" in lines[0]
+
+
+#: The per-epoch lists of a saved state, as states written before the history was one type
+#: name them.
+STATE_RECORD = {
+    "val": [0.5, 0.6],
+    "test": [],
+    "train_acc": [0.4, 0.5],
+    "losses": [2.0, 1.5],
+    "clean": [1.9, 1.4],
+    "penalties": [{"l1": 0.1, "horizon": 0.0}, {"l1": 0.1, "horizon": 0.0}],
+    "history": [[0.5, 0.5], [0.6, 0.0]],
+    "pruned": [{"epoch": 2, "position": 1, "block": 1}],
+    "seconds": [1.0, 1.1],
+    "train_seconds": [0.9, 1.0],
+    "resumed": [{"epoch": 1, "batch": 0}],
+}
+
+
+def test_a_state_s_record_keeps_its_names_and_reads_back(
+    saved: tuple[TrainConfig, RunState],
+) -> None:
+    config, state = saved
+    data = state.to_dict()
+    assert list(data["record"]) == list(STATE_RECORD)
+    older = {**data, "config": config.replace(epochs=3).to_dict(), "epoch": 2}
+    back = RunState.from_dict({**older, "record": STATE_RECORD})
+    history = back.record
+    assert history.val_accuracy == [0.5, 0.6] and history.taus == [[0.5, 0.5], [0.6, 0.0]]
+    assert history.pruned == [PruneEvent(epoch=2, position=1, block=1)]
+    assert history.resumed_from == [{"epoch": 1, "batch": 0}]
+    assert back.to_dict()["record"] == STATE_RECORD
 
 
 def _damage_truncated(path: Path) -> None:

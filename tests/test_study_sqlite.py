@@ -338,7 +338,9 @@ def test_batched_trials_store_what_each_trial_gives_alone(
         config = TrainConfig(**t.user_attrs["train_config"])
         assert config.data_seed == 0 and config.seed == t.number
         alone = train(config, dataset, device="cpu")
-        assert t.user_attrs["val_accuracy_history"] == pytest.approx(alone.val_accuracy, abs=2e-3)
+        assert t.user_attrs["val_accuracy_history"] == pytest.approx(
+            alone.history.val_accuracy, abs=2e-3
+        )
         assert t.user_attrs["taus"] == pytest.approx(alone.taus, rel=1e-4, abs=1e-6)
         assert t.user_attrs["active_block_ids"] == alone.active_block_ids
 
@@ -361,7 +363,9 @@ def test_a_worker_in_bfloat16_records_it_and_batches_equal_alone(
         config = TrainConfig(**t.user_attrs["train_config"])
         assert config.precision == "bfloat16"
         alone = train(config, dataset, device="cpu")
-        assert t.user_attrs["val_accuracy_history"] == pytest.approx(alone.val_accuracy, abs=1e-2)
+        assert t.user_attrs["val_accuracy_history"] == pytest.approx(
+            alone.history.val_accuracy, abs=1e-2
+        )
         assert t.user_attrs["taus"] == pytest.approx(alone.taus, rel=5e-3, abs=1e-6)
 
 
