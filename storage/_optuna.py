@@ -1,29 +1,36 @@
 """Everything tauopt takes from Optuna's and optuna-dashboard's private API and tables.
 
 No other module of tauopt touches a private name of either library or writes SQL against
-Optuna's schema. Each use is here because the public API does the same job at a cost that
-grows with the study (measured at 5,000 trials on a 2-core CPU, ``docs/benchmarks.md``):
+Optuna's schema (``tests/test_packaging.py`` fails otherwise). Each name is here for what it
+buys over the public call that does the same job, timed side by side (public / tauopt, in a
+SQLite study of 5,000 trials, 2026-12-07, 2-core CPU: ``benchmarks/private_api.py`` and
+``sampler_compare.py``; the table with every name is in docs/architecture.md, "The private
+surface"):
 
-* many attributes of a trial or a study in one transaction (Optuna commits each alone: some
-  twenty commits per finished trial; a figure of a large study is a hundred chunks);
-* counting a study's trials per state, finding its running trials and their heartbeats, in
-  SQL (the public API reads and sorts every trial of the study);
-* the Pareto front from the trials in hand (``study.best_trials`` deep-copies every trial
-  first: 0.95 s at 5,000 trials);
-* optuna-dashboard's figure chunks and note keys written in one transaction (its
-  ``save_plotly_graph_object`` and ``save_note`` commit every chunk alone and read every
-  system attribute of the study);
-* TPE on a window of the study (:class:`WindowedTPESampler`: with ``constant_liar`` TPE reads
-  every trial uncached at every suggestion, 83 ms an ask at 5,000 trials against 41 ms).
-* the proxy's cache reading the running trials once for every request waiting at that moment
-  (:class:`CoalescedCache`: Optuna's cache re-reads every running trial of the study from the
-  database for each request, one at a time, and hundreds of workers queue behind it);
-* the proxy's gRPC server built from Optuna's servicer (:func:`proxy_server_with`), so that
-  tauopt's batched attribute calls share its port, a guard sees every call (the shared secret,
-  database errors as a status a worker waits out) and the port is the proxy's alone
-  (``run_grpc_proxy_server`` offers none of it);
-* Optuna's gRPC client on a channel of tauopt's (:class:`GrpcClient`: the shared secret with
-  every call; Optuna's client builds its own insecure channel).
+* ``_create_scoped_session`` and the attribute models (:func:`set_trial_attrs`,
+  :func:`stamp_running`): a trial's record in one transaction under its row lock, so that a
+  late write never lands on a trial finished meanwhile; 2.4x against ``set_user_attr`` per
+  attribute, and through the proxy one call per trial instead of 25;
+* ``StudySystemAttributeModel`` and optuna-dashboard's figure and note keys
+  (:func:`figure_attrs`, :func:`first_note_attrs`, :func:`set_study_system_attrs`): 6.2x
+  against ``save_plotly_graph_object``, 1.8x against ``save_note``;
+* SQL on Optuna's tables (:func:`trial_counts`, :func:`budget_before`, ...): a claim's
+  questions answered by the database as it is, inside the claim's lock, without every trial
+  in a cache (1.2x only, against a warm cache: the point is the locked read);
+* ``_CONSTRAINTS_KEY`` (:func:`constraint_attrs`): the constraint with the record, also in the
+  list form that optuna-dashboard alone reads (``set_constraint`` does not write it);
+* ``_get_pareto_front_trials_by_trials`` (:func:`pareto_front`): 59x against
+  ``study.best_trials``, which deep-copies every trial;
+* TPE's internals (:class:`WindowedTPESampler`): against Optuna 5's default TPE, 3.6x per
+  ask at 1,000 trials and 15.5x at 10,000, with the same proposals within the window (five
+  seeds of 100 trials: the same fronts);
+* ``_CachedStorage`` (:class:`CoalescedCache`): 10.7x for 32 requests at once;
+* the gRPC servicer, stub, client cache and channel (:func:`proxy_server_with`,
+  :class:`GrpcClient`): the shared secret and tauopt's service on the proxy's port, which
+  ``run_grpc_proxy_server`` and ``GrpcStorageProxy`` cannot take;
+* ``_get_stale_trial_ids`` (:func:`stale_trial_ids`): which trials are dead, so that the
+  worker requeues them itself (``fail_stale_trials`` says nothing of which);
+* ``Study._storage``, ``_study_id``, ``Trial._trial_id``: ids, which have no public accessor.
 
 :func:`check` runs once, when this module is imported: it verifies the versions and every
 name, arity and schema version used here, and a mismatch raises :class:`DependencyError` with
@@ -662,7 +669,7 @@ def proxy_server_with(
     options: Sequence[tuple[str, Any]],
 ) -> Any:
     """Optuna's proxy service for ``storage`` on a ``grpc.Server`` of ``threads`` threads with
-    ``interceptors`` and channel ``options``, no port yet (``make_server`` takes none of them)."""
+    ``interceptors`` and channel ``options``, no port yet (``run_grpc_proxy_server`` takes none of them)."""
     import grpc
 
     server = grpc.server(
