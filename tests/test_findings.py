@@ -69,6 +69,7 @@ PUBLISHED = {
         "trials-f4.csv.gz",
         "trials-m0.csv.gz",
         "trials-m12.csv.gz",
+        "trials-m34.csv.gz",
     ],
 }
 
