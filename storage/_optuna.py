@@ -669,7 +669,8 @@ def proxy_server_with(
     options: Sequence[tuple[str, Any]],
 ) -> Any:
     """Optuna's proxy service for ``storage`` on a ``grpc.Server`` of ``threads`` threads with
-    ``interceptors`` and channel ``options``, no port yet (``run_grpc_proxy_server`` takes none of them)."""
+    ``interceptors`` and channel ``options``, no port yet (``run_grpc_proxy_server`` takes
+    none of them)."""
     import grpc
 
     server = grpc.server(
