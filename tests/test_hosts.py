@@ -403,7 +403,7 @@ def test_two_proxies_on_one_database_one_per_worker_host(cluster: Cluster) -> No
 
     # a worker killed under its trial, and one worker on each host through its own proxy
     study = f"two-{uuid.uuid4().hex[:6]}"
-    cluster.create(study, 6, epochs=40, interval=1, grace=6, proxy=proxies["w1"])
+    cluster.create(study, 6, epochs=40, interval=1, grace=10, proxy=proxies["w1"])
     doomed = cluster.worker("w1", study, proxies["w1"])
     cluster.running_of(doomed, study)
     killed = cluster.running_numbers(study)
@@ -415,16 +415,20 @@ def test_two_proxies_on_one_database_one_per_worker_host(cluster: Cluster) -> No
     outputs = [w.output for w in workers]
     cluster.assert_exact(study, 6, outputs)
     assert killed and "failed and queued again" in "".join(outputs), outputs
-    for number in killed:  # failed once, rerun once
+    for number in killed:  # failed once, and run again to the end once
+        # Its reruns all name it (a rerun of a rerun too): one completed; any other was
+        # itself failed as dead (a heartbeat late past the grace period on a loaded machine)
+        # and queued again, never run twice to the end.
         reruns = cluster.sql(
-            "SELECT COUNT(*) FROM trial_system_attributes a JOIN trials t ON t.trial_id = "
+            "SELECT t.state FROM trial_system_attributes a JOIN trials t ON t.trial_id = "
             "a.trial_id JOIN studies s ON s.study_id = t.study_id WHERE "
             f"s.study_name = '{study}' AND a.key = 'failed_trial' AND a.value_json = '{number}'"
-        )
+        ).splitlines()
         state = cluster.sql(
             "SELECT t.state FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE "
             f"s.study_name = '{study}' AND t.number = {number}"
         )
-        assert (state, reruns) == ("FAIL", "1"), (number, state, reruns, *outputs)
+        once = reruns.count("COMPLETE") == 1 and set(reruns) <= {"COMPLETE", "FAIL"}
+        assert state == "FAIL" and once, (number, state, reruns, *outputs)
     for host, proxy in cluster.host_proxies.items():
         assert "Traceback" not in proxy.output, (host, proxy.output)
