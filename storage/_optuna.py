@@ -245,7 +245,7 @@ def set_trial_attrs(
     Optuna's ``set_trial_state_values`` locks it to finish the trial: attributes never land
     on a trial finished meanwhile (Optuna's own attribute writes check without the lock), so
     a finished trial that a proxy's cache keeps as it read it never changes afterwards."""
-    if _upsert(storage.engine.name, _models.TrialUserAttributeModel, []) is None:
+    if not _has_upsert(storage.engine.name):
         # a database without an upsert: Optuna's public calls, a commit each, checked unlocked
         for key, value in (user or {}).items():
             storage.set_trial_user_attr(trial_id, key, value)
@@ -268,6 +268,19 @@ def set_trial_attrs(
                 session.execute(_upsert(storage.engine.name, model, rows))
 
 
+def _conflict_dialects() -> dict[str, Any]:
+    """The databases with ``INSERT ... ON CONFLICT`` (SQLite from 3.24), by dialect name."""
+    dialects: dict[str, Any] = {"postgresql": sqlalchemy.dialects.postgresql}
+    if sqlite3.sqlite_version_info >= (3, 24, 0):
+        dialects["sqlite"] = sqlalchemy.dialects.sqlite
+    return dialects
+
+
+def _has_upsert(dialect: str) -> bool:
+    """Whether :func:`_upsert` has a statement for the database ``dialect``."""
+    return dialect == "mysql" or dialect in _conflict_dialects()
+
+
 def _upsert(dialect: str, model: Any, rows: list[dict[str, Any]] | sqlalchemy.Select[Any]) -> Any:
     """An INSERT of ``rows`` (dicts, or a SELECT of trial_id, key, value_json) into a trial
     attribute table that replaces the value of a key the trial has already: the upsert Optuna
@@ -278,9 +291,7 @@ def _upsert(dialect: str, model: Any, rows: list[dict[str, Any]] | sqlalchemy.Se
             return insert.values(rows)
         return insert.from_select(["trial_id", "key", "value_json"], rows)
 
-    dialects = {"postgresql": sqlalchemy.dialects.postgresql}
-    if sqlite3.sqlite_version_info >= (3, 24, 0):
-        dialects["sqlite"] = sqlalchemy.dialects.sqlite
+    dialects = _conflict_dialects()
     if dialect in dialects:
         insert = fill(dialects[dialect].insert(model))
         return insert.on_conflict_do_update(
