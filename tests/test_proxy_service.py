@@ -286,3 +286,86 @@ def test_a_call_that_never_answers_ends_and_the_next_goes_on_a_new_connection(
     hang.append(False)
     batched.access.set_trial_attrs(trial_id, user=USER, system={})
     assert set(batched.rdb.get_trial(trial_id).user_attrs) == set(USER)
+
+
+def _snapshot(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[Any, ...]]:
+    """What a reader of a study's trials sees, comparable."""
+    return [
+        (t._trial_id, t.number, t.state, t.params, t.user_attrs, t.intermediate_values, t.values)
+        for t in trials
+    ]
+
+
+def test_the_client_cache_fetches_what_changed_and_ends_equal_to_the_database(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step changes the study as workers do (a new trial, a parameter, a user attribute,
+    an intermediate value, a value of another length, a heartbeat, a finish); after each, the
+    client's cached trials equal the database's, and through tauopt's proxy a read sends only
+    the trials that changed."""
+    batched = request.node.callspec.params["served"]
+    sent: list[int] = []
+    if batched:
+        real = served.client.service.changed_trials
+
+        def counted(study_id: int, known: dict[int, str], after: int) -> Any:
+            reply = real(study_id, known, after)
+            sent.append(len(reply[1]))
+            return reply
+
+        monkeypatch.setattr(served.client.service, "changed_trials", counted)
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    ids = [served.client.create_new_trial(served.study_id) for _ in range(5)]
+    rdb = served.rdb
+    steps = [
+        lambda: rdb.set_trial_param(ids[0], "x", 0.25, dist),
+        lambda: rdb.set_trial_user_attr(ids[1], "rung_2", [0.5, 10]),
+        lambda: rdb.set_trial_intermediate_value(ids[2], 3, 0.7),
+        lambda: rdb.set_trial_user_attr(ids[1], "rung_2", [0.5, 1000]),
+        lambda: rdb.set_trial_system_attr(ids[3], "tauopt:heartbeat", time.time()),
+        lambda: rdb.set_trial_state_values(ids[4], TrialState.COMPLETE, [0.9]),
+        lambda: ids.append(rdb.create_new_trial(served.study_id)),
+    ]
+    assert _snapshot(served.client.get_all_trials(served.study_id)) == _snapshot(
+        rdb.get_all_trials(served.study_id)
+    )
+    for step in steps:
+        step()
+        cached = served.client.get_all_trials(served.study_id, deepcopy=False)
+        assert _snapshot(cached) == _snapshot(rdb.get_all_trials(served.study_id))
+    if batched:
+        # the first read sends all 5, then one trial per step but the heartbeat (none)
+        assert sent == [5, 1, 1, 1, 1, 0, 1, 1]
+
+
+def test_a_trial_whose_id_comes_late_is_still_seen(batched: Served) -> None:
+    """A trial id is taken when a transaction starts, so a trial with a smaller id can appear
+    after the client read a larger one: within a minute of that read it is still fetched."""
+    rdb, sid = batched.rdb, batched.study_id
+    first = rdb.create_new_trial(sid)
+    insert = sqlalchemy.text(
+        "INSERT INTO trials (trial_id, number, study_id, state, datetime_start) "
+        "VALUES (:i, :n, :s, 'RUNNING', :t)"
+    )
+    with rdb.engine.begin() as conn:
+        conn.execute(insert, {"i": first + 10, "n": 10, "s": sid, "t": datetime.datetime.now()})
+    assert len(batched.client.get_all_trials(sid)) == 2
+    rdb.set_trial_state_values(first, TrialState.COMPLETE, [0.1])
+    with rdb.engine.begin() as conn:
+        conn.execute(insert, {"i": first + 5, "n": 5, "s": sid, "t": datetime.datetime.now()})
+    numbers = sorted(t.number for t in batched.client.get_all_trials(sid))
+    assert numbers == [0, 5, 10]
+
+
+def test_the_proxy_counts_its_calls_per_method(batched: Served) -> None:
+    before = batched.client.service.stats()
+    assert before is not None
+    trial_id = batched.client.create_new_trial(batched.study_id)
+    for _ in range(3):
+        batched.access.beat([trial_id])
+    after = batched.client.service.stats()
+    assert after is not None
+    beats = after["methods"]["Beat"]["calls"] - before["methods"].get("Beat", {}).get("calls", 0)
+    assert beats == 3
+    assert after["methods"]["CreateNewTrial"]["calls"] >= 1
+    assert after["methods"]["Beat"]["cpu_seconds"] > 0
