@@ -158,7 +158,7 @@ def check() -> None:
         (optuna.storages.RDBStorage._get_trials, 5),
     ):
         _require(_arity(fn) == n, f"{fn.__qualname__} takes {_arity(fn)} arguments, not {n}")
-    local = optuna.create_study()._thread_local
+    local = getattr(optuna.study.study, "_ThreadLocalStudyAttribute", None)
     _require(hasattr(local, "cached_all_trials"), "Study has no cache of its trials to reset")
     sampler = optuna.samplers.TPESampler()
     for name in ("_constant_liar", "_gamma", "_multivariate", "_rng", "_n_ei_candidates"):
