@@ -94,6 +94,24 @@ def test_create_and_run_take_the_trial_settings_and_fit_small_data(
     assert (stored["val_size"], stored["train_size"], stored["epochs"]) == (300, 500, 1)
 
 
+def test_run_normalize_is_stored_and_trains_raw_pixels(
+    digits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pixels 0-16, as scikit-learn gives them: `run --normalize` stores the setting, so that
+    every worker standardises the inputs, and the trial trains."""
+    with np.load(digits) as arrays:
+        np.savez("raw.npz", **{k: v * 16 if k.startswith("x") else v for k, v in arrays.items()})
+    argv = ["run", "--dataset", "raw.npz", "--normalize", "--epochs", "1", "--n-trials", "1"]
+    assert main([*argv, "--quiet", "--device", "cpu", "--threads", "1"]) == 0
+    assert "(1 complete, 0 pruned, 0 failed)" in capsys.readouterr().err
+    assert _stored()["normalize"] is True
+    assert main([*argv, "--quiet", "--device", "cpu", "--threads", "1"]) == 0
+    more = _printed(capsys.readouterr().out, "To add trials:")
+    assert "--normalize" in more  # a switch, carried as one word
+    assert main(more) == 0  # the same config: the budget raised, nothing refused
+    assert "(1 complete, 0 pruned, 0 failed)" in capsys.readouterr().err
+
+
 def test_too_large_a_validation_size_says_which_flag(
     digits: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
