@@ -195,6 +195,31 @@ def test_a_run_that_cannot_find_its_data_changes_nothing(
     assert load_study(None, "d").user_attrs[CONFIG_ATTR]["study"]["n_trials"] == 1
 
 
+def test_reproduce_prints_a_worker_command_that_finds_the_data(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`TAUOPT_DATA=... tauopt reproduce`: the worker command it prints carries the data root
+    and works in a shell without it, offline."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("TAUOPT_STORAGE", "TAUOPT_ARTIFACTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TAUOPT_DATA", str(data_dir))
+    argv = ["reproduce", "--epochs", "1", "--train-size", "100", "--datasets", "mnist"]
+    assert main([*argv, "--only", "fixed-vs-trainable"]) == 0
+    printed = re.search(r"run them with `([^`]*)`", capsys.readouterr().err)
+    assert printed is not None
+    words = shlex.split(printed.group(1))
+    worker = words[words.index("worker") :]
+    assert worker[worker.index("--data-dir") + 1] == str(data_dir)
+    monkeypatch.delenv("TAUOPT_DATA")  # another shell: the printed command alone
+    monkeypatch.setattr("tauopt.engine._data.download", _offline)
+    assert main([*worker, "--quiet", "--threads", "1", "--batch-trials", "8"]) == 0
+    assert re.search(r"worker finished: (\d+) trials here \(\1 complete", capsys.readouterr().err)
+
+
 def test_every_config_key_is_in_the_docs_and_both_configs_load() -> None:
     page = (REPO / "docs" / "config.md").read_text()
     listed = set(re.findall(r"^\| `(\w+)` \|", page, flags=re.MULTILINE))
