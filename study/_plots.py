@@ -49,6 +49,15 @@ def panels(views: Sequence[TrialView]) -> list[tuple[str, str]]:
     return sorted(found, key=lambda p: (p[0] != "resnet", p[1]))
 
 
+def datasets_named(views: Sequence[TrialView]) -> str:
+    """The datasets the runs trained on, for a sentence: "both datasets", "all 3 datasets",
+    or the one dataset's name (a grid run on one of them is not pooled over two)."""
+    found = sorted({v.record.point.dataset for v in views if v.record.point})
+    if len(found) == 1:
+        return found[0]
+    return "both datasets" if len(found) == 2 else f"all {len(found)} datasets"
+
+
 def pick(views: Sequence[TrialView], **coords: object) -> list[TrialView]:
     return [
         v
@@ -267,7 +276,7 @@ def _clean_loss(views: Sequence[TrialView], out: Path) -> Path:
         _legend(ax)
     fig.suptitle(
         "How the clean loss (cross-entropy, no penalties) decays under each regulariser\n"
-        "trainable taus, no pruning, both datasets"
+        f"trainable taus, no pruning, {datasets_named(views)}"
     )
     return _save(fig, out / "clean_loss.png")
 

@@ -91,11 +91,13 @@ def test_the_report_at_one_epoch_reads_well(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     seen: list[str] = []
+    suptitles: list[str] = []
     save = _plots._save
 
     def checked(fig: Figure, path: Path) -> Path:
         _check_figure(fig, path.name)
         seen.append(path.name)
+        suptitles.extend(t.get_text() for t in fig.texts)
         return save(fig, path)
 
     monkeypatch.setattr(_plots, "_save", checked)
@@ -112,6 +114,10 @@ def test_the_report_at_one_epoch_reads_well(
     assert "Every difference is 0" in soon and "With one epoch a run" in soon
     blocks = report.split("### Blocks removed by pruning")[1].split("##")[0]
     assert "No row: no pair of runs here has pruning on" in blocks and "|---" not in blocks
+    # one dataset ran: worded so, not "both datasets"
+    assert "both datasets" not in report and not any("both" in t for t in suptitles)
+    assert "mean over runs of mnist:" in report and "T, mnist only (descriptive)" in report
+    assert any(t.endswith("no pruning, mnist") for t in suptitles)
     # the dashboard's copy of the papers' figure: one epoch drawn as points, not as nothing
     views = trial_views(load_study(None, "paper"))
     curves = learning_curves(views)
