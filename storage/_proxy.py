@@ -17,6 +17,7 @@ Every call passes the proxy's guard (:class:`_Guard`):
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import os
@@ -278,31 +279,66 @@ def _answered(context: grpc.ServicerContext) -> bool:
     return callable(code) and code() is not None
 
 
-def bind_address(host: str, port: int) -> str:
-    """``host:port`` for gRPC (an IPv6 address in brackets), once the host resolves and the
-    port is free: gRPC itself would print its own lines and share a port with another proxy."""
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port {port} is not a port: choose one in 1..65535")
+def _is_localhost(name: str) -> bool:
+    """Whether gRPC's resolver answers ``name`` with the loopback address of each family
+    (RFC 6761), even where the system's resolver gives only one: binding the name would take
+    ``::1`` too, and share it with a proxy already there."""
+    lowered = name.lower()
+    return lowered == "localhost" or lowered.endswith(".localhost")
+
+
+def _addresses(host: str, port: int) -> list[tuple[int, Any]]:
+    """Every (family, socket address) ``host`` resolves to, each once."""
     bare = host.strip("[]")
     try:
         infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)
     except OSError as e:
-        raise ConfigError(f"--host {host!r} cannot be resolved ({e.strerror or e})") from e
-    family, _, _, _, where = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # SO_REUSEADDR as gRPC sets it (a proxy restarted at once finds its port free), but
-        # not SO_REUSEPORT: a port another process listens on is refused.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(where)
-        except OSError as e:
-            what = (
-                "is in use (another proxy?)"
-                if e.errno in (98, 48)
-                else (f"cannot be opened ({e.strerror or e})")
-            )
-            raise ConfigError(f"port {port} on {host} {what}: choose another --port") from e
-    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+        if not _is_localhost(bare):
+            raise ConfigError(f"--host {host!r} cannot be resolved ({e.strerror or e})") from e
+        infos = []
+    if _is_localhost(bare):
+        for loopback in ("127.0.0.1", "::1"):
+            infos += socket.getaddrinfo(loopback, port, type=socket.SOCK_STREAM)
+    found: dict[tuple[Any, ...], tuple[int, Any]] = {}
+    for family, _, _, _, where in infos:
+        found.setdefault(where[:2], (family, where))
+    return list(found.values())
+
+
+def bind_address(host: str, port: int) -> list[str]:
+    """The ``address:port`` targets gRPC binds for ``host`` (an IPv6 address in brackets), once
+    the host resolves and the port is free on every address it resolves to. gRPC is given the
+    addresses, never the name: its resolver may find more addresses than the one probed here,
+    share the port with another proxy on those, and print its own lines."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a port: choose one in 1..65535")
+    targets: list[str] = []
+    failure: OSError | None = None
+    for family, where in _addresses(host, port):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR as gRPC sets it (a proxy restarted at once finds its port free),
+            # but not SO_REUSEPORT: a port another process listens on is refused.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+            except OSError as e:
+                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    # An address this machine lacks (IPv6 switched off, say) is left out, as
+                    # gRPC leaves it: the port is served on the others.
+                    failure = e
+                    continue
+                what = (
+                    "is in use (another proxy?)"
+                    if e.errno == errno.EADDRINUSE
+                    else f"cannot be opened ({e.strerror or e})"
+                )
+                raise ConfigError(f"port {port} on {host} {what}: choose another --port") from e
+        address = str(where[0])
+        targets.append(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+    if not targets:
+        why = f" ({failure.strerror or failure})" if failure else ""
+        raise ConfigError(f"port {port} on {host} cannot be opened{why}: choose another --host")
+    return targets
 
 
 def is_public(host: str) -> bool:
@@ -332,7 +368,7 @@ def proxy_server(
     waiting requests), tauopt's batched calls, and the guard of both, which counts every
     call in ``stats``; ``threads`` calls at once (each holds at most one database
     connection)."""
-    target = bind_address(host, port)
+    targets = bind_address(host, port)
     rdb = private.rdb_of(storage)
     stats = stats if stats is not None else CallStats()
     server = private.proxy_server_with(
@@ -345,7 +381,8 @@ def proxy_server(
 
     server.add_generic_rpc_handlers((TauoptService(rdb, study_lock, stats).handler(),))
     try:
-        server.add_insecure_port(target)
+        for target in targets:
+            server.add_insecure_port(target)
     except RuntimeError as e:  # taken between the check and now
         raise ConfigError(f"port {port} on {host} cannot be opened: choose another --port") from e
     return server

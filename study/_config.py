@@ -261,6 +261,7 @@ class StudyConfig:
             ("train_size", "trial"),
             ("val_size", "trial"),
             ("dataset", "trial"),
+            ("normalize", "trial"),
             ("heartbeat_interval", "storage"),
             ("grace_period", "storage"),
         ):

@@ -25,7 +25,7 @@ from tauopt.study._comparisons import (
     paired,
 )
 from tauopt.study._evidence import ALPHA
-from tauopt.study._plots import REGULARISERS, panels, pick, regulariser
+from tauopt.study._plots import REGULARISERS, datasets_named, panels, pick, regulariser
 from tauopt.study._views import TrialView
 
 #: The papers' budget: 200 epochs on every training image.
@@ -455,13 +455,21 @@ def _Ts(views: Sequence[TrialView]) -> list[float]:
     return sorted({v.record.point.T for v in views})
 
 
+def _pooled(views: Sequence[TrialView]) -> str:
+    """How the table pools the datasets: "both datasets pooled", or "mnist only" where the
+    grid ran on one."""
+    one = len({v.record.point.dataset for v in views if v.record.point}) == 1
+    return f"{datasets_named(views)} {'only' if one else 'pooled'}"
+
+
 def clean_loss_section(views: Sequence[TrialView]) -> list[str]:
     lines = [
         "## How the loss decays",
         "",
         "Clean loss (training cross-entropy without the penalties, mean over an epoch's batches) "
-        "of the trainable runs without pruning, mean over runs of both datasets: after the "
-        "first epoch, at the middle and at the end ([clean_loss.png](clean_loss.png)).",
+        "of the trainable runs without pruning, mean over runs of "
+        f"{datasets_named(views)}: after the first epoch, at the middle and at the end "
+        "([clean_loss.png](clean_loss.png)).",
         "",
     ]
     header = ("network", "T", "regulariser", "runs", "epoch 1", "middle", "last")
@@ -493,7 +501,7 @@ def regulariser_section(views: Sequence[TrialView]) -> list[str]:
     lines = [
         "## The regularisers side by side",
         "",
-        "Trainable runs per network and T, both datasets pooled (descriptive), means over runs: "
+        f"Trainable runs per network and T, {_pooled(views)} (descriptive), means over runs: "
         "final test accuracy, how far the taus end from the horizon (`|sum(tau) - T|`), how "
         "much of `sum|tau|` the largest tau holds, and the blocks pruning removed (runs with "
         "pruning on).",

@@ -19,6 +19,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from tauopt.study._config import DEFAULT_MIN_VAL_ACCURACY
+from tauopt.study._record import CONFIG_ATTR
 from tauopt.study._views import TrialView
 
 #: Every PNG is this size: 1000 x 700 pixels.
@@ -45,6 +47,15 @@ def panels(views: Sequence[TrialView]) -> list[tuple[str, str]]:
     """(network, dataset) of the grid, in a fixed order."""
     found = {(v.record.point.arch, v.record.point.dataset) for v in views if v.record.point}
     return sorted(found, key=lambda p: (p[0] != "resnet", p[1]))
+
+
+def datasets_named(views: Sequence[TrialView]) -> str:
+    """The datasets the runs trained on, for a sentence: "both datasets", "all 3 datasets",
+    or the one dataset's name (a grid run on one of them is not pooled over two)."""
+    found = sorted({v.record.point.dataset for v in views if v.record.point})
+    if len(found) == 1:
+        return found[0]
+    return "both datasets" if len(found) == 2 else f"all {len(found)} datasets"
 
 
 def pick(views: Sequence[TrialView], **coords: object) -> list[TrialView]:
@@ -265,7 +276,7 @@ def _clean_loss(views: Sequence[TrialView], out: Path) -> Path:
         _legend(ax)
     fig.suptitle(
         "How the clean loss (cross-entropy, no penalties) decays under each regulariser\n"
-        "trainable taus, no pruning, both datasets"
+        f"trainable taus, no pruning, {datasets_named(views)}"
     )
     return _save(fig, out / "clean_loss.png")
 
@@ -360,39 +371,80 @@ def _objective(study: optuna.Study, index: int) -> Callable[[optuna.trial.Frozen
     return value
 
 
-def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -> list[Path]:
-    """pareto.png (the feasible trials and their front) and importance.png."""
+def min_val_accuracy(study: optuna.Study) -> float:
+    """The study's feasibility floor, as stored with its config."""
+    stored = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {})
+    return float(stored.get("min_val_accuracy", DEFAULT_MIN_VAL_ACCURACY))
+
+
+def _trials(
+    ax: Axes, views: Sequence[TrialView], marker: str, colour: str, label: str, alpha: float = 0.6
+) -> None:
+    """The trials as points; none drawn (and no legend entry) for a kind that is not there."""
+    if views:
+        ax.scatter(
+            [v.record.active_params for v in views],
+            [v.record.final_val_accuracy for v in views],
+            marker=marker,
+            color=colour,
+            alpha=alpha,
+            label=label,
+        )
+
+
+def _pareto(study: optuna.Study, views: Sequence[TrialView], out: Path) -> Path:
+    """The feasible trials and their front; the infeasible ones greyed beneath them."""
     fig, ax = plt.subplots(figsize=FIGSIZE)
+    floor = min_val_accuracy(study)
     feasible = [v for v in views if v.feasible]
+    infeasible = [v for v in views if not v.feasible]
+    # grey, as the dashboard greys them, but opaque: a pale cross at 0.6 alpha was barely seen
+    label = f"infeasible: below min_val_accuracy = {floor:g}"
+    _trials(ax, infeasible, "x", "0.55", label, alpha=1.0)
     for pruned, marker, colour, label in (
         (False, "o", "C0", "no block removed"),
         (True, "^", "C1", "blocks removed by pruning"),
     ):
         chosen = [v for v in feasible if bool(v.record.history.pruned) == pruned]
-        if not chosen:
-            continue  # no legend entry for a kind of trial that is not there
-        ax.scatter(
-            [v.record.active_params for v in chosen],
-            [v.record.final_val_accuracy for v in chosen],
-            marker=marker,
-            color=colour,
-            alpha=0.6,
-            label=label,
-        )
+        _trials(ax, chosen, marker, colour, label)
     front = sorted((v for v in feasible if v.pareto), key=lambda v: v.record.active_params)
-    ax.plot(
-        [v.record.active_params for v in front],
-        [v.record.final_val_accuracy for v in front],
-        "k-",
-        marker="s",
-        mfc="none",
-        label="Pareto front",
-    )
+    if front:
+        ax.plot(
+            [v.record.active_params for v in front],
+            [v.record.final_val_accuracy for v in front],
+            "k-",
+            marker="s",
+            mfc="none",
+            label="Pareto front",
+        )
+    if not feasible:  # blank axes would read as a broken figure
+        best = max((v.record.final_val_accuracy for v in views), default=math.nan)
+        ax.text(
+            0.5,
+            0.5,
+            f"no feasible trial yet: every trial is below min_val_accuracy = {floor:g}\n"
+            f"(the best reached {best:.4f}): train longer, or lower min_val_accuracy in a new "
+            "study",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            bbox={"facecolor": "white", "edgecolor": "0.6", "alpha": 0.9},
+        )
     ax.set_xlabel("active parameters after pruning")
     ax.set_ylabel("validation accuracy")
     ax.set_title("Pareto front of the feasible trials")
-    ax.legend()
-    files = [_save(fig, out / "pareto.png")]
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    return _save(fig, out / "pareto.png")
+
+
+def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -> list[Path]:
+    """pareto.png (the feasible trials and their front) and importance.png."""
+    return [_pareto(study, views, out), _importance(study, out)]
+
+
+def _importance(study: optuna.Study, out: Path) -> Path:
+    """Optuna's parameter importances, one panel per objective."""
     names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
     fig, axes = plt.subplots(1, len(names), figsize=FIGSIZE, squeeze=False)
     for i, name in enumerate(names):
@@ -423,5 +475,4 @@ def search_figures(study: optuna.Study, views: Sequence[TrialView], out: Path) -
         ax.set_title(f"Parameter importance for {name}", pad=24)
         ax.set_xlabel("importance (Optuna's default evaluator)")
         ax.set_ylabel("parameter")
-    files.append(_save(fig, out / "importance.png"))
-    return files
+    return _save(fig, out / "importance.png")

@@ -33,7 +33,7 @@ from tauopt.study._grid_report import (
     regulariser_section,
     tau_section,
 )
-from tauopt.study._plots import grid_figures, search_figures
+from tauopt.study._plots import grid_figures, min_val_accuracy, search_figures
 from tauopt.study._record import ANCHORS_ATTR, FAIL_REASON_ATTR, GRID_POINT_ATTR
 from tauopt.study._reproduce import REPRODUCE_ATTR
 from tauopt.study._views import TrialView, trial_views
@@ -143,6 +143,7 @@ def _search_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -
         f"{len(views)} complete trials, {len(feasible)} feasible, {len(front)} on the front; "
         f"{sum(bool(v.record.history.pruned) for v in front)} of those pruned blocks.",
         "",
+        *_none_feasible(study, views),
         "A search draws its trials at random and steers them: no two of them differ in one "
         "setting only, so it cannot say what a setting does. For paired answers, run the grid "
         f"(`tauopt reproduce`). {_anchored(study)}What the trials show, as descriptions:",
@@ -177,6 +178,20 @@ def _search_report(study: optuna.Study, views: Sequence[TrialView], out: Path) -
             )
         )
     return [*lines, ""]
+
+
+def _none_feasible(study: optuna.Study, views: Sequence[TrialView]) -> list[str]:
+    """Why the front and the table are empty, where no trial is feasible (a short run)."""
+    if any(v.feasible for v in views):
+        return []
+    best = max((v.record.final_val_accuracy for v in views), default=math.nan)
+    return [
+        f"No trial is feasible yet: every one is below the study's min_val_accuracy = "
+        f"{min_val_accuracy(study):g} (the best reached {best:.4f}), so the front is empty "
+        "and the table below counts no trial (n = 0). Train longer (`--epochs`, "
+        "`--train-size`), or lower `min_val_accuracy` in a new study.",
+        "",
+    ]
 
 
 def _anchored(study: optuna.Study) -> str:

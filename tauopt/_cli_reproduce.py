@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from typing import Any
@@ -137,8 +138,18 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     print(
         f"study {args.study!r} in {redact(url)}: {what} ({args.protocol} protocol, "
         f"{spec['epochs']} epochs on {spec['train_size'] or 'all'} images); run them with "
-        f"`{program()} worker{where}` (as many as you like), then "
+        f"`{program()} worker{where}{_carried()}` (as many as you like), then "
         f"`{program()} report{where} --out report`",
         file=sys.stderr,
     )
     return 0
+
+
+def _carried() -> str:
+    """The data root and model folder this shell sets (``$TAUOPT_DATA``, ``$TAUOPT_ARTIFACTS``)
+    as flags: a worker started from another shell finds them as this one would."""
+    given = (
+        ("--data-dir", os.environ.get("TAUOPT_DATA")),
+        ("--artifact-dir", os.environ.get("TAUOPT_ARTIFACTS")),
+    )
+    return "".join(f" {flag} {shlex.quote(value)}" for flag, value in given if value)

@@ -39,6 +39,7 @@ _RUN_SETTINGS = (
     ("--epochs", "epochs"),
     ("--train-size", "train_size"),
     ("--val-size", "val_size"),
+    ("--normalize", "normalize"),
     ("--objective", "objective"),
     ("--heartbeat-interval", "heartbeat_interval"),
     ("--grace-period", "grace_period"),
@@ -88,14 +89,15 @@ def _again(args: argparse.Namespace, shown: str, **changes: object) -> str:
         ("--artifact-dir", "artifact_dir"),
         ("--batch-trials", "batch_trials"),
     )
-    words = [
-        f"{flag} {shlex.quote(str(values[dest]))}"
-        for flag, dest in flags
-        if values[dest] is not None
-    ]
+    words = [_word(flag, values[dest]) for flag, dest in flags if values[dest] is not None]
     if args.quiet:
         words.append("--quiet")
     return " ".join([f"{program()} run{storage_flag(args, shown)}", *words])
+
+
+def _word(flag: str, value: object) -> str:
+    """``--flag value``; a switch (``--normalize``: True where given) alone."""
+    return flag if value is True else f"{flag} {shlex.quote(str(value))}"
 
 
 def _load_data(args: argparse.Namespace, config: StudyConfig) -> RawDataset:

@@ -115,6 +115,14 @@ def add_create_flags(p: argparse.ArgumentParser) -> None:
         help=f"{', '.join(DATASETS)}, or an .npz file ({FROM_CONFIG} {budget.dataset})",
     )
     p.add_argument(
+        "--normalize",
+        action="store_true",
+        # None when not given: the config's setting stands (False would override it)
+        default=None,
+        help="standardise every input feature by the training split's mean and std, for "
+        "features not scaled to [0, 1] (default: from the config, else off)",
+    )
+    p.add_argument(
         "--objective",
         choices=OBJECTIVES,
         default=None,
@@ -172,6 +180,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
         train_size=args.train_size,
         val_size=args.val_size,
         dataset=args.dataset,
+        normalize=args.normalize,
         objective=args.objective,
         heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period,

@@ -1,8 +1,8 @@
 """The claim lock and the budget: on SQLite the lock is one for every process whatever its
 temporary folder, and a holder stopped inside it loses it after a bounded wait, with a line
-that says so; a budget lowered while workers claim ends exact, directly and through the
-proxy (each new trial checks its place against the budget as stored now, and the budget
-changes under the study's lock)."""
+that says so; a budget lowered while workers claim ends exact, directly (SQLite and
+PostgreSQL) and through the proxy (each new trial checks its place against the budget as
+stored now, and the budget changes under the study's lock)."""
 
 from __future__ import annotations
 
@@ -218,6 +218,14 @@ def test_a_budget_lowered_on_sqlite_with_another_temporary_folder_is_exact(
     (tmp_path / "workers-tmp").mkdir()
     url = f"sqlite:///{tmp_path / 'tauopt.db'}"
     _lower_while_they_claim(tmp_path, data_dir, url, url, {"TMPDIR": str(tmp_path / "workers-tmp")})
+
+
+@pytest.mark.postgres
+def test_a_budget_lowered_directly_on_postgresql_is_exact(
+    tmp_path: Path, data_dir: Path, scratch_database: tuple[str, Callable[[], None]]
+) -> None:
+    database = scratch_database[0]
+    _lower_while_they_claim(tmp_path, data_dir, database, database, {})
 
 
 @pytest.mark.postgres

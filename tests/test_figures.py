@@ -91,11 +91,13 @@ def test_the_report_at_one_epoch_reads_well(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     seen: list[str] = []
+    suptitles: list[str] = []
     save = _plots._save
 
     def checked(fig: Figure, path: Path) -> Path:
         _check_figure(fig, path.name)
         seen.append(path.name)
+        suptitles.extend(t.get_text() for t in fig.texts)
         return save(fig, path)
 
     monkeypatch.setattr(_plots, "_save", checked)
@@ -112,6 +114,10 @@ def test_the_report_at_one_epoch_reads_well(
     assert "Every difference is 0" in soon and "With one epoch a run" in soon
     blocks = report.split("### Blocks removed by pruning")[1].split("##")[0]
     assert "No row: no pair of runs here has pruning on" in blocks and "|---" not in blocks
+    # one dataset ran: worded so, not "both datasets"
+    assert "both datasets" not in report and not any("both" in t for t in suptitles)
+    assert "mean over runs of mnist:" in report and "T, mnist only (descriptive)" in report
+    assert any(t.endswith("no pruning, mnist") for t in suptitles)
     # the dashboard's copy of the papers' figure: one epoch drawn as points, not as nothing
     views = trial_views(load_study(None, "paper"))
     curves = learning_curves(views)
@@ -135,25 +141,52 @@ def _study(here: Path, data_dir: Path, min_val_accuracy: float, trials: int = 2)
     assert main([*argv, "--data-dir", str(data_dir), "--device", "cpu", "--threads", "1"]) == 0
 
 
+def _pareto_reads_well(fig: Figure, floor: float) -> None:
+    """A legend entry only for what is drawn; infeasible trials grey; with none feasible, no
+    front and a note that says why, clear of the legend."""
+    (ax,) = fig.axes
+    labels = ax.get_legend_handles_labels()[1]
+    drawn = {c.get_label(): c for c in ax.collections}
+    assert set(labels) - {"Pareto front"} == set(drawn)
+    notes = [t for t in ax.texts if "no feasible trial yet" in t.get_text()]
+    if floor == 0.0:
+        assert "Pareto front" in labels and not notes
+        return
+    grey = drawn[f"infeasible: below min_val_accuracy = {floor:g}"]
+    assert len(grey.get_offsets()) == 2  # both trials, greyed
+    assert all(r == g == b for r, g, b, _ in grey.get_facecolor())
+    assert "Pareto front" not in labels and not ax.get_lines()
+    (note,) = notes
+    assert f"every trial is below min_val_accuracy = {floor:g}" in note.get_text()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    box = note.get_bbox_patch().get_window_extent(renderer)
+    assert not _overlap(box, ax.get_legend().get_window_extent(renderer))
+    assert ax.bbox.x0 < box.x0 and box.x1 < ax.bbox.x1  # not cut
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.99])
 def test_the_search_report_at_two_trials_reads_well(
-    here: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    here: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, floor: float
 ) -> None:
+    """Two one-epoch trials, every one feasible (floor 0) or none (floor 0.99: a short run
+    under a study's floor)."""
     seen: list[str] = []
     save = _plots._save
 
     def checked(fig: Figure, path: Path) -> Path:
         _check_figure(fig, path.name)
-        labels = [t for ax in fig.axes for t in ax.get_legend_handles_labels()[1]]
         seen.append(path.name)
-        if path.name == "pareto.png":  # a legend entry only for what is drawn
-            drawn = [c.get_label() for ax in fig.axes for c in ax.collections]
-            assert set(labels) - {"Pareto front"} == set(drawn) - {"Pareto front"}
+        if path.name == "pareto.png":
+            _pareto_reads_well(fig, floor)
         return save(fig, path)
 
     monkeypatch.setattr(_plots, "_save", checked)
-    _study(here, data_dir, min_val_accuracy=0.0, trials=2)
+    _study(here, data_dir, min_val_accuracy=floor, trials=2)
     assert main(["report", "--out", "rep"]) == 0
     assert sorted(seen) == ["importance.png", "pareto.png"]
+    report = (here / "rep" / "report.md").read_text()
+    why = f"No trial is feasible yet: every one is below the study's min_val_accuracy = {floor:g}"
+    assert (why in report) == (floor > 0)
 
 
 def test_infeasible_trials_carry_the_constraint_optuna_dashboard_reads(

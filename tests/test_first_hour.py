@@ -94,6 +94,24 @@ def test_create_and_run_take_the_trial_settings_and_fit_small_data(
     assert (stored["val_size"], stored["train_size"], stored["epochs"]) == (300, 500, 1)
 
 
+def test_run_normalize_is_stored_and_trains_raw_pixels(
+    digits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pixels 0-16, as scikit-learn gives them: `run --normalize` stores the setting, so that
+    every worker standardises the inputs, and the trial trains."""
+    with np.load(digits) as arrays:
+        np.savez("raw.npz", **{k: v * 16 if k.startswith("x") else v for k, v in arrays.items()})
+    argv = ["run", "--dataset", "raw.npz", "--normalize", "--epochs", "1", "--n-trials", "1"]
+    assert main([*argv, "--quiet", "--device", "cpu", "--threads", "1"]) == 0
+    assert "(1 complete, 0 pruned, 0 failed)" in capsys.readouterr().err
+    assert _stored()["normalize"] is True
+    assert main([*argv, "--quiet", "--device", "cpu", "--threads", "1"]) == 0
+    more = _printed(capsys.readouterr().out, "To add trials:")
+    assert "--normalize" in more  # a switch, carried as one word
+    assert main(more) == 0  # the same config: the budget raised, nothing refused
+    assert "(1 complete, 0 pruned, 0 failed)" in capsys.readouterr().err
+
+
 def test_too_large_a_validation_size_says_which_flag(
     digits: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -175,6 +193,31 @@ def test_a_run_that_cannot_find_its_data_changes_nothing(
     err = capsys.readouterr().err
     assert "already exists with another configuration" in err and "trial.dataset" in err
     assert load_study(None, "d").user_attrs[CONFIG_ATTR]["study"]["n_trials"] == 1
+
+
+def test_reproduce_prints_a_worker_command_that_finds_the_data(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`TAUOPT_DATA=... tauopt reproduce`: the worker command it prints carries the data root
+    and works in a shell without it, offline."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("TAUOPT_STORAGE", "TAUOPT_ARTIFACTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TAUOPT_DATA", str(data_dir))
+    argv = ["reproduce", "--epochs", "1", "--train-size", "100", "--datasets", "mnist"]
+    assert main([*argv, "--only", "fixed-vs-trainable"]) == 0
+    printed = re.search(r"run them with `([^`]*)`", capsys.readouterr().err)
+    assert printed is not None
+    words = shlex.split(printed.group(1))
+    worker = words[words.index("worker") :]
+    assert worker[worker.index("--data-dir") + 1] == str(data_dir)
+    monkeypatch.delenv("TAUOPT_DATA")  # another shell: the printed command alone
+    monkeypatch.setattr("tauopt.engine._data.download", _offline)
+    assert main([*worker, "--quiet", "--threads", "1", "--batch-trials", "8"]) == 0
+    assert re.search(r"worker finished: (\d+) trials here \(\1 complete", capsys.readouterr().err)
 
 
 def test_every_config_key_is_in_the_docs_and_both_configs_load() -> None:
