@@ -31,6 +31,8 @@ surface"):
 * ``_get_stale_trial_ids`` (:func:`stale_trial_ids`): which trials are dead, so that the
   worker requeues them itself (``fail_stale_trials`` says nothing of which);
 * ``Study._storage``, ``_study_id``, ``Trial._trial_id``: ids, which have no public accessor.
+* ``Study._thread_local`` (:func:`take_waiting`): a waiting trial taken by its id, as ``ask()``
+  takes one, without ``ask()``'s new trial when another worker took it first.
 
 :func:`check` runs once, when this module is imported: it verifies the versions and every
 name, arity and schema version used here, and a mismatch raises :class:`DependencyError` with
@@ -130,10 +132,7 @@ def check() -> None:
         (optuna.storages._CachedStorage, ["_read_trials_from_remote_storage"]),
         (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
         (_note, ["note_ver_key", "split_body"]),
-        (grpc_servicer, ["OptunaStorageProxyService", "_to_proto_trial", "_from_proto_trial"]),
-        (grpc_client.GrpcClientCache, ["_read_trials_from_remote_storage", "_add_trial_to_cache"]),
-        (grpc_client, ["GrpcClientCacheEntry"]),
-        (optuna.storages.RDBStorage, ["_get_trials"]),
+        (grpc_servicer, ["OptunaStorageProxyService"]),
         (api_pb2_grpc, ["add_StorageServiceServicer_to_server", "StorageServiceStub"]),
         (grpc_client, ["GrpcClientCache", "create_insecure_channel"]),
         (optuna.storages.GrpcStorageProxy, ["_setup"]),
@@ -153,9 +152,6 @@ def check() -> None:
         (grpc_servicer.OptunaStorageProxyService, 1),
         (optuna.storages.GrpcStorageProxy._setup, 1),
         (grpc_client.GrpcClientCache, 1),
-        (grpc_client.GrpcClientCache._read_trials_from_remote_storage, 2),
-        (grpc_client.GrpcClientCache._add_trial_to_cache, 3),
-        (optuna.storages.RDBStorage._get_trials, 5),
     ):
         _require(_arity(fn) == n, f"{fn.__qualname__} takes {_arity(fn)} arguments, not {n}")
     local = getattr(optuna.study.study, "_ThreadLocalStudyAttribute", None)
@@ -173,7 +169,6 @@ check()
 from optuna.samplers._tpe import sampler as _tpe  # noqa: E402
 from optuna.storages._grpc import client as _grpc_client  # noqa: E402
 from optuna.storages._grpc import servicer as _grpc_servicer  # noqa: E402
-from optuna.storages._grpc.auto_generated import api_pb2 as _api_pb2  # noqa: E402
 from optuna.storages._grpc.auto_generated import api_pb2_grpc as _api_pb2_grpc  # noqa: E402
 from optuna.storages._rdb import models as _models  # noqa: E402
 from optuna.storages._rdb import storage as _rdb_storage  # noqa: E402
@@ -476,52 +471,6 @@ def waiting_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> lis
         return [int(row[0]) for row in conn.execute(query, {"s": study_id})]
 
 
-def trial_versions(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, str]:
-    """A version of each of ``trial_ids`` (one query): it changes when the trial's state, its
-    parameters, its intermediate values or its user attributes change (one added, or a value
-    of another length), not with its system attributes (a running trial's heartbeat stamp
-    changes every few seconds and no reader of a cache looks at it)."""
-    if not trial_ids:
-        return {}
-    query = sqlalchemy.text(
-        "SELECT t.trial_id, t.state, "
-        "(SELECT COUNT(*) FROM trial_params p WHERE p.trial_id = t.trial_id), "
-        "(SELECT COUNT(*) FROM trial_intermediate_values i WHERE i.trial_id = t.trial_id), "
-        "(SELECT COUNT(*) FROM trial_user_attributes u WHERE u.trial_id = t.trial_id), "
-        "(SELECT COALESCE(SUM(LENGTH(u.value_json)), 0) FROM trial_user_attributes u "
-        "WHERE u.trial_id = t.trial_id) "
-        "FROM trials t WHERE t.trial_id IN :ids"
-    ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
-    with storage.engine.connect() as conn:
-        rows = conn.execute(query, {"ids": trial_ids}).all()
-    return {int(row[0]): ":".join(str(v) for v in row[1:]) for row in rows}
-
-
-def changed_trials(
-    storage: optuna.storages.RDBStorage, study_id: int, known: dict[int, str], after: int
-) -> tuple[bytes, list[str]]:
-    """What a client's cache of the study lacks: of the trials after trial id ``after`` and
-    those of ``known`` (trial id -> the version the client holds, :func:`trial_versions`),
-    the ones it does not know or knows in another version; as Optuna's ``GetTrialsReply``
-    (serialised) and each trial's version. Only those are read whole: a claim among
-    hundreds of running trials reads a few trials, not all of them."""
-    query = sqlalchemy.text("SELECT trial_id FROM trials WHERE study_id = :s AND trial_id > :a")
-    with storage.engine.connect() as conn:
-        newer = [int(row[0]) for row in conn.execute(query, {"s": study_id, "a": after})]
-    now = trial_versions(storage, sorted(set(newer) | set(known)))
-    wanted = {tid for tid, version in now.items() if known.get(tid) != version}
-    # Optuna's read (KeyError for a study that does not exist), of ``wanted`` alone
-    trials = storage._get_trials(study_id, None, wanted, _EVERY_ID) if wanted else []
-    if not wanted:
-        storage.get_study_name_from_id(study_id)  # the same KeyError
-    reply = _api_pb2.GetTrialsReply(trials=[_grpc_servicer._to_proto_trial(t) for t in trials])
-    return reply.SerializeToString(), [now.get(t._trial_id, "") for t in trials]
-
-
-#: Beyond any trial id.
-_EVERY_ID = 2**62
-
-
 def _as_datetime(value: object) -> datetime.datetime | None:
     # SQLAlchemy's text() hands SQLite's timestamps over as strings.
     if value is None or isinstance(value, datetime.datetime):
@@ -779,75 +728,7 @@ class GrpcClient(optuna.storages.GrpcStorageProxy):
     def _setup(self) -> None:
         self._channel = self.channel()
         self._stub = _api_pb2_grpc.StorageServiceStub(self._channel)
-        self._cache = DeltaClientCache(self._stub, self.changed_trials)
-
-    def changed_trials(
-        self, study_id: int, known: dict[int, str], after: int
-    ) -> tuple[bytes, list[str]] | None:
-        """See :func:`changed_trials`, asked of the proxy; None where it offers no such call
-        (the cache then asks Optuna's service for every unfinished trial)."""
-        return None
-
-
-class DeltaClientCache(_grpc_client.GrpcClientCache):
-    """Optuna's client cache of a study's trials, brought up to date with the trials that
-    changed since it last asked (:func:`changed_trials`), where Optuna's re-reads every
-    unfinished trial at each ``ask``: with 500 trials running, 500 trials read from the
-    database, sent and decoded for every claim.
-
-    Trials after Optuna's bound (the last finished trial) are named with their versions, not
-    skipped, unless they were seen :data:`SETTLED_SECONDS` ago: a trial id is given when the
-    trial's transaction starts, so a smaller id may appear after a larger one."""
-
-    SETTLED_SECONDS = 60.0
-
-    def __init__(self, stub: Any, changed: Any) -> None:
-        super().__init__(stub)
-        self._changed = changed
-        # study id -> the version held of each trial named to the proxy
-        self._versions: dict[int, dict[int, str]] = {}
-        # study id -> (when, the largest trial id then) of each read, oldest first
-        self._seen: dict[int, list[tuple[float, int]]] = {}
-
-    def _settled(self, study_id: int) -> int:
-        """The largest trial id seen :data:`SETTLED_SECONDS` ago (-1: none)."""
-        seen = self._seen.setdefault(study_id, [])
-        cut = time.monotonic() - self.SETTLED_SECONDS
-        settled = -1
-        while seen and seen[0][0] <= cut:
-            settled = max(settled, seen.pop(0)[1])
-        if settled >= 0:
-            seen.insert(0, (cut, settled))  # kept as the oldest reading
-        return settled
-
-    def _read_trials_from_remote_storage(self, study_id: int) -> None:
-        entry = self.studies.get(study_id)
-        versions = self._versions.setdefault(study_id, {})
-        after = max(self._settled(study_id), entry.last_finished_trial_id if entry else -1)
-        unfinished = entry.unfinished_trial_ids if entry else set()
-        for tid in [t for t in versions if t <= after and t not in unfinished]:
-            del versions[tid]  # finished and settled: never named again
-        try:
-            reply = self._changed(study_id, dict(versions), after)
-        except KeyError:
-            for held in (self.studies, self._versions, self._seen):
-                held.pop(study_id, None)
-            raise
-        if reply is None:
-            super()._read_trials_from_remote_storage(study_id)
-            return
-        data, new_versions = reply
-        if study_id not in self.studies:
-            self.studies[study_id] = _grpc_client.GrpcClientCacheEntry()
-        largest = -1
-        for proto, version in zip(
-            _api_pb2.GetTrialsReply.FromString(data).trials, new_versions, strict=True
-        ):
-            trial = _grpc_servicer._from_proto_trial(proto)
-            self._add_trial_to_cache(study_id, trial)
-            versions[trial._trial_id] = version
-            largest = max(largest, trial._trial_id)
-        self._seen[study_id].append((time.monotonic(), max(largest, after, *versions, -1)))
+        self._cache = _grpc_client.GrpcClientCache(self._stub)
 
 
 class CoalescedCache(optuna.storages._CachedStorage):

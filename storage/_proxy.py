@@ -112,12 +112,6 @@ class ProxyClient(private.GrpcClient):
         self.service.close()
         super().close()
 
-    def changed_trials(
-        self, study_id: int, known: dict[int, str], after: int
-    ) -> tuple[bytes, list[str]] | None:
-        service = getattr(self, "service", None)  # None while the base class sets up
-        return None if service is None else service.changed_trials(study_id, known, after)
-
     def get_all_trials(
         self,
         study_id: int,

@@ -17,7 +17,6 @@ calls. The service writes straight to the database behind the proxy: both Optuna
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import threading
@@ -48,7 +47,6 @@ _NAMES = (
     "WaitingTrials",
     "Beat",
     "Stats",
-    "ChangedTrials",
 )
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
@@ -209,7 +207,6 @@ class TauoptService:
             "WaitingTrials": self._waiting_trials,
             "Beat": self._beat,
             "Stats": self._stats,
-            "ChangedTrials": self._changed_trials,
         }
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -301,13 +298,6 @@ class TauoptService:
         ids = [int(tid) for tid in request["trial_ids"]]
         private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
         return {}
-
-    def _changed_trials(self, request: dict[str, Any]) -> dict[str, Any]:
-        known = {int(tid): str(version) for tid, version in request["known"].items()}
-        data, versions = private.changed_trials(
-            self.rdb, int(request["study_id"]), known, int(request["after"])
-        )
-        return {"trials": base64.b64encode(data).decode(), "versions": versions}
 
     def _stats(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"methods": self.stats.as_json(), "seconds": time.monotonic() - self.stats.started}
@@ -423,17 +413,6 @@ class ServiceClient:
         """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's
         clock (the one its dead-trial check reads); False where the proxy offers no service."""
         return self._call("Beat", {"trial_ids": trial_ids}) is not None
-
-    def changed_trials(
-        self, study_id: int, known: dict[int, str], after: int
-    ) -> tuple[bytes, list[str]] | None:
-        """See :func:`tauopt.storage._optuna.changed_trials`; None where the proxy offers no
-        such call."""
-        request = {"study_id": study_id, "known": {str(k): v for k, v in known.items()}}
-        reply = self._call("ChangedTrials", {**request, "after": after})
-        if reply is None:
-            return None
-        return base64.b64decode(reply["trials"]), [str(v) for v in reply["versions"]]
 
     def stats(self) -> dict[str, Any] | None:
         """What the proxy's calls cost so far, per method (:mod:`tauopt.storage._callstats`)."""
