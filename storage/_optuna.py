@@ -24,7 +24,9 @@ surface"):
 * TPE's internals (:class:`WindowedTPESampler`): against Optuna 5's default TPE, 3.6x per
   ask at 1,000 trials and 15.5x at 10,000, with the same proposals within the window (five
   seeds of 100 trials: the same fronts);
-* ``_CachedStorage`` (:class:`CoalescedCache`): 10.7x for 32 requests at once;
+* ``_CachedStorage``, its ``_StudyInfo`` and ``RDBStorage._get_trials`` (:class:`CoalescedCache`):
+  10.7x for 32 requests at once; running trials read whole only when they changed (the
+  read's share of the proxy's CPU per trial 130 against 82 ms at 500 workers);
 * the gRPC servicer, stub, client cache and channel (:func:`proxy_server_with`,
   :class:`GrpcClient`): the shared secret and tauopt's service on the proxy's port, which
   ``run_grpc_proxy_server`` and ``GrpcStorageProxy`` cannot take;
