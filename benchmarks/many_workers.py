@@ -229,6 +229,32 @@ def _connections(
     engine.dispose()
 
 
+def _proxy_calls(url: str) -> dict[str, Any] | None:
+    """The proxy's own count of its calls and their CPU time, per method (None: not offered)."""
+    from tauopt.storage._proxy import open_proxy
+
+    client = open_proxy(url)
+    try:
+        return client.service.stats()
+    finally:
+        client.close()
+
+
+def _per_trial(calls: dict[str, Any] | None, done: int) -> dict[str, Any] | None:
+    """Per finished trial: each method's calls and the milliseconds of CPU they took in the
+    thread that served them, largest first."""
+    if not calls:
+        return None
+    rows = sorted(calls["methods"].items(), key=lambda kv: -kv[1]["cpu_seconds"])
+    return {
+        method: {
+            "calls": round(m["calls"] / done, 2),
+            "cpu_ms": round(1000 * m["cpu_seconds"] / done, 2),
+        }
+        for method, m in rows
+    }
+
+
 def _variant(args: argparse.Namespace) -> str:
     """What the result's file name tells of the run: the path, the service, N, and the trials'
     length where it is not the default 2 s."""
@@ -267,6 +293,7 @@ def main() -> None:
     )
     n_trials = args.workers * args.trials_per_worker
     proxy = None
+    calls: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tiny.toml").write_text(TINY)
         subprocess.run(
@@ -333,6 +360,7 @@ def main() -> None:
         watcher.join()
         if proxy is not None:
             proxy_cpu = (_cpu_of(proxy.pid) or 0.0) - (proxy_cpu or 0.0)
+            calls = _proxy_calls(url)
             proxy.terminate()
             proxy.wait()
     trials = optuna.load_study(study_name="many", storage=database).get_trials()
@@ -369,6 +397,7 @@ def main() -> None:
         "states": states,
         "exact_budget": states.get("COMPLETE", 0) == n_trials and not states.get("RUNNING"),
         "cpu_seconds": cpu,
+        "proxy_calls_per_trial": _per_trial(calls, done),
     }
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))

@@ -54,6 +54,9 @@ class StudyAccess(Protocol):
 
     def dead_trials(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]: ...
 
+    def waiting(self, study_id: int) -> list[int]:
+        """The ids of the study's waiting trials, by number."""
+
     def beat(self, trial_ids: Sequence[int]) -> None:
         """Record a heartbeat of each of ``trial_ids`` (a trial finished meanwhile is left
         alone)."""
@@ -120,6 +123,9 @@ class DirectAccess:
         out = {i: (running[i][0], "its heartbeat went silent") for i in silent}
         out.update({i: (running[i][0], "never sent a heartbeat") for i in never})
         return out
+
+    def waiting(self, study_id: int) -> list[int]:
+        return private.waiting_trial_ids(self.rdb, study_id)
 
     def beat(self, trial_ids: Sequence[int]) -> None:
         for trial_id in trial_ids:
@@ -222,6 +228,16 @@ class ProxyAccess:
             for t in running
         )
         return dead_by_stamp(stamps, time.time(), grace)
+
+    def waiting(self, study_id: int) -> list[int]:
+        service = self._service()
+        answer = service.waiting_trial_ids(study_id) if service else None
+        if answer is not None:
+            return answer
+        waiting = self.storage.get_all_trials(
+            study_id, deepcopy=False, states=(TrialState.WAITING,)
+        )
+        return [private.trial_id(t) for t in waiting]
 
     def past_budget(
         self,

@@ -35,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.errors import ConfigError, StorageError
 from tauopt.storage import _optuna as private
+from tauopt.storage._callstats import CallStats, log_every
 from tauopt.storage._retry import is_storage_error, is_transient, root_message
 from tauopt.storage._service import SECRET_KEY, ServiceClient, TauoptService, proxy_channel
 
@@ -199,11 +200,14 @@ class _FailureLog:
 
 class _Guard(grpc.ServerInterceptor):  # type: ignore[misc]
     """Every call of the proxy: refused without the shared secret; a database failure
-    answered with a status a worker understands, and logged."""
+    answered with a status a worker understands, and logged; its cost counted in ``stats``."""
 
-    def __init__(self, secret: str | None, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, secret: str | None, log: Callable[[str], None], stats: CallStats | None = None
+    ) -> None:
         self.secret = secret.encode() if secret is not None else None
         self.log = log
+        self.stats = stats if stats is not None else CallStats()
         self.failures = _FailureLog(log)
         self._refused: dict[str, float] = {}
 
@@ -236,6 +240,7 @@ class _Guard(grpc.ServerInterceptor):  # type: ignore[misc]
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             if not allowed:
                 self._refuse(context)
+            cpu, wall = time.thread_time(), time.perf_counter()
             try:
                 reply = inner(request, context)
             except Exception as e:
@@ -249,6 +254,8 @@ class _Guard(grpc.ServerInterceptor):  # type: ignore[misc]
                 self.failures.failed(method, e, answer)
                 code = grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.INTERNAL
                 context.abort(code, f"the database behind the proxy: {root_message(e)}")
+            finally:
+                self.stats.add(method, time.thread_time() - cpu, time.perf_counter() - wall)
             self.failures.answered()
             return reply
 
@@ -348,22 +355,25 @@ def proxy_server(
     secret: str | None = None,
     threads: int = DEFAULT_CONNECTIONS,
     log: Callable[[str], None] = lambda line: None,
+    stats: CallStats | None = None,
 ) -> Any:
     """The proxy's gRPC server (not yet started) on ``host:port``, and on it alone: Optuna's
     service on ``storage`` with Optuna's cache in front of it (its reads shared between
-    waiting requests), tauopt's batched calls, and the guard of both; ``threads`` calls at
-    once (each holds at most one database connection)."""
+    waiting requests), tauopt's batched calls, and the guard of both, which counts every
+    call in ``stats``; ``threads`` calls at once (each holds at most one database
+    connection)."""
     targets = bind_address(host, port)
     rdb = private.rdb_of(storage)
+    stats = stats if stats is not None else CallStats()
     server = private.proxy_server_with(
         private.CoalescedCache(rdb),
         threads=threads,
-        interceptors=[_Guard(secret, log)],
+        interceptors=[_Guard(secret, log, stats)],
         options=[("grpc.so_reuseport", 0)],
     )
     from tauopt.storage._rdb import study_lock  # _rdb opens proxies: imported here, not above
 
-    server.add_generic_rpc_handlers((TauoptService(rdb, study_lock).handler(),))
+    server.add_generic_rpc_handlers((TauoptService(rdb, study_lock, stats).handler(),))
     try:
         for target in targets:
             server.add_insecure_port(target)
@@ -381,10 +391,18 @@ def serve(
     secret: str | None = None,
     threads: int = DEFAULT_CONNECTIONS,
     log: Callable[[str], None] = lambda line: None,
+    stats_seconds: float = 0.0,
 ) -> None:
     """Serve ``storage`` through the proxy until interrupted; ``ready`` is called once it
-    listens."""
-    server = proxy_server(storage, host, port, secret=secret, threads=threads, log=log)
+    listens. With ``stats_seconds`` > 0 a line of what the calls cost is logged that often."""
+    stats = CallStats()
+    server = proxy_server(storage, host, port, secret=secret, threads=threads, log=log, stats=stats)
     server.start()
+    stop = threading.Event()
+    if stats_seconds > 0:
+        log_every(stats, stats_seconds, log, stop)
     ready()
-    server.wait_for_termination()
+    try:
+        server.wait_for_termination()
+    finally:
+        stop.set()

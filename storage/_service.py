@@ -28,6 +28,7 @@ import grpc
 import optuna
 
 from tauopt.storage import _optuna as private
+from tauopt.storage._callstats import CallStats
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
@@ -45,6 +46,7 @@ _NAMES = (
     "SetBudget",
     "WaitingTrials",
     "Beat",
+    "Stats",
 )
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
@@ -181,9 +183,11 @@ class TauoptService:
         self,
         rdb: optuna.storages.RDBStorage,
         lock: Callable[[optuna.storages.RDBStorage, str], contextlib.AbstractContextManager[None]],
+        stats: CallStats | None = None,
     ) -> None:
         self.rdb = rdb
         self._lock = lock
+        self.stats = stats if stats is not None else CallStats()
         self._one_at_a_time = threading.Lock()
 
     @contextlib.contextmanager
@@ -202,6 +206,7 @@ class TauoptService:
             "SetBudget": self._set_budget,
             "WaitingTrials": self._waiting_trials,
             "Beat": self._beat,
+            "Stats": self._stats,
         }
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -293,6 +298,9 @@ class TauoptService:
         ids = [int(tid) for tid in request["trial_ids"]]
         private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
         return {}
+
+    def _stats(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"methods": self.stats.as_json(), "seconds": time.monotonic() - self.stats.started}
 
 
 def _parts(items: list[_Item]) -> Iterator[list[_Item]]:
@@ -405,6 +413,10 @@ class ServiceClient:
         """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's
         clock (the one its dead-trial check reads); False where the proxy offers no service."""
         return self._call("Beat", {"trial_ids": trial_ids}) is not None
+
+    def stats(self) -> dict[str, Any] | None:
+        """What the proxy's calls cost so far, per method (:mod:`tauopt.storage._callstats`)."""
+        return self._call("Stats", {})
 
     def waiting_trial_ids(self, study_id: int) -> list[int] | None:
         """The ids of the study's waiting trials, by number."""

@@ -24,6 +24,7 @@ from tauopt.storage import (
     StudyAccess,
     is_storage_error,
     study_id,
+    take_waiting,
     trial_id,
 )
 from tauopt.study._liveness import Heartbeat
@@ -201,19 +202,31 @@ class Ledger:
         claims = taken.claims
         if (trial := taken.unchecked) is not None and not self._checked_again(taken, trial, done):
             return claims, True
-        # ask() takes a waiting trial (a retry, counted already) before it makes a new one.
-        # The counts include the trials taken before: they are running.
-        while len(claims) < k and (waiting or used < self.n_trials):
-            if waiting:
-                waiting -= 1
-            else:
+        # A waiting trial (a retry or a planned run, counted already) is taken before a new
+        # one is made. The counts include the trials taken before: they are running.
+        queue = self.access.waiting(sid) if waiting else []
+        while len(claims) < k and (queue or used < self.n_trials):
+            trial = self._take(queue) if queue else None
+            if trial is None:
+                if used >= self.n_trials:  # others took the waiting ones: nothing is left
+                    break
                 used += 1
-            trial = taken.unchecked = self._ask()
+                trial = self._ask()
+            taken.unchecked = trial
             if not self._checked(taken, trial, done):
                 break
             if time.monotonic() - start > CLAIM_HOLD_SECONDS:
                 break
         return claims, bool(claims) or counts.get("RUNNING", 0) > 0
+
+    def _take(self, queue: list[int]) -> optuna.Trial | None:
+        """The first trial of ``queue`` (waiting trial ids) that no other worker took first;
+        those tried leave the queue."""
+        while queue:
+            trial = take_waiting(self.study, queue.pop(0))
+            if trial is not None:
+                return self._hold(trial)
+        return None
 
     def _checked(self, taken: _Taken, trial: optuna.Trial, done: int) -> bool:
         """Whether ``trial`` (``taken.unchecked``) is within the budget: then it joins the
@@ -229,7 +242,10 @@ class Ledger:
         with warnings.catch_warnings():
             # ask() warns that heartbeats are meant for optimize(): the worker records them.
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            trial = self.study.ask()
+            return self._hold(self.study.ask())
+
+    def _hold(self, trial: optuna.Trial) -> optuna.Trial:
+        """``trial``, just taken, as this worker's: held and beating."""
         tid = trial_id(trial)
         self._held[tid] = trial
         self.heartbeat.add([tid])

@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tauopt._cli_args import add_artifacts, add_command, positive_int, warn
+from tauopt._cli_args import (
+    add_artifacts,
+    add_command,
+    at_most,
+    non_negative_seconds,
+    positive_int,
+    warn,
+)
 from tauopt._dashboard import Door, bind, hide_study_attrs, warn_if_public
 from tauopt.errors import ConfigError
 from tauopt.storage import (
@@ -54,6 +61,14 @@ def add_proxy(sub: Any) -> None:
         metavar="N",
         help="database connections the proxy holds at most (>= 2; docs/deployment.md says how "
         "to size it)",
+    )
+    p.add_argument(
+        "--stats",
+        type=at_most(non_negative_seconds, 86400.0, "must be at most a day (86400 s)"),
+        default=300.0,
+        metavar="S",
+        help="log every S seconds how many calls the proxy served and the CPU they took, per "
+        "kind of call (0: never; default 300)",
     )
     p.set_defaults(handler=_cmd_proxy)
 
@@ -156,5 +171,6 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         secret=secret,
         threads=args.db_connections,
         log=lambda line: warn(f"proxy: {line}"),
+        stats_seconds=args.stats,
     )
     return 0

@@ -136,3 +136,33 @@ def test_a_failure_booked_on_a_trial_failed_elsewhere_is_not_stored(fixture: _Fi
         fixture.ledger.fail(claim.trial, "diverged")
     assert written == [{"fail_reason": "diverged"}]
     assert "fail_reason" not in fixture.study.get_trials(deepcopy=False)[0].user_attrs
+
+
+def test_a_waiting_trial_another_worker_took_first_makes_no_new_trial(tmp_path: Path) -> None:
+    """The budget spent but for one waiting trial (a rerun), which another worker takes
+    between this claim's look at the queue and its take: the claim ends with nothing, and no
+    new trial is made (``ask()`` would make one, to fail it past the budget)."""
+    made = _Fixture(tmp_path, n_trials=3, anchors=3)
+    first, _ = made.ledger.claim(2)
+    assert [c.trial.number for c in first] == [0, 1]
+    waiting = made.access.waiting
+
+    def raced(study_id: int) -> list[int]:
+        ids = waiting(study_id)
+        for tid in ids:  # another worker takes them
+            made.storage.set_trial_state_values(tid, state=TrialState.RUNNING)
+        return ids
+
+    made.access.waiting = raced  # type: ignore[method-assign]
+    claims, running = made.ledger.claim(1)
+    assert claims == [] and running
+    assert made.states() == [TrialState.RUNNING] * 3  # no fourth trial, failed or not
+
+
+def test_a_claim_takes_the_waiting_trials_first_then_new_ones(tmp_path: Path) -> None:
+    made = _Fixture(tmp_path, n_trials=5, anchors=2)
+    claims, _ = made.ledger.claim(4)
+    assert [c.trial.number for c in claims] == [0, 1, 2, 3]
+    trials = made.study.get_trials(deepcopy=False)
+    assert ["anchor" in t.user_attrs for t in trials] == [True, True, False, False]
+    assert made.states() == [TrialState.RUNNING] * 4

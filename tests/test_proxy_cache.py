@@ -210,3 +210,73 @@ def test_a_write_that_races_a_finish_waits_for_it_and_leaves_the_trial_alone(
     assert sorted(outcome) == ["refused", "stamped"]
     trial = rdb.get_trial(tid)
     assert "late" not in trial.user_attrs and "beat" not in trial.system_attrs
+
+
+def _seen(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[Any, ...]]:
+    """What a reader of the cache sees of the trials, but heartbeat stamps."""
+    return [
+        (t.number, t.state, t.params, t.user_attrs, t.intermediate_values, t.values) for t in trials
+    ]
+
+
+def test_a_read_fetches_the_changed_trials_and_sees_what_the_database_holds(
+    tmp_path: Path,
+) -> None:
+    """Each step writes as workers do (a parameter, a user attribute, a longer value, an
+    intermediate value, a heartbeat, a finish, a new trial); after each, the cache's trials
+    equal the database's, and only the trials that changed were read whole. A heartbeat
+    rewritten in place shows at the next full read."""
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")  # for comparing
+    sid = rdb.create_new_study([StudyDirection.MAXIMIZE], "s")
+    ids = [rdb.create_new_trial(sid) for _ in range(6)]
+    read = rdb._get_trials
+    wholes: list[int] = []
+
+    def counted(study_id: int, states: Any, included: set[int], after: int) -> Any:
+        trials = read(study_id, states, included, after)
+        wholes.append(len(trials))
+        return trials
+
+    rdb._get_trials = counted  # type: ignore[method-assign]
+    cache = CoalescedCache(rdb)
+    cache.FULL_READ_SECONDS = 3600.0
+    assert _seen(cache.get_all_trials(sid)) == _seen(db.get_all_trials(sid))
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    steps = [
+        lambda: rdb.set_trial_param(ids[0], "x", 0.25, dist),
+        lambda: rdb.set_trial_user_attr(ids[1], "rung_2", [0.5, 10]),
+        lambda: rdb.set_trial_user_attr(ids[1], "rung_2", [0.5, 1000]),
+        lambda: rdb.set_trial_intermediate_value(ids[2], 3, 0.7),
+        lambda: stamp_running(rdb, ids, "tauopt:heartbeat"),  # a new key: each trial changed
+        lambda: stamp_running(rdb, ids, "tauopt:heartbeat"),  # in place: none changed
+        lambda: rdb.set_trial_state_values(ids[4], TrialState.COMPLETE, [0.9]),
+        lambda: ids.append(rdb.create_new_trial(sid)),
+        lambda: None,
+    ]
+    for step in steps:
+        step()
+        assert _seen(cache.get_all_trials(sid)) == _seen(db.get_all_trials(sid))
+    assert wholes == [6, 1, 1, 1, 1, 6, 0, 1, 1, 0]
+    beats = {t._trial_id: t.system_attrs.get("tauopt:heartbeat") for t in db.get_all_trials(sid)}
+    cached = {
+        t._trial_id: t.system_attrs.get("tauopt:heartbeat") for t in cache.get_all_trials(sid)
+    }
+    assert cached != {tid: beats[tid] for tid in cached}  # the in-place stamp not read yet
+    cache.FULL_READ_SECONDS = 0.0
+    cached = {
+        t._trial_id: t.system_attrs.get("tauopt:heartbeat") for t in cache.get_all_trials(sid)
+    }
+    assert cached == {tid: beats.get(tid) for tid in cached}
+
+
+def test_a_study_that_is_gone_is_missing_from_the_cache_too(tmp_path: Path) -> None:
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    sid = rdb.create_new_study([StudyDirection.MAXIMIZE], "s")
+    rdb.create_new_trial(sid)
+    cache = CoalescedCache(rdb)
+    cache.FULL_READ_SECONDS = 3600.0
+    assert len(cache.get_all_trials(sid)) == 1
+    rdb.delete_study(sid)
+    with pytest.raises(KeyError):
+        cache.get_all_trials(sid)

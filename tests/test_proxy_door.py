@@ -185,3 +185,34 @@ def test_nothing_listening_at_a_proxy_address_is_one_line(
     _one_line(done, f"nothing answers at {url} within 10 s")
     assert time.monotonic() - start < 120  # not the 300 s a restart is waited for
     assert not (tmp_path / "tauopt.db").exists()
+
+
+def test_the_proxy_logs_what_its_calls_cost(study: Path) -> None:
+    """``--stats S``: a line every S seconds with the calls served and their CPU, per kind;
+    nothing for a quiet interval; a value that is no number of seconds is one line."""
+    proxy = Proxy(study, "--stats", "1")
+    try:
+        for _ in range(2):
+            done = _tauopt("best", "--storage", f"grpc://127.0.0.1:{proxy.port}", cwd=study)
+            assert done.returncode == 0, done.stderr
+        time.sleep(2.5)
+    finally:
+        log = proxy.stop()
+    lines = [line for line in log.splitlines() if "calls in the last" in line]
+    assert lines, log
+    assert "s of CPU" in lines[0] and "ms each" in lines[0] and "GetStudyIdFromName" in log
+    _one_line(_tauopt("proxy", "--stats", "-1", cwd=study), "--stats")
+
+
+def test_a_stats_line_adds_up_what_changed() -> None:
+    from tauopt.storage._callstats import MethodStats, summary
+
+    before = {"Beat": MethodStats(4, 0.01, 0.02)}
+    now = {"Beat": MethodStats(10, 0.04, 0.05), "GetTrial": MethodStats(2, 0.5, 0.6)}
+    assert summary(now, before, 10.0) == (
+        "calls in the last 10 s: 8, 0.5 s of CPU (5 % of a core): GetTrial 2 (250.0 ms each), "
+        "Beat 6 (5.0 ms each)"
+    )
+    assert (
+        summary(before, before, 10.0) == "calls in the last 10 s: 0, 0.0 s of CPU (0 % of a core)"
+    )

@@ -286,3 +286,17 @@ def test_a_call_that_never_answers_ends_and_the_next_goes_on_a_new_connection(
     hang.append(False)
     batched.access.set_trial_attrs(trial_id, user=USER, system={})
     assert set(batched.rdb.get_trial(trial_id).user_attrs) == set(USER)
+
+
+def test_the_proxy_counts_its_calls_per_method(batched: Served) -> None:
+    before = batched.client.service.stats()
+    assert before is not None
+    trial_id = batched.client.create_new_trial(batched.study_id)
+    for _ in range(3):
+        batched.access.beat([trial_id])
+    after = batched.client.service.stats()
+    assert after is not None
+    beats = after["methods"]["Beat"]["calls"] - before["methods"].get("Beat", {}).get("calls", 0)
+    assert beats == 3
+    assert after["methods"]["CreateNewTrial"]["calls"] >= 1
+    assert after["methods"]["Beat"]["cpu_seconds"] > 0
