@@ -571,45 +571,66 @@ def first_note_attrs(body: str, trial_id: int) -> dict[str, Any]:
 HISTORY_WINDOW = 1000
 _Split = tuple[list[FrozenTrial], list[FrozenTrial]]
 _FINISHED = frozenset(s for s in TrialState if s.is_finished())
+#: The system attribute of a trial's constraints (Optuna's list form).
+CONSTRAINTS_KEY = _CONSTRAINTS_KEY
+
+
+def recent(trials: Sequence[FrozenTrial], window: int) -> list[FrozenTrial]:
+    """Of ``trials`` (by number), the latest ``window`` finished ones and every unfinished one
+    before them, by number: what :class:`WindowedTPESampler` models."""
+    seen = 0
+    for index in range(len(trials) - 1, -1, -1):
+        seen += trials[index].state in _FINISHED
+        if seen == window:
+            return [t for t in trials[:index] if t.state not in _FINISHED] + list(trials[index:])
+    return list(trials)
 
 
 class _RecentTrials:
     """``study`` as TPE sees it: the same, but ``_get_trials`` keeps only the latest finished
-    trials and reads through the study's cache (which re-reads unfinished trials at each
-    ``ask``). What it derives from one state of that cache is kept until the cache changes:
+    trials (:func:`recent`) and reads through the study's cache (which re-reads unfinished
+    trials at each ``ask``), or, behind a proxy that offers it, asks the proxy for those trials
+    alone once per trial proposed (``recent_trials`` of the study's storage: Optuna's read
+    sends every unfinished trial whole). What it derives from one read is kept until the next:
     within one ``ask`` the trials are the same for every parameter."""
 
     def __init__(self, study: optuna.Study, window: int) -> None:
         self._study, self._window = study, window
-        self._source: list[FrozenTrial] | None = None  # the study's cached trials, by number
+        self._source: list[FrozenTrial] | None = None  # the trials read, by number
         self._recent: list[FrozenTrial] = []
         self._by_states: dict[tuple[int, ...] | None, list[FrozenTrial]] = {}
         self._splits: dict[tuple[int, bool], _Split] = {}
         # per list of trials (kept alive here, so its id stays its own): each parameter's
         # values, in the trials' order
         self._columns: dict[int, tuple[list[FrozenTrial], dict[str, list[Any]]]] = {}
+        self._remote = getattr(storage_of(study), "recent_trials", None)
+        self._proposing: int | None = None  # the number of the trial proposed now
+        self._read_for: tuple[int | None, list[FrozenTrial]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
+    def proposing(self, number: int) -> None:
+        """Parameters of trial ``number`` are proposed next."""
+        self._proposing = number
+
+    def _read(self) -> list[FrozenTrial]:
+        if self._remote is not None and self._proposing is not None:
+            if self._read_for is not None and self._read_for[0] == self._proposing:
+                return self._read_for[1]
+            trials: list[FrozenTrial] | None = self._remote(study_id(self._study), self._window)
+            if trials is not None:
+                self._read_for = (self._proposing, trials)
+                return trials
+            self._remote = None  # the proxy offers no such call: Optuna's read
+        return self._study._get_trials(deepcopy=False, use_cache=True)
+
     def _refresh(self) -> None:
-        trials = self._study._get_trials(deepcopy=False, use_cache=True)
+        trials = self._read()
         if trials is self._source:
             return
         self._source, self._by_states, self._splits, self._columns = trials, {}, {}, {}
-        # The trials come by number: from the newest back to the window's oldest finished one,
-        # then only the unfinished trials before it.
-        seen, cut = 0, 0
-        for index in range(len(trials) - 1, -1, -1):
-            seen += trials[index].state in _FINISHED
-            if seen == self._window:
-                cut = index
-                break
-        else:
-            self._recent = trials
-            return
-        older = [t for t in trials[:cut] if t.state not in _FINISHED]
-        self._recent = older + trials[cut:]
+        self._recent = recent(trials, self._window)
 
     def _get_trials(
         self,
@@ -701,6 +722,7 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         # The window also counts the startup trials (it never holds fewer than the study's
         # first ``window``), and the parameter's proposal reads it.
         view: Any = self._recent(study)
+        view.proposing(trial.number)
         return super().sample_independent(view, trial, param_name, param_distribution)
 
     def _get_internal_repr(

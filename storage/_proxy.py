@@ -126,6 +126,11 @@ class ProxyClient(private.GrpcClient):
                 return [self.get_trial(tid) for tid in ids]
         return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
 
+    def recent_trials(self, study_id: int, window: int) -> list[FrozenTrial] | None:
+        """What :class:`~tauopt.storage.WindowedTPESampler` reads, in one call of tauopt's
+        service; None where the proxy offers none (the sampler reads through Optuna's)."""
+        return self.service.recent_trials(study_id, window)
+
 
 def open_proxy(url: str) -> ProxyClient:
     """A client of the proxy at ``url``, once it answers and takes this client's secret."""
@@ -365,15 +370,17 @@ def proxy_server(
     targets = bind_address(host, port)
     rdb = private.rdb_of(storage)
     stats = stats if stats is not None else CallStats()
+    cache = private.CoalescedCache(rdb)
     server = private.proxy_server_with(
-        private.CoalescedCache(rdb),
+        cache,
         threads=threads,
         interceptors=[_Guard(secret, log, stats)],
         options=[("grpc.so_reuseport", 0)],
     )
     from tauopt.storage._rdb import study_lock  # _rdb opens proxies: imported here, not above
 
-    server.add_generic_rpc_handlers((TauoptService(rdb, study_lock, stats).handler(),))
+    service = TauoptService(rdb, study_lock, stats, reader=cache)
+    server.add_generic_rpc_handlers((service.handler(),))
     try:
         for target in targets:
             server.add_insecure_port(target)

@@ -26,9 +26,11 @@ from typing import Any
 
 import grpc
 import optuna
+from optuna.trial import FrozenTrial
 
 from tauopt.storage import _optuna as private
 from tauopt.storage._callstats import CallStats
+from tauopt.storage._recent import Decoder, Encoder
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
@@ -47,6 +49,7 @@ _NAMES = (
     "WaitingTrials",
     "Beat",
     "Stats",
+    "RecentTrials",
 )
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
@@ -184,11 +187,15 @@ class TauoptService:
         rdb: optuna.storages.RDBStorage,
         lock: Callable[[optuna.storages.RDBStorage, str], contextlib.AbstractContextManager[None]],
         stats: CallStats | None = None,
+        reader: optuna.storages.BaseStorage | None = None,
     ) -> None:
         self.rdb = rdb
         self._lock = lock
         self.stats = stats if stats is not None else CallStats()
         self._one_at_a_time = threading.Lock()
+        # the samplers' trials are read where Optuna's service reads them (the proxy's cache)
+        self._reader = reader if reader is not None else rdb
+        self._encoder = Encoder()
 
     @contextlib.contextmanager
     def _study_locked(self, study_id: int) -> Iterator[None]:
@@ -208,15 +215,17 @@ class TauoptService:
             "Beat": self._beat,
             "Stats": self._stats,
         }
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                name: grpc.unary_unary_rpc_method_handler(
-                    self._guarded(call), request_deserializer=_loads, response_serializer=_dumps
-                )
-                for name, call in calls.items()
-            },
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._guarded(call), request_deserializer=_loads, response_serializer=_dumps
+            )
+            for name, call in calls.items()
+        }
+        # JSON already: the pieces of the reply are encoded once per change of a trial
+        handlers["RecentTrials"] = grpc.unary_unary_rpc_method_handler(
+            self._guarded(self._recent_trials), request_deserializer=_loads
         )
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     @staticmethod
     def _guarded(call: Any) -> Any:
@@ -299,6 +308,11 @@ class TauoptService:
         private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
         return {}
 
+    def _recent_trials(self, request: dict[str, Any]) -> Any:
+        study_id, window = int(request["study_id"]), max(1, int(request["window"]))
+        trials = self._reader.get_all_trials(study_id, deepcopy=False)
+        return self._encoder.reply(study_id, trials, window)
+
     def _stats(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"methods": self.stats.as_json(), "seconds": time.monotonic() - self.stats.started}
 
@@ -339,6 +353,7 @@ class ServiceClient:
         self.offered = True
         self._address = f"{host}:{port}"
         self._secret = secret
+        self._decoder = Decoder()
         self._connect()
 
     def _connect(self) -> None:
@@ -413,6 +428,12 @@ class ServiceClient:
         """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's
         clock (the one its dead-trial check reads); False where the proxy offers no service."""
         return self._call("Beat", {"trial_ids": trial_ids}) is not None
+
+    def recent_trials(self, study_id: int, window: int) -> list[FrozenTrial] | None:
+        """The trials a sampler of ``window`` models (:func:`tauopt.storage._optuna.recent`),
+        with what TPE reads of them alone (:mod:`tauopt.storage._recent`), by number."""
+        reply = self._call("RecentTrials", {"study_id": study_id, "window": window})
+        return None if reply is None else self._decoder.trials(reply)
 
     def stats(self) -> dict[str, Any] | None:
         """What the proxy's calls cost so far, per method (:mod:`tauopt.storage._callstats`)."""

@@ -300,3 +300,106 @@ def test_the_proxy_counts_its_calls_per_method(batched: Served) -> None:
     assert beats == 3
     assert after["methods"]["CreateNewTrial"]["calls"] >= 1
     assert after["methods"]["Beat"]["cpu_seconds"] > 0
+
+
+def _mixed_study(served: Served) -> optuna.Study:
+    """Through the proxy: 24 trials of three kinds of parameter (a float on a log scale, an
+    integer, a category), complete, pruned (with intermediate values), failed, running (one
+    with its parameters half drawn) and waiting."""
+    study = optuna.load_study(study_name="s", storage=served.client)
+    rng = __import__("random").Random(7)
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True),
+        "depth": optuna.distributions.IntDistribution(1, 8),
+        "arch": optuna.distributions.CategoricalDistribution(["resnet", "fractional"]),
+    }
+    kinds = ["complete"] * 14 + ["pruned"] * 3 + ["fail"] * 2 + ["running"] * 3 + ["waiting"]
+    rng.shuffle(kinds)
+    for kind in kinds:
+        params = {
+            "lr": 10 ** rng.uniform(-4, 0),
+            "depth": rng.randint(1, 8),
+            "arch": rng.choice(["resnet", "fractional"]),
+        }
+        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(kind)
+        state = state or {"fail": TrialState.FAIL, "running": TrialState.RUNNING}.get(kind)
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state or TrialState.WAITING,
+                params=params,
+                distributions=dists,
+                value=rng.random() if kind == "complete" else None,
+                intermediate_values={s: rng.random() for s in range(rng.randint(1, 4))}
+                if kind == "pruned"
+                else None,
+            )
+        )
+    half = served.client.create_new_trial(served.study_id)
+    served.client.set_trial_param(half, "lr", 0.01, dists["lr"])
+    return study
+
+
+def test_a_sampler_behind_the_proxy_proposes_as_on_the_database(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WindowedTPESampler's proposals through the proxy equal those of the same sampler on
+    the database itself, within a window smaller than the study (trials cut off, unfinished
+    ones kept). The tauopt proxy sends the trials TPE reads in one call of its own, and the
+    worker reads no trial through Optuna's service; through Optuna's proxy the sampler reads
+    through Optuna's calls."""
+    study = _mixed_study(served)
+    trial = study.ask()
+    frozen = served.client.get_trial(_optuna.trial_id(trial))
+    direct = optuna.load_study(study_name="s", storage=served.rdb)
+    if request.node.callspec.params["served"]:
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("the sampler read every trial through Optuna's service")
+
+        monkeypatch.setattr(served.client, "get_all_trials", refuse)
+    space = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True),
+        "depth": optuna.distributions.IntDistribution(1, 8),
+        "arch": optuna.distributions.CategoricalDistribution(["resnet", "fractional"]),
+    }
+    for window in (8, 1000):
+        proposals = []
+        for on in (study, direct):
+            sampler = _optuna.WindowedTPESampler(
+                window=window, seed=5, constant_liar=True, n_startup_trials=3
+            )
+            proposals.append(
+                [sampler.sample_independent(on, frozen, n, d) for n, d in space.items()]
+            )
+        assert proposals[0] == proposals[1], window
+
+
+def test_the_trials_sent_to_a_sampler_are_what_it_reads(batched: Served) -> None:
+    """The trials of the proxy's reply equal the database's in what TPE reads of them (number,
+    state, values, parameters and their distributions, a pruned trial's intermediate values),
+    the latest finished ones of the window and every unfinished one; a running trial's
+    parameters drawn since the last reply are in the next."""
+    _mixed_study(batched)
+    direct = batched.rdb.get_all_trials(batched.study_id)
+
+    def seen(trials: list[Any]) -> list[tuple[Any, ...]]:
+        return [
+            (t.number, t.state, t.values, t.params, t.distributions, t.intermediate_values)
+            for t in trials
+        ]
+
+    for window in (1, 5, 100):
+        got = batched.client.recent_trials(batched.study_id, window)
+        assert got is not None
+        assert seen(got) == seen(_optuna.recent(direct, window))
+        finished = [t for t in got if t.state.is_finished()]
+        assert len(finished) == min(window, 19)
+    # running, its parameters half drawn
+    half = next(t for t in direct if t.state == TrialState.RUNNING and list(t.params) == ["lr"])
+    batched.client.set_trial_param(
+        _optuna.trial_id(half), "depth", 3, optuna.distributions.IntDistribution(1, 8)
+    )
+    got = batched.client.recent_trials(batched.study_id, 5)
+    assert got is not None
+    (now,) = [t for t in got if t.number == half.number]
+    assert now.params == {"lr": 0.01, "depth": 3}
