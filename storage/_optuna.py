@@ -811,15 +811,40 @@ class CoalescedCache(optuna.storages._CachedStorage):
     full read."""
 
     FULL_READ_SECONDS = 5.0
+    #: A study's user attributes (its config and budget, which every claim reads) are read
+    #: from the database at most this often; a write through this cache is seen at once.
+    ATTRS_SECONDS = 1.0
 
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
         super().__init__(backend)
+        self._attrs_read: dict[int, tuple[float, dict[str, Any]]] = {}
         self._round = threading.Condition()
         self._started: dict[int, int] = {}  # study id -> reads started
         self._done: dict[int, int] = {}  # study id -> the last read that finished
         self._reading: set[int] = set()
         self._versions: dict[int, str] = {}  # trial id -> version read (unfinished trials)
         self._full_at: dict[int, float] = {}  # study id -> when every unfinished trial was read
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        now = time.monotonic()
+        hit = self._attrs_read.get(study_id)
+        if hit is not None and now - hit[0] <= self.ATTRS_SECONDS:
+            return dict(hit[1])
+        attrs = super().get_study_user_attrs(study_id)
+        self._attrs_read[study_id] = (now, attrs)
+        return dict(attrs)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        super().set_study_user_attr(study_id, key, value)
+        self.forget_study_attrs()
+
+    def delete_study(self, study_id: int) -> None:
+        super().delete_study(study_id)
+        self.forget_study_attrs()
+
+    def forget_study_attrs(self) -> None:
+        """Read the studies' user attributes afresh (one was written beside this cache)."""
+        self._attrs_read.clear()
 
     def set_trial_param(
         self,

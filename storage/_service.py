@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial
 from tauopt.storage import _optuna as private
 from tauopt.storage._callstats import CallStats
 from tauopt.storage._recent import Decoder, Encoder
+from tauopt.storage._rounds import GroupCommit, Recent
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
@@ -51,6 +52,8 @@ _NAMES = (
     "Stats",
     "RecentTrials",
 )
+#: The longest a dead-trial answer is shared between claims (seconds).
+DEAD_ANSWER_SECONDS = 2.0
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
 #: A new trial that found the budget spent, failed by itself (it uses no budget).
@@ -196,6 +199,10 @@ class TauoptService:
         # the samplers' trials are read where Optuna's service reads them (the proxy's cache)
         self._reader = reader if reader is not None else rdb
         self._encoder = Encoder()
+        self._beats: GroupCommit[int] = GroupCommit(
+            lambda ids: private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
+        )
+        self._dead: Recent[dict[int, tuple[int, str]]] = Recent()
 
     @contextlib.contextmanager
     def _study_locked(self, study_id: int) -> Iterator[None]:
@@ -253,14 +260,28 @@ class TauoptService:
         return {}
 
     def _dead_trials(self, request: dict[str, Any]) -> dict[str, Any]:
-        running = private.running_trials(self.rdb, int(request["study_id"]))
+        study_id, grace = int(request["study_id"]), float(request["grace"])
+        # Every claim asks, and a trial is dead only after tens of seconds: an answer is
+        # shared for a thirtieth of the grace period (2 s at most). Those it names are read
+        # again: a dead trial is failed by the first worker that finds it.
+        dead = self._dead.get(
+            (study_id, grace),
+            min(DEAD_ANSWER_SECONDS, grace / 30),
+            lambda: self._dead_now(study_id, grace),
+        )
+        if dead:
+            still = private.running_trials(self.rdb, study_id)
+            dead = {tid: why for tid, why in dead.items() if tid in still}
+        return {"dead": [[tid, number, why] for tid, (number, why) in dead.items()]}
+
+    def _dead_now(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]:
+        running = private.running_trials(self.rdb, study_id)
         beats = private.trial_system_attr(self.rdb, list(running), HEARTBEAT_ATTR)
         stamps = (
             (tid, number, start.timestamp() if start else None, beats.get(tid))
             for tid, (number, start) in running.items()
         )
-        dead = dead_by_stamp(stamps, time.time(), float(request["grace"]))
-        return {"dead": [[tid, number, why] for tid, (number, why) in dead.items()]}
+        return dead_by_stamp(stamps, time.time(), grace)
 
     def _counts(self, request: dict[str, Any]) -> dict[str, Any]:
         counts, own = private.trial_counts(
@@ -298,14 +319,16 @@ class TauoptService:
                 int(request["n_trials"]),
                 failed_with_attr=request["failed_with_attr"],
             )
+        if isinstance(self._reader, private.CoalescedCache):
+            self._reader.forget_study_attrs()  # written beside it: claims read the new budget
         return {"used": used}
 
     def _waiting_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ids": private.waiting_trial_ids(self.rdb, int(request["study_id"]))}
 
     def _beat(self, request: dict[str, Any]) -> dict[str, Any]:
-        ids = [int(tid) for tid in request["trial_ids"]]
-        private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
+        # stamped with the beats of the other workers waiting now, in one statement
+        self._beats.add(int(tid) for tid in request["trial_ids"])
         return {}
 
     def _recent_trials(self, request: dict[str, Any]) -> Any:

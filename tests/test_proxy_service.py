@@ -403,3 +403,29 @@ def test_the_trials_sent_to_a_sampler_are_what_it_reads(batched: Served) -> None
     assert got is not None
     (now,) = [t for t in got if t.number == half.number]
     assert now.params == {"lr": 0.01, "depth": 3}
+
+
+def test_a_shared_dead_trial_answer_drops_a_trial_failed_meanwhile(batched: Served) -> None:
+    """Claims share the proxy's dead-trial answer for a moment; a trial that one worker has
+    failed (and queued again) since is not named to the next."""
+    client, sid = batched.client, batched.study_id
+    tid = client.create_new_trial(sid)
+    client.set_trial_system_attr(tid, _service.HEARTBEAT_ATTR, time.time() - 100)
+    assert set(batched.access.dead_trials(sid, 60.0)) == {tid}
+    client.set_trial_state_values(tid, TrialState.FAIL)
+    assert batched.access.dead_trials(sid, 60.0) == {}
+
+
+def test_the_studys_attributes_written_are_read_at_once(batched: Served) -> None:
+    """The proxy reads a study's user attributes at most once a second for all claims; one
+    written through it, or a budget set through its service, is read back at once."""
+    client, sid = batched.client, batched.study_id
+    client.set_study_user_attr(sid, "config", {"study": {"n_trials": 5}})
+    assert client.get_study_user_attrs(sid)["config"] == {"study": {"n_trials": 5}}
+    client.set_study_user_attr(sid, "config", {"study": {"n_trials": 6}})
+    assert client.get_study_user_attrs(sid)["config"] == {"study": {"n_trials": 6}}
+    used = client.service.set_budget(
+        sid, "config", {"study": {"n_trials": 7}}, 7, failed_with_attr="fail_reason"
+    )
+    assert used == 0
+    assert client.get_study_user_attrs(sid)["config"] == {"study": {"n_trials": 7}}
