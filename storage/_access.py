@@ -61,6 +61,10 @@ class StudyAccess(Protocol):
         """Record a heartbeat of each of ``trial_ids`` (a trial finished meanwhile is left
         alone)."""
 
+    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
+        """Within it, the parameters the trial draws may be written together as it ends
+        (through the proxy: one call for them all)."""
+
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
     ) -> None: ...
@@ -130,6 +134,9 @@ class DirectAccess:
     def beat(self, trial_ids: Sequence[int]) -> None:
         for trial_id in trial_ids:
             self.rdb.record_heartbeat(trial_id)
+
+    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
@@ -284,6 +291,11 @@ class ProxyAccess:
         if n_trials >= used:
             self.storage.set_study_user_attr(study_id, key, value)
         return used
+
+    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
+        if isinstance(self.storage, ProxyClient):
+            return self.storage.params_together(trial_id)
+        return contextlib.nullcontext()
 
     def beat(self, trial_ids: Sequence[int]) -> None:
         service = self._service()

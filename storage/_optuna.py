@@ -134,7 +134,7 @@ def check() -> None:
         (optuna.samplers.TPESampler, ["_get_internal_repr"]),
         (optuna.storages._CachedStorage, ["_read_trials_from_remote_storage"]),
         (optuna.storages._CachedStorage, ["_add_trials_to_cache"]),
-        (optuna.storages.RDBStorage, ["_get_trials"]),
+        (optuna.storages.RDBStorage, ["_get_trials", "_set_trial_param_without_commit"]),
         (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
         (_note, ["note_ver_key", "split_body"]),
         (grpc_servicer, ["OptunaStorageProxyService"]),
@@ -156,6 +156,7 @@ def check() -> None:
         (optuna.storages._CachedStorage._read_trials_from_remote_storage, 2),
         (optuna.storages._CachedStorage._add_trials_to_cache, 3),
         (optuna.storages.RDBStorage._get_trials, 5),
+        (optuna.storages.RDBStorage._set_trial_param_without_commit, 7),
         (grpc_servicer.OptunaStorageProxyService, 1),
         (optuna.storages.GrpcStorageProxy._setup, 1),
         (grpc_client.GrpcClientCache, 1),
@@ -240,6 +241,14 @@ def take_waiting(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
     # as ask() does: the sampler reads the study afresh for this trial
     study._thread_local.cached_all_trials = None
     return optuna.Trial(study, trial_id)
+
+
+def as_claimed(trial: optuna.Trial) -> FrozenTrial | None:
+    """``trial`` as ``optuna.Trial`` read it when it was made (its attributes as at its
+    claim), without reading it again: through the proxy a running trial's read is a call and
+    some 3.5 ms of the proxy's CPU. None where Optuna keeps no such copy."""
+    found = getattr(trial, "_cached_frozen_trial", None)
+    return found if isinstance(found, FrozenTrial) else None
 
 
 def is_rdb(storage: optuna.storages.BaseStorage) -> bool:
@@ -371,6 +380,27 @@ def stamp_running(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int],
         return
     with storage.engine.begin() as conn:
         conn.execute(statement)
+
+
+def set_trial_params(
+    storage: optuna.storages.BaseStorage,
+    trial_id: int,
+    params: Sequence[tuple[str, float, BaseDistribution]],
+) -> None:
+    """Parameters (name, internal value, distribution) of a running trial in one transaction,
+    each checked as Optuna's ``set_trial_param`` checks it (the trial known and running, the
+    distribution compatible with the study's earlier one of that name); Optuna writes one
+    per call, each in a transaction of its own. A name the trial has already is skipped: the
+    call repeated after its answer was lost."""
+    rdb = rdb_of(storage)
+    model = _models.TrialParamModel
+    with _rdb_storage._create_scoped_session(rdb.scoped_session, True) as session:
+        query = session.query(model.param_name).filter(model.trial_id == trial_id)
+        have = {name for (name,) in query}
+        for name, value, distribution in params:
+            if name not in have:
+                rdb._set_trial_param_without_commit(session, trial_id, name, value, distribution)
+                have.add(name)
 
 
 def set_study_system_attrs(

@@ -17,6 +17,7 @@ Every call passes the proxy's guard (:class:`_Guard`):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import ipaddress
@@ -25,12 +26,13 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.errors import ConfigError, StorageError
@@ -94,6 +96,8 @@ class ProxyClient(private.GrpcClient):
         self.secret = secret
         super().__init__(host=host, port=port)
         self.service = ServiceClient(self, host, port, secret)
+        # trial id -> parameters set and not yet sent (see params_together)
+        self._unsent: dict[int, list[tuple[str, float, BaseDistribution]]] = {}
 
     def channel(self) -> Any:
         host, port = self.address
@@ -102,11 +106,50 @@ class ProxyClient(private.GrpcClient):
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
         state.pop("service", None)  # a channel: made anew on the other side
+        state["_unsent"] = {}
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self.service = ServiceClient(self, *self.address, self.secret)
+
+    @contextlib.contextmanager
+    def params_together(self, trial_id: int) -> Iterator[None]:
+        """The parameters of ``trial_id`` set within are sent in one call as it ends (one
+        transaction), where Optuna's client makes a call for each; ``optuna.Trial`` keeps
+        its own copy, and nothing reads them from the storage meanwhile. What a failed send
+        left is sent by the next ``params_together`` of the trial (a retry of the drawing:
+        Optuna draws a parameter once, and the retry sets none)."""
+        self._unsent.setdefault(trial_id, [])
+        done = False
+        try:
+            yield
+            done = True
+        finally:
+            unsent = self._unsent.pop(trial_id, [])
+            try:
+                if unsent:
+                    self.service.set_trial_params(trial_id, unsent)
+            except ValueError:  # refused for good: a distribution unlike the study's
+                if done:
+                    raise
+            except Exception:
+                self._unsent[trial_id] = unsent  # kept for the retry
+                if done:
+                    raise
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        unsent = self._unsent.get(trial_id)
+        if unsent is None:
+            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        else:
+            unsent.append((param_name, param_value_internal, distribution))
 
     def close(self) -> None:
         self.service.close()

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
 from tauopt.storage import _optuna as private
@@ -51,6 +52,7 @@ _NAMES = (
     "Beat",
     "Stats",
     "RecentTrials",
+    "SetTrialParams",
 )
 #: The longest a dead-trial answer is shared between claims (seconds).
 DEAD_ANSWER_SECONDS = 2.0
@@ -104,6 +106,8 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     except optuna.exceptions.UpdateFinishedTrialError as e:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except ValueError as e:  # a parameter's distribution unlike the study's (as Optuna's)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
 def dead_by_stamp(
@@ -221,6 +225,7 @@ class TauoptService:
             "WaitingTrials": self._waiting_trials,
             "Beat": self._beat,
             "Stats": self._stats,
+            "SetTrialParams": self._trial_params,
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -247,6 +252,14 @@ class TauoptService:
         private.set_trial_attrs(
             self.rdb, int(request["trial_id"]), user=request["user"], system=request["system"]
         )
+        return {}
+
+    def _trial_params(self, request: dict[str, Any]) -> dict[str, Any]:
+        params = [
+            (str(name), float(value), optuna.distributions.json_to_distribution(dist))
+            for name, value, dist in request["params"]
+        ]
+        private.set_trial_params(self.rdb, int(request["trial_id"]), params)
         return {}
 
     def _study_attrs(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -409,6 +422,8 @@ class ServiceClient:
                 raise KeyError(e.details()) from e
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise optuna.exceptions.UpdateFinishedTrialError(e.details()) from e
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(e.details()) from e
             raise
         return reply
 
@@ -451,6 +466,19 @@ class ServiceClient:
         """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's
         clock (the one its dead-trial check reads); False where the proxy offers no service."""
         return self._call("Beat", {"trial_ids": trial_ids}) is not None
+
+    def set_trial_params(
+        self, trial_id: int, params: Sequence[tuple[str, float, BaseDistribution]]
+    ) -> None:
+        """Parameters (name, internal value, distribution) of a running trial in one call and
+        one transaction; one call each where the proxy offers no such call."""
+        rows = [
+            [name, value, optuna.distributions.distribution_to_json(dist)]
+            for name, value, dist in params
+        ]
+        if self._call("SetTrialParams", {"trial_id": trial_id, "params": rows}) is None:
+            for name, value, dist in params:
+                self.storage.set_trial_param(trial_id, name, value, dist)
 
     def recent_trials(self, study_id: int, window: int) -> list[FrozenTrial] | None:
         """The trials a sampler of ``window`` models (:func:`tauopt.storage._optuna.recent`),

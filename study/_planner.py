@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from tauopt.engine import RunState, TrainConfig, group_key
-from tauopt.storage import RETRIED_FROM, trial_id
+from tauopt.storage import RETRIED_FROM, as_claimed, trial_id
 from tauopt.study._config import StudyConfig
 from tauopt.study._ledger import Claim, Ledger
 from tauopt.study._objective import suggest_config
@@ -92,7 +92,8 @@ class Planner:
         """The trial's training config; a retried trial keeps the seed of the trial it
         retries, so the rerun is the same run."""
         trial = claim.trial
-        stored: Any = self.ledger.db(
+        # its attributes as at its claim: Optuna read them to make the trial
+        stored: Any = as_claimed(trial) or self.ledger.db(
             "reading the trial", lambda: self.ledger.storage.get_trial(trial_id(trial))
         )
         seed = first = int(stored.system_attrs.get(RETRIED_FROM, trial.number))
@@ -101,7 +102,7 @@ class Planner:
             self._suggest_coordinates(trial)
             config = fixed
         else:
-            config = self._guarded(lambda: suggest_config(trial, self.config, seed=seed))
+            config = self._guarded(lambda: self._drawn(trial, seed))
         if self.precision is not None:
             config = config.replace(precision=self.precision)
         # Recorded once the parameters are fixed: a retry of this trial reruns them, and
@@ -126,6 +127,11 @@ class Planner:
             first_number=first,
             saved_at=_point(saved),
         )
+
+    def _drawn(self, trial: optuna.Trial, seed: int) -> TrainConfig:
+        # the parameters written together as the drawing ends (through the proxy, one call)
+        with self.ledger.access.params_together(trial_id(trial)):
+            return suggest_config(trial, self.config, seed=seed)
 
     def _guarded(self, fn: Callable[[], TrainConfig]) -> TrainConfig:
         result: Any = self.ledger.guarded("reading the trial's parameters", fn)

@@ -402,3 +402,34 @@ def test_new_enqueued_and_retried_trials_are_told_apart() -> None:
     assert not _optuna.is_new(by_number[retry.number])
     assert by_number[retry.number].system_attrs[_optuna.RETRIED_FROM] == queued.number
     assert retry.params == {"x": 0.5}
+
+
+def test_a_trial_as_claimed_is_optunas_read_of_it(tmp_path: Path) -> None:
+    """``as_claimed`` is the trial as the storage holds it when it is taken (a retry's
+    attributes and its origin included), without a read: the worker plans a trial from it."""
+    from tauopt.storage import RETRIED_FROM, as_claimed, take_waiting
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    retry = optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        params={"x": 0.5},
+        distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+        user_attrs={"run_key": "k1"},
+        system_attrs={RETRIED_FROM: 0},
+    )
+    study.add_trial(retry)
+    waiting = study.get_trials(states=(TrialState.WAITING,))[0]
+    taken = take_waiting(study, waiting._trial_id)
+    fresh = study.ask()
+    for trial in (taken, fresh):
+        assert trial is not None
+        seen = as_claimed(trial)
+        stored = study._storage.get_trial(trial._trial_id)
+        assert seen is not None
+        assert (seen.user_attrs, seen.system_attrs, seen.number, seen.state) == (
+            stored.user_attrs,
+            stored.system_attrs,
+            stored.number,
+            stored.state,
+        )
+    assert as_claimed(taken).system_attrs[RETRIED_FROM] == 0  # type: ignore[union-attr]

@@ -429,3 +429,63 @@ def test_the_studys_attributes_written_are_read_at_once(batched: Served) -> None
     )
     assert used == 0
     assert client.get_study_user_attrs(sid)["config"] == {"study": {"n_trials": 7}}
+
+
+def test_a_trials_parameters_drawn_together_are_one_call(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parameters a trial draws within ``params_together`` reach the database as it ends:
+    through the tauopt proxy in one call (no call of Optuna's per parameter), through
+    Optuna's proxy one call each; the trial reads its own meanwhile, as Optuna's does."""
+    study = optuna.load_study(study_name="s", storage=served.client)
+    trial = study.ask()
+    tid = _optuna.trial_id(trial)
+    if request.node.callspec.params["served"]:
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("a call per parameter, where the proxy takes them together")
+
+        monkeypatch.setattr(served.client.__class__.__mro__[1], "set_trial_param", refuse)
+    with served.access.params_together(tid):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        n = trial.suggest_int("n", 1, 9)
+        c = trial.suggest_categorical("c", ["a", "b"])
+        assert trial.params == {"x": x, "n": n, "c": c}
+        if request.node.callspec.params["served"]:
+            assert served.rdb.get_trial(tid).params == {}
+    assert served.rdb.get_trial(tid).params == {"x": x, "n": n, "c": c}
+    monkeypatch.undo()
+    study.tell(trial, 1.0)
+    assert served.rdb.get_trial(tid).params == {"x": x, "n": n, "c": c}
+
+
+def test_parameters_whose_sending_failed_are_sent_by_the_retry(
+    batched: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send lost to a database failure keeps the parameters: the drawing's retry (Optuna
+    draws a parameter once, so it sets none) sends them; a distribution unlike the study's
+    is refused for good, with Optuna's ValueError."""
+    study = optuna.load_study(study_name="s", storage=batched.client)
+    trial = study.ask()
+    tid = _optuna.trial_id(trial)
+    real = batched.client.service.set_trial_params
+    failures = [ConnectionError("database away")]
+
+    def flaky(*args: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real(*args)
+
+    monkeypatch.setattr(batched.client.service, "set_trial_params", flaky)
+    with pytest.raises(ConnectionError):
+        with batched.access.params_together(tid):
+            x = trial.suggest_float("x", 0.0, 1.0)
+    assert batched.rdb.get_trial(tid).params == {}
+    with batched.access.params_together(tid):
+        assert trial.suggest_float("x", 0.0, 1.0) == x  # drawn once
+    assert batched.rdb.get_trial(tid).params == {"x": x}
+    other = study.ask()
+    with pytest.raises(ValueError):
+        with batched.access.params_together(_optuna.trial_id(other)):
+            other.suggest_categorical("x", ["a", "b"])
+    assert batched.rdb.get_trial(_optuna.trial_id(other)).params == {}
