@@ -477,15 +477,13 @@ def test_parameters_whose_sending_failed_are_sent_by_the_retry(
         real(*args)
 
     monkeypatch.setattr(batched.client.service, "set_trial_params", flaky)
-    with pytest.raises(ConnectionError):
-        with batched.access.params_together(tid):
-            x = trial.suggest_float("x", 0.0, 1.0)
+    with pytest.raises(ConnectionError), batched.access.params_together(tid):
+        x = trial.suggest_float("x", 0.0, 1.0)
     assert batched.rdb.get_trial(tid).params == {}
     with batched.access.params_together(tid):
         assert trial.suggest_float("x", 0.0, 1.0) == x  # drawn once
     assert batched.rdb.get_trial(tid).params == {"x": x}
     other = study.ask()
-    with pytest.raises(ValueError):
-        with batched.access.params_together(_optuna.trial_id(other)):
-            other.suggest_categorical("x", ["a", "b"])
+    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(other)):
+        other.suggest_categorical("x", ["a", "b"])
     assert batched.rdb.get_trial(_optuna.trial_id(other)).params == {}
