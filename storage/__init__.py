@@ -10,6 +10,7 @@ from tauopt.errors import StorageError
 from tauopt.storage._access import (
     HEARTBEAT_ATTR,
     OVER_BUDGET_ATTR,
+    ClaimView,
     DirectAccess,
     ProxyAccess,
     StudyAccess,
@@ -71,6 +72,7 @@ __all__ = [
     "PROXY_SECRET_ENV",
     "RETRIED_FROM",
     "STORAGE_ENV",
+    "ClaimView",
     "DirectAccess",
     "ProxyAccess",
     "RetryPolicy",

@@ -19,6 +19,7 @@ import datetime
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import optuna
@@ -42,6 +43,42 @@ __all__ = ["HEARTBEAT_ATTR", "OVER_BUDGET_ATTR", "DirectAccess", "ProxyAccess", 
 _COUNTED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 
 
+@dataclass(frozen=True)
+class ClaimView:
+    """What a claim reads of its study before it takes trials, as one answer: the dead
+    trials (id -> (number, why)), the budget as stored now, the trials per state and the
+    failures that count (``failed_with_attr``), and the waiting trials' ids by number."""
+
+    dead: dict[int, tuple[int, str]]
+    budget: int
+    counts: dict[str, int]
+    own_failures: int
+    waiting: list[int]
+
+
+def _at(attrs: Any, path: Sequence[str]) -> int:
+    for key in path:
+        attrs = attrs[key]
+    return int(attrs)
+
+
+def composed_view(
+    access: StudyAccess,
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    grace: float,
+    *,
+    failed_with_attr: str,
+    budget_at: Sequence[str],
+) -> ClaimView:
+    """A :class:`ClaimView` asked question by question."""
+    dead = access.dead_trials(study_id, grace)
+    budget = _at(storage.get_study_user_attrs(study_id), budget_at)
+    counts, own = access.counts(study_id, failed_with_attr=failed_with_attr)
+    waiting = access.waiting(study_id) if counts.get("WAITING", 0) else []
+    return ClaimView(dead, budget, counts, own, waiting)
+
+
 class StudyAccess(Protocol):
     """The storage operations of a worker that Optuna's storage API does not offer as such."""
 
@@ -56,6 +93,19 @@ class StudyAccess(Protocol):
 
     def waiting(self, study_id: int) -> list[int]:
         """The ids of the study's waiting trials, by number."""
+
+    def new_trial(
+        self, study: optuna.Study, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> tuple[optuna.Trial | None] | None:
+        """A new trial made, with its first heartbeat, and checked against the budget in one
+        call: (the trial,), or (None,) past the budget (failed, using none of it); None
+        where that is not one call (the caller asks, beats and checks)."""
+
+    def claim_view(
+        self, study_id: int, grace: float, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> ClaimView:
+        """What a claim reads first (:class:`ClaimView`), the budget at ``budget_at`` (an
+        attribute of the study, then keys within it); through the proxy one call."""
 
     def beat(self, trial_ids: Sequence[int]) -> None:
         """Record a heartbeat of each of ``trial_ids`` (a trial finished meanwhile is left
@@ -130,6 +180,18 @@ class DirectAccess:
 
     def waiting(self, study_id: int) -> list[int]:
         return private.waiting_trial_ids(self.rdb, study_id)
+
+    def new_trial(
+        self, study: optuna.Study, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> tuple[optuna.Trial | None] | None:
+        return None  # under the study's lock: ask() and the check are no race
+
+    def claim_view(
+        self, study_id: int, grace: float, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> ClaimView:
+        return composed_view(
+            self, self.rdb, study_id, grace, failed_with_attr=failed_with_attr, budget_at=budget_at
+        )
 
     def beat(self, trial_ids: Sequence[int]) -> None:
         for trial_id in trial_ids:
@@ -245,6 +307,35 @@ class ProxyAccess:
             study_id, deepcopy=False, states=(TrialState.WAITING,)
         )
         return [private.trial_id(t) for t in waiting]
+
+    def new_trial(
+        self, study: optuna.Study, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> tuple[optuna.Trial | None] | None:
+        if not isinstance(self.storage, ProxyClient):
+            return None
+        return self.storage.new_trial(study, failed_with_attr=failed_with_attr, budget_at=budget_at)
+
+    def claim_view(
+        self, study_id: int, grace: float, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> ClaimView:
+        service = self._service()
+        answer = (
+            service.claim_view(
+                study_id, grace, failed_with_attr=failed_with_attr, budget_at=budget_at
+            )
+            if service
+            else None
+        )
+        if answer is not None:
+            return ClaimView(**answer)
+        return composed_view(
+            self,
+            self.storage,
+            study_id,
+            grace,
+            failed_with_attr=failed_with_attr,
+            budget_at=budget_at,
+        )
 
     def past_budget(
         self,

@@ -238,7 +238,12 @@ def take_waiting(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
             return None
     except optuna.exceptions.UpdateFinishedTrialError:
         return None
-    # as ask() does: the sampler reads the study afresh for this trial
+    return trial_of(study, trial_id)
+
+
+def trial_of(study: optuna.Study, trial_id: int) -> optuna.Trial:
+    """``optuna.Trial`` of running trial ``trial_id``, as ``ask()`` makes one: the sampler
+    reads the study afresh for it."""
     study._thread_local.cached_all_trials = None
     return optuna.Trial(study, trial_id)
 

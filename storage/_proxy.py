@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -98,6 +98,8 @@ class ProxyClient(private.GrpcClient):
         self.service = ServiceClient(self, host, port, secret)
         # trial id -> parameters set and not yet sent (see params_together)
         self._unsent: dict[int, list[tuple[str, float, BaseDistribution]]] = {}
+        # trial id -> a trial just made by new_trial, for the first read of it
+        self._made: dict[int, FrozenTrial] = {}
 
     def channel(self) -> Any:
         host, port = self.address
@@ -106,7 +108,7 @@ class ProxyClient(private.GrpcClient):
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
         state.pop("service", None)  # a channel: made anew on the other side
-        state["_unsent"] = {}
+        state["_unsent"], state["_made"] = {}, {}
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
@@ -168,6 +170,30 @@ class ProxyClient(private.GrpcClient):
             if ids is not None:
                 return [self.get_trial(tid) for tid in ids]
         return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+
+    def new_trial(
+        self, study: optuna.Study, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> tuple[optuna.Trial | None] | None:
+        """A new trial of ``study`` made, given its first heartbeat and checked against the
+        budget by the proxy in one call: (the trial,), or (None,) past the budget (the
+        proxy failed it); None where the proxy offers no such call. ``optuna.Trial`` reads
+        the trial as it is made: the proxy's answer serves that read."""
+        made = self.service.new_trial(
+            private.study_id(study), failed_with_attr=failed_with_attr, budget_at=budget_at
+        )
+        if made is None:
+            return None
+        if made.state != TrialState.RUNNING:
+            return (None,)
+        self._made[private.trial_id(made)] = made
+        try:
+            return (private.trial_of(study, private.trial_id(made)),)
+        finally:
+            self._made.pop(private.trial_id(made), None)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        made = self._made.pop(trial_id, None)
+        return made if made is not None else super().get_trial(trial_id)
 
     def recent_trials(self, study_id: int, window: int) -> list[FrozenTrial] | None:
         """What :class:`~tauopt.storage.WindowedTPESampler` reads, in one call of tauopt's

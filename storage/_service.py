@@ -18,6 +18,7 @@ calls. The service writes straight to the database behind the proxy: both Optuna
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import grpc
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.storage import _optuna as private
 from tauopt.storage._callstats import CallStats
@@ -53,6 +54,8 @@ _NAMES = (
     "Stats",
     "RecentTrials",
     "SetTrialParams",
+    "ClaimView",
+    "NewTrial",
 )
 #: The longest a dead-trial answer is shared between claims (seconds).
 DEAD_ANSWER_SECONDS = 2.0
@@ -130,7 +133,7 @@ def dead_by_stamp(
 _EVERY = 2**62
 
 
-def budget_in_sql(rdb: optuna.storages.RDBStorage, study_id: int, at: Sequence[str]) -> int:
+def budget_in_sql(rdb: optuna.storages.BaseStorage, study_id: int, at: Sequence[str]) -> int:
     """The study's budget as stored now: its user attribute ``at[0]``, then the keys
     ``at[1:]`` within it (``tauopt create`` may lower or raise it while workers claim)."""
     value: Any = rdb.get_study_user_attrs(study_id)
@@ -226,6 +229,8 @@ class TauoptService:
             "Beat": self._beat,
             "Stats": self._stats,
             "SetTrialParams": self._trial_params,
+            "ClaimView": self._claim_view,
+            "NewTrial": self._new_trial,
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -271,6 +276,52 @@ class TauoptService:
             keep=frozenset(request.get("keep", ())),
         )
         return {}
+
+    def _claim_view(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A claim's first questions in one call: the dead trials, the budget (the study's
+        attributes as the proxy's cache shares them, read at most once a second), the counts
+        and the waiting trials."""
+        study_id = int(request["study_id"])
+        dead = self._dead_trials(request)["dead"]
+        attrs: Any = self._reader.get_study_user_attrs(study_id)
+        for key in request["budget_at"]:
+            attrs = attrs[str(key)]
+        counts, own = private.trial_counts(
+            self.rdb, study_id, failed_with_attr=request["failed_with_attr"]
+        )
+        waiting = private.waiting_trial_ids(self.rdb, study_id) if counts.get("WAITING") else []
+        return {
+            "dead": dead,
+            "budget": int(attrs),
+            "counts": counts,
+            "own": own,
+            "waiting": waiting,
+        }
+
+    def _new_trial(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A new trial made, stamped with its first heartbeat and checked against the budget
+        as stored now, under the study's lock (as PastBudget checks it): one call where
+        ``ask()``, the first heartbeat and the check were five. Past the budget, it is failed
+        here (using none of it)."""
+        study_id = int(request["study_id"])
+        # through the proxy's cache, as Optuna's service makes a trial: the cache knows it
+        tid = self._reader.create_new_trial(study_id)
+        self._beats.add([tid])
+        trial = self.rdb.get_trial(tid)
+        with self._study_locked(study_id):
+            used = private.budget_before(
+                self.rdb,
+                study_id,
+                trial.number,
+                failed_with_attr=request["failed_with_attr"],
+                uncounted_attr=OVER_BUDGET_ATTR,
+            )
+            past = used >= budget_in_sql(self._reader, study_id, request["budget_at"])
+        if past:
+            self.rdb.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
+            self.rdb.set_trial_state_values(tid, state=TrialState.FAIL)
+        start = trial.datetime_start.timestamp() if trial.datetime_start else None
+        return {"trial_id": tid, "number": trial.number, "start": start, "past": past}
 
     def _dead_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         study_id, grace = int(request["study_id"]), float(request["grace"])
@@ -466,6 +517,47 @@ class ServiceClient:
         """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's
         clock (the one its dead-trial check reads); False where the proxy offers no service."""
         return self._call("Beat", {"trial_ids": trial_ids}) is not None
+
+    def new_trial(
+        self, study_id: int, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> FrozenTrial | None:
+        """A new trial made, stamped and checked against the budget in one call (see
+        ``TauoptService._new_trial``): the trial as made, or None where the proxy offers no
+        such call. Past the budget, the trial comes back failed."""
+        request = {"study_id": study_id, "failed_with_attr": failed_with_attr}
+        reply = self._call("NewTrial", {**request, "budget_at": list(budget_at)})
+        if reply is None:
+            return None
+        start = reply["start"]
+        return FrozenTrial(
+            number=int(reply["number"]),
+            state=TrialState.FAIL if reply["past"] else TrialState.RUNNING,
+            value=None,
+            datetime_start=None if start is None else datetime.datetime.fromtimestamp(start),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={OVER_BUDGET_ATTR: True} if reply["past"] else {},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=int(reply["trial_id"]),
+        )
+
+    def claim_view(
+        self, study_id: int, grace: float, *, failed_with_attr: str, budget_at: Sequence[str]
+    ) -> dict[str, Any] | None:
+        """The fields of a :class:`~tauopt.storage._access.ClaimView`, in one call."""
+        request = {"study_id": study_id, "grace": grace, "failed_with_attr": failed_with_attr}
+        reply = self._call("ClaimView", {**request, "budget_at": list(budget_at)})
+        if reply is None:
+            return None
+        return {
+            "dead": {int(t): (int(n), str(why)) for t, n, why in reply["dead"]},
+            "budget": int(reply["budget"]),
+            "counts": {str(k): int(v) for k, v in reply["counts"].items()},
+            "own_failures": int(reply["own"]),
+            "waiting": [int(t) for t in reply["waiting"]],
+        }
 
     def set_trial_params(
         self, trial_id: int, params: Sequence[tuple[str, float, BaseDistribution]]

@@ -20,6 +20,7 @@ from tauopt.errors import StorageError
 from tauopt.storage import (
     OVER_BUDGET_ATTR,
     RETRIED_FROM,
+    ClaimView,
     RetryPolicy,
     StudyAccess,
     is_storage_error,
@@ -81,8 +82,19 @@ def fail_stale_trials(
     the grace period, or it never sent one and started more than the grace period ago (its
     worker died between claiming it and its first heartbeat, or something else ``ask()``-ed
     it). Returns (number, why) of the trials failed here."""
+    return requeue_dead(study, storage, access, access.dead_trials(study_id(study), grace_seconds))
+
+
+def requeue_dead(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    access: StudyAccess,
+    dead: Mapping[int, tuple[int, str]],
+) -> list[tuple[int, str]]:
+    """Fail and queue again the ``dead`` trials (id -> (number, why)) that no other worker
+    has finished first; returns (number, why) of those failed here."""
     failed = []
-    for tid, (number, why) in sorted(access.dead_trials(study_id(study), grace_seconds).items()):
+    for tid, (number, why) in sorted(dead.items()):
         if requeue(study, storage, access, tid, None):
             failed.append((number, why))
     return failed
@@ -186,14 +198,17 @@ class Ledger:
         claim took before a storage call failed: those trials run and beat, and are this
         worker's (asked again, they would beat forever with nobody to run them)."""
         start = time.monotonic()
-        for number, why in fail_stale_trials(self.study, self.storage, self.access, self.grace):
-            self.say(f"trial {number} {why} for {self.grace:g} s: failed and queued again")
         sid = study_id(self.study)
-        # `tauopt create --n-trials` may raise the budget while workers run.
-        attrs = self.storage.get_study_user_attrs(sid)
-        self.n_trials = int(attrs[CONFIG_ATTR]["study"]["n_trials"])
-        # Counted in the database, not by reading every trial of the study.
-        counts, own = self.access.counts(sid, failed_with_attr=FAIL_REASON_ATTR)
+        # The dead trials, the budget (`tauopt create --n-trials` may change it while workers
+        # run), the counts (in the database, not by reading every trial) and the queue: one
+        # answer, asked again once dead trials were queued again.
+        view = self._view(sid)
+        if view.dead:
+            for number, why in requeue_dead(self.study, self.storage, self.access, view.dead):
+                self.say(f"trial {number} {why} for {self.grace:g} s: failed and queued again")
+            view = self._view(sid)
+        self.n_trials = view.budget
+        counts, own = view.counts, view.own_failures
         used, waiting, done = (
             budget_used(counts, own),
             counts.get("WAITING", 0),
@@ -204,13 +219,23 @@ class Ledger:
             return claims, True
         # A waiting trial (a retry or a planned run, counted already) is taken before a new
         # one is made. The counts include the trials taken before: they are running.
-        queue = self.access.waiting(sid) if waiting else []
+        queue = list(view.waiting) if waiting else []
         while len(claims) < k and (queue or used < self.n_trials):
             trial = self._take(queue) if queue else None
             if trial is None:
                 if used >= self.n_trials:  # others took the waiting ones: nothing is left
                     break
                 used += 1
+                made = self._made()
+                if made is not None:  # made, beating and checked, in one call
+                    if made[0] is None:  # past the budget: failed, and claiming stops
+                        break
+                    taken.claims.append(
+                        Claim(self._hold(made[0], beat=False), done + len(claims) + 1)
+                    )
+                    if time.monotonic() - start > CLAIM_HOLD_SECONDS:
+                        break
+                    continue
                 trial = self._ask()
             taken.unchecked = trial
             if not self._checked(taken, trial, done):
@@ -218,6 +243,11 @@ class Ledger:
             if time.monotonic() - start > CLAIM_HOLD_SECONDS:
                 break
         return claims, bool(claims) or counts.get("RUNNING", 0) > 0
+
+    def _view(self, sid: int) -> ClaimView:
+        return self.access.claim_view(
+            sid, self.grace, failed_with_attr=FAIL_REASON_ATTR, budget_at=BUDGET_AT
+        )
 
     def _take(self, queue: list[int]) -> optuna.Trial | None:
         """The first trial of ``queue`` (waiting trial ids) that no other worker took first;
@@ -244,11 +274,22 @@ class Ledger:
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
             return self._hold(self.study.ask())
 
-    def _hold(self, trial: optuna.Trial) -> optuna.Trial:
-        """``trial``, just taken, as this worker's: held and beating."""
+    def _made(self) -> tuple[optuna.Trial | None] | None:
+        with warnings.catch_warnings():
+            # Trial() warns, as ask() does, that heartbeats are meant for optimize()
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            return self.access.new_trial(
+                self.study, failed_with_attr=FAIL_REASON_ATTR, budget_at=BUDGET_AT
+            )
+
+    def _hold(self, trial: optuna.Trial, *, beat: bool = True) -> optuna.Trial:
+        """``trial``, just taken, as this worker's: held and beating (``beat=False``: its
+        first heartbeat was stamped as it was made)."""
         tid = trial_id(trial)
         self._held[tid] = trial
         self.heartbeat.add([tid])
+        if not beat:
+            return trial
         # The first heartbeat inside the lock, so no other worker sees this trial running
         # without one. If it fails, the trial is still ours (asking again would leave it
         # orphaned): the heartbeat thread records it within an interval.

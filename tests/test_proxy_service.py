@@ -487,3 +487,79 @@ def test_parameters_whose_sending_failed_are_sent_by_the_retry(
     with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(other)):
         other.suggest_categorical("x", ["a", "b"])
     assert batched.rdb.get_trial(_optuna.trial_id(other)).params == {}
+
+
+def test_a_claims_view_is_one_call_and_alike(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim's first questions (dead trials, the budget as stored, counts, the queue) are
+    one call of the tauopt proxy, with the answers Optuna's proxy gives question by
+    question."""
+    ids = _trials_of_every_kind(served)
+    served.client.set_trial_system_attr(ids[4], _service.HEARTBEAT_ATTR, time.time() - 100)
+    served.client.set_study_user_attr(served.study_id, "config", {"study": {"n_trials": 9}})
+    if request.node.callspec.params["served"]:
+        _no_trial_reads(served, True, monkeypatch)
+        for name in ("dead_trials", "counts", "waiting_trial_ids"):
+            monkeypatch.setattr(served.client.service, name, None)
+        monkeypatch.setattr(served.client, "get_study_user_attrs", None)
+    view = served.access.claim_view(
+        served.study_id,
+        30.0,
+        failed_with_attr="fail_reason",
+        budget_at=("config", "study", "n_trials"),
+    )
+    assert view.dead == {ids[4]: (4, "its heartbeat went silent")}
+    assert view.budget == 9
+    assert view.counts == {"COMPLETE": 1, "FAIL": 3, "RUNNING": 1, "WAITING": 1}
+    assert view.own_failures == 1
+    assert view.waiting == [ids[5]]
+
+
+def test_a_claim_through_the_proxy_is_a_call_per_trial_and_stops_at_the_budget(
+    served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's claim of five trials in a study of three: through the tauopt proxy one
+    call reads the study (dead trials, budget, counts, queue) and one call makes each trial,
+    with its first heartbeat and its budget check; through Optuna's proxy ``ask()``, a
+    heartbeat and a check each. Either way three trials run, each stamped, and a trial that
+    comes past the budget anyway (another proxy's claim) is failed, using none of it."""
+    from tauopt.storage import RetryPolicy
+    from tauopt.study._ledger import Ledger
+    from tauopt.study._liveness import Heartbeat
+    from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR
+
+    client, sid = served.client, served.study_id
+    client.set_study_user_attr(sid, CONFIG_ATTR, {"study": {"n_trials": 3}})
+    study = optuna.load_study(study_name="s", storage=client)
+    said: list[str] = []
+    ledger = Ledger(
+        study,
+        client,
+        grace=60.0,
+        retry=RetryPolicy(limit=5.0, first_wait=0.01, max_wait=0.01),
+        heartbeat=Heartbeat(served.access, 60.0, said.append),
+        say=said.append,
+        access=served.access,
+    )
+    calls: list[str] = []
+    real = client.service._call
+    monkeypatch.setattr(client.service, "_call", lambda n, r: calls.append(n) or real(n, r))
+    claims, _ = ledger.claim(5)
+    assert [c.trial.number for c in claims] == [0, 1, 2]
+    for claim in claims:
+        stored = served.rdb.get_trial(_optuna.trial_id(claim.trial))
+        assert stored.state == TrialState.RUNNING
+        assert _service.HEARTBEAT_ATTR in stored.system_attrs
+    if request.node.callspec.params["served"]:
+        # (and a second look, for the two trials more it asked for)
+        assert calls == ["ClaimView", "NewTrial", "NewTrial", "NewTrial", "ClaimView"]
+        made = client.service.new_trial(
+            sid, failed_with_attr=FAIL_REASON_ATTR, budget_at=(CONFIG_ATTR, "study", "n_trials")
+        )
+        assert made is not None and made.state == TrialState.FAIL
+        past = served.rdb.get_trial(_optuna.trial_id(made))
+        assert past.state == TrialState.FAIL and past.user_attrs[_service.OVER_BUDGET_ATTR]
+    assert ledger.claim(1) == ([], True)  # the budget is used: nothing more
+    states = [t.state for t in served.rdb.get_all_trials(sid)]
+    assert states.count(TrialState.RUNNING) == 3
