@@ -5,9 +5,10 @@ count of its calls, ``proxy_calls_per_trial``).
 The proxy's CPU per trial is modelled from the measurement as three parts:
 
 * the heartbeats: one call per ``--heartbeat`` seconds of a trial, each as measured;
-* the sampler's read of the study (Optuna's ``GetTrials``): every unfinished trial of the study
-  is read and sent at each claim, so it grows with the trials running, that is with the
-  workers (linear, scaled from the measured N);
+* the sampler's read of the study (``RecentTrials``, and Optuna's ``GetTrials`` before it or
+  where the proxy offers no such call): every unfinished trial of the study is sent at each
+  claim, so it grows with the trials running, that is with the workers (linear, scaled from
+  the measured N);
 * everything else (claim, parameters, record, booking): as measured, whatever the length;
 
 and the process's CPU beyond its calls' threads (gRPC's own) in the measured proportion. For
@@ -35,7 +36,7 @@ def model(result: dict[str, Any]) -> dict[str, float]:
     (the sampler's read, per worker running), ``fixed``; and ``overhead`` (process / calls)."""
     calls = result["proxy_calls_per_trial"]
     beat = calls["Beat"]["cpu_ms"] / calls["Beat"]["calls"] / 1000
-    read = calls.get("GetTrials", {"cpu_ms": 0.0})["cpu_ms"] / 1000
+    read = sum(calls.get(m, {"cpu_ms": 0.0})["cpu_ms"] for m in ("GetTrials", "RecentTrials")) / 1000
     total = sum(m["cpu_ms"] for m in calls.values()) / 1000
     fixed = total - read - calls["Beat"]["cpu_ms"] / 1000
     return {
