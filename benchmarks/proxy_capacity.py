@@ -36,7 +36,9 @@ def model(result: dict[str, Any]) -> dict[str, float]:
     (the sampler's read, per worker running), ``fixed``; and ``overhead`` (process / calls)."""
     calls = result["proxy_calls_per_trial"]
     beat = calls["Beat"]["cpu_ms"] / calls["Beat"]["calls"] / 1000
-    read = sum(calls.get(m, {"cpu_ms": 0.0})["cpu_ms"] for m in ("GetTrials", "RecentTrials")) / 1000
+    read = (
+        sum(calls.get(m, {"cpu_ms": 0.0})["cpu_ms"] for m in ("GetTrials", "RecentTrials")) / 1000
+    )
     total = sum(m["cpu_ms"] for m in calls.values()) / 1000
     fixed = total - read - calls["Beat"]["cpu_ms"] / 1000
     return {
