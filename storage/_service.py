@@ -133,7 +133,7 @@ def dead_by_stamp(
 _EVERY = 2**62
 
 
-def budget_in_sql(rdb: optuna.storages.BaseStorage, study_id: int, at: Sequence[str]) -> int:
+def budget_in_sql(rdb: optuna.storages.RDBStorage, study_id: int, at: Sequence[str]) -> int:
     """The study's budget as stored now: its user attribute ``at[0]``, then the keys
     ``at[1:]`` within it (``tauopt create`` may lower or raise it while workers claim)."""
     value: Any = rdb.get_study_user_attrs(study_id)
@@ -316,7 +316,8 @@ class TauoptService:
                 failed_with_attr=request["failed_with_attr"],
                 uncounted_attr=OVER_BUDGET_ATTR,
             )
-            past = used >= budget_in_sql(self._reader, study_id, request["budget_at"])
+            # read fresh, not from the cache: another proxy or `create` may have lowered it
+            past = used >= budget_in_sql(self.rdb, study_id, request["budget_at"])
         if past:
             self.rdb.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
             self.rdb.set_trial_state_values(tid, state=TrialState.FAIL)

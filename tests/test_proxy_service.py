@@ -563,3 +563,20 @@ def test_a_claim_through_the_proxy_is_a_call_per_trial_and_stops_at_the_budget(
     assert ledger.claim(1) == ([], True)  # the budget is used: nothing more
     states = [t.state for t in served.rdb.get_all_trials(sid)]
     assert states.count(TrialState.RUNNING) == 3
+
+
+def test_a_new_trial_is_checked_against_the_budget_as_stored_now(batched: Served) -> None:
+    """The proxy shares a study's attributes between claims for a second, but a new trial's
+    budget check reads the budget afresh: lowered beside the proxy (by another proxy, or on
+    the database), it holds at once."""
+    from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR
+
+    client, sid = batched.client, batched.study_id
+    at = (CONFIG_ATTR, "study", "n_trials")
+    client.set_study_user_attr(sid, CONFIG_ATTR, {"study": {"n_trials": 5}})
+    assert client.get_study_user_attrs(sid)[CONFIG_ATTR]["study"]["n_trials"] == 5
+    batched.rdb.set_study_user_attr(sid, CONFIG_ATTR, {"study": {"n_trials": 1}})
+    first = client.service.new_trial(sid, failed_with_attr=FAIL_REASON_ATTR, budget_at=at)
+    second = client.service.new_trial(sid, failed_with_attr=FAIL_REASON_ATTR, budget_at=at)
+    assert first is not None and first.state == TrialState.RUNNING
+    assert second is not None and second.state == TrialState.FAIL
