@@ -275,6 +275,7 @@ def main() -> None:
     parser.add_argument("--service", choices=("on", "off"), default="on")
     parser.add_argument("--json", type=Path, help=JSON_HELP)
     args = parser.parse_args()
+    measured_on = machine()  # the code as the run starts (the tree may change while it runs)
     args.json = args.json or result_path(__file__, "cpu", _variant(args))
     from tauopt.storage import normalize_url
 
@@ -402,7 +403,7 @@ def main() -> None:
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
         conn.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
-    summary = {**machine(), **summary}
+    summary = {**measured_on, **summary}
     print(json.dumps(summary, indent=1))
     args.json.write_text(json.dumps(summary, indent=1) + "\n")
 

@@ -391,20 +391,24 @@ def set_trial_params(
     storage: optuna.storages.BaseStorage,
     trial_id: int,
     params: Sequence[tuple[str, float, BaseDistribution]],
+    previous: dict[str, BaseDistribution] | None = None,
 ) -> None:
     """Parameters (name, internal value, distribution) of a running trial in one transaction,
     each checked as Optuna's ``set_trial_param`` checks it (the trial known and running, the
-    distribution compatible with the study's earlier one of that name); Optuna writes one
-    per call, each in a transaction of its own. A name the trial has already is skipped: the
-    call repeated after its answer was lost."""
+    distribution compatible with the study's earlier one of that name: from ``previous``
+    where it names one, as Optuna's cache passes its own, else from the database); Optuna
+    writes one per call, each in a transaction of its own. A name the trial has already is
+    skipped: the call repeated after its answer was lost."""
     rdb = rdb_of(storage)
     model = _models.TrialParamModel
+    previous = previous or {}
     with _rdb_storage._create_scoped_session(rdb.scoped_session, True) as session:
         query = session.query(model.param_name).filter(model.trial_id == trial_id)
         have = {name for (name,) in query}
-        for name, value, distribution in params:
+        for name, value, dist in params:
             if name not in have:
-                rdb._set_trial_param_without_commit(session, trial_id, name, value, distribution)
+                before = previous.get(name)
+                rdb._set_trial_param_without_commit(session, trial_id, name, value, dist, before)
                 have.add(name)
 
 
@@ -470,6 +474,38 @@ def running_trials(
     with storage.engine.connect() as conn:
         rows = conn.execute(query, {"s": study_id}).all()
     return {int(i): (int(n), _as_datetime(start)) for i, n, start in rows}
+
+
+def trial_place(
+    storage: optuna.storages.RDBStorage, trial_id: int
+) -> tuple[int, int, datetime.datetime | None]:
+    """Study id, number and start of trial ``trial_id``: one query on its row (Optuna's
+    ``get_trial`` reads its parameters and attributes too). KeyError for an unknown trial."""
+    query = sqlalchemy.text(
+        "SELECT study_id, number, datetime_start FROM trials WHERE trial_id = :t"
+    )
+    with storage.engine.connect() as conn:
+        row = conn.execute(query, {"t": trial_id}).first()
+    if row is None:
+        raise KeyError(f"no trial with id {trial_id}")
+    return int(row[0]), int(row[1]), _as_datetime(row[2])
+
+
+def param_distributions(
+    storage: optuna.storages.RDBStorage, study_id: int, names: Sequence[str]
+) -> dict[str, BaseDistribution]:
+    """The distribution of each of ``names`` that a trial of the study has used already (the
+    one Optuna checks a new parameter against): one query."""
+    if not names:
+        return {}
+    query = sqlalchemy.text(
+        "SELECT p.param_name, MIN(p.distribution_json) FROM trial_params p "
+        "JOIN trials t ON t.trial_id = p.trial_id "
+        "WHERE t.study_id = :s AND p.param_name IN :names GROUP BY p.param_name"
+    ).bindparams(sqlalchemy.bindparam("names", expanding=True))
+    with storage.engine.connect() as conn:
+        rows = conn.execute(query, {"s": study_id, "names": list(names)}).all()
+    return {str(name): optuna.distributions.json_to_distribution(d) for name, d in rows}
 
 
 def trial_system_attr(

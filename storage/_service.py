@@ -210,6 +210,7 @@ class TauoptService:
             lambda ids: private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
         )
         self._dead: Recent[dict[int, tuple[int, str]]] = Recent()
+        self._dists: dict[int, dict[str, BaseDistribution]] = {}  # study -> name -> first
 
     @contextlib.contextmanager
     def _study_locked(self, study_id: int) -> Iterator[None]:
@@ -260,11 +261,21 @@ class TauoptService:
         return {}
 
     def _trial_params(self, request: dict[str, Any]) -> dict[str, Any]:
+        tid = int(request["trial_id"])
         params = [
             (str(name), float(value), optuna.distributions.json_to_distribution(dist))
             for name, value, dist in request["params"]
         ]
-        private.set_trial_params(self.rdb, int(request["trial_id"]), params)
+        # The study's first distribution of each name, which Optuna checks a new one against,
+        # kept here as Optuna's cache keeps it: else a query over the study's parameters each.
+        study_id, _, _ = private.trial_place(self.rdb, tid)
+        known = self._dists.setdefault(study_id, {})
+        missing = [name for name, _, _ in params if name not in known]
+        if missing:
+            known.update(private.param_distributions(self.rdb, study_id, missing))
+        private.set_trial_params(self.rdb, tid, params, previous=known)
+        for name, _, dist in params:
+            known.setdefault(name, dist)
         return {}
 
     def _study_attrs(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -307,12 +318,12 @@ class TauoptService:
         # through the proxy's cache, as Optuna's service makes a trial: the cache knows it
         tid = self._reader.create_new_trial(study_id)
         self._beats.add([tid])
-        trial = self.rdb.get_trial(tid)
+        _, number, start = private.trial_place(self.rdb, tid)
         with self._study_locked(study_id):
             used = private.budget_before(
                 self.rdb,
                 study_id,
-                trial.number,
+                number,
                 failed_with_attr=request["failed_with_attr"],
                 uncounted_attr=OVER_BUDGET_ATTR,
             )
@@ -321,8 +332,8 @@ class TauoptService:
         if past:
             self.rdb.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
             self.rdb.set_trial_state_values(tid, state=TrialState.FAIL)
-        start = trial.datetime_start.timestamp() if trial.datetime_start else None
-        return {"trial_id": tid, "number": trial.number, "start": start, "past": past}
+        stamp = start.timestamp() if start else None
+        return {"trial_id": tid, "number": number, "start": stamp, "past": past}
 
     def _dead_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         study_id, grace = int(request["study_id"]), float(request["grace"])

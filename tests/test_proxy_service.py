@@ -580,3 +580,22 @@ def test_a_new_trial_is_checked_against_the_budget_as_stored_now(batched: Served
     second = client.service.new_trial(sid, failed_with_attr=FAIL_REASON_ATTR, budget_at=at)
     assert first is not None and first.state == TrialState.RUNNING
     assert second is not None and second.state == TrialState.FAIL
+
+
+def test_a_parameter_unlike_one_written_beside_the_proxy_is_refused(batched: Served) -> None:
+    """The first distribution of a name, written on the database before the proxy ever saw
+    it, is the one a new parameter is checked against (Optuna's rule)."""
+    direct = optuna.load_study(study_name="s", storage=batched.rdb)
+    direct.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 0.5},
+            distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+            value=1.0,
+        )
+    )
+    trial = optuna.load_study(study_name="s", storage=batched.client).ask()
+    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(trial)):
+        trial.suggest_categorical("x", ["a", "b"])
+    with batched.access.params_together(_optuna.trial_id(trial)):
+        y = trial.suggest_int("y", 0, 3)
+    assert batched.rdb.get_trial(_optuna.trial_id(trial)).params == {"y": y}
