@@ -33,8 +33,13 @@ surface"):
 * ``_get_stale_trial_ids`` (:func:`stale_trial_ids`): which trials are dead, so that the
   worker requeues them itself (``fail_stale_trials`` says nothing of which);
 * ``Study._storage``, ``_study_id``, ``Trial._trial_id``: ids, which have no public accessor.
-* ``Study._thread_local`` (:func:`take_waiting`): a waiting trial taken by its id, as ``ask()``
-  takes one, without ``ask()``'s new trial when another worker took it first.
+* ``Study._thread_local`` (:func:`take_waiting`, :func:`trial_of`): a waiting trial taken by
+  its id, as ``ask()`` takes one, without ``ask()``'s new trial when another worker took it
+  first; a trial the proxy made in one call, as ``ask()`` makes one.
+* ``RDBStorage._set_trial_param_without_commit`` (:func:`set_trial_params`): a trial's
+  parameters in one transaction, through the proxy one call instead of one per parameter;
+* ``Trial._cached_frozen_trial`` (:func:`as_claimed`, read with ``getattr`` and a fallback):
+  a claimed trial's attributes as Optuna read them to make it, without a second read.
 
 :func:`check` runs once, when this module is imported: it verifies the versions and every
 name, arity and schema version used here, and a mismatch raises :class:`DependencyError` with

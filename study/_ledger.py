@@ -145,6 +145,17 @@ def requeue(
     return True
 
 
+def _view(access: StudyAccess, sid: int, grace: float) -> ClaimView:
+    return access.claim_view(sid, grace, failed_with_attr=FAIL_REASON_ATTR, budget_at=BUDGET_AT)
+
+
+def _made(access: StudyAccess, study: optuna.Study) -> tuple[optuna.Trial | None] | None:
+    with warnings.catch_warnings():
+        # Trial() warns, as ask() does, that heartbeats are meant for optimize()
+        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+        return access.new_trial(study, failed_with_attr=FAIL_REASON_ATTR, budget_at=BUDGET_AT)
+
+
 class Ledger:
     """Claims trials of one study for one worker and books what became of them. Every storage
     call goes through ``retry``; ``say`` prints what the worker must not keep quiet."""
@@ -202,11 +213,11 @@ class Ledger:
         # The dead trials, the budget (`tauopt create --n-trials` may change it while workers
         # run), the counts (in the database, not by reading every trial) and the queue: one
         # answer, asked again once dead trials were queued again.
-        view = self._view(sid)
+        view = _view(self.access, sid, self.grace)
         if view.dead:
             for number, why in requeue_dead(self.study, self.storage, self.access, view.dead):
                 self.say(f"trial {number} {why} for {self.grace:g} s: failed and queued again")
-            view = self._view(sid)
+            view = _view(self.access, sid, self.grace)
         self.n_trials = view.budget
         counts, own = view.counts, view.own_failures
         used, waiting, done = (
@@ -226,7 +237,7 @@ class Ledger:
                 if used >= self.n_trials:  # others took the waiting ones: nothing is left
                     break
                 used += 1
-                made = self._made()
+                made = _made(self.access, self.study)
                 if made is not None:  # made, beating and checked, in one call
                     if made[0] is None:  # past the budget: failed, and claiming stops
                         break
@@ -243,11 +254,6 @@ class Ledger:
             if time.monotonic() - start > CLAIM_HOLD_SECONDS:
                 break
         return claims, bool(claims) or counts.get("RUNNING", 0) > 0
-
-    def _view(self, sid: int) -> ClaimView:
-        return self.access.claim_view(
-            sid, self.grace, failed_with_attr=FAIL_REASON_ATTR, budget_at=BUDGET_AT
-        )
 
     def _take(self, queue: list[int]) -> optuna.Trial | None:
         """The first trial of ``queue`` (waiting trial ids) that no other worker took first;
@@ -273,14 +279,6 @@ class Ledger:
             # ask() warns that heartbeats are meant for optimize(): the worker records them.
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
             return self._hold(self.study.ask())
-
-    def _made(self) -> tuple[optuna.Trial | None] | None:
-        with warnings.catch_warnings():
-            # Trial() warns, as ask() does, that heartbeats are meant for optimize()
-            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            return self.access.new_trial(
-                self.study, failed_with_attr=FAIL_REASON_ATTR, budget_at=BUDGET_AT
-            )
 
     def _hold(self, trial: optuna.Trial, *, beat: bool = True) -> optuna.Trial:
         """``trial``, just taken, as this worker's: held and beating (``beat=False``: its
