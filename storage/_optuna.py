@@ -58,7 +58,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -894,6 +894,8 @@ class CoalescedCache(optuna.storages._CachedStorage):
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
         super().__init__(backend)
         self._attrs_read: dict[int, tuple[float, dict[str, Any]]] = {}
+        #: called with a study's id once it is deleted through this cache
+        self.on_delete: list[Callable[[int], None]] = []
         self._round = threading.Condition()
         self._started: dict[int, int] = {}  # study id -> reads started
         self._done: dict[int, int] = {}  # study id -> the last read that finished
@@ -917,6 +919,8 @@ class CoalescedCache(optuna.storages._CachedStorage):
     def delete_study(self, study_id: int) -> None:
         super().delete_study(study_id)
         self.forget_study_attrs()
+        for forget in self.on_delete:  # on SQLite the id may come back for another study
+            forget(study_id)
 
     def forget_study_attrs(self) -> None:
         """Read the studies' user attributes afresh (one was written beside this cache)."""

@@ -211,6 +211,14 @@ class TauoptService:
         )
         self._dead: Recent[dict[int, tuple[int, str]]] = Recent()
         self._dists: dict[int, dict[str, BaseDistribution]] = {}  # study -> name -> first
+        if isinstance(reader, private.CoalescedCache):
+            reader.on_delete.append(self._forget)
+
+    def _forget(self, study_id: int) -> None:
+        """What this service keeps of a deleted study (its id may come back on SQLite)."""
+        self._dists.pop(study_id, None)
+        self._encoder.forget(study_id)
+        self._dead.forget()
 
     @contextlib.contextmanager
     def _study_locked(self, study_id: int) -> Iterator[None]:

@@ -599,3 +599,24 @@ def test_a_parameter_unlike_one_written_beside_the_proxy_is_refused(batched: Ser
     with batched.access.params_together(_optuna.trial_id(trial)):
         y = trial.suggest_int("y", 0, 3)
     assert batched.rdb.get_trial(_optuna.trial_id(trial)).params == {"y": y}
+
+
+def test_a_deleted_study_leaves_nothing_behind_in_the_proxy(batched: Served) -> None:
+    """What the proxy keeps of a study (its parameters' first distributions, the sampler's
+    encoded trials) goes with it: a study made after it (on SQLite, maybe under its id) draws
+    a parameter of another kind under the same name, and its sampler sees its own trials."""
+    client = batched.client
+    first = optuna.load_study(study_name="s", storage=client)
+    trial = first.ask()
+    with batched.access.params_together(_optuna.trial_id(trial)):
+        trial.suggest_float("x", 0.0, 1.0)
+    first.tell(trial, 1.0)
+    assert client.recent_trials(batched.study_id, 10) is not None
+    client.delete_study(batched.study_id)
+    again = optuna.create_study(study_name="s2", storage=client)
+    trial = again.ask()
+    with batched.access.params_together(_optuna.trial_id(trial)):
+        trial.suggest_categorical("x", ["a", "b"])
+    assert batched.rdb.get_trial(_optuna.trial_id(trial)).params["x"] in ("a", "b")
+    got = client.recent_trials(_optuna.study_id(again), 10)
+    assert got is not None and [t.params for t in got] == [{"x": trial.params["x"]}]
