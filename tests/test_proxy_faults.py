@@ -313,18 +313,41 @@ def test_workers_ride_out_connections_terminated_repeatedly(
 def test_a_proxy_with_more_connections_than_its_role_may_open_keeps_its_workers(
     cluster: Cluster, tmp_path: Path, data_dir: Path
 ) -> None:
-    """The role may hold 3 connections, the proxy is told 6: calls that find no connection
-    are answered UNAVAILABLE and retried, and the proxy says why."""
+    """The role may hold 3 connections, the proxy is told 6. While another client holds all
+    three (the server closed the proxy's own first), the proxy's calls find no connection:
+    they are answered UNAVAILABLE and retried, and the proxy says why; once the connections
+    are free, the study ends with its budget."""
     role = f"limited_{uuid.uuid4().hex[:6]}"
     cluster.sql(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 3")
     database = cluster.database(role)
     proxy = Proxy(database, "--db-connections", "6")
+    other = sqlalchemy.create_engine(database, poolclass=sqlalchemy.pool.NullPool)
+    held: list[sqlalchemy.Connection] = []
     try:
         study = _create(proxy.url, tmp_path, 12, epochs=2, interval=2, grace=30)
+        cluster.sql(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        )
+        deadline = time.monotonic() + 30
+        while len(held) < 3:  # the closed ones leave the role's count in a moment
+            try:
+                held.append(other.connect())
+            except sqlalchemy.exc.OperationalError:
+                assert time.monotonic() < deadline, "the role's connections were not freed"
+                time.sleep(0.2)
         workers = _workers(proxy.url, study, tmp_path, data_dir, 4)
+        deadline = time.monotonic() + 120
+        while "too many connections for role" not in proxy.output:
+            assert time.monotonic() < deadline, proxy.output
+            time.sleep(0.5)
+        for conn in held:
+            conn.close()
+        held = []
         _exact(database, study, 12, workers)
-        assert "too many connections for role" in proxy.output, proxy.output
     finally:
+        for conn in held:
+            conn.close()
+        other.dispose()
         proxy.stop()
 
 
