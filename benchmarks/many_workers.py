@@ -70,16 +70,27 @@ def _fake_dataset() -> Any:
 
 
 def _patch(
-    seconds: float, claims: list[float], claim_cpu: list[float], beats: dict[int, list[float]]
+    seconds: float,
+    claims: list[float],
+    claim_cpu: list[float],
+    beats: dict[int, list[float]],
+    events: dict[int, list[tuple[str, float]]],
 ) -> None:
     """The training becomes a sleep and a tiny model's result; claims and heartbeats are timed,
     claims also in the CPU time of the thread that claims (Optuna's ask(), the sampler, the
-    calls' encoding)."""
+    calls' encoding). Each worker thread's claims and trainings are kept in ``events`` (by
+    thread, as (what, Unix time)) for the run's timeline."""
+
+    def event(what: str) -> None:
+        events.setdefault(threading.get_ident(), []).append((what, time.time()))
+
     from tauopt.engine import History, TrainResult, build_model
     from tauopt.study import _ledger, _runner, _worker
 
     def train_population(configs: list[Any], dataset: Any, **_: Any) -> list[Any]:
+        event("train")
         time.sleep(seconds)
+        event("trained")
         out = []
         for config in configs:
             model = build_model(config, 784, 10)
@@ -112,9 +123,11 @@ def _patch(
 
     def timed_claim(self: Any, k: int) -> Any:
         start, cpu = time.perf_counter(), time.thread_time()
+        event("claim")
         try:
             return claim(self, k)
         finally:
+            event("claimed")
             claims.append(time.perf_counter() - start)
             claim_cpu.append(time.thread_time() - cpu)
 
@@ -142,7 +155,8 @@ def _process(
     claim_cpu: list[float] = []
     beats: dict[int, list[float]] = {}
     errors: list[str] = []
-    _patch(seconds, claims, claim_cpu, beats)
+    events: dict[int, list[tuple[str, float]]] = {}
+    _patch(seconds, claims, claim_cpu, beats, events)
     if not service:  # as if the proxy offered no service of tauopt's own: Optuna's calls alone
         _service.ServiceClient._call = lambda self, name, request: None  # type: ignore[method-assign]
     settings = StorageSettings(url=url, heartbeat_interval=HEARTBEAT, grace_period=60)
@@ -157,9 +171,12 @@ def _process(
                 retry=RetryPolicy(limit=120.0),
                 poll_seconds=1.0,
             )
+            events.setdefault(threading.get_ident(), []).append(("start", time.time()))
             Worker(settings, study, options).run()
         except Exception as e:
             errors.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        finally:
+            events.setdefault(threading.get_ident(), []).append(("end", time.time()))
 
     started = _own_cpu()  # after the imports: what the workers spend, not the start-up
     pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
@@ -180,8 +197,33 @@ def _process(
             "cpu": _own_cpu() - started,
             "lags": lags,
             "errors": errors,
+            "events": list(events.values()),
         }
     )
+
+
+def _timeline(threads: list[list[tuple[str, float]]], start: float) -> dict[str, Any]:
+    """Where the wall time beyond the trials goes, from each worker thread's events (Unix
+    times; ``start``: the processes' spawn): until its first claim (the processes' start-up and
+    the worker's own), each claim, from a training's end to the next claim (the booking), and
+    from the last training's end to the thread's end (the study's end); p50 and max in
+    seconds."""
+    parts: dict[str, list[float]] = {"to_first_claim": [], "claim": [], "booking": [], "end": []}
+    for events in threads:
+        times: dict[str, list[float]] = {}
+        for what, at in events:
+            times.setdefault(what, []).append(at)
+        claim, trained = times.get("claim", []), times.get("trained", [])
+        if claim:
+            parts["to_first_claim"].append(claim[0] - start)
+        parts["claim"] += [b - a for a, b in zip(claim, times.get("claimed", []), strict=False)]
+        parts["booking"] += [b - a for a, b in zip(trained, claim[1:], strict=False)]
+        if trained and times.get("end"):
+            parts["end"].append(times["end"][-1] - trained[-1])
+    return {
+        name: {"p50": round(statistics.median(v), 2), "max": round(max(v), 2)} if v else None
+        for name, v in parts.items()
+    }
 
 
 def _own_cpu() -> float:
@@ -335,7 +377,7 @@ def main() -> None:
             args.workers // args.processes + (i < args.workers % args.processes)
             for i in range(args.processes)
         ]
-        start = time.monotonic()
+        start, started_at = time.monotonic(), time.time()
         procs = [
             multiprocessing.get_context("spawn").Process(
                 target=_process,
@@ -397,6 +439,7 @@ def main() -> None:
         "first_errors": errors[:5],
         "states": states,
         "exact_budget": states.get("COMPLETE", 0) == n_trials and not states.get("RUNNING"),
+        "timeline_s": _timeline([e for p in parts for e in p["events"]], started_at),
         "cpu_seconds": cpu,
         "proxy_calls_per_trial": _per_trial(calls, done),
     }
