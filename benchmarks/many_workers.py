@@ -179,6 +179,7 @@ def _process(
             events.setdefault(threading.get_ident(), []).append(("end", time.time()))
 
     started = _own_cpu()  # after the imports: what the workers spend, not the start-up
+    ready = time.time()
     pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for t in pool:
         t.start()
@@ -198,17 +199,23 @@ def _process(
             "lags": lags,
             "errors": errors,
             "events": list(events.values()),
+            "ready": ready,
         }
     )
 
 
-def _timeline(threads: list[list[tuple[str, float]]], start: float) -> dict[str, Any]:
+def _timeline(
+    threads: list[list[tuple[str, float]]], ready: list[float], start: float, end: float
+) -> dict[str, Any]:
     """Where the wall time beyond the trials goes, from each worker thread's events (Unix
-    times; ``start``: the processes' spawn): until its first claim (the processes' start-up and
-    the worker's own), each claim, from a training's end to the next claim (the booking), and
-    from the last training's end to the thread's end (the study's end); p50 and max in
-    seconds."""
-    parts: dict[str, list[float]] = {"to_first_claim": [], "claim": [], "booking": [], "end": []}
+    times; ``start``: the processes' spawn, ``end``: the last one's exit): each process's
+    imports, until a worker's first claim (the imports and the worker's own start), each
+    claim, from a training's end to the next claim (the booking), and from the last
+    training's end to the thread's end (the study's end); p50 and max in seconds. Then the
+    last training's end, and what came after it until every process had ended."""
+    parts: dict[str, list[float]] = {"imports": [r - start for r in ready]}
+    parts |= {"to_first_claim": [], "claim": [], "booking": [], "end": []}
+    last = 0.0
     for events in threads:
         times: dict[str, list[float]] = {}
         for what, at in events:
@@ -220,10 +227,14 @@ def _timeline(threads: list[list[tuple[str, float]]], start: float) -> dict[str,
         parts["booking"] += [b - a for a, b in zip(trained, claim[1:], strict=False)]
         if trained and times.get("end"):
             parts["end"].append(times["end"][-1] - trained[-1])
-    return {
+        last = max([last, *trained])
+    out: dict[str, Any] = {
         name: {"p50": round(statistics.median(v), 2), "max": round(max(v), 2)} if v else None
         for name, v in parts.items()
     }
+    out["last_training_end"] = round(last - start, 1)
+    out["after_last_training"] = round(end - last, 1)
+    return out
 
 
 def _own_cpu() -> float:
@@ -439,7 +450,12 @@ def main() -> None:
         "first_errors": errors[:5],
         "states": states,
         "exact_budget": states.get("COMPLETE", 0) == n_trials and not states.get("RUNNING"),
-        "timeline_s": _timeline([e for p in parts for e in p["events"]], started_at),
+        "timeline_s": _timeline(
+            [e for p in parts for e in p["events"]],
+            [p["ready"] for p in parts],
+            started_at,
+            started_at + wall,
+        ),
         "cpu_seconds": cpu,
         "proxy_calls_per_trial": _per_trial(calls, done),
     }

@@ -37,6 +37,7 @@ from tauopt.storage._service import (
     set_budget_in_sql,
     set_study_system_attrs_one_by_one,
     set_trial_attrs_one_by_one,
+    stored_budget,
 )
 
 __all__ = ["HEARTBEAT_ATTR", "OVER_BUDGET_ATTR", "DirectAccess", "ProxyAccess", "access"]
@@ -56,12 +57,6 @@ class ClaimView:
     waiting: list[int]
 
 
-def _at(attrs: Any, path: Sequence[str]) -> int:
-    for key in path:
-        attrs = attrs[key]
-    return int(attrs)
-
-
 def composed_view(
     access: StudyAccess,
     storage: optuna.storages.BaseStorage,
@@ -73,7 +68,7 @@ def composed_view(
 ) -> ClaimView:
     """A :class:`ClaimView` asked question by question."""
     dead = access.dead_trials(study_id, grace)
-    budget = _at(storage.get_study_user_attrs(study_id), budget_at)
+    budget = stored_budget(storage, study_id, budget_at)
     counts, own = access.counts(study_id, failed_with_attr=failed_with_attr)
     waiting = access.waiting(study_id) if counts.get("WAITING", 0) else []
     return ClaimView(dead, budget, counts, own, waiting)
@@ -118,6 +113,12 @@ class StudyAccess(Protocol):
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
     ) -> None: ...
+
+    def take_turn(self, study_id: int, key: str, now: float, before: float) -> tuple[bool, float]:
+        """Stamp the study's user attribute ``key`` with ``now`` where it is missing or older
+        than ``before`` (Unix times): of workers that ask at once, one takes the turn (through
+        a proxy without tauopt's calls, more may). Returns whether this one took it, and the
+        stamp as stored (a lower bound where another took it)."""
 
     def set_study_system_attrs(
         self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None
@@ -199,6 +200,9 @@ class DirectAccess:
 
     def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
+
+    def take_turn(self, study_id: int, key: str, now: float, before: float) -> tuple[bool, float]:
+        return private.take_turn(self.rdb, study_id, key, now, before)
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
@@ -358,10 +362,7 @@ class ProxyAccess:
         if answer is not None:
             return answer
         if budget_at:
-            value: Any = self.storage.get_study_user_attrs(study_id)
-            for key in budget_at:
-                value = value[key]
-            n_trials = int(value)
+            n_trials = stored_budget(self.storage, study_id, budget_at)
         trials = self.storage.get_all_trials(study_id, deepcopy=False)
         mine = next(t for t in trials if private.trial_id(t) == trial_id)
         return over_budget(trials, mine, n_trials, failed_with_attr)
@@ -400,6 +401,19 @@ class ProxyAccess:
             except Exception as e:
                 if "already finished" not in str(e):
                     raise
+
+    def take_turn(self, study_id: int, key: str, now: float, before: float) -> tuple[bool, float]:
+        service = self._service()
+        answer = service.take_turn(study_id, key, now, before) if service else None
+        if answer is not None:
+            return answer
+        # Optuna's calls alone: read, then write (two workers may both take the turn)
+        seen = self.storage.get_study_user_attrs(study_id).get(key)
+        stamp = float(seen) if isinstance(seen, (int, float)) else float("-inf")
+        if stamp >= before:
+            return False, stamp
+        self.storage.set_study_user_attr(study_id, key, now)
+        return True, now
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]

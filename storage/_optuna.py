@@ -74,6 +74,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from tauopt.errors import DependencyError
+from tauopt.storage._rounds import Recent
 
 #: The releases the tests pass on (``pyproject.toml`` pins the same ranges).
 SUPPORTED: dict[str, str] = {"optuna": ">=5.0,<5.1", "optuna-dashboard": ">=0.20,<0.22"}
@@ -447,6 +448,46 @@ def set_study_system_attrs(
                 row.value_json = json.dumps("")
 
 
+def take_turn(
+    storage: optuna.storages.RDBStorage, study_id: int, key: str, now: float, before: float
+) -> tuple[bool, float]:
+    """Set the study's user attribute ``key`` (a Unix time) to ``now`` if it is missing or
+    older than ``before``, atomically against every other caller (a compare-and-set on the
+    stored text, or an insert that a second inserter loses): of many workers that ask at once,
+    one takes the turn. Returns whether this call took it, and the stamp as now stored (where
+    another write won meanwhile: the stamp it replaced, a lower bound)."""
+    model = _models.StudyUserAttributeModel
+    mine = (model.study_id == study_id, model.key == key)
+    stamp = json.dumps(now)
+    with storage.engine.connect() as conn:
+        stored = conn.execute(sqlalchemy.select(model.value_json).where(*mine)).scalar()
+    seen = _as_stamp(stored)
+    if seen >= before:
+        return False, seen
+    try:
+        with storage.engine.begin() as conn:
+            if stored is None:
+                conn.execute(
+                    sqlalchemy.insert(model).values(study_id=study_id, key=key, value_json=stamp)
+                )
+                return True, now
+            done = conn.execute(
+                sqlalchemy.update(model)
+                .where(*mine, model.value_json == stored)
+                .values(value_json=stamp)
+            )
+    except sqlalchemy.exc.IntegrityError:  # another caller inserted it first
+        return False, seen
+    return (True, now) if done.rowcount == 1 else (False, seen)
+
+
+def _as_stamp(value_json: str | None) -> float:
+    try:
+        return float(json.loads(value_json)) if value_json is not None else float("-inf")
+    except (TypeError, ValueError):  # not a time (written by hand): anybody may replace it
+        return float("-inf")
+
+
 # -- counting and finding trials in SQL ------------------------------------------------------
 
 
@@ -681,7 +722,7 @@ class _RecentTrials:
         self._columns: dict[int, tuple[list[FrozenTrial], dict[str, list[Any]]]] = {}
         self._remote = getattr(storage_of(study), "recent_trials", None)
         self._proposing: int | None = None  # the number of the trial proposed now
-        self._read_for: tuple[int | None, list[FrozenTrial]] | None = None
+        self._read_for: tuple[int, list[FrozenTrial]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
@@ -893,7 +934,7 @@ class CoalescedCache(optuna.storages._CachedStorage):
 
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
         super().__init__(backend)
-        self._attrs_read: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._attrs: Recent[dict[str, Any]] = Recent()
         #: called with a study's id once it is deleted through this cache
         self.on_delete: list[Callable[[int], None]] = []
         self._round = threading.Condition()
@@ -904,13 +945,8 @@ class CoalescedCache(optuna.storages._CachedStorage):
         self._full_at: dict[int, float] = {}  # study id -> when every unfinished trial was read
 
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
-        now = time.monotonic()
-        hit = self._attrs_read.get(study_id)
-        if hit is not None and now - hit[0] <= self.ATTRS_SECONDS:
-            return dict(hit[1])
-        attrs = super().get_study_user_attrs(study_id)
-        self._attrs_read[study_id] = (now, attrs)
-        return dict(attrs)
+        read = super().get_study_user_attrs
+        return dict(self._attrs.get(study_id, self.ATTRS_SECONDS, lambda: read(study_id)))
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
         super().set_study_user_attr(study_id, key, value)
@@ -924,7 +960,7 @@ class CoalescedCache(optuna.storages._CachedStorage):
 
     def forget_study_attrs(self) -> None:
         """Read the studies' user attributes afresh (one was written beside this cache)."""
-        self._attrs_read.clear()
+        self._attrs.forget()
 
     def set_trial_param(
         self,

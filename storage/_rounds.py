@@ -33,7 +33,11 @@ class GroupCommit(Generic[T]):
         self._done = 0  # rounds finished
         self._busy = False
         self._errors: dict[int, BaseException] = {}
-        self.rounds = 0  # rounds written, for the proxy's statistics
+
+    @property
+    def rounds(self) -> int:
+        """Rounds written (the proxy's statistics)."""
+        return self._done
 
     def add(self, items: Iterable[T]) -> None:
         """Write ``items`` with the next round; return once it is written."""
@@ -62,7 +66,6 @@ class GroupCommit(Generic[T]):
         finally:
             self._turn.acquire()
         self._busy, self._done = False, self._started
-        self.rounds += 1
         if error is not None:
             self._errors[self._done] = error
             self._errors.pop(self._done - _KEPT, None)

@@ -44,6 +44,7 @@ MAX_REQUEST_BYTES = 1 << 20
 CALL_SECONDS = 60.0
 _NAMES = (
     "SetTrialAttrs",
+    "TakeTurn",
     "SetStudySystemAttrs",
     "DeadTrials",
     "Counts",
@@ -133,12 +134,12 @@ def dead_by_stamp(
 _EVERY = 2**62
 
 
-def budget_in_sql(rdb: optuna.storages.RDBStorage, study_id: int, at: Sequence[str]) -> int:
-    """The study's budget as stored now: its user attribute ``at[0]``, then the keys
+def stored_budget(storage: optuna.storages.BaseStorage, study_id: int, at: Sequence[str]) -> int:
+    """The study's budget as ``storage`` reads it: its user attribute ``at[0]``, then the keys
     ``at[1:]`` within it (``tauopt create`` may lower or raise it while workers claim)."""
-    value: Any = rdb.get_study_user_attrs(study_id)
+    value: Any = storage.get_study_user_attrs(study_id)
     for key in at:
-        value = value[key]
+        value = value[str(key)]
     return int(value)
 
 
@@ -164,7 +165,7 @@ def past_budget_in_sql(
         failed_with_attr=failed_with_attr,
         uncounted_attr=OVER_BUDGET_ATTR,
     )
-    return used >= (n_trials if budget_at is None else budget_in_sql(rdb, study_id, budget_at))
+    return used >= (n_trials if budget_at is None else stored_budget(rdb, study_id, budget_at))
 
 
 def set_budget_in_sql(
@@ -240,6 +241,7 @@ class TauoptService:
             "SetTrialParams": self._trial_params,
             "ClaimView": self._claim_view,
             "NewTrial": self._new_trial,
+            "TakeTurn": self._take_turn,
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -302,16 +304,14 @@ class TauoptService:
         and the waiting trials."""
         study_id = int(request["study_id"])
         dead = self._dead_trials(request)["dead"]
-        attrs: Any = self._reader.get_study_user_attrs(study_id)
-        for key in request["budget_at"]:
-            attrs = attrs[str(key)]
+        budget = stored_budget(self._reader, study_id, request["budget_at"])
         counts, own = private.trial_counts(
             self.rdb, study_id, failed_with_attr=request["failed_with_attr"]
         )
         waiting = private.waiting_trial_ids(self.rdb, study_id) if counts.get("WAITING") else []
         return {
             "dead": dead,
-            "budget": int(attrs),
+            "budget": budget,
             "counts": counts,
             "own": own,
             "waiting": waiting,
@@ -336,7 +336,7 @@ class TauoptService:
                 uncounted_attr=OVER_BUDGET_ATTR,
             )
             # read fresh, not from the cache: another proxy or `create` may have lowered it
-            past = used >= budget_in_sql(self.rdb, study_id, request["budget_at"])
+            past = used >= stored_budget(self.rdb, study_id, request["budget_at"])
         if past:
             self.rdb.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
             self.rdb.set_trial_state_values(tid, state=TrialState.FAIL)
@@ -406,6 +406,18 @@ class TauoptService:
         if isinstance(self._reader, private.CoalescedCache):
             self._reader.forget_study_attrs()  # written beside it: claims read the new budget
         return {"used": used}
+
+    def _take_turn(self, request: dict[str, Any]) -> dict[str, Any]:
+        taken, stamp = private.take_turn(
+            self.rdb,
+            int(request["study_id"]),
+            str(request["key"]),
+            float(request["now"]),
+            float(request["before"]),
+        )
+        if taken and isinstance(self._reader, private.CoalescedCache):
+            self._reader.forget_study_attrs()  # written beside it
+        return {"taken": taken, "stamp": stamp}
 
     def _waiting_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ids": private.waiting_trial_ids(self.rdb, int(request["study_id"]))}
@@ -597,6 +609,15 @@ class ServiceClient:
         with what TPE reads of them alone (:mod:`tauopt.storage._recent`), by number."""
         reply = self._call("RecentTrials", {"study_id": study_id, "window": window})
         return None if reply is None else self._decoder.trials(reply)
+
+    def take_turn(
+        self, study_id: int, key: str, now: float, before: float
+    ) -> tuple[bool, float] | None:
+        """See :func:`tauopt.storage._optuna.take_turn`; None where the proxy offers no such
+        call."""
+        request = {"study_id": study_id, "key": key, "now": now, "before": before}
+        reply = self._call("TakeTurn", request)
+        return None if reply is None else (bool(reply["taken"]), float(reply["stamp"]))
 
     def stats(self) -> dict[str, Any] | None:
         """What the proxy's calls cost so far, per method (:mod:`tauopt.storage._callstats`)."""

@@ -8,6 +8,7 @@ on a SQLite database."""
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -620,3 +621,52 @@ def test_a_deleted_study_leaves_nothing_behind_in_the_proxy(batched: Served) -> 
     assert batched.rdb.get_trial(_optuna.trial_id(trial)).params["x"] in ("a", "b")
     got = client.recent_trials(_optuna.study_id(again), 10)
     assert got is not None and [t.params for t in got] == [{"x": trial.params["x"]}]
+
+
+def _race_for_the_turn(access: Any, sid: int, before: float, n: int = 12) -> list[bool]:
+    """``n`` threads ask for the turn at one go signal; what each was told."""
+    go = threading.Barrier(n)
+    out: list[bool] = []
+
+    def ask(i: int) -> None:
+        go.wait()
+        out.append(access.take_turn(sid, "drawn_at", 1000.0 + i, before)[0])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("where", ["sqlite", "postgresql", "tauopt-proxy"])
+def test_of_workers_that_ask_at_once_one_takes_the_turn(
+    where: str, tmp_path: Path, scratch_database: tuple[str, Any]
+) -> None:
+    """The dashboard's figures are drawn by one of the workers that finish together: the
+    stamp is set by a compare-and-set (an insert where it is missing), one winner each
+    time, and the stamp read back through the proxy is the winner's at once."""
+    served = None
+    if where == "tauopt-proxy":
+        served = Served(tmp_path, batched=True)
+        access, sid, read = served.access, served.study_id, served.client
+    else:
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}" if where == "sqlite" else scratch_database[0]
+        read = optuna.storages.RDBStorage(url)
+        sid = read.create_new_study([StudyDirection.MAXIMIZE], "s")
+        access = DirectAccess(read)
+    try:
+        for round_ in range(3):  # missing, then older than `before` twice
+            # each asks with a stamp of its own, all at least `before`: one replaces the old
+            told = _race_for_the_turn(access, sid, before=1000.0)
+            assert sorted(told) == [False] * 11 + [True]
+            stamp = read.get_study_user_attrs(sid)["drawn_at"]
+            assert 1000.0 <= stamp < 1012.0
+            read.set_study_user_attr(sid, "drawn_at", 500.0 + round_)
+        assert access.take_turn(sid, "drawn_at", 3000.0, before=502.0) == (False, 502.0)
+        assert access.take_turn(sid, "drawn_at", 3000.0, before=503.0) == (True, 3000.0)
+        assert read.get_study_user_attrs(sid)["drawn_at"] == 3000.0
+    finally:
+        if served is not None:
+            served.close()
