@@ -128,6 +128,7 @@ def check() -> None:
                 "TrialUserAttributeModel",
                 "TrialSystemAttributeModel",
                 "StudySystemAttributeModel",
+                "StudyUserAttributeModel",
             ],
         ),
         (_constrained_optimization, ["_CONSTRAINTS_KEY", "_is_constrained_optimization"]),
@@ -140,7 +141,10 @@ def check() -> None:
         (optuna.samplers.TPESampler, ["_get_internal_repr"]),
         (optuna.storages._CachedStorage, ["_read_trials_from_remote_storage"]),
         (optuna.storages._CachedStorage, ["_add_trials_to_cache"]),
-        (optuna.storages.RDBStorage, ["_get_trials", "_set_trial_param_without_commit"]),
+        (
+            optuna.storages.RDBStorage,
+            ["_get_trials", "_set_trial_param_without_commit", "_create_new_trial"],
+        ),
         (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
         (_note, ["note_ver_key", "split_body"]),
         (grpc_servicer, ["OptunaStorageProxyService"]),
@@ -163,6 +167,7 @@ def check() -> None:
         (optuna.storages._CachedStorage._add_trials_to_cache, 3),
         (optuna.storages.RDBStorage._get_trials, 5),
         (optuna.storages.RDBStorage._set_trial_param_without_commit, 7),
+        (optuna.storages.RDBStorage._create_new_trial, 3),
         (grpc_servicer.OptunaStorageProxyService, 1),
         (optuna.storages.GrpcStorageProxy._setup, 1),
         (grpc_client.GrpcClientCache, 1),
@@ -178,6 +183,7 @@ def check() -> None:
     from optuna.storages import _cached_storage
 
     _require(hasattr(_cached_storage, "_StudyInfo"), "_cached_storage._StudyInfo is missing")
+
     entry = _cached_storage._StudyInfo()
     for name in ("trials", "unfinished_trial_ids", "last_finished_trial_id"):
         _require(hasattr(entry, name), f"_StudyInfo has no {name}")
@@ -448,6 +454,30 @@ def set_study_system_attrs(
                 row.value_json = json.dumps("")
 
 
+def create_running_trial(
+    storage: optuna.storages.BaseStorage, study_id: int, system_attrs: dict[str, Any]
+) -> FrozenTrial:
+    """A new running trial of the study with ``system_attrs``, written with it in one
+    transaction (Optuna's ``create_new_trial`` with a template), as made; through ``storage``'s
+    cache where it is one (the cache knows it at once)."""
+    template = FrozenTrial(
+        number=0,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs=dict(system_attrs),
+        intermediate_values={},
+        trial_id=0,
+    )
+    if isinstance(storage, CoalescedCache):
+        return storage.create_trial(study_id, template)
+    return rdb_of(storage)._create_new_trial(study_id, template)
+
+
 def take_turn(
     storage: optuna.storages.RDBStorage, study_id: int, key: str, now: float, before: float
 ) -> tuple[bool, float]:
@@ -569,6 +599,17 @@ def trial_system_attr(
     return {int(i): json.loads(value) for i, value in rows}
 
 
+#: Of the trials ``t``: those that use the budget (waiting, running, complete, pruned, or failed
+#: with the user attribute ``:f``), leaving out those with the user attribute ``:u``.
+_USES_BUDGET = (
+    "NOT EXISTS (SELECT 1 FROM trial_user_attributes u "
+    "WHERE u.trial_id = t.trial_id AND u.key = :u) "
+    "AND (t.state IN ('COMPLETE', 'PRUNED', 'RUNNING', 'WAITING') OR (t.state = 'FAIL' "
+    "AND EXISTS (SELECT 1 FROM trial_user_attributes f "
+    "WHERE f.trial_id = t.trial_id AND f.key = :f)))"
+)
+
+
 def budget_before(
     storage: optuna.storages.RDBStorage,
     study_id: int,
@@ -581,16 +622,50 @@ def budget_before(
     pruned, or failed with the user attribute ``failed_with_attr``), leaving out those with
     the user attribute ``uncounted_attr``: one counting query."""
     query = sqlalchemy.text(
-        "SELECT COUNT(*) FROM trials t WHERE t.study_id = :s AND t.number < :n "
-        "AND NOT EXISTS (SELECT 1 FROM trial_user_attributes u "
-        "WHERE u.trial_id = t.trial_id AND u.key = :u) "
-        "AND (t.state IN ('COMPLETE', 'PRUNED', 'RUNNING', 'WAITING') OR (t.state = 'FAIL' "
-        "AND EXISTS (SELECT 1 FROM trial_user_attributes f "
-        "WHERE f.trial_id = t.trial_id AND f.key = :f)))"
+        f"SELECT COUNT(*) FROM trials t WHERE t.study_id = :s AND t.number < :n AND {_USES_BUDGET}"
     )
     values = {"s": study_id, "n": number, "u": uncounted_attr, "f": failed_with_attr}
     with storage.engine.connect() as conn:
         return int(conn.execute(query, values).scalar() or 0)
+
+
+def past_numbers(
+    storage: optuna.storages.RDBStorage,
+    study_id: int,
+    numbers: Sequence[int],
+    budget: int,
+    *,
+    failed_with_attr: str,
+    uncounted_attr: str,
+) -> set[int]:
+    """Which of the new trials numbered ``numbers`` come past ``budget``, decided as if one
+    at a time in number order: a trial is past where the trials before it that use the budget
+    (:func:`budget_before`'s rule; one of ``numbers`` found past uses none) are ``budget`` or
+    more. Two queries for them all: the count before the first, the trials between."""
+    mine = sorted(set(numbers))
+    if not mine:
+        return set()
+    used = budget_before(
+        storage,
+        study_id,
+        mine[0],
+        failed_with_attr=failed_with_attr,
+        uncounted_attr=uncounted_attr,
+    )
+    query = sqlalchemy.text(
+        "SELECT t.number FROM trials t WHERE t.study_id = :s AND t.number >= :lo "
+        f"AND t.number < :hi AND {_USES_BUDGET}"
+    )
+    values = {"s": study_id, "lo": mine[0], "hi": mine[-1], "u": uncounted_attr}
+    with storage.engine.connect() as conn:
+        counted = {int(n) for n in conn.execute(query, {**values, "f": failed_with_attr}).scalars()}
+    past: set[int] = set()
+    for number in sorted(counted | set(mine)):
+        if number in past or (number in mine and used >= budget):
+            past.add(number)
+        elif number in counted:
+            used += 1
+    return past
 
 
 def waiting_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
@@ -934,6 +1009,8 @@ class CoalescedCache(optuna.storages._CachedStorage):
 
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
         super().__init__(backend)
+        for name in ("_studies", "_lock", "_backend"):  # what create_trial uses of Optuna's
+            _require(hasattr(self, name), f"Optuna's _CachedStorage keeps no {name}")
         self._attrs: Recent[dict[str, Any]] = Recent()
         #: called with a study's id once it is deleted through this cache
         self.on_delete: list[Callable[[int], None]] = []
@@ -943,6 +1020,15 @@ class CoalescedCache(optuna.storages._CachedStorage):
         self._reading: set[int] = set()
         self._versions: dict[int, str] = {}  # trial id -> version read (unfinished trials)
         self._full_at: dict[int, float] = {}  # study id -> when every unfinished trial was read
+
+    def create_trial(self, study_id: int, template: FrozenTrial) -> FrozenTrial:
+        """``create_new_trial(study_id, template)``, returning the trial as made."""
+        trial = self._backend._create_new_trial(study_id, template)
+        with self._lock:  # as Optuna's create_new_trial: the cache knows the trial at once
+            if study_id not in self._studies:
+                self._studies[study_id] = _cached_storage._StudyInfo()
+            self._add_trials_to_cache(study_id, [trial])
+        return trial
 
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
         read = super().get_study_user_attrs

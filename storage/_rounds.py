@@ -5,6 +5,8 @@
   and each returns (or raises the round's error) once its own round is written: a heartbeat is
   still in the database when its call returns, but 500 workers beating every few seconds are
   one statement per round, not one per call.
+* :class:`Answered`: the same, where each caller waits for an answer of its own (the proxy
+  places new trials against the budget in rounds: one lock and two queries for a round).
 * :class:`Recent`: an answer reused while it is younger than a given age (the dead trials: a
   trial is dead only after a grace period of tens of seconds, and every claim asks).
 """
@@ -18,6 +20,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=Hashable)
 A = TypeVar("A")
+R = TypeVar("R")
 #: Errors of this many of the latest rounds are kept for their callers.
 _KEPT = 64
 
@@ -70,6 +73,28 @@ class GroupCommit(Generic[T]):
             self._errors[self._done] = error
             self._errors.pop(self._done - _KEPT, None)
         self._turn.notify_all()
+
+
+class Answered(Generic[T, R]):
+    """A :class:`GroupCommit` whose round answers each item: ``answer(items)`` (a dict with
+    every item) for the items of every caller that waits, one round at a time."""
+
+    def __init__(self, answer: Callable[[list[T]], dict[T, R]]) -> None:
+        self._answer = answer
+        self._answers: dict[T, R] = {}
+        self._rounds: GroupCommit[T] = GroupCommit(self._write)
+
+    def _write(self, items: list[T]) -> None:
+        self._answers.update(self._answer(items))  # rounds run one at a time
+
+    def ask(self, item: T) -> R:
+        """``item``'s answer, from the next round (each caller asks its own items)."""
+        self._rounds.add([item])
+        return self._answers.pop(item)
+
+    @property
+    def rounds(self) -> int:
+        return self._rounds.rounds
 
 
 class Recent(Generic[A]):

@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tauopt.storage import _optuna as private
 from tauopt.storage._callstats import CallStats
 from tauopt.storage._recent import Decoder, Encoder
-from tauopt.storage._rounds import GroupCommit, Recent
+from tauopt.storage._rounds import Answered, GroupCommit, Recent
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
@@ -130,6 +130,10 @@ def dead_by_stamp(
     return out
 
 
+#: A new trial to place against the budget: its study, number, the user attribute of failures
+#: that count, and where the budget is stored.
+_Place = tuple[int, int, str, tuple[str, ...]]
+
 #: Beyond any trial's number: the trials "before" it are all of them.
 _EVERY = 2**62
 
@@ -211,6 +215,7 @@ class TauoptService:
             lambda ids: private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
         )
         self._dead: Recent[dict[int, tuple[int, str]]] = Recent()
+        self._placed: Answered[_Place, bool] = Answered(self._places)
         self._dists: dict[int, dict[str, BaseDistribution]] = {}  # study -> name -> first
         if isinstance(reader, private.CoalescedCache):
             reader.on_delete.append(self._forget)
@@ -318,30 +323,44 @@ class TauoptService:
         }
 
     def _new_trial(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A new trial made, stamped with its first heartbeat and checked against the budget
-        as stored now, under the study's lock (as PastBudget checks it): one call where
-        ``ask()``, the first heartbeat and the check were five. Past the budget, it is failed
-        here (using none of it)."""
+        """A new trial made with its first heartbeat (one transaction), then placed against
+        the budget as stored now, under the study's lock (as PastBudget checks it): one call
+        where ``ask()``, the first heartbeat and the check were five. New trials are placed
+        in rounds (:meth:`_places`): the first wave of hundreds of workers takes the lock a
+        few times, not once each. Past the budget, a trial is failed here (using none of it)."""
         study_id = int(request["study_id"])
         # through the proxy's cache, as Optuna's service makes a trial: the cache knows it
-        tid = self._reader.create_new_trial(study_id)
-        self._beats.add([tid])
-        _, number, start = private.trial_place(self.rdb, tid)
-        with self._study_locked(study_id):
-            used = private.budget_before(
-                self.rdb,
-                study_id,
-                number,
-                failed_with_attr=request["failed_with_attr"],
-                uncounted_attr=OVER_BUDGET_ATTR,
-            )
-            # read fresh, not from the cache: another proxy or `create` may have lowered it
-            past = used >= stored_budget(self.rdb, study_id, request["budget_at"])
+        trial = private.create_running_trial(self._reader, study_id, {HEARTBEAT_ATTR: time.time()})
+        tid = private.trial_id(trial)
+        at = tuple(str(key) for key in request["budget_at"])
+        past = self._placed.ask((study_id, trial.number, str(request["failed_with_attr"]), at))
         if past:
             self.rdb.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
             self.rdb.set_trial_state_values(tid, state=TrialState.FAIL)
-        stamp = start.timestamp() if start else None
-        return {"trial_id": tid, "number": number, "start": stamp, "past": past}
+        start = trial.datetime_start.timestamp() if trial.datetime_start else None
+        return {"trial_id": tid, "number": trial.number, "start": start, "past": past}
+
+    def _places(self, items: list[_Place]) -> dict[_Place, bool]:
+        """Whether each new trial of a round came past its study's budget: per study, one
+        lock, a fresh read of the budget (another proxy or `create` may have lowered it) and
+        two queries for all its trials of the round, decided in number order as one at a
+        time (:func:`tauopt.storage._optuna.past_numbers`)."""
+        groups: dict[tuple[int, str, tuple[str, ...]], list[int]] = {}
+        for study_id, number, failed_with_attr, at in items:
+            groups.setdefault((study_id, failed_with_attr, at), []).append(number)
+        out: dict[_Place, bool] = {}
+        for (study_id, failed_with_attr, at), numbers in groups.items():
+            with self._study_locked(study_id):
+                past = private.past_numbers(
+                    self.rdb,
+                    study_id,
+                    numbers,
+                    stored_budget(self.rdb, study_id, at),
+                    failed_with_attr=failed_with_attr,
+                    uncounted_attr=OVER_BUDGET_ATTR,
+                )
+            out.update({(study_id, n, failed_with_attr, at): n in past for n in numbers})
+        return out
 
     def _dead_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         study_id, grace = int(request["study_id"]), float(request["grace"])

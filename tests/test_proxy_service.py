@@ -670,3 +670,82 @@ def test_of_workers_that_ask_at_once_one_takes_the_turn(
     finally:
         if served is not None:
             served.close()
+
+
+def test_new_trials_placed_together_come_out_as_one_at_a_time(tmp_path: Path) -> None:
+    """The proxy places a round of new trials against the budget at once: the same trials
+    come past it as when each is checked alone in number order and, once past, fails (uses
+    none). #0-#5 as in ``_trials_of_every_kind`` (four use the budget), then new #6-#11, of
+    which a round places every other one (the rest run: they use the budget)."""
+    served = Served(tmp_path, batched=True)
+    try:
+        _trials_of_every_kind(served)
+        sid, rdb = served.study_id, served.rdb
+        new = [served.client.create_new_trial(sid) for _ in range(6)]  # #6-#11
+        for budget, mine, want in (
+            (9, [6, 8, 10], set()),  # before #10: #0 #2 #4 #5 #6-#9, eight
+            (8, [6, 8, 10], {10}),
+            (6, [6, 8, 10], {8, 10}),  # #9 runs (uses one), #8 does not
+            (4, [6, 8, 10], {6, 8, 10}),
+            (12, [11, 6], set()),
+            (9, [11, 7, 6], {11}),
+        ):
+            got = _optuna.past_numbers(
+                rdb,
+                sid,
+                mine,
+                budget,
+                failed_with_attr="fail_reason",
+                uncounted_attr=_service.OVER_BUDGET_ATTR,
+            )
+            alone = set()  # the rule one at a time: a past trial is marked, and uses none
+            for number in sorted(mine):
+                used = _optuna.budget_before(
+                    rdb,
+                    sid,
+                    number,
+                    failed_with_attr="fail_reason",
+                    uncounted_attr=_service.OVER_BUDGET_ATTR,
+                )
+                if used >= budget:
+                    alone.add(number)
+                    rdb.set_trial_user_attr(new[number - 6], _service.OVER_BUDGET_ATTR, True)
+            with rdb.engine.begin() as conn:  # the new ones unmarked for the next case
+                conn.execute(
+                    sqlalchemy.text(
+                        "DELETE FROM trial_user_attributes WHERE key = :k AND trial_id >= :t"
+                    ),
+                    {"k": _service.OVER_BUDGET_ATTR, "t": new[0]},
+                )
+            assert got == want == alone, (budget, mine)
+    finally:
+        served.close()
+
+
+def test_a_first_wave_of_claims_through_the_proxy_keeps_the_budget(batched: Served) -> None:
+    """Thirty workers ask the proxy for a new trial at once in a study of twelve: the twelve
+    lowest numbers run, the others come back failed past the budget, using none of it."""
+    from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR
+
+    client, sid = batched.client, batched.study_id
+    at = (CONFIG_ATTR, "study", "n_trials")
+    client.set_study_user_attr(sid, CONFIG_ATTR, {"study": {"n_trials": 12}})
+    go = threading.Barrier(30)
+    made: list[Any] = []
+
+    def ask() -> None:
+        go.wait()
+        made.append(client.service.new_trial(sid, failed_with_attr=FAIL_REASON_ATTR, budget_at=at))
+
+    threads = [threading.Thread(target=ask) for _ in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    running = sorted(t.number for t in made if t.state == TrialState.RUNNING)
+    assert running == list(range(12))
+    stored = {t.number: t for t in batched.rdb.get_all_trials(sid)}
+    for number, trial in stored.items():
+        assert trial.state == (TrialState.RUNNING if number < 12 else TrialState.FAIL)
+        assert (_service.OVER_BUDGET_ATTR in trial.user_attrs) == (number >= 12)
+        assert _service.HEARTBEAT_ATTR in trial.system_attrs
