@@ -107,6 +107,7 @@ def check() -> None:
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
     from optuna.storages._rdb import models, storage
     from optuna.study import _constrained_optimization, _multi_objective
+    from optuna.study import _tell as tell
     from optuna_dashboard import _custom_plot_data, _note, _serializer
 
     _require(models.SCHEMA_VERSION == SCHEMA_VERSION, "Optuna's database schema changed")
@@ -133,6 +134,8 @@ def check() -> None:
         ),
         (_constrained_optimization, ["_CONSTRAINTS_KEY", "_is_constrained_optimization"]),
         (_multi_objective, ["_get_pareto_front_trials_by_trials"]),
+        (tell, ["_check_state_and_values", "_check_values_are_feasible"]),
+        (optuna.pruners, ["_filter_study"]),
         (tpe, ["_split_trials", "default_gamma", "default_gamma_multiobjective"]),
         (
             optuna.samplers.TPESampler,
@@ -160,6 +163,9 @@ def check() -> None:
         (optuna.samplers.TPESampler._build_parzen_estimator, 5),
         (optuna.samplers.TPESampler._get_internal_repr, 4),
         (_multi_objective._get_pareto_front_trials_by_trials, 3),
+        (tell._check_state_and_values, 2),
+        (tell._check_values_are_feasible, 2),
+        (optuna.pruners._filter_study, 2),
         (_custom_plot_data.split_plot_data, 2),
         (_note.split_body, 2),
         (_note.note_ver_key, 1),
@@ -199,6 +205,7 @@ from optuna.storages._grpc import servicer as _grpc_servicer  # noqa: E402
 from optuna.storages._grpc.auto_generated import api_pb2_grpc as _api_pb2_grpc  # noqa: E402
 from optuna.storages._rdb import models as _models  # noqa: E402
 from optuna.storages._rdb import storage as _rdb_storage  # noqa: E402
+from optuna.study import _tell  # noqa: E402
 from optuna.study._constrained_optimization import (  # noqa: E402
     _CONSTRAINTS_KEY,
     _is_constrained_optimization,
@@ -266,6 +273,40 @@ def as_claimed(trial: optuna.Trial) -> FrozenTrial | None:
     some 3.5 ms of the proxy's CPU. None where Optuna keeps no such copy."""
     found = getattr(trial, "_cached_frozen_trial", None)
     return found if isinstance(found, FrozenTrial) else None
+
+
+def tell_running(
+    study: optuna.Study, trial: optuna.Trial, values: Sequence[float] | None, state: TrialState
+) -> None:
+    """``study.tell(trial, values, state=state)`` for a trial this worker runs, without
+    Optuna's two reads of it (through the proxy, a call and some 4 ms of its CPU each): the
+    read before, which checks that the trial runs, is the storage's own check (a finished
+    trial raises ``UpdateFinishedTrialError``); the read after only makes the FrozenTrial that
+    ``tell`` returns. Values are checked as Optuna checks them (``ValueError``, nothing
+    written); a pruned trial without values takes its last reported one. The sampler's
+    ``after_trial`` sees the trial as ``optuna.Trial`` holds it (its parameters, reports and
+    the attributes set through it). Where Optuna keeps no such copy: ``study.tell``."""
+    frozen = as_claimed(trial)
+    if frozen is None or state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        study.tell(trial, values, state=state)
+        return
+    study._thread_local.cached_all_trials = None  # as tell: the cache holds within a trial
+    _tell._check_state_and_values(state, values)
+    told = None if values is None else list(values)
+    if state == TrialState.COMPLETE:
+        problem = _tell._check_values_are_feasible(study, told or [])
+        if problem is not None:
+            raise ValueError(problem)
+    elif state == TrialState.PRUNED and frozen.last_step is not None:
+        last = frozen.intermediate_values[frozen.last_step]
+        if _tell._check_values_are_feasible(study, [last]) is None:
+            told = [last]
+    told = None if told is None else [float(v) for v in told]
+    try:
+        filtered = optuna.pruners._filter_study(study, frozen)
+        filtered.sampler.after_trial(filtered, frozen, state, told)
+    finally:
+        study._storage.set_trial_state_values(trial_id(trial), state, told)
 
 
 def is_rdb(storage: optuna.storages.BaseStorage) -> bool:

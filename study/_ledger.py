@@ -26,6 +26,7 @@ from tauopt.storage import (
     is_storage_error,
     study_id,
     take_waiting,
+    tell_running,
     trial_id,
 )
 from tauopt.study._liveness import Heartbeat
@@ -365,7 +366,7 @@ class Ledger:
         """``tell``, retried. If a retry finds the trial finished, it was this worker's own
         earlier attempt that got through (same state) or another worker's (dropped)."""
         try:
-            self.db("storing the result", lambda: self.study.tell(trial, values, state=state))
+            self.db("storing the result", lambda: tell_running(self.study, trial, values, state))
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
             now = self.db("reading the trial", lambda: self.storage.get_trial(trial_id(trial)))
             if getattr(now, "state", None) != state:

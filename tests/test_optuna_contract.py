@@ -433,3 +433,48 @@ def test_a_trial_as_claimed_is_optunas_read_of_it(tmp_path: Path) -> None:
             stored.state,
         )
     assert as_claimed(taken).system_attrs[RETRIED_FROM] == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("objectives", [1, 2])
+def test_telling_a_running_trial_stores_what_optunas_tell_stores(
+    objectives: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tell_running`` leaves each trial as ``study.tell`` leaves its twin (complete with
+    values; pruned, with its last report as its value where it reported; failed), without
+    reading the trial; bad values are refused with nothing written, and a finished trial is
+    refused by the storage itself."""
+    from tauopt.storage import tell_running
+
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'db.sqlite'}", directions=["maximize"] * objectives
+    )
+    good = [0.9, 120.0][:objectives]
+    reported = [(0, 0.3), (1, 0.5)] if objectives == 1 else []  # no reports of two objectives
+    cases = (
+        (good, TrialState.COMPLETE, []),
+        (None, TrialState.PRUNED, reported),
+        (None, TrialState.PRUNED, []),
+        (None, TrialState.FAIL, reported[:1]),
+    )
+    for values, state, reports in cases:
+        pair = [study.ask(), study.ask()]
+        for trial in pair:
+            trial.suggest_float("x", 0.0, 1.0)
+            for step, value in reports:
+                trial.report(value, step)
+        study.tell(pair[0], values, state=state)
+        with monkeypatch.context() as m:
+            m.setattr(study._storage, "get_trial", lambda *a: pytest.fail("read the trial"))
+            tell_running(study, pair[1], values, state)
+        theirs, ours = (study._storage.get_trial(t._trial_id) for t in pair)
+        for field in ("state", "values", "distributions", "intermediate_values"):
+            assert getattr(ours, field) == getattr(theirs, field), (state, field)
+    bad = study.ask()
+    with pytest.raises(ValueError):
+        tell_running(study, bad, [float("nan")] * objectives, TrialState.COMPLETE)
+    with pytest.raises(ValueError):
+        tell_running(study, bad, [0.5] * (objectives + 1), TrialState.COMPLETE)
+    assert study._storage.get_trial(bad._trial_id).state == TrialState.RUNNING
+    tell_running(study, bad, good, TrialState.COMPLETE)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        tell_running(study, bad, good, TrialState.COMPLETE)
