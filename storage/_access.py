@@ -106,13 +106,28 @@ class StudyAccess(Protocol):
         """Record a heartbeat of each of ``trial_ids`` (a trial finished meanwhile is left
         alone)."""
 
-    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
-        """Within it, the parameters the trial draws may be written together as it ends
-        (through the proxy: one call for them all)."""
+    def params_together(
+        self, trial_id: int, attrs: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Within it, the parameters the trial draws may be written together as it ends, and
+        the user attributes ``attrs`` with them once the drawing succeeds (through the proxy:
+        one call for them all)."""
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
     ) -> None: ...
+
+    def finish_trial(
+        self,
+        trial_id: int,
+        state: TrialState,
+        values: list[float] | None,
+        *,
+        user: dict[str, Any],
+        system: dict[str, Any],
+    ) -> None:
+        """Store a running trial's attributes, then its state and values (through the proxy:
+        one call); ``UpdateFinishedTrialError`` where it finished meanwhile."""
 
     def take_turn(self, study_id: int, key: str, now: float, before: float) -> tuple[bool, float]:
         """Stamp the study's user attribute ``key`` with ``now`` where it is missing or older
@@ -198,11 +213,26 @@ class DirectAccess:
         for trial_id in trial_ids:
             self.rdb.record_heartbeat(trial_id)
 
-    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def params_together(self, trial_id: int, attrs: dict[str, Any]) -> Iterator[None]:
+        yield  # each parameter is written as it is drawn
+        self.set_trial_attrs(trial_id, user=attrs, system={})
 
     def take_turn(self, study_id: int, key: str, now: float, before: float) -> tuple[bool, float]:
         return private.take_turn(self.rdb, study_id, key, now, before)
+
+    def finish_trial(
+        self,
+        trial_id: int,
+        state: TrialState,
+        values: list[float] | None,
+        *,
+        user: dict[str, Any],
+        system: dict[str, Any],
+    ) -> None:
+        if user or system:
+            private.set_trial_attrs(self.rdb, trial_id, user=user, system=system)
+        self.rdb.set_trial_state_values(trial_id, state, values)
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
@@ -384,10 +414,14 @@ class ProxyAccess:
             self.storage.set_study_user_attr(study_id, key, value)
         return used
 
-    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def params_together(self, trial_id: int, attrs: dict[str, Any]) -> Iterator[None]:
         if isinstance(self.storage, ProxyClient):
-            return self.storage.params_together(trial_id)
-        return contextlib.nullcontext()
+            with self.storage.params_together(trial_id, attrs):
+                yield
+            return
+        yield
+        self.set_trial_attrs(trial_id, user=attrs, system={})
 
     def beat(self, trial_ids: Sequence[int]) -> None:
         service = self._service()
@@ -414,6 +448,22 @@ class ProxyAccess:
             return False, stamp
         self.storage.set_study_user_attr(study_id, key, now)
         return True, now
+
+    def finish_trial(
+        self,
+        trial_id: int,
+        state: TrialState,
+        values: list[float] | None,
+        *,
+        user: dict[str, Any],
+        system: dict[str, Any],
+    ) -> None:
+        service = self._service()
+        if service is not None:
+            service.finish_trial(trial_id, state, values, user=user, system=system)
+            return
+        set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
+        self.storage.set_trial_state_values(trial_id, state, values)
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]

@@ -276,7 +276,11 @@ def as_claimed(trial: optuna.Trial) -> FrozenTrial | None:
 
 
 def tell_running(
-    study: optuna.Study, trial: optuna.Trial, values: Sequence[float] | None, state: TrialState
+    study: optuna.Study,
+    trial: optuna.Trial,
+    values: Sequence[float] | None,
+    state: TrialState,
+    store: Callable[[int, TrialState, list[float] | None], None] | None = None,
 ) -> None:
     """``study.tell(trial, values, state=state)`` for a trial this worker runs, without
     Optuna's two reads of it (through the proxy, a call and some 4 ms of its CPU each): the
@@ -285,11 +289,12 @@ def tell_running(
     ``tell`` returns. Values are checked as Optuna checks them (``ValueError``, nothing
     written); a pruned trial without values takes its last reported one. The sampler's
     ``after_trial`` sees the trial as ``optuna.Trial`` holds it (its parameters, reports and
-    the attributes set through it). Where Optuna keeps no such copy: ``study.tell``."""
-    frozen = as_claimed(trial)
-    if frozen is None or state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
-        study.tell(trial, values, state=state)
-        return
+    the attributes set through it; read, where Optuna keeps no such copy).
+    ``store(trial_id, state, values)`` writes the outcome where given (the trial's attributes
+    with it), else the study's storage."""
+    if state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        raise ValueError(f"a trial is told COMPLETE, PRUNED or FAIL, not {state.name}")
+    frozen = as_claimed(trial) or study._storage.get_trial(trial_id(trial))
     study._thread_local.cached_all_trials = None  # as tell: the cache holds within a trial
     _tell._check_state_and_values(state, values)
     told = None if values is None else list(values)
@@ -306,7 +311,10 @@ def tell_running(
         filtered = optuna.pruners._filter_study(study, frozen)
         filtered.sampler.after_trial(filtered, frozen, state, told)
     finally:
-        study._storage.set_trial_state_values(trial_id(trial), state, told)
+        if store is not None:
+            store(trial_id(trial), state, told)
+        else:
+            study._storage.set_trial_state_values(trial_id(trial), state, told)
 
 
 def is_rdb(storage: optuna.storages.BaseStorage) -> bool:

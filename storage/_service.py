@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tauopt.storage import _optuna as private
 from tauopt.storage._callstats import CallStats
 from tauopt.storage._recent import Decoder, Encoder
-from tauopt.storage._rounds import Answered, GroupCommit, Recent
+from tauopt.storage._rounds import Answered, Behind, Recent
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
@@ -44,6 +44,7 @@ MAX_REQUEST_BYTES = 1 << 20
 CALL_SECONDS = 60.0
 _NAMES = (
     "SetTrialAttrs",
+    "FinishTrial",
     "TakeTurn",
     "SetStudySystemAttrs",
     "DeadTrials",
@@ -60,6 +61,8 @@ _NAMES = (
 )
 #: The longest a dead-trial answer is shared between claims (seconds).
 DEAD_ANSWER_SECONDS = 2.0
+#: Heartbeats reach the database this long after their call at most (the calls do not wait).
+BEATS_SECONDS = 1.0
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
 #: A new trial that found the budget spent, failed by itself (it uses no budget).
@@ -203,6 +206,7 @@ class TauoptService:
         lock: Callable[[optuna.storages.RDBStorage, str], contextlib.AbstractContextManager[None]],
         stats: CallStats | None = None,
         reader: optuna.storages.BaseStorage | None = None,
+        log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.rdb = rdb
         self._lock = lock
@@ -211,8 +215,11 @@ class TauoptService:
         # the samplers' trials are read where Optuna's service reads them (the proxy's cache)
         self._reader = reader if reader is not None else rdb
         self._encoder = Encoder()
-        self._beats: GroupCommit[int] = GroupCommit(
-            lambda ids: private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
+        # stamped once a second for every worker that beat since (the call does not wait)
+        self._beats: Behind[int] = Behind(
+            lambda ids: private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR),
+            BEATS_SECONDS,
+            lambda line: log(f"heartbeats: {line}"),
         )
         self._dead: Recent[dict[int, tuple[int, str]]] = Recent()
         self._placed: Answered[_Place, bool] = Answered(self._places)
@@ -247,6 +254,7 @@ class TauoptService:
             "ClaimView": self._claim_view,
             "NewTrial": self._new_trial,
             "TakeTurn": self._take_turn,
+            "FinishTrial": self._finish_trial,
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -275,6 +283,18 @@ class TauoptService:
         )
         return {}
 
+    def _finish_trial(self, request: dict[str, Any]) -> dict[str, Any]:
+        tid = int(request["trial_id"])
+        if request["user"] or request["system"]:
+            private.set_trial_attrs(self.rdb, tid, user=request["user"], system=request["system"])
+        values = request["values"]
+        state = TrialState[str(request["state"])]
+        # through the proxy's cache, as Optuna's service finishes a trial
+        self._reader.set_trial_state_values(
+            tid, state, None if values is None else [float(v) for v in values]
+        )
+        return {}
+
     def _trial_params(self, request: dict[str, Any]) -> dict[str, Any]:
         tid = int(request["trial_id"])
         params = [
@@ -291,6 +311,8 @@ class TauoptService:
         private.set_trial_params(self.rdb, tid, params, previous=known)
         for name, _, dist in params:
             known.setdefault(name, dist)
+        if request.get("user"):  # the trial's attributes drawn with them: the same call
+            private.set_trial_attrs(self.rdb, tid, user=request["user"], system={})
         return {}
 
     def _study_attrs(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -378,6 +400,7 @@ class TauoptService:
         return {"dead": [[tid, number, why] for tid, (number, why) in dead.items()]}
 
     def _dead_now(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]:
+        self._beats.flush()  # the heartbeats this proxy was sent count
         running = private.running_trials(self.rdb, study_id)
         beats = private.trial_system_attr(self.rdb, list(running), HEARTBEAT_ATTR)
         stamps = (
@@ -442,7 +465,7 @@ class TauoptService:
         return {"ids": private.waiting_trial_ids(self.rdb, int(request["study_id"]))}
 
     def _beat(self, request: dict[str, Any]) -> dict[str, Any]:
-        # stamped with the beats of the other workers waiting now, in one statement
+        # stamped within BEATS_SECONDS with every other worker's, in one statement
         self._beats.add(int(tid) for tid in request["trial_ids"])
         return {}
 
@@ -566,7 +589,8 @@ class ServiceClient:
 
     def beat(self, trial_ids: list[int]) -> bool:
         """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's
-        clock (the one its dead-trial check reads); False where the proxy offers no service."""
+        clock (the one its dead-trial check reads), within :data:`BEATS_SECONDS` (the call
+        does not wait for it); False where the proxy offers no service."""
         return self._call("Beat", {"trial_ids": trial_ids}) is not None
 
     def new_trial(
@@ -611,17 +635,25 @@ class ServiceClient:
         }
 
     def set_trial_params(
-        self, trial_id: int, params: Sequence[tuple[str, float, BaseDistribution]]
+        self,
+        trial_id: int,
+        params: Sequence[tuple[str, float, BaseDistribution]],
+        *,
+        user: dict[str, Any] | None = None,
     ) -> None:
         """Parameters (name, internal value, distribution) of a running trial in one call and
-        one transaction; one call each where the proxy offers no such call."""
+        one transaction, then its user attributes ``user`` (in the same call); one call each
+        where the proxy offers no such call."""
         rows = [
             [name, value, optuna.distributions.distribution_to_json(dist)]
             for name, value, dist in params
         ]
-        if self._call("SetTrialParams", {"trial_id": trial_id, "params": rows}) is None:
+        request = {"trial_id": trial_id, "params": rows, "user": user or {}}
+        if self._call("SetTrialParams", request) is None:
             for name, value, dist in params:
                 self.storage.set_trial_param(trial_id, name, value, dist)
+            if user:
+                set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system={})
 
     def recent_trials(self, study_id: int, window: int) -> list[FrozenTrial] | None:
         """The trials a sampler of ``window`` models (:func:`tauopt.storage._optuna.recent`),
@@ -657,6 +689,30 @@ class ServiceClient:
             if self._call("SetTrialAttrs", {**request, "system": _of(part, "system")}) is None:
                 set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
                 return
+
+    def finish_trial(
+        self,
+        trial_id: int,
+        state: TrialState,
+        values: list[float] | None,
+        *,
+        user: dict[str, Any],
+        system: dict[str, Any],
+    ) -> None:
+        """A running trial's attributes, then its state and values, in one call (attributes
+        too large for one request go first, in calls of their own); one call each where the
+        proxy offers no such call."""
+        items = [("user", k, v) for k, v in user.items()] + [
+            ("system", k, v) for k, v in system.items()
+        ]
+        if len(list(_parts(items))) > 1:
+            self.set_trial_attrs(trial_id, user=user, system=system)
+            items = []
+        request = {"trial_id": trial_id, "state": state.name, "values": values}
+        request |= {"user": _of(items, "user"), "system": _of(items, "system")}
+        if self._call("FinishTrial", request) is None:
+            set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
+            self.storage.set_trial_state_values(trial_id, state, values)
 
     def set_study_system_attrs(
         self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None

@@ -8,6 +8,7 @@ on a SQLite database."""
 from __future__ import annotations
 
 import datetime
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -192,9 +193,9 @@ def test_heartbeats_are_one_call_and_skip_a_finished_trial(
         _no_single_calls(served.client, monkeypatch)
     before = time.time()
     served.access.beat([running, done])
+    assert served.access.dead_trials(served.study_id, 30.0) == {}  # the beats written first
     assert before <= served.rdb.get_trial(running).system_attrs[_service.HEARTBEAT_ATTR]
     assert _service.HEARTBEAT_ATTR not in served.rdb.get_trial(done).system_attrs
-    assert served.access.dead_trials(served.study_id, 30.0) == {}
 
 
 def _trials_of_every_kind(served: Served) -> list[int]:
@@ -435,9 +436,10 @@ def test_the_studys_attributes_written_are_read_at_once(batched: Served) -> None
 def test_a_trials_parameters_drawn_together_are_one_call(
     served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The parameters a trial draws within ``params_together`` reach the database as it ends:
-    through the tauopt proxy in one call (no call of Optuna's per parameter), through
-    Optuna's proxy one call each; the trial reads its own meanwhile, as Optuna's does."""
+    """The parameters a trial draws within ``params_together``, and the attributes given to
+    it, reach the database as it ends: through the tauopt proxy in one call (no call of
+    Optuna's per parameter or attribute), through Optuna's proxy one call each; the trial
+    reads its own meanwhile, as Optuna's does."""
     study = optuna.load_study(study_name="s", storage=served.client)
     trial = study.ask()
     tid = _optuna.trial_id(trial)
@@ -446,8 +448,12 @@ def test_a_trials_parameters_drawn_together_are_one_call(
         def refuse(*args: Any, **kwargs: Any) -> None:
             raise AssertionError("a call per parameter, where the proxy takes them together")
 
-        monkeypatch.setattr(served.client.__class__.__mro__[1], "set_trial_param", refuse)
-    with served.access.params_together(tid):
+        for name in ("set_trial_param", "set_trial_user_attr"):
+            monkeypatch.setattr(served.client.__class__.__mro__[1], name, refuse)
+    calls: list[str] = []
+    real = served.client.service._call
+    monkeypatch.setattr(served.client.service, "_call", lambda n, r: calls.append(n) or real(n, r))
+    with served.access.params_together(tid, {"worker": "w1"}):
         x = trial.suggest_float("x", 0.0, 1.0)
         n = trial.suggest_int("n", 1, 9)
         c = trial.suggest_categorical("c", ["a", "b"])
@@ -455,6 +461,9 @@ def test_a_trials_parameters_drawn_together_are_one_call(
         if request.node.callspec.params["served"]:
             assert served.rdb.get_trial(tid).params == {}
     assert served.rdb.get_trial(tid).params == {"x": x, "n": n, "c": c}
+    assert served.rdb.get_trial(tid).user_attrs == {"worker": "w1"}
+    if request.node.callspec.params["served"]:
+        assert calls == ["SetTrialParams"]
     monkeypatch.undo()
     study.tell(trial, 1.0)
     assert served.rdb.get_trial(tid).params == {"x": x, "n": n, "c": c}
@@ -472,20 +481,20 @@ def test_parameters_whose_sending_failed_are_sent_by_the_retry(
     real = batched.client.service.set_trial_params
     failures = [ConnectionError("database away")]
 
-    def flaky(*args: Any) -> None:
+    def flaky(*args: Any, **kwargs: Any) -> None:
         if failures:
             raise failures.pop()
-        real(*args)
+        real(*args, **kwargs)
 
     monkeypatch.setattr(batched.client.service, "set_trial_params", flaky)
-    with pytest.raises(ConnectionError), batched.access.params_together(tid):
+    with pytest.raises(ConnectionError), batched.access.params_together(tid, {}):
         x = trial.suggest_float("x", 0.0, 1.0)
     assert batched.rdb.get_trial(tid).params == {}
-    with batched.access.params_together(tid):
+    with batched.access.params_together(tid, {}):
         assert trial.suggest_float("x", 0.0, 1.0) == x  # drawn once
     assert batched.rdb.get_trial(tid).params == {"x": x}
     other = study.ask()
-    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(other)):
+    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(other), {}):
         other.suggest_categorical("x", ["a", "b"])
     assert batched.rdb.get_trial(_optuna.trial_id(other)).params == {}
 
@@ -595,9 +604,9 @@ def test_a_parameter_unlike_one_written_beside_the_proxy_is_refused(batched: Ser
         )
     )
     trial = optuna.load_study(study_name="s", storage=batched.client).ask()
-    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(trial)):
+    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(trial), {}):
         trial.suggest_categorical("x", ["a", "b"])
-    with batched.access.params_together(_optuna.trial_id(trial)):
+    with batched.access.params_together(_optuna.trial_id(trial), {}):
         y = trial.suggest_int("y", 0, 3)
     assert batched.rdb.get_trial(_optuna.trial_id(trial)).params == {"y": y}
 
@@ -609,14 +618,14 @@ def test_a_deleted_study_leaves_nothing_behind_in_the_proxy(batched: Served) -> 
     client = batched.client
     first = optuna.load_study(study_name="s", storage=client)
     trial = first.ask()
-    with batched.access.params_together(_optuna.trial_id(trial)):
+    with batched.access.params_together(_optuna.trial_id(trial), {}):
         trial.suggest_float("x", 0.0, 1.0)
     first.tell(trial, 1.0)
     assert client.recent_trials(batched.study_id, 10) is not None
     client.delete_study(batched.study_id)
     again = optuna.create_study(study_name="s2", storage=client)
     trial = again.ask()
-    with batched.access.params_together(_optuna.trial_id(trial)):
+    with batched.access.params_together(_optuna.trial_id(trial), {}):
         trial.suggest_categorical("x", ["a", "b"])
     assert batched.rdb.get_trial(_optuna.trial_id(trial)).params["x"] in ("a", "b")
     got = client.recent_trials(_optuna.study_id(again), 10)
@@ -749,3 +758,33 @@ def test_a_first_wave_of_claims_through_the_proxy_keeps_the_budget(batched: Serv
         assert trial.state == (TrialState.RUNNING if number < 12 else TrialState.FAIL)
         assert (_service.OVER_BUDGET_ATTR in trial.user_attrs) == (number >= 12)
         assert _service.HEARTBEAT_ATTR in trial.system_attrs
+
+
+@pytest.mark.parametrize("record", ["small", "over one request"])
+def test_a_trials_record_and_its_end_are_one_call_and_alike(
+    served: Served, record: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished trial's attributes and its state and values: through the tauopt proxy one
+    call (a record too large for one request goes first, in parts), through Optuna's proxy
+    a call each; the same trial either way. A finished trial refuses both, an unknown one is
+    missing."""
+    user = dict(USER) if record == "small" else {"big": "x" * (_service.MAX_REQUEST_BYTES + 10)}
+    tid = served.client.create_new_trial(served.study_id)
+    batched = request.node.callspec.params["served"]
+    if batched:
+        _no_single_calls(served.client, monkeypatch)
+    calls: list[str] = []
+    real = served.client.service._call
+    monkeypatch.setattr(served.client.service, "_call", lambda n, r: calls.append(n) or real(n, r))
+    served.access.finish_trial(tid, TrialState.COMPLETE, [0.5], user=user, system=SYSTEM)
+    trial = served.rdb.get_trial(tid)
+    assert (trial.state, trial.values, trial.system_attrs) == (TrialState.COMPLETE, [0.5], SYSTEM)
+    assert json.dumps(trial.user_attrs, sort_keys=True) == json.dumps(user, sort_keys=True)
+    if batched:
+        first = ["SetTrialAttrs"] * (len(calls) - 1) if record != "small" else []
+        assert calls == [*first, "FinishTrial"] and len(calls) > (record != "small")
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        served.access.finish_trial(tid, TrialState.FAIL, None, user={"late": 1}, system={})
+    assert "late" not in served.rdb.get_trial(tid).user_attrs
+    with pytest.raises(KeyError):
+        served.access.finish_trial(tid + 100, TrialState.FAIL, None, user={}, system={})
