@@ -419,6 +419,10 @@ def main() -> None:
             proxy.wait()
     trials = optuna.load_study(study_name="many", storage=database).get_trials()
     states = {s: sum(t.state.name == s for t in trials) for s in {t.state.name for t in trials}}
+    from tauopt.storage import OVER_BUDGET_ATTR, RETRIED_FROM
+
+    past_budget = sum(OVER_BUDGET_ATTR in t.user_attrs for t in trials)
+    reruns = sum(RETRIED_FROM in t.system_attrs for t in trials)
     claims = sorted(c for p in parts for c in p["claims"])
     lags = sorted(lag for p in parts for lag in p["lags"])
     errors = [e for p in parts for e in p["errors"]]
@@ -449,6 +453,8 @@ def main() -> None:
         "errors": len(errors),
         "first_errors": errors[:5],
         "states": states,
+        "failed_past_budget": past_budget,  # new trials that found the budget spent (use none)
+        "reruns": reruns,  # trials queued again (their first attempt failed or died)
         "exact_budget": states.get("COMPLETE", 0) == n_trials and not states.get("RUNNING"),
         "timeline_s": _timeline(
             [e for p in parts for e in p["events"]],
