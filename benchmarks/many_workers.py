@@ -70,27 +70,16 @@ def _fake_dataset() -> Any:
 
 
 def _patch(
-    seconds: float,
-    claims: list[float],
-    claim_cpu: list[float],
-    beats: dict[int, list[float]],
-    events: dict[int, list[tuple[str, float]]],
+    seconds: float, claims: list[float], claim_cpu: list[float], beats: dict[int, list[float]]
 ) -> None:
     """The training becomes a sleep and a tiny model's result; claims and heartbeats are timed,
     claims also in the CPU time of the thread that claims (Optuna's ask(), the sampler, the
-    calls' encoding). Each worker thread's claims and trainings are kept in ``events`` (by
-    thread, as (what, Unix time)) for the run's timeline."""
-
-    def event(what: str) -> None:
-        events.setdefault(threading.get_ident(), []).append((what, time.time()))
-
+    calls' encoding)."""
     from tauopt.engine import History, TrainResult, build_model
     from tauopt.study import _ledger, _runner, _worker
 
     def train_population(configs: list[Any], dataset: Any, **_: Any) -> list[Any]:
-        event("train")
         time.sleep(seconds)
-        event("trained")
         out = []
         for config in configs:
             model = build_model(config, 784, 10)
@@ -123,11 +112,9 @@ def _patch(
 
     def timed_claim(self: Any, k: int) -> Any:
         start, cpu = time.perf_counter(), time.thread_time()
-        event("claim")
         try:
             return claim(self, k)
         finally:
-            event("claimed")
             claims.append(time.perf_counter() - start)
             claim_cpu.append(time.thread_time() - cpu)
 
@@ -155,8 +142,7 @@ def _process(
     claim_cpu: list[float] = []
     beats: dict[int, list[float]] = {}
     errors: list[str] = []
-    events: dict[int, list[tuple[str, float]]] = {}
-    _patch(seconds, claims, claim_cpu, beats, events)
+    _patch(seconds, claims, claim_cpu, beats)
     if not service:  # as if the proxy offered no service of tauopt's own: Optuna's calls alone
         _service.ServiceClient._call = lambda self, name, request: None  # type: ignore[method-assign]
     settings = StorageSettings(url=url, heartbeat_interval=HEARTBEAT, grace_period=60)
@@ -171,15 +157,11 @@ def _process(
                 retry=RetryPolicy(limit=120.0),
                 poll_seconds=1.0,
             )
-            events.setdefault(threading.get_ident(), []).append(("start", time.time()))
             Worker(settings, study, options).run()
         except Exception as e:
             errors.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-        finally:
-            events.setdefault(threading.get_ident(), []).append(("end", time.time()))
 
     started = _own_cpu()  # after the imports: what the workers spend, not the start-up
-    ready = time.time()
     pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for t in pool:
         t.start()
@@ -198,43 +180,8 @@ def _process(
             "cpu": _own_cpu() - started,
             "lags": lags,
             "errors": errors,
-            "events": list(events.values()),
-            "ready": ready,
         }
     )
-
-
-def _timeline(
-    threads: list[list[tuple[str, float]]], ready: list[float], start: float, end: float
-) -> dict[str, Any]:
-    """Where the wall time beyond the trials goes, from each worker thread's events (Unix
-    times; ``start``: the processes' spawn, ``end``: the last one's exit): each process's
-    imports, until a worker's first claim (the imports and the worker's own start), each
-    claim, from a training's end to the next claim (the booking), and from the last
-    training's end to the thread's end (the study's end); p50 and max in seconds. Then the
-    last training's end, and what came after it until every process had ended."""
-    parts: dict[str, list[float]] = {"imports": [r - start for r in ready]}
-    parts |= {"to_first_claim": [], "claim": [], "booking": [], "end": []}
-    last = 0.0
-    for events in threads:
-        times: dict[str, list[float]] = {}
-        for what, at in events:
-            times.setdefault(what, []).append(at)
-        claim, trained = times.get("claim", []), times.get("trained", [])
-        if claim:
-            parts["to_first_claim"].append(claim[0] - start)
-        parts["claim"] += [b - a for a, b in zip(claim, times.get("claimed", []), strict=False)]
-        parts["booking"] += [b - a for a, b in zip(trained, claim[1:], strict=False)]
-        if trained and times.get("end"):
-            parts["end"].append(times["end"][-1] - trained[-1])
-        last = max([last, *trained])
-    out: dict[str, Any] = {
-        name: {"p50": round(statistics.median(v), 2), "max": round(max(v), 2)} if v else None
-        for name, v in parts.items()
-    }
-    out["last_training_end"] = round(last - start, 1)
-    out["after_last_training"] = round(end - last, 1)
-    return out
 
 
 def _own_cpu() -> float:
@@ -388,7 +335,7 @@ def main() -> None:
             args.workers // args.processes + (i < args.workers % args.processes)
             for i in range(args.processes)
         ]
-        start, started_at = time.monotonic(), time.time()
+        start = time.monotonic()
         procs = [
             multiprocessing.get_context("spawn").Process(
                 target=_process,
@@ -419,10 +366,6 @@ def main() -> None:
             proxy.wait()
     trials = optuna.load_study(study_name="many", storage=database).get_trials()
     states = {s: sum(t.state.name == s for t in trials) for s in {t.state.name for t in trials}}
-    from tauopt.storage import OVER_BUDGET_ATTR, RETRIED_FROM
-
-    past_budget = sum(OVER_BUDGET_ATTR in t.user_attrs for t in trials)
-    reruns = sum(RETRIED_FROM in t.system_attrs for t in trials)
     claims = sorted(c for p in parts for c in p["claims"])
     lags = sorted(lag for p in parts for lag in p["lags"])
     errors = [e for p in parts for e in p["errors"]]
@@ -453,15 +396,7 @@ def main() -> None:
         "errors": len(errors),
         "first_errors": errors[:5],
         "states": states,
-        "failed_past_budget": past_budget,  # new trials that found the budget spent (use none)
-        "reruns": reruns,  # trials queued again (their first attempt failed or died)
         "exact_budget": states.get("COMPLETE", 0) == n_trials and not states.get("RUNNING"),
-        "timeline_s": _timeline(
-            [e for p in parts for e in p["events"]],
-            [p["ready"] for p in parts],
-            started_at,
-            started_at + wall,
-        ),
         "cpu_seconds": cpu,
         "proxy_calls_per_trial": _per_trial(calls, done),
     }

@@ -37,7 +37,6 @@ from tauopt.storage._service import (
     set_budget_in_sql,
     set_study_system_attrs_one_by_one,
     set_trial_attrs_one_by_one,
-    stored_budget,
 )
 
 __all__ = ["HEARTBEAT_ATTR", "OVER_BUDGET_ATTR", "DirectAccess", "ProxyAccess", "access"]
@@ -57,6 +56,12 @@ class ClaimView:
     waiting: list[int]
 
 
+def _at(attrs: Any, path: Sequence[str]) -> int:
+    for key in path:
+        attrs = attrs[key]
+    return int(attrs)
+
+
 def composed_view(
     access: StudyAccess,
     storage: optuna.storages.BaseStorage,
@@ -68,7 +73,7 @@ def composed_view(
 ) -> ClaimView:
     """A :class:`ClaimView` asked question by question."""
     dead = access.dead_trials(study_id, grace)
-    budget = stored_budget(storage, study_id, budget_at)
+    budget = _at(storage.get_study_user_attrs(study_id), budget_at)
     counts, own = access.counts(study_id, failed_with_attr=failed_with_attr)
     waiting = access.waiting(study_id) if counts.get("WAITING", 0) else []
     return ClaimView(dead, budget, counts, own, waiting)
@@ -106,34 +111,13 @@ class StudyAccess(Protocol):
         """Record a heartbeat of each of ``trial_ids`` (a trial finished meanwhile is left
         alone)."""
 
-    def params_together(
-        self, trial_id: int, attrs: dict[str, Any]
-    ) -> contextlib.AbstractContextManager[None]:
-        """Within it, the parameters the trial draws may be written together as it ends, and
-        the user attributes ``attrs`` with them once the drawing succeeds (through the proxy:
-        one call for them all)."""
+    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
+        """Within it, the parameters the trial draws may be written together as it ends
+        (through the proxy: one call for them all)."""
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
     ) -> None: ...
-
-    def finish_trial(
-        self,
-        trial_id: int,
-        state: TrialState,
-        values: list[float] | None,
-        *,
-        user: dict[str, Any],
-        system: dict[str, Any],
-    ) -> None:
-        """Store a running trial's attributes, then its state and values (through the proxy:
-        one call); ``UpdateFinishedTrialError`` where it finished meanwhile."""
-
-    def take_turn(self, study_id: int, key: str, now: float, before: float) -> tuple[bool, float]:
-        """Stamp the study's user attribute ``key`` with ``now`` where it is missing or older
-        than ``before`` (Unix times): of workers that ask at once, one takes the turn (through
-        a proxy without tauopt's calls, more may). Returns whether this one took it, and the
-        stamp as stored (a lower bound where another took it)."""
 
     def set_study_system_attrs(
         self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None
@@ -213,26 +197,8 @@ class DirectAccess:
         for trial_id in trial_ids:
             self.rdb.record_heartbeat(trial_id)
 
-    @contextlib.contextmanager
-    def params_together(self, trial_id: int, attrs: dict[str, Any]) -> Iterator[None]:
-        yield  # each parameter is written as it is drawn
-        self.set_trial_attrs(trial_id, user=attrs, system={})
-
-    def take_turn(self, study_id: int, key: str, now: float, before: float) -> tuple[bool, float]:
-        return private.take_turn(self.rdb, study_id, key, now, before)
-
-    def finish_trial(
-        self,
-        trial_id: int,
-        state: TrialState,
-        values: list[float] | None,
-        *,
-        user: dict[str, Any],
-        system: dict[str, Any],
-    ) -> None:
-        if user or system:
-            private.set_trial_attrs(self.rdb, trial_id, user=user, system=system)
-        self.rdb.set_trial_state_values(trial_id, state, values)
+    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]
@@ -392,7 +358,10 @@ class ProxyAccess:
         if answer is not None:
             return answer
         if budget_at:
-            n_trials = stored_budget(self.storage, study_id, budget_at)
+            value: Any = self.storage.get_study_user_attrs(study_id)
+            for key in budget_at:
+                value = value[key]
+            n_trials = int(value)
         trials = self.storage.get_all_trials(study_id, deepcopy=False)
         mine = next(t for t in trials if private.trial_id(t) == trial_id)
         return over_budget(trials, mine, n_trials, failed_with_attr)
@@ -414,14 +383,10 @@ class ProxyAccess:
             self.storage.set_study_user_attr(study_id, key, value)
         return used
 
-    @contextlib.contextmanager
-    def params_together(self, trial_id: int, attrs: dict[str, Any]) -> Iterator[None]:
+    def params_together(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
         if isinstance(self.storage, ProxyClient):
-            with self.storage.params_together(trial_id, attrs):
-                yield
-            return
-        yield
-        self.set_trial_attrs(trial_id, user=attrs, system={})
+            return self.storage.params_together(trial_id)
+        return contextlib.nullcontext()
 
     def beat(self, trial_ids: Sequence[int]) -> None:
         service = self._service()
@@ -435,35 +400,6 @@ class ProxyAccess:
             except Exception as e:
                 if "already finished" not in str(e):
                     raise
-
-    def take_turn(self, study_id: int, key: str, now: float, before: float) -> tuple[bool, float]:
-        service = self._service()
-        answer = service.take_turn(study_id, key, now, before) if service else None
-        if answer is not None:
-            return answer
-        # Optuna's calls alone: read, then write (two workers may both take the turn)
-        seen = self.storage.get_study_user_attrs(study_id).get(key)
-        stamp = float(seen) if isinstance(seen, (int, float)) else float("-inf")
-        if stamp >= before:
-            return False, stamp
-        self.storage.set_study_user_attr(study_id, key, now)
-        return True, now
-
-    def finish_trial(
-        self,
-        trial_id: int,
-        state: TrialState,
-        values: list[float] | None,
-        *,
-        user: dict[str, Any],
-        system: dict[str, Any],
-    ) -> None:
-        service = self._service()
-        if service is not None:
-            service.finish_trial(trial_id, state, values, user=user, system=system)
-            return
-        set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
-        self.storage.set_trial_state_values(trial_id, state, values)
 
     def set_trial_attrs(
         self, trial_id: int, *, user: dict[str, Any], system: dict[str, Any]

@@ -74,7 +74,6 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from tauopt.errors import DependencyError
-from tauopt.storage._rounds import Recent
 
 #: The releases the tests pass on (``pyproject.toml`` pins the same ranges).
 SUPPORTED: dict[str, str] = {"optuna": ">=5.0,<5.1", "optuna-dashboard": ">=0.20,<0.22"}
@@ -107,7 +106,6 @@ def check() -> None:
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
     from optuna.storages._rdb import models, storage
     from optuna.study import _constrained_optimization, _multi_objective
-    from optuna.study import _tell as tell
     from optuna_dashboard import _custom_plot_data, _note, _serializer
 
     _require(models.SCHEMA_VERSION == SCHEMA_VERSION, "Optuna's database schema changed")
@@ -129,13 +127,10 @@ def check() -> None:
                 "TrialUserAttributeModel",
                 "TrialSystemAttributeModel",
                 "StudySystemAttributeModel",
-                "StudyUserAttributeModel",
             ],
         ),
         (_constrained_optimization, ["_CONSTRAINTS_KEY", "_is_constrained_optimization"]),
         (_multi_objective, ["_get_pareto_front_trials_by_trials"]),
-        (tell, ["_check_state_and_values", "_check_values_are_feasible"]),
-        (optuna.pruners, ["_filter_study"]),
         (tpe, ["_split_trials", "default_gamma", "default_gamma_multiobjective"]),
         (
             optuna.samplers.TPESampler,
@@ -144,10 +139,7 @@ def check() -> None:
         (optuna.samplers.TPESampler, ["_get_internal_repr"]),
         (optuna.storages._CachedStorage, ["_read_trials_from_remote_storage"]),
         (optuna.storages._CachedStorage, ["_add_trials_to_cache"]),
-        (
-            optuna.storages.RDBStorage,
-            ["_get_trials", "_set_trial_param_without_commit", "_create_new_trial"],
-        ),
+        (optuna.storages.RDBStorage, ["_get_trials", "_set_trial_param_without_commit"]),
         (_custom_plot_data, ["SYSTEM_ATTR_PLOT_DATA", "split_plot_data"]),
         (_note, ["note_ver_key", "split_body"]),
         (grpc_servicer, ["OptunaStorageProxyService"]),
@@ -163,9 +155,6 @@ def check() -> None:
         (optuna.samplers.TPESampler._build_parzen_estimator, 5),
         (optuna.samplers.TPESampler._get_internal_repr, 4),
         (_multi_objective._get_pareto_front_trials_by_trials, 3),
-        (tell._check_state_and_values, 2),
-        (tell._check_values_are_feasible, 2),
-        (optuna.pruners._filter_study, 2),
         (_custom_plot_data.split_plot_data, 2),
         (_note.split_body, 2),
         (_note.note_ver_key, 1),
@@ -173,7 +162,6 @@ def check() -> None:
         (optuna.storages._CachedStorage._add_trials_to_cache, 3),
         (optuna.storages.RDBStorage._get_trials, 5),
         (optuna.storages.RDBStorage._set_trial_param_without_commit, 7),
-        (optuna.storages.RDBStorage._create_new_trial, 3),
         (grpc_servicer.OptunaStorageProxyService, 1),
         (optuna.storages.GrpcStorageProxy._setup, 1),
         (grpc_client.GrpcClientCache, 1),
@@ -189,7 +177,6 @@ def check() -> None:
     from optuna.storages import _cached_storage
 
     _require(hasattr(_cached_storage, "_StudyInfo"), "_cached_storage._StudyInfo is missing")
-
     entry = _cached_storage._StudyInfo()
     for name in ("trials", "unfinished_trial_ids", "last_finished_trial_id"):
         _require(hasattr(entry, name), f"_StudyInfo has no {name}")
@@ -205,7 +192,6 @@ from optuna.storages._grpc import servicer as _grpc_servicer  # noqa: E402
 from optuna.storages._grpc.auto_generated import api_pb2_grpc as _api_pb2_grpc  # noqa: E402
 from optuna.storages._rdb import models as _models  # noqa: E402
 from optuna.storages._rdb import storage as _rdb_storage  # noqa: E402
-from optuna.study import _tell  # noqa: E402
 from optuna.study._constrained_optimization import (  # noqa: E402
     _CONSTRAINTS_KEY,
     _is_constrained_optimization,
@@ -273,48 +259,6 @@ def as_claimed(trial: optuna.Trial) -> FrozenTrial | None:
     some 3.5 ms of the proxy's CPU. None where Optuna keeps no such copy."""
     found = getattr(trial, "_cached_frozen_trial", None)
     return found if isinstance(found, FrozenTrial) else None
-
-
-def tell_running(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    values: Sequence[float] | None,
-    state: TrialState,
-    store: Callable[[int, TrialState, list[float] | None], None] | None = None,
-) -> None:
-    """``study.tell(trial, values, state=state)`` for a trial this worker runs, without
-    Optuna's two reads of it (through the proxy, a call and some 4 ms of its CPU each): the
-    read before, which checks that the trial runs, is the storage's own check (a finished
-    trial raises ``UpdateFinishedTrialError``); the read after only makes the FrozenTrial that
-    ``tell`` returns. Values are checked as Optuna checks them (``ValueError``, nothing
-    written); a pruned trial without values takes its last reported one. The sampler's
-    ``after_trial`` sees the trial as ``optuna.Trial`` holds it (its parameters, reports and
-    the attributes set through it; read, where Optuna keeps no such copy).
-    ``store(trial_id, state, values)`` writes the outcome where given (the trial's attributes
-    with it), else the study's storage."""
-    if state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
-        raise ValueError(f"a trial is told COMPLETE, PRUNED or FAIL, not {state.name}")
-    frozen = as_claimed(trial) or study._storage.get_trial(trial_id(trial))
-    study._thread_local.cached_all_trials = None  # as tell: the cache holds within a trial
-    _tell._check_state_and_values(state, values)
-    told = None if values is None else list(values)
-    if state == TrialState.COMPLETE:
-        problem = _tell._check_values_are_feasible(study, told or [])
-        if problem is not None:
-            raise ValueError(problem)
-    elif state == TrialState.PRUNED and frozen.last_step is not None:
-        last = frozen.intermediate_values[frozen.last_step]
-        if _tell._check_values_are_feasible(study, [last]) is None:
-            told = [last]
-    told = None if told is None else [float(v) for v in told]
-    try:
-        filtered = optuna.pruners._filter_study(study, frozen)
-        filtered.sampler.after_trial(filtered, frozen, state, told)
-    finally:
-        if store is not None:
-            store(trial_id(trial), state, told)
-        else:
-            study._storage.set_trial_state_values(trial_id(trial), state, told)
 
 
 def is_rdb(storage: optuna.storages.BaseStorage) -> bool:
@@ -503,70 +447,6 @@ def set_study_system_attrs(
                 row.value_json = json.dumps("")
 
 
-def create_running_trial(
-    storage: optuna.storages.BaseStorage, study_id: int, system_attrs: dict[str, Any]
-) -> FrozenTrial:
-    """A new running trial of the study with ``system_attrs``, written with it in one
-    transaction (Optuna's ``create_new_trial`` with a template), as made; through ``storage``'s
-    cache where it is one (the cache knows it at once)."""
-    template = FrozenTrial(
-        number=0,
-        state=TrialState.RUNNING,
-        value=None,
-        datetime_start=datetime.datetime.now(),
-        datetime_complete=None,
-        params={},
-        distributions={},
-        user_attrs={},
-        system_attrs=dict(system_attrs),
-        intermediate_values={},
-        trial_id=0,
-    )
-    if isinstance(storage, CoalescedCache):
-        return storage.create_trial(study_id, template)
-    return rdb_of(storage)._create_new_trial(study_id, template)
-
-
-def take_turn(
-    storage: optuna.storages.RDBStorage, study_id: int, key: str, now: float, before: float
-) -> tuple[bool, float]:
-    """Set the study's user attribute ``key`` (a Unix time) to ``now`` if it is missing or
-    older than ``before``, atomically against every other caller (a compare-and-set on the
-    stored text, or an insert that a second inserter loses): of many workers that ask at once,
-    one takes the turn. Returns whether this call took it, and the stamp as now stored (where
-    another write won meanwhile: the stamp it replaced, a lower bound)."""
-    model = _models.StudyUserAttributeModel
-    mine = (model.study_id == study_id, model.key == key)
-    stamp = json.dumps(now)
-    with storage.engine.connect() as conn:
-        stored = conn.execute(sqlalchemy.select(model.value_json).where(*mine)).scalar()
-    seen = _as_stamp(stored)
-    if seen >= before:
-        return False, seen
-    try:
-        with storage.engine.begin() as conn:
-            if stored is None:
-                conn.execute(
-                    sqlalchemy.insert(model).values(study_id=study_id, key=key, value_json=stamp)
-                )
-                return True, now
-            done = conn.execute(
-                sqlalchemy.update(model)
-                .where(*mine, model.value_json == stored)
-                .values(value_json=stamp)
-            )
-    except sqlalchemy.exc.IntegrityError:  # another caller inserted it first
-        return False, seen
-    return (True, now) if done.rowcount == 1 else (False, seen)
-
-
-def _as_stamp(value_json: str | None) -> float:
-    try:
-        return float(json.loads(value_json)) if value_json is not None else float("-inf")
-    except (TypeError, ValueError):  # not a time (written by hand): anybody may replace it
-        return float("-inf")
-
-
 # -- counting and finding trials in SQL ------------------------------------------------------
 
 
@@ -648,17 +528,6 @@ def trial_system_attr(
     return {int(i): json.loads(value) for i, value in rows}
 
 
-#: Of the trials ``t``: those that use the budget (waiting, running, complete, pruned, or failed
-#: with the user attribute ``:f``), leaving out those with the user attribute ``:u``.
-_USES_BUDGET = (
-    "NOT EXISTS (SELECT 1 FROM trial_user_attributes u "
-    "WHERE u.trial_id = t.trial_id AND u.key = :u) "
-    "AND (t.state IN ('COMPLETE', 'PRUNED', 'RUNNING', 'WAITING') OR (t.state = 'FAIL' "
-    "AND EXISTS (SELECT 1 FROM trial_user_attributes f "
-    "WHERE f.trial_id = t.trial_id AND f.key = :f)))"
-)
-
-
 def budget_before(
     storage: optuna.storages.RDBStorage,
     study_id: int,
@@ -671,50 +540,16 @@ def budget_before(
     pruned, or failed with the user attribute ``failed_with_attr``), leaving out those with
     the user attribute ``uncounted_attr``: one counting query."""
     query = sqlalchemy.text(
-        f"SELECT COUNT(*) FROM trials t WHERE t.study_id = :s AND t.number < :n AND {_USES_BUDGET}"
+        "SELECT COUNT(*) FROM trials t WHERE t.study_id = :s AND t.number < :n "
+        "AND NOT EXISTS (SELECT 1 FROM trial_user_attributes u "
+        "WHERE u.trial_id = t.trial_id AND u.key = :u) "
+        "AND (t.state IN ('COMPLETE', 'PRUNED', 'RUNNING', 'WAITING') OR (t.state = 'FAIL' "
+        "AND EXISTS (SELECT 1 FROM trial_user_attributes f "
+        "WHERE f.trial_id = t.trial_id AND f.key = :f)))"
     )
     values = {"s": study_id, "n": number, "u": uncounted_attr, "f": failed_with_attr}
     with storage.engine.connect() as conn:
         return int(conn.execute(query, values).scalar() or 0)
-
-
-def past_numbers(
-    storage: optuna.storages.RDBStorage,
-    study_id: int,
-    numbers: Sequence[int],
-    budget: int,
-    *,
-    failed_with_attr: str,
-    uncounted_attr: str,
-) -> set[int]:
-    """Which of the new trials numbered ``numbers`` come past ``budget``, decided as if one
-    at a time in number order: a trial is past where the trials before it that use the budget
-    (:func:`budget_before`'s rule; one of ``numbers`` found past uses none) are ``budget`` or
-    more. Two queries for them all: the count before the first, the trials between."""
-    mine = sorted(set(numbers))
-    if not mine:
-        return set()
-    used = budget_before(
-        storage,
-        study_id,
-        mine[0],
-        failed_with_attr=failed_with_attr,
-        uncounted_attr=uncounted_attr,
-    )
-    query = sqlalchemy.text(
-        "SELECT t.number FROM trials t WHERE t.study_id = :s AND t.number >= :lo "
-        f"AND t.number < :hi AND {_USES_BUDGET}"
-    )
-    values = {"s": study_id, "lo": mine[0], "hi": mine[-1], "u": uncounted_attr}
-    with storage.engine.connect() as conn:
-        counted = {int(n) for n in conn.execute(query, {**values, "f": failed_with_attr}).scalars()}
-    past: set[int] = set()
-    for number in sorted(counted | set(mine)):
-        if number in past or (number in mine and used >= budget):
-            past.add(number)
-        elif number in counted:
-            used += 1
-    return past
 
 
 def waiting_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
@@ -846,7 +681,7 @@ class _RecentTrials:
         self._columns: dict[int, tuple[list[FrozenTrial], dict[str, list[Any]]]] = {}
         self._remote = getattr(storage_of(study), "recent_trials", None)
         self._proposing: int | None = None  # the number of the trial proposed now
-        self._read_for: tuple[int, list[FrozenTrial]] | None = None
+        self._read_for: tuple[int | None, list[FrozenTrial]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
@@ -1058,9 +893,7 @@ class CoalescedCache(optuna.storages._CachedStorage):
 
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
         super().__init__(backend)
-        for name in ("_studies", "_lock", "_backend"):  # what create_trial uses of Optuna's
-            _require(hasattr(self, name), f"Optuna's _CachedStorage keeps no {name}")
-        self._attrs: Recent[dict[str, Any]] = Recent()
+        self._attrs_read: dict[int, tuple[float, dict[str, Any]]] = {}
         #: called with a study's id once it is deleted through this cache
         self.on_delete: list[Callable[[int], None]] = []
         self._round = threading.Condition()
@@ -1070,18 +903,14 @@ class CoalescedCache(optuna.storages._CachedStorage):
         self._versions: dict[int, str] = {}  # trial id -> version read (unfinished trials)
         self._full_at: dict[int, float] = {}  # study id -> when every unfinished trial was read
 
-    def create_trial(self, study_id: int, template: FrozenTrial) -> FrozenTrial:
-        """``create_new_trial(study_id, template)``, returning the trial as made."""
-        trial = self._backend._create_new_trial(study_id, template)
-        with self._lock:  # as Optuna's create_new_trial: the cache knows the trial at once
-            if study_id not in self._studies:
-                self._studies[study_id] = _cached_storage._StudyInfo()
-            self._add_trials_to_cache(study_id, [trial])
-        return trial
-
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
-        read = super().get_study_user_attrs
-        return dict(self._attrs.get(study_id, self.ATTRS_SECONDS, lambda: read(study_id)))
+        now = time.monotonic()
+        hit = self._attrs_read.get(study_id)
+        if hit is not None and now - hit[0] <= self.ATTRS_SECONDS:
+            return dict(hit[1])
+        attrs = super().get_study_user_attrs(study_id)
+        self._attrs_read[study_id] = (now, attrs)
+        return dict(attrs)
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
         super().set_study_user_attr(study_id, key, value)
@@ -1095,7 +924,7 @@ class CoalescedCache(optuna.storages._CachedStorage):
 
     def forget_study_attrs(self) -> None:
         """Read the studies' user attributes afresh (one was written beside this cache)."""
-        self._attrs.forget()
+        self._attrs_read.clear()
 
     def set_trial_param(
         self,

@@ -116,13 +116,12 @@ class ProxyClient(private.GrpcClient):
         self.service = ServiceClient(self, *self.address, self.secret)
 
     @contextlib.contextmanager
-    def params_together(self, trial_id: int, attrs: dict[str, Any]) -> Iterator[None]:
-        """The parameters of ``trial_id`` set within, and its user attributes ``attrs``, are
-        sent in one call as it ends (the parameters in one transaction), where Optuna's
-        client makes a call for each; ``optuna.Trial`` keeps its own copy, and nothing reads
-        them from the storage meanwhile. What a failed send left is sent by the next
-        ``params_together`` of the trial (a retry of the drawing: Optuna draws a parameter
-        once, and the retry sets none)."""
+    def params_together(self, trial_id: int) -> Iterator[None]:
+        """The parameters of ``trial_id`` set within are sent in one call as it ends (one
+        transaction), where Optuna's client makes a call for each; ``optuna.Trial`` keeps
+        its own copy, and nothing reads them from the storage meanwhile. What a failed send
+        left is sent by the next ``params_together`` of the trial (a retry of the drawing:
+        Optuna draws a parameter once, and the retry sets none)."""
         self._unsent.setdefault(trial_id, [])
         done = False
         try:
@@ -131,9 +130,7 @@ class ProxyClient(private.GrpcClient):
         finally:
             unsent = self._unsent.pop(trial_id, [])
             try:
-                if done and (unsent or attrs):
-                    self.service.set_trial_params(trial_id, unsent, user=attrs)
-                elif unsent:
+                if unsent:
                     self.service.set_trial_params(trial_id, unsent)
             except ValueError:  # refused for good: a distribution unlike the study's
                 if done:
@@ -451,7 +448,7 @@ def proxy_server(
     )
     from tauopt.storage._rdb import study_lock  # _rdb opens proxies: imported here, not above
 
-    service = TauoptService(rdb, study_lock, stats, reader=cache, log=log)
+    service = TauoptService(rdb, study_lock, stats, reader=cache)
     server.add_generic_rpc_handlers((service.handler(),))
     try:
         for target in targets:

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tauopt.storage import _optuna as private
 
+_FINISHED = frozenset(s for s in TrialState if s.is_finished())
 _STATES = {s.value: s for s in TrialState}
 
 
@@ -52,7 +53,7 @@ class _Codes:
         for name, dist in trial.distributions.items():
             params[name] = dist.to_internal_repr(trial.params[name])
             where[name] = self._dist(dist)
-        finished = trial.state.is_finished()
+        finished = trial.state in _FINISHED
         pruned = trial.state == TrialState.PRUNED
         start = trial.datetime_start.timestamp() if trial.datetime_start else None
         row = [

@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tauopt.storage import _optuna as private
 from tauopt.storage._callstats import CallStats
 from tauopt.storage._recent import Decoder, Encoder
-from tauopt.storage._rounds import Answered, Behind, Recent
+from tauopt.storage._rounds import GroupCommit, Recent
 
 SERVICE = "tauopt.Storage"
 MAX_REQUEST_BYTES = 1 << 20
@@ -44,8 +44,6 @@ MAX_REQUEST_BYTES = 1 << 20
 CALL_SECONDS = 60.0
 _NAMES = (
     "SetTrialAttrs",
-    "FinishTrial",
-    "TakeTurn",
     "SetStudySystemAttrs",
     "DeadTrials",
     "Counts",
@@ -61,8 +59,6 @@ _NAMES = (
 )
 #: The longest a dead-trial answer is shared between claims (seconds).
 DEAD_ANSWER_SECONDS = 2.0
-#: Heartbeats reach the database this long after their call at most (the calls do not wait).
-BEATS_SECONDS = 1.0
 #: The trial system attribute a worker behind the proxy stamps as its heartbeat (Unix time).
 HEARTBEAT_ATTR = "tauopt:heartbeat"
 #: A new trial that found the budget spent, failed by itself (it uses no budget).
@@ -133,20 +129,16 @@ def dead_by_stamp(
     return out
 
 
-#: A new trial to place against the budget: its study, number, the user attribute of failures
-#: that count, and where the budget is stored.
-_Place = tuple[int, int, str, tuple[str, ...]]
-
 #: Beyond any trial's number: the trials "before" it are all of them.
 _EVERY = 2**62
 
 
-def stored_budget(storage: optuna.storages.BaseStorage, study_id: int, at: Sequence[str]) -> int:
-    """The study's budget as ``storage`` reads it: its user attribute ``at[0]``, then the keys
+def budget_in_sql(rdb: optuna.storages.RDBStorage, study_id: int, at: Sequence[str]) -> int:
+    """The study's budget as stored now: its user attribute ``at[0]``, then the keys
     ``at[1:]`` within it (``tauopt create`` may lower or raise it while workers claim)."""
-    value: Any = storage.get_study_user_attrs(study_id)
+    value: Any = rdb.get_study_user_attrs(study_id)
     for key in at:
-        value = value[str(key)]
+        value = value[key]
     return int(value)
 
 
@@ -172,7 +164,7 @@ def past_budget_in_sql(
         failed_with_attr=failed_with_attr,
         uncounted_attr=OVER_BUDGET_ATTR,
     )
-    return used >= (n_trials if budget_at is None else stored_budget(rdb, study_id, budget_at))
+    return used >= (n_trials if budget_at is None else budget_in_sql(rdb, study_id, budget_at))
 
 
 def set_budget_in_sql(
@@ -206,7 +198,6 @@ class TauoptService:
         lock: Callable[[optuna.storages.RDBStorage, str], contextlib.AbstractContextManager[None]],
         stats: CallStats | None = None,
         reader: optuna.storages.BaseStorage | None = None,
-        log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.rdb = rdb
         self._lock = lock
@@ -215,14 +206,10 @@ class TauoptService:
         # the samplers' trials are read where Optuna's service reads them (the proxy's cache)
         self._reader = reader if reader is not None else rdb
         self._encoder = Encoder()
-        # stamped once a second for every worker that beat since (the call does not wait)
-        self._beats: Behind[int] = Behind(
-            lambda ids: private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR),
-            BEATS_SECONDS,
-            lambda line: log(f"heartbeats: {line}"),
+        self._beats: GroupCommit[int] = GroupCommit(
+            lambda ids: private.stamp_running(self.rdb, ids, HEARTBEAT_ATTR)
         )
         self._dead: Recent[dict[int, tuple[int, str]]] = Recent()
-        self._placed: Answered[_Place, bool] = Answered(self._places)
         self._dists: dict[int, dict[str, BaseDistribution]] = {}  # study -> name -> first
         if isinstance(reader, private.CoalescedCache):
             reader.on_delete.append(self._forget)
@@ -253,8 +240,6 @@ class TauoptService:
             "SetTrialParams": self._trial_params,
             "ClaimView": self._claim_view,
             "NewTrial": self._new_trial,
-            "TakeTurn": self._take_turn,
-            "FinishTrial": self._finish_trial,
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -283,18 +268,6 @@ class TauoptService:
         )
         return {}
 
-    def _finish_trial(self, request: dict[str, Any]) -> dict[str, Any]:
-        tid = int(request["trial_id"])
-        if request["user"] or request["system"]:
-            private.set_trial_attrs(self.rdb, tid, user=request["user"], system=request["system"])
-        values = request["values"]
-        state = TrialState[str(request["state"])]
-        # through the proxy's cache, as Optuna's service finishes a trial
-        self._reader.set_trial_state_values(
-            tid, state, None if values is None else [float(v) for v in values]
-        )
-        return {}
-
     def _trial_params(self, request: dict[str, Any]) -> dict[str, Any]:
         tid = int(request["trial_id"])
         params = [
@@ -311,8 +284,6 @@ class TauoptService:
         private.set_trial_params(self.rdb, tid, params, previous=known)
         for name, _, dist in params:
             known.setdefault(name, dist)
-        if request.get("user"):  # the trial's attributes drawn with them: the same call
-            private.set_trial_attrs(self.rdb, tid, user=request["user"], system={})
         return {}
 
     def _study_attrs(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -331,58 +302,46 @@ class TauoptService:
         and the waiting trials."""
         study_id = int(request["study_id"])
         dead = self._dead_trials(request)["dead"]
-        budget = stored_budget(self._reader, study_id, request["budget_at"])
+        attrs: Any = self._reader.get_study_user_attrs(study_id)
+        for key in request["budget_at"]:
+            attrs = attrs[str(key)]
         counts, own = private.trial_counts(
             self.rdb, study_id, failed_with_attr=request["failed_with_attr"]
         )
         waiting = private.waiting_trial_ids(self.rdb, study_id) if counts.get("WAITING") else []
         return {
             "dead": dead,
-            "budget": budget,
+            "budget": int(attrs),
             "counts": counts,
             "own": own,
             "waiting": waiting,
         }
 
     def _new_trial(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A new trial made with its first heartbeat (one transaction), then placed against
-        the budget as stored now, under the study's lock (as PastBudget checks it): one call
-        where ``ask()``, the first heartbeat and the check were five. New trials are placed
-        in rounds (:meth:`_places`): the first wave of hundreds of workers takes the lock a
-        few times, not once each. Past the budget, a trial is failed here (using none of it)."""
+        """A new trial made, stamped with its first heartbeat and checked against the budget
+        as stored now, under the study's lock (as PastBudget checks it): one call where
+        ``ask()``, the first heartbeat and the check were five. Past the budget, it is failed
+        here (using none of it)."""
         study_id = int(request["study_id"])
         # through the proxy's cache, as Optuna's service makes a trial: the cache knows it
-        trial = private.create_running_trial(self._reader, study_id, {HEARTBEAT_ATTR: time.time()})
-        tid = private.trial_id(trial)
-        at = tuple(str(key) for key in request["budget_at"])
-        past = self._placed.ask((study_id, trial.number, str(request["failed_with_attr"]), at))
+        tid = self._reader.create_new_trial(study_id)
+        self._beats.add([tid])
+        _, number, start = private.trial_place(self.rdb, tid)
+        with self._study_locked(study_id):
+            used = private.budget_before(
+                self.rdb,
+                study_id,
+                number,
+                failed_with_attr=request["failed_with_attr"],
+                uncounted_attr=OVER_BUDGET_ATTR,
+            )
+            # read fresh, not from the cache: another proxy or `create` may have lowered it
+            past = used >= budget_in_sql(self.rdb, study_id, request["budget_at"])
         if past:
             self.rdb.set_trial_user_attr(tid, OVER_BUDGET_ATTR, True)
             self.rdb.set_trial_state_values(tid, state=TrialState.FAIL)
-        start = trial.datetime_start.timestamp() if trial.datetime_start else None
-        return {"trial_id": tid, "number": trial.number, "start": start, "past": past}
-
-    def _places(self, items: list[_Place]) -> dict[_Place, bool]:
-        """Whether each new trial of a round came past its study's budget: per study, one
-        lock, a fresh read of the budget (another proxy or `create` may have lowered it) and
-        two queries for all its trials of the round, decided in number order as one at a
-        time (:func:`tauopt.storage._optuna.past_numbers`)."""
-        groups: dict[tuple[int, str, tuple[str, ...]], list[int]] = {}
-        for study_id, number, failed_with_attr, at in items:
-            groups.setdefault((study_id, failed_with_attr, at), []).append(number)
-        out: dict[_Place, bool] = {}
-        for (study_id, failed_with_attr, at), numbers in groups.items():
-            with self._study_locked(study_id):
-                past = private.past_numbers(
-                    self.rdb,
-                    study_id,
-                    numbers,
-                    stored_budget(self.rdb, study_id, at),
-                    failed_with_attr=failed_with_attr,
-                    uncounted_attr=OVER_BUDGET_ATTR,
-                )
-            out.update({(study_id, n, failed_with_attr, at): n in past for n in numbers})
-        return out
+        stamp = start.timestamp() if start else None
+        return {"trial_id": tid, "number": number, "start": stamp, "past": past}
 
     def _dead_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         study_id, grace = int(request["study_id"]), float(request["grace"])
@@ -400,7 +359,6 @@ class TauoptService:
         return {"dead": [[tid, number, why] for tid, (number, why) in dead.items()]}
 
     def _dead_now(self, study_id: int, grace: float) -> dict[int, tuple[int, str]]:
-        self._beats.flush()  # the heartbeats this proxy was sent count
         running = private.running_trials(self.rdb, study_id)
         beats = private.trial_system_attr(self.rdb, list(running), HEARTBEAT_ATTR)
         stamps = (
@@ -449,23 +407,11 @@ class TauoptService:
             self._reader.forget_study_attrs()  # written beside it: claims read the new budget
         return {"used": used}
 
-    def _take_turn(self, request: dict[str, Any]) -> dict[str, Any]:
-        taken, stamp = private.take_turn(
-            self.rdb,
-            int(request["study_id"]),
-            str(request["key"]),
-            float(request["now"]),
-            float(request["before"]),
-        )
-        if taken and isinstance(self._reader, private.CoalescedCache):
-            self._reader.forget_study_attrs()  # written beside it
-        return {"taken": taken, "stamp": stamp}
-
     def _waiting_trials(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ids": private.waiting_trial_ids(self.rdb, int(request["study_id"]))}
 
     def _beat(self, request: dict[str, Any]) -> dict[str, Any]:
-        # stamped within BEATS_SECONDS with every other worker's, in one statement
+        # stamped with the beats of the other workers waiting now, in one statement
         self._beats.add(int(tid) for tid in request["trial_ids"])
         return {}
 
@@ -589,8 +535,7 @@ class ServiceClient:
 
     def beat(self, trial_ids: list[int]) -> bool:
         """Stamp the heartbeat of those of ``trial_ids`` that still run, with the proxy's
-        clock (the one its dead-trial check reads), within :data:`BEATS_SECONDS` (the call
-        does not wait for it); False where the proxy offers no service."""
+        clock (the one its dead-trial check reads); False where the proxy offers no service."""
         return self._call("Beat", {"trial_ids": trial_ids}) is not None
 
     def new_trial(
@@ -635,40 +580,23 @@ class ServiceClient:
         }
 
     def set_trial_params(
-        self,
-        trial_id: int,
-        params: Sequence[tuple[str, float, BaseDistribution]],
-        *,
-        user: dict[str, Any] | None = None,
+        self, trial_id: int, params: Sequence[tuple[str, float, BaseDistribution]]
     ) -> None:
         """Parameters (name, internal value, distribution) of a running trial in one call and
-        one transaction, then its user attributes ``user`` (in the same call); one call each
-        where the proxy offers no such call."""
+        one transaction; one call each where the proxy offers no such call."""
         rows = [
             [name, value, optuna.distributions.distribution_to_json(dist)]
             for name, value, dist in params
         ]
-        request = {"trial_id": trial_id, "params": rows, "user": user or {}}
-        if self._call("SetTrialParams", request) is None:
+        if self._call("SetTrialParams", {"trial_id": trial_id, "params": rows}) is None:
             for name, value, dist in params:
                 self.storage.set_trial_param(trial_id, name, value, dist)
-            if user:
-                set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system={})
 
     def recent_trials(self, study_id: int, window: int) -> list[FrozenTrial] | None:
         """The trials a sampler of ``window`` models (:func:`tauopt.storage._optuna.recent`),
         with what TPE reads of them alone (:mod:`tauopt.storage._recent`), by number."""
         reply = self._call("RecentTrials", {"study_id": study_id, "window": window})
         return None if reply is None else self._decoder.trials(reply)
-
-    def take_turn(
-        self, study_id: int, key: str, now: float, before: float
-    ) -> tuple[bool, float] | None:
-        """See :func:`tauopt.storage._optuna.take_turn`; None where the proxy offers no such
-        call."""
-        request = {"study_id": study_id, "key": key, "now": now, "before": before}
-        reply = self._call("TakeTurn", request)
-        return None if reply is None else (bool(reply["taken"]), float(reply["stamp"]))
 
     def stats(self) -> dict[str, Any] | None:
         """What the proxy's calls cost so far, per method (:mod:`tauopt.storage._callstats`)."""
@@ -689,30 +617,6 @@ class ServiceClient:
             if self._call("SetTrialAttrs", {**request, "system": _of(part, "system")}) is None:
                 set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
                 return
-
-    def finish_trial(
-        self,
-        trial_id: int,
-        state: TrialState,
-        values: list[float] | None,
-        *,
-        user: dict[str, Any],
-        system: dict[str, Any],
-    ) -> None:
-        """A running trial's attributes, then its state and values, in one call (attributes
-        too large for one request go first, in calls of their own); one call each where the
-        proxy offers no such call."""
-        items = [("user", k, v) for k, v in user.items()] + [
-            ("system", k, v) for k, v in system.items()
-        ]
-        if len(list(_parts(items))) > 1:
-            self.set_trial_attrs(trial_id, user=user, system=system)
-            items = []
-        request = {"trial_id": trial_id, "state": state.name, "values": values}
-        request |= {"user": _of(items, "user"), "system": _of(items, "system")}
-        if self._call("FinishTrial", request) is None:
-            set_trial_attrs_one_by_one(self.storage, trial_id, user=user, system=system)
-            self.storage.set_trial_state_values(trial_id, state, values)
 
     def set_study_system_attrs(
         self, study_id: int, attrs: dict[str, Any], *, clear_prefix: str | None = None

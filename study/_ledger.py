@@ -12,7 +12,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -27,7 +26,6 @@ from tauopt.storage import (
     is_storage_error,
     study_id,
     take_waiting,
-    tell_running,
     trial_id,
 )
 from tauopt.study._liveness import Heartbeat
@@ -344,57 +342,36 @@ class Ledger:
         attrs: Mapping[str, object],
         system: Mapping[str, object],
     ) -> None:
-        """Store a finished trial's attributes and tell its values (through the proxy: one
-        call)."""
-        self.finish(trial, values, TrialState.COMPLETE, user=dict(attrs), system=dict(system))
+        """Store a finished trial's attributes (one transaction) and tell its values."""
+        tid = trial_id(trial)
+        self.guarded(
+            "storing the metrics",
+            lambda: self.access.set_trial_attrs(tid, user=dict(attrs), system=dict(system)),
+        )
+        self.finish(trial, values, TrialState.COMPLETE)
 
     def fail(self, trial: optuna.Trial, reason: str) -> None:
         """The trial's own failure: it stays failed and uses its budget. The reason is written
         under the trial's row lock (as the metrics are), so that it never lands on a trial
         another worker has failed and queued again meanwhile: that would count it twice."""
-        self.finish(trial, None, TrialState.FAIL, user={FAIL_REASON_ATTR: reason})
+        tid = trial_id(trial)
+        self.guarded(
+            "storing the failure",
+            lambda: self.access.set_trial_attrs(tid, user={FAIL_REASON_ATTR: reason}, system={}),
+        )
+        self.finish(trial, None, TrialState.FAIL)
 
-    def finish(
-        self,
-        trial: optuna.Trial,
-        values: list[float] | None,
-        state: TrialState,
-        *,
-        user: dict[str, Any] | None = None,
-        system: dict[str, Any] | None = None,
-    ) -> None:
-        """``tell``, retried, the trial's attributes ``user`` and ``system`` written with it
-        (under the trial's row lock, before its state). If a retry finds the trial finished,
-        it was this worker's own earlier attempt that got through (same state) or another
-        worker's (dropped)."""
-
-        attempts = 0
-
-        def store(tid: int, state: TrialState, told: list[float] | None) -> None:
-            nonlocal attempts
-            attempts += 1
-            self.access.finish_trial(tid, state, told, user=user or {}, system=system or {})
-
+    def finish(self, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
+        """``tell``, retried. If a retry finds the trial finished, it was this worker's own
+        earlier attempt that got through (same state) or another worker's (dropped)."""
         try:
-            self.db(
-                "storing the result",
-                lambda: tell_running(self.study, trial, values, state, store=store),
-            )
-        except optuna.exceptions.UpdateFinishedTrialError as e:
-            if attempts == 1:  # refused at the first try: another worker finished it
+            self.db("storing the result", lambda: self.study.tell(trial, values, state=state))
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
+            now = self.db("reading the trial", lambda: self.storage.get_trial(trial_id(trial)))
+            if getattr(now, "state", None) != state:
                 raise FinishedElsewhereError() from e
-            self._finished_as(trial, state, e)
-        except ValueError as e:
-            self._finished_as(trial, state, e)
         finally:
             self._release(trial)
-
-    def _finished_as(self, trial: optuna.Trial, state: TrialState, error: Exception) -> None:
-        """After a retry found ``trial`` finished: by this worker's own earlier attempt (in
-        ``state``), else by another worker."""
-        now = self.db("reading the trial", lambda: self.storage.get_trial(trial_id(trial)))
-        if getattr(now, "state", None) != state:
-            raise FinishedElsewhereError() from error
 
     def _release(self, trial: optuna.Trial) -> None:
         self.heartbeat.discard(trial_id(trial))

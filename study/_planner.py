@@ -97,27 +97,27 @@ class Planner:
             "reading the trial", lambda: self.ledger.storage.get_trial(trial_id(trial))
         )
         seed = first = int(stored.system_attrs.get(RETRIED_FROM, trial.number))
-        # Recorded once the parameters are fixed (with them, where they are drawn): a retry of
-        # this trial reruns them, and inherits the run key (a first attempt gets one here).
+        fixed = grid_config(stored.user_attrs)
+        if fixed is not None:
+            self._suggest_coordinates(trial)
+            config = fixed
+        else:
+            config = self._guarded(lambda: self._drawn(trial, seed))
+        if self.precision is not None:
+            config = config.replace(precision=self.precision)
+        # Recorded once the parameters are fixed: a retry of this trial reruns them, and
+        # inherits the run key (a first attempt gets one here).
         key = stored.user_attrs.get(RUN_KEY_ATTR)
         saved = stored.user_attrs.get(SAVED_STATE_ATTR)
         # where this attempt starts (a retry inherits its predecessor's: written again)
         attrs: dict[str, Any] = {WORKER_ATTR: self.worker, STARTED_FROM_ATTR: saved}
         if key is None:
             key = attrs[RUN_KEY_ATTR] = new_run_key()
-        fixed = grid_config(stored.user_attrs)
-        if fixed is not None:
-            self._suggest_coordinates(trial)
-            config = fixed
-            tid = trial_id(trial)
-            self.ledger.guarded(
-                "recording the worker",
-                lambda: self.ledger.access.set_trial_attrs(tid, user=attrs, system={}),
-            )
-        else:
-            config = self._guarded(lambda: self._drawn(trial, seed, attrs))
-        if self.precision is not None:
-            config = config.replace(precision=self.precision)
+        tid = trial_id(trial)
+        self.ledger.guarded(
+            "recording the worker",
+            lambda: self.ledger.access.set_trial_attrs(tid, user=attrs, system={}),
+        )
         return Planned(
             claim,
             config,
@@ -128,10 +128,9 @@ class Planner:
             saved_at=_point(saved),
         )
 
-    def _drawn(self, trial: optuna.Trial, seed: int, attrs: dict[str, Any]) -> TrainConfig:
-        # the parameters and the attributes written together as the drawing ends (through
-        # the proxy, one call)
-        with self.ledger.access.params_together(trial_id(trial), attrs):
+    def _drawn(self, trial: optuna.Trial, seed: int) -> TrainConfig:
+        # the parameters written together as the drawing ends (through the proxy, one call)
+        with self.ledger.access.params_together(trial_id(trial)):
             return suggest_config(trial, self.config, seed=seed)
 
     def _guarded(self, fn: Callable[[], TrainConfig]) -> TrainConfig:

@@ -4,13 +4,12 @@ failure is logged and never touches a trial."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
 import optuna
 
-from tauopt.storage import StudyAccess, study_id
+from tauopt.storage import StudyAccess
 from tauopt.study._figures import publish, write_trial_note
 from tauopt.study._record import FIGURES_AT_ATTR, TrialRecord
 from tauopt.study._views import trial_note, view_of
@@ -39,36 +38,36 @@ class Publisher:
         """Note ``trial`` and, if it is the study's turn, redraw the figures."""
         view = view_of(trial.number, record, feasible=feasible, params=dict(trial.params))
         self._courtesy(lambda: write_trial_note(self.access, self.study, trial, trial_note(view)))
-        now = self._last_trial = time.time()
-        # The storage is asked only once the stamp seen last is old enough: no call per trial
-        # while another worker's drawing is recent.
-        if now - self._seen >= self._every and self._turn(before=now - self._every):
+        self._last_trial = time.time()
+        # The stamp seen last is read again only once it is old enough: no storage call per
+        # trial while another worker's drawing is recent.
+        if (
+            time.time() - self._seen >= self._every
+            and time.time() - self._drawn_at() >= self._every
+        ):
             self.figures()
 
     def last(self) -> None:
         """At the worker's end: redraw unless someone began to after its last trial."""
-        if self._last_trial and self._turn(before=math.nextafter(self._last_trial, math.inf)):
+        if self._last_trial and self._drawn_at() <= self._last_trial:
             self.figures()
 
     def figures(self) -> None:
-        """Redraw the study's figures now (the caller took the turn)."""
+        """Redraw the study's figures now."""
         start = time.monotonic()
+        # Stamped first: the trials read below are at least as new as the stamp says.
+        self._seen = time.time()
+        self._courtesy(lambda: self.study.set_user_attr(FIGURES_AT_ATTR, self._seen))
         self._courtesy(lambda: publish(self.study, self.access))
         self._every = max(PUBLISH_EVERY, 20 * (time.monotonic() - start))
 
-    def _turn(self, *, before: float) -> bool:
-        """Whether this worker takes the turn to draw: the study's stamp is older than
-        ``before`` and this worker replaced it, before anyone else (workers that finish
-        together would each draw otherwise). Stamped before the drawing: the trials read
-        then are at least as new as the stamp says."""
+    def _drawn_at(self) -> float:
         try:
-            now = time.time()
-            taken, stamp = self.access.take_turn(study_id(self.study), FIGURES_AT_ATTR, now, before)
+            self._seen = max(self._seen, float(self.study.user_attrs.get(FIGURES_AT_ATTR, 0.0)))
+            return self._seen
         except Exception as e:
             self.say(f"could not read when the figures were drawn ({type(e).__name__}: {e})")
-            return False
-        self._seen = max(self._seen, stamp)
-        return taken
+            return 0.0
 
     def _courtesy(self, draw: Callable[[], None]) -> None:
         try:

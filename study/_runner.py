@@ -33,7 +33,7 @@ from tauopt.engine import (
     train_population,
 )
 from tauopt.errors import StorageError, TauoptError
-from tauopt.storage import as_claimed, constraint_attrs, is_storage_error, trial_id
+from tauopt.storage import constraint_attrs, is_storage_error, trial_id
 from tauopt.study._checkpoint import save_checkpoint
 from tauopt.study._config import StudyConfig, stop_rule
 from tauopt.study._ledger import Claim, FinishedElsewhereError, Ledger
@@ -282,10 +282,9 @@ class Runner:
         """Save the model, write the metrics and tell the result."""
         trial, config = planned.trial, result.config
         dataset = self.dataset(config.dataset)
-        saved = self._save_model(trial, result, dataset)
-        if saved is None:
+        artifact_id = self._save_model(trial, result, dataset)
+        if artifact_id is None:
             return Booked(trial, Outcome.REQUEUED)
-        artifact_id, artifact_attrs = saved
         record = TrialRecord.from_result(
             result,
             dataset.in_features,
@@ -297,7 +296,6 @@ class Runner:
         # Feasible when <= 0: a trial below the floor is stored, shown, and never "best".
         margin = self.config.min_val_accuracy - (record.val_accuracy or 0.0)
         system = {} if planned.grid else constraint_attrs(MIN_ACCURACY_CONSTRAINT, margin)
-        system |= artifact_attrs  # the model's entry, written with the record
         self.ledger.complete(trial, values, record.to_attrs(), system)
         accuracy = (
             f"val {record.val_accuracy:.4f}" if record.val_accuracy is not None else "no validation"
@@ -347,14 +345,10 @@ class Runner:
 
     def _save_model(
         self, trial: optuna.Trial, result: TrainResult, dataset: RawDataset
-    ) -> tuple[str, dict[str, Any]] | None:
-        """Store the trained network as an artifact: its id, and the trial's system attribute
-        that names it (written with the trial's record, not in a call of its own). A disk
-        failure fails the trial and queues it again (not its fault); several in a row stop
-        the worker."""
+    ) -> str | None:
+        """Store the trained network as an artifact. A disk failure fails the trial and queues
+        it again (not its fault); several in a row stop the worker."""
         folder = self.settings.artifact_dir
-        entry = _ArtifactEntry()
-        frozen = as_claimed(trial)
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"trial-{trial.number}.pt"
@@ -364,8 +358,7 @@ class Runner:
                     lambda: upload_artifact(
                         artifact_store=self.settings.store,
                         file_path=str(path),
-                        study_or_trial=frozen if frozen is not None else trial,
-                        storage=entry if frozen is not None else None,  # type: ignore[arg-type]
+                        study_or_trial=trial,
                     ),
                 )
         except OSError as e:
@@ -378,15 +371,4 @@ class Runner:
                 ) from e
             return None
         self._save_failures = 0
-        return str(artifact_id), entry.attrs
-
-
-class _ArtifactEntry:
-    """The storage ``upload_artifact`` is given: it keeps the artifact's entry (a trial system
-    attribute, Optuna's form) to be written with the trial's record."""
-
-    def __init__(self) -> None:
-        self.attrs: dict[str, Any] = {}
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self.attrs[key] = value
+        return str(artifact_id)

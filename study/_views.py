@@ -49,10 +49,9 @@ def _view(trial: FrozenTrial, front: set[int]) -> TrialView:
     )
 
 
-def front_numbers(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> set[int]:
-    """Numbers of the feasible Pareto-optimal trials (or the best one of one objective), of
-    every trial of ``study`` (``trials``, where the caller has just read them all)."""
-    trials = study.get_trials(deepcopy=False) if trials is None else trials
+def front_numbers(study: optuna.Study) -> set[int]:
+    """Numbers of the feasible Pareto-optimal trials (or the best one of one objective)."""
+    trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.COMPLETE for t in trials):
         return set()
     if len(study.directions) > 1:
@@ -67,9 +66,8 @@ def trial_views(
     study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
 ) -> list[TrialView]:
     """Every COMPLETE trial of ``study`` (or of ``trials``) as a :class:`TrialView`."""
-    every = study.get_trials(deepcopy=False) if trials is None else None  # read once
-    front = front_numbers(study, every)
-    chosen = trials if trials is not None else every or []
+    front = front_numbers(study)
+    chosen = trials if trials is not None else study.get_trials(deepcopy=False)
     return [_view(t, front) for t in chosen if t.state == TrialState.COMPLETE]
 
 

@@ -49,11 +49,6 @@ T = TypeVar("T")
 #: VMs on Google Cloud and Azure, Kubernetes' default termination grace), so that the other
 #: half is left for saving the states, handing the trials back and exiting.
 DEFAULT_STOP_GRACE = 15.0
-#: An idle worker's looks for work (the study's trials all taken) space out to this many
-#: times ``poll_seconds``: hundreds of workers idle at a study's end would each ask the
-#: database (or the proxy) every couple of seconds, while only a dead worker's trial (found
-#: after the grace period) or one handed back can still come.
-IDLE_LOOKS_GROW = 4
 #: A day: no preemption notice is longer.
 MAX_STOP_GRACE = 86_400.0
 
@@ -67,8 +62,6 @@ class WorkerOptions:
     device: str | None = None
     artifact_dir: Path
     sampler_seed: int | None = None
-    #: Seconds between two looks for work while every trial left runs on other workers,
-    #: doubling while none comes, up to :data:`IDLE_LOOKS_GROW` times as long.
     poll_seconds: float = 2.0
     quiet: bool = False
     threads: int | None = None
@@ -272,7 +265,6 @@ class Worker:
             stops=stops,
         )
         runner = Runner(ledger, self.config, settings, self.dataset, self._log)
-        idle = self.options.poll_seconds
         while True:
             claims, running = ledger.claim(self.options.batch_trials)
             if not claims:
@@ -280,10 +272,8 @@ class Worker:
                     return
                 # Another worker's trial is still running; if its worker died, its trial turns
                 # stale and comes back as a waiting retry that this worker must pick up.
-                time.sleep(idle)
-                idle = min(2 * idle, IDLE_LOOKS_GROW * self.options.poll_seconds)
+                time.sleep(self.options.poll_seconds)
                 continue
-            idle = self.options.poll_seconds
             with stops.deferred():  # a stop signal asks the training to save and stop
                 for booked in self._run_claims(claims, planner, runner):
                     counts[booked.outcome] += 1

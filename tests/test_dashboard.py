@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ import pytest
 from conftest import RunStudy, free_port
 from PIL import Image
 
-from tauopt.storage import access
 from tauopt.study._figures import FIGURE_IDS
 
 pytestmark = pytest.mark.browser
@@ -161,7 +159,7 @@ def test_the_workers_of_a_study_redraw_its_figures_in_turn(
     monkeypatch.setattr(_publisher, "trial_note", lambda view: "")
     monkeypatch.setattr(_publisher, "write_trial_note", lambda *a: None)
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
-    a, b = (_publisher.Publisher(study, access(study._storage), print) for _ in range(2))
+    a, b = (_publisher.Publisher(study, None, print) for _ in range(2))  # type: ignore[arg-type]
     for name, worker in (("a", a), ("b", b)):
         monkeypatch.setattr(_publisher, "publish", lambda *args, n=name: drawn.append(n))
         time.sleep(0.01)
@@ -171,34 +169,3 @@ def test_the_workers_of_a_study_redraw_its_figures_in_turn(
         monkeypatch.setattr(_publisher, "publish", lambda *args, n=name: drawn.append(n))
         worker.last()
     assert drawn == ["a", "b"]
-
-
-def test_of_workers_that_end_together_one_redraws_the_figures(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Workers whose last trials came after the latest drawing end at one moment (the study's
-    budget is spent): one of them redraws, not each."""
-    from tauopt.study import _publisher
-
-    drawn: list[int] = []
-    monkeypatch.setattr(_publisher, "view_of", lambda *a, **k: None)
-    monkeypatch.setattr(_publisher, "trial_note", lambda view: "")
-    monkeypatch.setattr(_publisher, "write_trial_note", lambda *a: None)
-    monkeypatch.setattr(_publisher, "publish", lambda *args: drawn.append(1))
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
-    workers = [_publisher.Publisher(study, access(study._storage), print) for _ in range(8)]
-    for worker in workers:
-        worker.trial(study.ask(), None, feasible=True)  # type: ignore[arg-type]
-    assert len(drawn) == 1  # the first trial's
-    go = threading.Barrier(len(workers))
-
-    def end(worker: _publisher.Publisher) -> None:
-        go.wait()
-        worker.last()
-
-    threads = [threading.Thread(target=end, args=(w,)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(drawn) == 2

@@ -124,13 +124,13 @@ def test_a_failure_booked_on_a_trial_failed_elsewhere_is_not_stored(fixture: _Fi
 
     (claim,), _ = fixture.ledger.claim(1)
     written: list[dict[str, Any]] = []
-    locked = fixture.access.finish_trial
+    locked = fixture.access.set_trial_attrs
 
-    def recorded(tid: int, state: Any, values: Any, *, user: Any, system: Any) -> None:
+    def recorded(tid: int, *, user: dict[str, Any], system: dict[str, Any]) -> None:
         written.append(user)
-        locked(tid, state, values, user=user, system=system)
+        locked(tid, user=user, system=system)
 
-    fixture.access.finish_trial = recorded  # type: ignore[method-assign]
+    fixture.access.set_trial_attrs = recorded  # type: ignore[method-assign]
     fixture.storage.set_trial_state_values(trial_id(claim.trial), state=TrialState.FAIL)
     with pytest.raises(FinishedElsewhereError):
         fixture.ledger.fail(claim.trial, "diverged")

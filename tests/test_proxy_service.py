@@ -8,8 +8,6 @@ on a SQLite database."""
 from __future__ import annotations
 
 import datetime
-import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,9 +191,9 @@ def test_heartbeats_are_one_call_and_skip_a_finished_trial(
         _no_single_calls(served.client, monkeypatch)
     before = time.time()
     served.access.beat([running, done])
-    assert served.access.dead_trials(served.study_id, 30.0) == {}  # the beats written first
     assert before <= served.rdb.get_trial(running).system_attrs[_service.HEARTBEAT_ATTR]
     assert _service.HEARTBEAT_ATTR not in served.rdb.get_trial(done).system_attrs
+    assert served.access.dead_trials(served.study_id, 30.0) == {}
 
 
 def _trials_of_every_kind(served: Served) -> list[int]:
@@ -436,10 +434,9 @@ def test_the_studys_attributes_written_are_read_at_once(batched: Served) -> None
 def test_a_trials_parameters_drawn_together_are_one_call(
     served: Served, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The parameters a trial draws within ``params_together``, and the attributes given to
-    it, reach the database as it ends: through the tauopt proxy in one call (no call of
-    Optuna's per parameter or attribute), through Optuna's proxy one call each; the trial
-    reads its own meanwhile, as Optuna's does."""
+    """The parameters a trial draws within ``params_together`` reach the database as it ends:
+    through the tauopt proxy in one call (no call of Optuna's per parameter), through
+    Optuna's proxy one call each; the trial reads its own meanwhile, as Optuna's does."""
     study = optuna.load_study(study_name="s", storage=served.client)
     trial = study.ask()
     tid = _optuna.trial_id(trial)
@@ -448,12 +445,8 @@ def test_a_trials_parameters_drawn_together_are_one_call(
         def refuse(*args: Any, **kwargs: Any) -> None:
             raise AssertionError("a call per parameter, where the proxy takes them together")
 
-        for name in ("set_trial_param", "set_trial_user_attr"):
-            monkeypatch.setattr(served.client.__class__.__mro__[1], name, refuse)
-    calls: list[str] = []
-    real = served.client.service._call
-    monkeypatch.setattr(served.client.service, "_call", lambda n, r: calls.append(n) or real(n, r))
-    with served.access.params_together(tid, {"worker": "w1"}):
+        monkeypatch.setattr(served.client.__class__.__mro__[1], "set_trial_param", refuse)
+    with served.access.params_together(tid):
         x = trial.suggest_float("x", 0.0, 1.0)
         n = trial.suggest_int("n", 1, 9)
         c = trial.suggest_categorical("c", ["a", "b"])
@@ -461,9 +454,6 @@ def test_a_trials_parameters_drawn_together_are_one_call(
         if request.node.callspec.params["served"]:
             assert served.rdb.get_trial(tid).params == {}
     assert served.rdb.get_trial(tid).params == {"x": x, "n": n, "c": c}
-    assert served.rdb.get_trial(tid).user_attrs == {"worker": "w1"}
-    if request.node.callspec.params["served"]:
-        assert calls == ["SetTrialParams"]
     monkeypatch.undo()
     study.tell(trial, 1.0)
     assert served.rdb.get_trial(tid).params == {"x": x, "n": n, "c": c}
@@ -481,20 +471,20 @@ def test_parameters_whose_sending_failed_are_sent_by_the_retry(
     real = batched.client.service.set_trial_params
     failures = [ConnectionError("database away")]
 
-    def flaky(*args: Any, **kwargs: Any) -> None:
+    def flaky(*args: Any) -> None:
         if failures:
             raise failures.pop()
-        real(*args, **kwargs)
+        real(*args)
 
     monkeypatch.setattr(batched.client.service, "set_trial_params", flaky)
-    with pytest.raises(ConnectionError), batched.access.params_together(tid, {}):
+    with pytest.raises(ConnectionError), batched.access.params_together(tid):
         x = trial.suggest_float("x", 0.0, 1.0)
     assert batched.rdb.get_trial(tid).params == {}
-    with batched.access.params_together(tid, {}):
+    with batched.access.params_together(tid):
         assert trial.suggest_float("x", 0.0, 1.0) == x  # drawn once
     assert batched.rdb.get_trial(tid).params == {"x": x}
     other = study.ask()
-    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(other), {}):
+    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(other)):
         other.suggest_categorical("x", ["a", "b"])
     assert batched.rdb.get_trial(_optuna.trial_id(other)).params == {}
 
@@ -604,9 +594,9 @@ def test_a_parameter_unlike_one_written_beside_the_proxy_is_refused(batched: Ser
         )
     )
     trial = optuna.load_study(study_name="s", storage=batched.client).ask()
-    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(trial), {}):
+    with pytest.raises(ValueError), batched.access.params_together(_optuna.trial_id(trial)):
         trial.suggest_categorical("x", ["a", "b"])
-    with batched.access.params_together(_optuna.trial_id(trial), {}):
+    with batched.access.params_together(_optuna.trial_id(trial)):
         y = trial.suggest_int("y", 0, 3)
     assert batched.rdb.get_trial(_optuna.trial_id(trial)).params == {"y": y}
 
@@ -618,173 +608,15 @@ def test_a_deleted_study_leaves_nothing_behind_in_the_proxy(batched: Served) -> 
     client = batched.client
     first = optuna.load_study(study_name="s", storage=client)
     trial = first.ask()
-    with batched.access.params_together(_optuna.trial_id(trial), {}):
+    with batched.access.params_together(_optuna.trial_id(trial)):
         trial.suggest_float("x", 0.0, 1.0)
     first.tell(trial, 1.0)
     assert client.recent_trials(batched.study_id, 10) is not None
     client.delete_study(batched.study_id)
     again = optuna.create_study(study_name="s2", storage=client)
     trial = again.ask()
-    with batched.access.params_together(_optuna.trial_id(trial), {}):
+    with batched.access.params_together(_optuna.trial_id(trial)):
         trial.suggest_categorical("x", ["a", "b"])
     assert batched.rdb.get_trial(_optuna.trial_id(trial)).params["x"] in ("a", "b")
     got = client.recent_trials(_optuna.study_id(again), 10)
     assert got is not None and [t.params for t in got] == [{"x": trial.params["x"]}]
-
-
-def _race_for_the_turn(access: Any, sid: int, before: float, n: int = 12) -> list[bool]:
-    """``n`` threads ask for the turn at one go signal; what each was told."""
-    go = threading.Barrier(n)
-    out: list[bool] = []
-
-    def ask(i: int) -> None:
-        go.wait()
-        out.append(access.take_turn(sid, "drawn_at", 1000.0 + i, before)[0])
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
-@pytest.mark.parametrize("where", ["sqlite", "postgresql", "tauopt-proxy"])
-def test_of_workers_that_ask_at_once_one_takes_the_turn(
-    where: str, tmp_path: Path, scratch_database: tuple[str, Any]
-) -> None:
-    """The dashboard's figures are drawn by one of the workers that finish together: the
-    stamp is set by a compare-and-set (an insert where it is missing), one winner each
-    time, and the stamp read back through the proxy is the winner's at once."""
-    served = None
-    if where == "tauopt-proxy":
-        served = Served(tmp_path, batched=True)
-        access, sid, read = served.access, served.study_id, served.client
-    else:
-        url = f"sqlite:///{tmp_path / 'db.sqlite'}" if where == "sqlite" else scratch_database[0]
-        read = optuna.storages.RDBStorage(url)
-        sid = read.create_new_study([StudyDirection.MAXIMIZE], "s")
-        access = DirectAccess(read)
-    try:
-        for round_ in range(3):  # missing, then older than `before` twice
-            # each asks with a stamp of its own, all at least `before`: one replaces the old
-            told = _race_for_the_turn(access, sid, before=1000.0)
-            assert sorted(told) == [False] * 11 + [True]
-            stamp = read.get_study_user_attrs(sid)["drawn_at"]
-            assert 1000.0 <= stamp < 1012.0
-            read.set_study_user_attr(sid, "drawn_at", 500.0 + round_)
-        assert access.take_turn(sid, "drawn_at", 3000.0, before=502.0) == (False, 502.0)
-        assert access.take_turn(sid, "drawn_at", 3000.0, before=503.0) == (True, 3000.0)
-        assert read.get_study_user_attrs(sid)["drawn_at"] == 3000.0
-    finally:
-        if served is not None:
-            served.close()
-
-
-def test_new_trials_placed_together_come_out_as_one_at_a_time(tmp_path: Path) -> None:
-    """The proxy places a round of new trials against the budget at once: the same trials
-    come past it as when each is checked alone in number order and, once past, fails (uses
-    none). #0-#5 as in ``_trials_of_every_kind`` (four use the budget), then new #6-#11, of
-    which a round places every other one (the rest run: they use the budget)."""
-    served = Served(tmp_path, batched=True)
-    try:
-        _trials_of_every_kind(served)
-        sid, rdb = served.study_id, served.rdb
-        new = [served.client.create_new_trial(sid) for _ in range(6)]  # #6-#11
-        for budget, mine, want in (
-            (9, [6, 8, 10], set()),  # before #10: #0 #2 #4 #5 #6-#9, eight
-            (8, [6, 8, 10], {10}),
-            (6, [6, 8, 10], {8, 10}),  # #9 runs (uses one), #8 does not
-            (4, [6, 8, 10], {6, 8, 10}),
-            (12, [11, 6], set()),
-            (9, [11, 7, 6], {11}),
-        ):
-            got = _optuna.past_numbers(
-                rdb,
-                sid,
-                mine,
-                budget,
-                failed_with_attr="fail_reason",
-                uncounted_attr=_service.OVER_BUDGET_ATTR,
-            )
-            alone = set()  # the rule one at a time: a past trial is marked, and uses none
-            for number in sorted(mine):
-                used = _optuna.budget_before(
-                    rdb,
-                    sid,
-                    number,
-                    failed_with_attr="fail_reason",
-                    uncounted_attr=_service.OVER_BUDGET_ATTR,
-                )
-                if used >= budget:
-                    alone.add(number)
-                    rdb.set_trial_user_attr(new[number - 6], _service.OVER_BUDGET_ATTR, True)
-            with rdb.engine.begin() as conn:  # the new ones unmarked for the next case
-                conn.execute(
-                    sqlalchemy.text(
-                        "DELETE FROM trial_user_attributes WHERE key = :k AND trial_id >= :t"
-                    ),
-                    {"k": _service.OVER_BUDGET_ATTR, "t": new[0]},
-                )
-            assert got == want == alone, (budget, mine)
-    finally:
-        served.close()
-
-
-def test_a_first_wave_of_claims_through_the_proxy_keeps_the_budget(batched: Served) -> None:
-    """Thirty workers ask the proxy for a new trial at once in a study of twelve: the twelve
-    lowest numbers run, the others come back failed past the budget, using none of it."""
-    from tauopt.study._record import CONFIG_ATTR, FAIL_REASON_ATTR
-
-    client, sid = batched.client, batched.study_id
-    at = (CONFIG_ATTR, "study", "n_trials")
-    client.set_study_user_attr(sid, CONFIG_ATTR, {"study": {"n_trials": 12}})
-    go = threading.Barrier(30)
-    made: list[Any] = []
-
-    def ask() -> None:
-        go.wait()
-        made.append(client.service.new_trial(sid, failed_with_attr=FAIL_REASON_ATTR, budget_at=at))
-
-    threads = [threading.Thread(target=ask) for _ in range(30)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    running = sorted(t.number for t in made if t.state == TrialState.RUNNING)
-    assert running == list(range(12))
-    stored = {t.number: t for t in batched.rdb.get_all_trials(sid)}
-    for number, trial in stored.items():
-        assert trial.state == (TrialState.RUNNING if number < 12 else TrialState.FAIL)
-        assert (_service.OVER_BUDGET_ATTR in trial.user_attrs) == (number >= 12)
-        assert _service.HEARTBEAT_ATTR in trial.system_attrs
-
-
-@pytest.mark.parametrize("record", ["small", "over one request"])
-def test_a_trials_record_and_its_end_are_one_call_and_alike(
-    served: Served, record: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A finished trial's attributes and its state and values: through the tauopt proxy one
-    call (a record too large for one request goes first, in parts), through Optuna's proxy
-    a call each; the same trial either way. A finished trial refuses both, an unknown one is
-    missing."""
-    user = dict(USER) if record == "small" else {"big": "x" * (_service.MAX_REQUEST_BYTES + 10)}
-    tid = served.client.create_new_trial(served.study_id)
-    batched = request.node.callspec.params["served"]
-    if batched:
-        _no_single_calls(served.client, monkeypatch)
-    calls: list[str] = []
-    real = served.client.service._call
-    monkeypatch.setattr(served.client.service, "_call", lambda n, r: calls.append(n) or real(n, r))
-    served.access.finish_trial(tid, TrialState.COMPLETE, [0.5], user=user, system=SYSTEM)
-    trial = served.rdb.get_trial(tid)
-    assert (trial.state, trial.values, trial.system_attrs) == (TrialState.COMPLETE, [0.5], SYSTEM)
-    assert json.dumps(trial.user_attrs, sort_keys=True) == json.dumps(user, sort_keys=True)
-    if batched:
-        first = ["SetTrialAttrs"] * (len(calls) - 1) if record != "small" else []
-        assert calls == [*first, "FinishTrial"] and len(calls) > (record != "small")
-    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-        served.access.finish_trial(tid, TrialState.FAIL, None, user={"late": 1}, system={})
-    assert "late" not in served.rdb.get_trial(tid).user_attrs
-    with pytest.raises(KeyError):
-        served.access.finish_trial(tid + 100, TrialState.FAIL, None, user={}, system={})

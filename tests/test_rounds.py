@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tauopt.storage._rounds import Behind, GroupCommit, Recent
+from tauopt.storage._rounds import GroupCommit, Recent
 
 
 def test_callers_that_wait_together_share_a_round_and_return_once_written() -> None:
@@ -76,32 +76,3 @@ def test_an_answer_is_shared_while_young_and_asked_again_after() -> None:
     assert recent.get("k", 2.0, ask) == 3
     recent.forget()
     assert recent.get("k", 2.0, ask) == 4
-
-
-def test_items_added_behind_are_written_by_the_next_round_and_kept_through_a_failure() -> None:
-    """``add`` returns at once; a round a period later writes every item added since; the
-    items of a failed write are written by the next one, and ``flush`` writes at once."""
-    written: list[list[int]] = []
-    heard: list[str] = []
-    fail = threading.Event()
-
-    def write(items: list[int]) -> None:
-        if fail.is_set():
-            raise OSError("the database is away")
-        written.append(sorted(items))
-
-    behind = Behind(write, 0.2, heard.append)
-    behind.add([1, 2])
-    behind.add([2, 3])
-    assert written == []  # nobody waited for it
-    time.sleep(0.5)
-    assert written == [[1, 2, 3]]
-    fail.set()
-    behind.add([4])
-    time.sleep(0.5)
-    assert written == [[1, 2, 3]] and heard and "the database is away" in heard[0]
-    fail.clear()
-    behind.add([5])
-    behind.flush()
-    assert written[0] == [1, 2, 3] and sorted(i for w in written[1:] for i in w) == [4, 5]
-    assert behind.rounds == len(written)
